@@ -1,0 +1,429 @@
+"""Typed pipeline configuration: sections, presets, YAML files and ``key=value`` overrides.
+
+A configuration is resolved in three layers, each validated against the typed sections below:
+
+1. the preset (``fmnist`` by default; see :data:`PRESETS`),
+2. an optional YAML file (values only, nested like the sections),
+3. command-line overrides ``section.key=value`` (values parsed as YAML scalars/lists).
+
+Unknown keys, wrong types and values outside an allowed set are errors that name the key and
+the allowed values. Nothing here touches the file system except :func:`load_yaml`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+STAGES: tuple[str, ...] = ("ingest", "train_tokenizer", "tokenize", "train_stackformer", "evaluate")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSection:
+    root: str = "./runs"  # local path or fsspec URL holding every stage's artifacts
+    experiment: str = "mqgen"  # MLflow experiment name
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    source: Literal["fashion-mnist", "mnist", "digits", "image-folder", "shards"] = "fashion-mnist"
+    path: str | None = None  # source directory / shard list; None = the source's default location
+    image_size: int = 32  # square side after resize/pad, pixels
+    channels: Literal[1, 3] = 1
+    val_fraction: float = 0.1  # share of images held out when the source has no official split
+    max_images: int | None = None  # cap per split (tests, quick runs); None = all
+    shard_max_count: int = 10000  # samples per output shard
+    shard_max_bytes: int = 256 * 1024 * 1024  # bytes per output shard
+    max_bad_fraction: float = 0.01  # more skipped inputs than this fails the stage
+    num_workers: int = 2  # parallel ingest workers
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerConfig:
+    """MQ-VAE architecture (see ``models.mqvae.MQVAEConfig``) plus its training schedule."""
+
+    # architecture
+    ch: int = 64
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    dec_num_res_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = (8,)
+    z_channels: int = 64
+    codebook_size: int = 256
+    codebook_dim: int = 64
+    keep_ratio: float = 0.5  # fraction of latent positions kept and quantized (mask_ratio = 1 - keep_ratio)
+    scorer: Literal["learned", "random"] = "learned"
+    demask_layers: int = 4
+    demask_mask_init: float = 0.02
+    demask_key_mask: Literal["soft", "hard"] = "soft"
+    demask_renormalize: bool = False
+    norm_groups: int = 32
+    dropout: float = 0.0
+    beta: float = 0.25
+    ema_decay: float = 0.99
+    # losses
+    l1_weight: float = 1.0
+    perceptual_weight: float = 0.0  # needs LPIPS weights, which do not ship offline
+    disc_start: int = 1000
+    disc_weight: float = 0.75
+    disc_weight_max: float = 1.0
+    disc_layers: int = 2
+    disc_ndf: int = 32
+    # optimisation
+    batch_size: int = 64
+    max_steps: int = 3000
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    grad_accum: int = 1
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackformerSection:
+    """Stackformer (or the full-grid baseline) architecture and training schedule."""
+
+    model: Literal["stackformer", "fullgrid"] = "stackformer"
+    conditional: bool = True  # class-conditional when the data has labels
+    n_layer_code: int = 4
+    n_layer_pos: int = 4
+    n_embd: int = 192
+    n_head: int = 6
+    dropout: float = 0.1
+    pos_loss_weight: float = 1.0
+    batch_size: int = 128
+    max_steps: int = 3000
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingSection:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    pos_temperature: float = 1.0
+    pos_top_k: int | None = None
+    pos_top_p: float | None = None
+    raster_order: bool = False  # enforce increasing positions (a variant; the reference learns it)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    num_samples: int = 2000
+    batch_size: int = 250
+    extractor: str = "classifier"  # "classifier" (trained on the data's labels) or "inception-v3-compat"
+    inception_weights: str | None = None
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RaySection:
+    num_workers: int = 1  # Ray Train workers per training stage
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    preset: str = "fmnist"
+    seed: int = 0
+    run: RunSection = field(default_factory=RunSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    stackformer: StackformerSection = field(default_factory=StackformerSection)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RaySection = field(default_factory=RaySection)
+
+    def __post_init__(self) -> None:
+        _check_semantics(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def hash(self, *sections: str) -> str:
+        """Short sha256 of the whole config or of the named sections (stable across runs)."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        return stable_hash(d)
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+
+def _preset_fmnist() -> dict[str, Any]:
+    return {}  # the section defaults are the embedded default (Fashion-MNIST, 32x32, 1 channel)
+
+
+def _preset_tiny() -> dict[str, Any]:
+    return {
+        "data": {"image_size": 16, "max_images": 256, "shard_max_count": 64, "num_workers": 1},
+        "tokenizer": {
+            "ch": 16, "ch_mult": [1, 2], "attn_resolutions": [], "z_channels": 16, "codebook_size": 32,
+            "codebook_dim": 16, "demask_layers": 2, "norm_groups": 8, "disc_start": 20, "disc_layers": 1,
+            "disc_ndf": 8, "batch_size": 16, "max_steps": 30, "warmup_steps": 5, "eval_every": 10,
+            "checkpoint_every": 10,
+        },
+        "stackformer": {
+            "n_layer_code": 2, "n_layer_pos": 2, "n_embd": 32, "n_head": 2, "dropout": 0.0, "batch_size": 16,
+            "max_steps": 40, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 20,
+        },
+        "evaluate": {"num_samples": 64, "batch_size": 32},
+    }
+
+
+def _paper(ch_mult: list[int], attn: int, keep_ratio: float) -> dict[str, Any]:
+    return {
+        "data": {"source": "image-folder", "image_size": 256, "channels": 3},
+        "tokenizer": {
+            "ch": 128, "ch_mult": ch_mult, "num_res_blocks": 2, "dec_num_res_blocks": 3,
+            "attn_resolutions": [attn], "z_channels": 256, "codebook_size": 1024, "codebook_dim": 256,
+            "keep_ratio": keep_ratio, "demask_layers": 8, "disc_start": 0, "disc_layers": 3, "disc_ndf": 64,
+            "batch_size": 30, "lr": 1.08e-3, "max_steps": 500_000, "eval_every": 5000, "checkpoint_every": 5000,
+        },
+        "stackformer": {
+            "n_layer_code": 12, "n_layer_pos": 12, "n_embd": 1024, "n_head": 16, "dropout": 0.1,
+            "batch_size": 64, "max_steps": 500_000, "warmup_steps": 0, "eval_every": 5000,
+            "checkpoint_every": 5000,
+        },
+        "evaluate": {"num_samples": 50_000, "batch_size": 100, "extractor": "inception-v3-compat",
+                     "sampling": {"top_k": 100, "top_p": 0.95, "pos_top_k": 10, "pos_top_p": 0.95}},
+        "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
+    }
+
+
+# Released configs: f8 keeps 25% of a 32x32 grid (256 tokens); f16 keeps 75% of 16x16 (192 tokens).
+PRESETS: dict[str, typing.Callable[[], dict[str, Any]]] = {
+    "fmnist": _preset_fmnist,
+    "tiny": _preset_tiny,
+    "paper-f8": lambda: _paper([1, 1, 2, 2], 32, 0.25),
+    "paper-f16": lambda: _paper([1, 1, 2, 2, 4], 16, 0.75),
+}
+
+
+# --------------------------------------------------------------------------------------------- resolution
+
+
+def resolve(preset: str = "fmnist", file: str | Path | None = None, overrides: list[str] | None = None
+            ) -> PipelineConfig:
+    """Preset, then YAML file, then ``key=value`` overrides; validated; raises :class:`ConfigError`."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    merged: dict[str, Any] = {}
+    _deep_merge(merged, PRESETS[preset]())
+    if file is not None:
+        doc = load_yaml(file)
+        if "preset" in doc and doc["preset"] != preset:
+            raise ConfigError(f"config file {file} sets preset={doc['preset']!r}; pass it with --preset instead")
+        _deep_merge(merged, doc)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(merged, key, value)
+    merged["preset"] = preset
+    return from_dict(PipelineConfig, merged)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(doc).__name__}")
+    return doc
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``'tokenizer.keep_ratio=0.75'`` -> ``('tokenizer.keep_ratio', 0.75)``; values are YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is a value, not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+# --------------------------------------------------------------------------------------------- typing
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking keys and types; errors name the dotted key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.init}
+    for k in data:
+        if k not in known:
+            close = difflib.get_close_matches(str(k), list(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown key {prefix}{k}{hint}; allowed keys: {', '.join(known)}")
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, key + ".")
+    if origin is Literal:
+        for a in args:
+            if value == a and type(value) is type(a):
+                return a
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {', '.join(map(repr, args))}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r}: " + "; ".join(errors))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[1,2]")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def to_dict(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def replace(cfg: PipelineConfig, **sections: Any) -> PipelineConfig:
+    """``replace(cfg, tokenizer={"keep_ratio": 0.75})``: a validated copy with some fields changed."""
+    d = cfg.to_dict()
+    _deep_merge(d, sections)
+    return from_dict(PipelineConfig, d)
+
+
+# --------------------------------------------------------------------------------------------- semantics
+
+
+def _check_range(key: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        bracket = "(" if lo_open else "["
+        raise ConfigError(f"{key}={value} must be in {bracket}{lo}, {hi}]")
+
+
+def _check_semantics(cfg: PipelineConfig) -> None:
+    d, t, s, e = cfg.data, cfg.tokenizer, cfg.stackformer, cfg.evaluate
+    _check_range("tokenizer.keep_ratio", t.keep_ratio, 0.0, 1.0, lo_open=True)
+    _check_range("data.val_fraction", d.val_fraction, 0.0, 0.5)
+    _check_range("data.max_bad_fraction", d.max_bad_fraction, 0.0, 1.0)
+    factor = 2 ** (len(t.ch_mult) - 1)
+    if d.image_size % factor:
+        raise ConfigError(f"data.image_size={d.image_size} must be divisible by the downsampling factor "
+                          f"{factor} (2 ** (len(tokenizer.ch_mult) - 1))")
+    grid = d.image_size // factor
+    kept = round(t.keep_ratio * grid * grid)
+    if kept < 1:
+        raise ConfigError(f"tokenizer.keep_ratio={t.keep_ratio} keeps no position of the {grid}x{grid} grid")
+    if t.codebook_size > 65535:
+        raise ConfigError(f"tokenizer.codebook_size={t.codebook_size} must be <= 65535 (uint16 codes)")
+    if s.n_embd % s.n_head:
+        raise ConfigError(f"stackformer.n_embd={s.n_embd} must be divisible by stackformer.n_head={s.n_head}")
+    if s.model == "fullgrid" and t.keep_ratio != 1.0:
+        raise ConfigError("stackformer.model=fullgrid models the whole grid: set tokenizer.keep_ratio=1.0")
+    for name, value in (("data.image_size", d.image_size), ("data.shard_max_count", d.shard_max_count),
+                        ("data.num_workers", d.num_workers), ("tokenizer.batch_size", t.batch_size),
+                        ("tokenizer.max_steps", t.max_steps), ("stackformer.batch_size", s.batch_size),
+                        ("stackformer.max_steps", s.max_steps), ("evaluate.num_samples", e.num_samples),
+                        ("evaluate.batch_size", e.batch_size), ("ray.num_workers", cfg.ray.num_workers)):
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1")
+    if e.extractor not in ("classifier", "inception-v3-compat"):
+        raise ConfigError(f"evaluate.extractor={e.extractor!r}; allowed: 'classifier', 'inception-v3-compat'")
+
+
+def grid_size(cfg: PipelineConfig) -> int:
+    return cfg.data.image_size // 2 ** (len(cfg.tokenizer.ch_mult) - 1)
