@@ -1,0 +1,146 @@
+"""File-system primitives every stage uses: atomic writes, sha256, stage directories, safe checkpoints.
+
+Rules (see docs/architecture.md): every output is written under a temporary name and renamed; a commit
+marker is written last; readers trust only marked outputs; anything loaded from disk that may hold a
+pickle is loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, fields, is_dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path``; on clean exit fsync and rename it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f  # type: ignore[misc]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def stage_dir(root: str | Path, stage: str, key: str) -> Path:
+    """``<root>/<stage>/<key>``: where a stage writes everything for one stage key."""
+    return Path(root) / stage / key
+
+
+# --------------------------------------------------------------------------------------------- references
+
+
+class Ref:
+    """Mixin for frozen dataclass stage outputs: JSON round trip, nothing else.
+
+    Stage outputs are small, JSON-serialisable references (paths, hashes, counts, run ids), never
+    tensors; Prefect stores them with the JSON serializer.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        assert is_dataclass(self)
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file failed verification (hash mismatch, unexpected content, pickled code)."""
+
+
+def load_state_file(path: str | Path, expected_sha256: str | None = None) -> Any:
+    """Load a ``torch.save`` file with the restricted unpickler (``weights_only=True``).
+
+    A file holding arbitrary pickled objects (code execution on load) raises
+    :class:`UnsafeCheckpointError`; so does a sha256 mismatch when ``expected_sha256`` is given.
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` in the environment cannot weaken this: the argument is explicit.
+    """
+    import pickle
+
+    import torch
+
+    if expected_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expected_sha256:
+            raise UnsafeCheckpointError(f"{path}: sha256 {actual} does not match the manifest ({expected_sha256})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"{path}: refused to load (not a plain tensor/state file): {e}") from e
+
+
+def save_state_file(path: str | Path, obj: Any) -> str:
+    """``torch.save`` atomically; returns the sha256 of the written file."""
+    import torch
+
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+    return sha256_file(path)
