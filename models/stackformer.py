@@ -1,0 +1,441 @@
+"""Stackformer (stage 2 of MQ-VAE) and the full-grid autoregressive baseline.
+
+An MQ-VAE image is ``N`` kept tokens on a ``G x G`` latent grid: a code ``v_i`` (``0..K-1``) and a grid cell
+``p_i`` (``0..G*G-1``, row-major), sorted by cell (raster order). The Stackformer models them as two stacked
+causal transformers:
+
+* the **Code-Transformer** reads step ``t``'s input token ``(idx_t, pos_t)`` as
+  ``e_t = E_code[idx_t] + E_pos[pos_t] + A[t]`` and produces ``h_t``; its head predicts the next code;
+* the **Position-Transformer** reads ``g_t = h_t + E_code[v_{t+1}]`` (the next code: ground truth in
+  training, the freshly sampled one in sampling; ``E_code`` is shared) and its head predicts the next cell.
+
+Vocabularies (``K`` = ``codebook_size``, ``C`` = ``max(1, num_classes)``):
+
+* codes: ``0..K-1`` are real codes; the start token is code ``K`` (unconditional) or ``K + class_id``
+  (class-conditional). The code vocabulary, embedding table and code logits have ``K + C`` entries; start
+  tokens are never sampled. (The reference puts class ids first and shifts codes up; here real codes keep
+  their tokenizer ids.)
+* positions: ``0..G*G-1`` are grid cells and ``G*G`` is the start position paired with the start token.
+  The position vocabulary has ``G*G + 1`` entries; the start position and used cells are never sampled.
+* steps: a learned, zero-initialised absolute embedding ``A`` with ``N`` entries.
+
+Training inputs are ``idx = [start, v_1..v_{N-1}]`` and ``pos = [G*G, p_1..p_{N-1}]``; the targets are
+``v_1..v_N`` and ``p_1..p_N``. There is no end token: every sequence has exactly ``N`` tokens.
+
+:class:`FullGridTransformer` is the baseline: one causal transformer over all ``G*G`` codes in raster order,
+with the same start-token convention, blocks and KV cache.
+
+Sampling draws one uniform number per row per head per step from ``generator`` and picks the token by
+inverse CDF, so the cached and uncached samplers consume the generator identically and return the same
+tokens for the same seed, unless a draw falls within rounding error of the boundary between two tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.transformer import KVCache, TransformerStack, init_weights
+
+MAX_CODEBOOK_SIZE = 65535  # codes are stored as uint16 downstream
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How one head draws its token: ``logits / temperature``, then top-k, then top-p (nucleus)."""
+
+    temperature: float = 1.0  # 0 = greedy (argmax over the allowed tokens, no random draw)
+    top_k: int | None = None  # keep the k most likely allowed tokens; None = all
+    top_p: float | None = None  # keep the smallest set of tokens with probability mass >= top_p; None = all
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams: temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"SamplingParams: top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams: top_p must be in (0, 1] or None, got {self.top_p}")
+
+
+def _validate_common(name: str, *, codebook_size: int, grid_size: int, num_classes: int, n_embd: int,
+                     n_head: int, dropout: float, layers: dict[str, int]) -> None:
+    if not 1 <= codebook_size <= MAX_CODEBOOK_SIZE:
+        raise ValueError(f"{name}: codebook_size must be in [1, {MAX_CODEBOOK_SIZE}], got {codebook_size}")
+    if grid_size < 1:
+        raise ValueError(f"{name}: grid_size must be >= 1, got {grid_size}")
+    if num_classes < 0:
+        raise ValueError(f"{name}: num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+    for key, value in layers.items():
+        if value < 1:
+            raise ValueError(f"{name}: {key} must be >= 1, got {value}")
+    if n_head < 1 or n_embd < 1 or n_embd % n_head:
+        raise ValueError(f"{name}: n_embd ({n_embd}) must be a positive multiple of n_head ({n_head})")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackformerConfig:
+    codebook_size: int  # K real codes
+    grid_size: int  # latent side G; grid cells are 0..G*G-1
+    seq_len: int  # N kept tokens per image
+    num_classes: int  # 0 = unconditional
+    n_layer_code: int  # Code-Transformer depth
+    n_layer_pos: int  # Position-Transformer depth
+    n_embd: int
+    n_head: int
+    dropout: float = 0.0  # embedding, attention and residual dropout
+    pos_loss_weight: float = 1.0  # loss = CE(code) + pos_loss_weight * CE(position)
+
+    def __post_init__(self) -> None:
+        _validate_common("StackformerConfig", codebook_size=self.codebook_size, grid_size=self.grid_size,
+                         num_classes=self.num_classes, n_embd=self.n_embd, n_head=self.n_head,
+                         dropout=self.dropout,
+                         layers={"n_layer_code": self.n_layer_code, "n_layer_pos": self.n_layer_pos})
+        if not 1 <= self.seq_len <= self.num_positions:
+            raise ValueError(f"StackformerConfig: seq_len must be in [1, grid_size**2 = "
+                             f"{self.num_positions}], got {self.seq_len}")
+        if self.pos_loss_weight < 0:
+            raise ValueError(f"StackformerConfig: pos_loss_weight must be >= 0, got {self.pos_loss_weight}")
+
+    @property
+    def num_positions(self) -> int:
+        """Grid cells, ``G*G``; also the index of the start position."""
+        return self.grid_size * self.grid_size
+
+    @property
+    def code_vocab_size(self) -> int:
+        """``K + max(1, num_classes)``: real codes, then the start/class tokens."""
+        return self.codebook_size + max(1, self.num_classes)
+
+    @property
+    def pos_vocab_size(self) -> int:
+        """``G*G + 1``: grid cells, then the start position."""
+        return self.num_positions + 1
+
+
+class StackformerOutput(NamedTuple):
+    code_logits: torch.Tensor  # [B, L, code_vocab_size]; step t predicts codes[:, t]
+    pos_logits: torch.Tensor  # [B, L, pos_vocab_size]; step t predicts positions[:, t]
+    loss: torch.Tensor  # code_loss + pos_loss_weight * pos_loss
+    code_loss: torch.Tensor  # mean cross-entropy over all B*L codes
+    pos_loss: torch.Tensor  # mean cross-entropy over all B*L positions
+
+
+def _check_range(x: torch.Tensor, high: int, what: str) -> None:
+    if ((x < 0) | (x >= high)).any():
+        raise ValueError(f"{what} must lie in [0, {high}); got values in [{int(x.min())}, {int(x.max())}]")
+
+
+def _start_tokens(labels: torch.Tensor | None, batch_size: int, codebook_size: int, num_classes: int,
+                  device: torch.device) -> torch.Tensor:
+    """Start codes ``[B]``: ``K`` when unconditional, ``K + labels`` when class-conditional."""
+    if num_classes == 0:
+        if labels is not None:
+            raise ValueError("labels given to an unconditional model (num_classes == 0)")
+        return torch.full((batch_size,), codebook_size, dtype=torch.long, device=device)
+    if labels is None:
+        raise ValueError(f"a class-conditional model (num_classes={num_classes}) needs labels")
+    if labels.shape != (batch_size,):
+        raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
+    _check_range(labels, num_classes, "labels")
+    return codebook_size + labels.to(device=device, dtype=torch.long)
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, forbidden: torch.Tensor,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from ``logits`` ``[B, V]``, never one where ``forbidden`` (``[B or 1, V]``) is set.
+
+    Consumes exactly one ``torch.rand(B)`` from ``generator`` unless ``params.temperature == 0``. The token is
+    the first whose cumulative (float64) probability exceeds ``u * total``, so tokens of zero probability are
+    never chosen.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).masked_fill(forbidden, float("-inf"))
+    if params.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p  # mass before it suffices
+        probs = probs.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), 0.0)
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return choice.squeeze(1).clamp_max(probs.shape[-1] - 1)
+
+
+def sort_by_position(codes: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row of ``positions`` ``[B, N]`` into raster order; reorder ``codes`` ``[B, N]`` to match."""
+    positions, order = positions.sort(dim=1)
+    return codes.gather(1, order), positions
+
+
+class Stackformer(nn.Module):
+    """Code-Transformer + Position-Transformer over ``N`` (code, cell) tokens; see the module docstring."""
+
+    def __init__(self, config: StackformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.code_emb = nn.Embedding(c.code_vocab_size, c.n_embd)  # E_code, shared by both transformers
+        self.pos_emb = nn.Embedding(c.pos_vocab_size, c.n_embd)  # E_pos
+        self.step_emb = nn.Parameter(torch.zeros(c.seq_len, c.n_embd))  # A, zero-initialised
+        self.drop = nn.Dropout(c.dropout)
+        self.code_stack = TransformerStack(n_layer=c.n_layer_code, n_embd=c.n_embd, n_head=c.n_head,
+                                           dropout=c.dropout)
+        self.code_ln = nn.LayerNorm(c.n_embd)
+        self.code_head = nn.Linear(c.n_embd, c.code_vocab_size, bias=False)
+        self.pos_stack = TransformerStack(n_layer=c.n_layer_pos, n_embd=c.n_embd, n_head=c.n_head,
+                                          dropout=c.dropout)
+        self.pos_ln = nn.LayerNorm(c.n_embd)
+        self.pos_head = nn.Linear(c.n_embd, c.pos_vocab_size, bias=False)
+        self.apply(init_weights)
+
+    def num_params(self) -> int:
+        """Number of parameters (shared tables counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def start_tokens(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Start codes ``[B]`` long: ``K``, or ``K + labels`` for a class-conditional model."""
+        return _start_tokens(labels, batch_size, self.config.codebook_size, self.config.num_classes,
+                             self.code_emb.weight.device)
+
+    def _code_hidden(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache | None = None
+                     ) -> torch.Tensor:
+        """Code-Transformer states ``h`` ``[B, T, C]`` for input tokens ``idx``, ``pos`` ``[B, T]``.
+
+        The tokens occupy steps ``cache.length .. cache.length + T - 1`` (from 0 without a cache).
+        """
+        start = 0 if cache is None else cache.length
+        x = self.code_emb(idx) + self.pos_emb(pos) + self.step_emb[start:start + idx.shape[1]]
+        return self.code_stack(self.drop(x), cache)
+
+    def _pos_hidden(self, h: torch.Tensor, next_codes: torch.Tensor, cache: KVCache | None = None
+                    ) -> torch.Tensor:
+        """Position-Transformer states ``[B, T, C]`` from ``h`` ``[B, T, C]`` and next codes ``[B, T]``."""
+        return self.pos_stack(h + self.code_emb(next_codes), cache)
+
+    def forward(self, codes: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> StackformerOutput:
+        """Teacher-forced logits and losses.
+
+        Args:
+            codes: ``[B, L]`` long, real codes in ``[0, K)``, ``1 <= L <= N``.
+            positions: ``[B, L]`` long, their grid cells in ``[0, G*G)``, raster-sorted per row (the model
+                learns the order it is trained on).
+            labels: ``[B]`` long class ids for a class-conditional model, else None.
+        """
+        c = self.config
+        if codes.dim() != 2 or codes.shape != positions.shape or not 1 <= codes.shape[1] <= c.seq_len:
+            raise ValueError(f"codes and positions must both be [B, L] with 1 <= L <= {c.seq_len}; got "
+                             f"{tuple(codes.shape)} and {tuple(positions.shape)}")
+        _check_range(codes, c.codebook_size, "codes")
+        _check_range(positions, c.num_positions, "positions")
+        B = codes.shape[0]
+        start = self.start_tokens(labels, B)[:, None]
+        idx = torch.cat([start, codes[:, :-1]], dim=1)
+        pos = torch.cat([torch.full_like(start, c.num_positions), positions[:, :-1]], dim=1)
+        h = self._code_hidden(idx, pos)
+        code_logits = self.code_head(self.code_ln(h))
+        pos_logits = self.pos_head(self.pos_ln(self._pos_hidden(h, codes)))
+        code_loss = F.cross_entropy(code_logits.flatten(0, 1), codes.flatten())
+        pos_loss = F.cross_entropy(pos_logits.flatten(0, 1), positions.flatten())
+        loss = code_loss + c.pos_loss_weight * pos_loss
+        return StackformerOutput(code_logits, pos_logits, loss, code_loss, pos_loss)
+
+    @torch.no_grad()
+    def sample(self, batch_size: int, labels: torch.Tensor | None = None,
+               code_params: SamplingParams = SamplingParams(), pos_params: SamplingParams = SamplingParams(),
+               raster_order: bool = False, use_cache: bool = True, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``batch_size`` token sequences; call in eval mode (dropout is otherwise active).
+
+        Each step runs the Code-Transformer and draws the next code (start tokens forbidden), then runs the
+        Position-Transformer on ``h_t + E_code[code]`` and draws its cell (the start position and cells
+        already used in the row forbidden). With ``raster_order`` a cell must also exceed the row's previous
+        cell and leave enough cells for the remaining steps (a variant; the reference only learns the order).
+
+        With ``use_cache`` both transformers read one new token per step against their KV caches; without it
+        they re-run the whole prefix each step (the reference algorithm). Both consume ``generator`` (which
+        must live on the model's device) identically.
+
+        Args:
+            labels: ``[B]`` long class ids for a class-conditional model, else None.
+        Returns:
+            codes ``[B, N]`` long in ``[0, K)`` and positions ``[B, N]`` long in ``[0, G*G)``, unique per
+            row, in sampling order (see :func:`sort_by_position`).
+        """
+        c = self.config
+        N, P, B = c.seq_len, c.num_positions, batch_size
+        device, dtype = self.step_emb.device, self.step_emb.dtype
+        start = self.start_tokens(labels, B)
+        # Step t reads (in_codes[:, t], in_pos[:, t]): the start token, then the tokens sampled so far.
+        in_codes = torch.empty(B, N, dtype=torch.long, device=device)
+        in_codes[:, 0] = start
+        in_pos = torch.full((B, N), P, dtype=torch.long, device=device)
+        codes = torch.empty(B, N, dtype=torch.long, device=device)
+        positions = torch.empty(B, N, dtype=torch.long, device=device)
+        code_forbidden = (torch.arange(c.code_vocab_size, device=device) >= c.codebook_size)[None]
+        cells = torch.arange(c.pos_vocab_size, device=device)
+        used = (cells == P).expand(B, -1).clone()
+        previous = torch.full((B, 1), -1, dtype=torch.long, device=device)
+        code_cache = self.code_stack.new_cache(B, N, device=device, dtype=dtype) if use_cache else None
+        pos_cache = self.pos_stack.new_cache(B, N, device=device, dtype=dtype) if use_cache else None
+        for t in range(N):
+            if use_cache:
+                h = self._code_hidden(in_codes[:, t:t + 1], in_pos[:, t:t + 1], code_cache)
+            else:
+                h = self._code_hidden(in_codes[:, :t + 1], in_pos[:, :t + 1])
+            code = _draw(self.code_head(self.code_ln(h[:, -1])), code_params, code_forbidden, generator)
+            codes[:, t] = code
+            if use_cache:
+                g = self._pos_hidden(h, code[:, None], pos_cache)
+            else:
+                g = self._pos_hidden(h, codes[:, :t + 1])
+            forbidden = used
+            if raster_order:
+                forbidden = used | (cells <= previous) | (cells > P - N + t)
+            pos = _draw(self.pos_head(self.pos_ln(g[:, -1])), pos_params, forbidden, generator)
+            positions[:, t] = pos
+            used.scatter_(1, pos[:, None], True)
+            previous = pos[:, None]
+            if t + 1 < N:
+                in_codes[:, t + 1] = code
+                in_pos[:, t + 1] = pos
+        return codes, positions
+
+    def sample_many(self, num_images: int, batch_size: int, labels: torch.Tensor | None = None,
+                    code_params: SamplingParams = SamplingParams(),
+                    pos_params: SamplingParams = SamplingParams(), raster_order: bool = False,
+                    use_cache: bool = True, generator: torch.Generator | None = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield :meth:`sample` batches of at most ``batch_size`` until ``num_images`` sequences are drawn.
+
+        ``labels`` is ``[num_images]`` (sliced per batch) for a class-conditional model, else None.
+        """
+        if labels is not None and labels.shape != (num_images,):
+            raise ValueError(f"labels must have shape ({num_images},), got {tuple(labels.shape)}")
+        for begin in range(0, num_images, batch_size):
+            n = min(batch_size, num_images - begin)
+            yield self.sample(n, None if labels is None else labels[begin:begin + n], code_params, pos_params,
+                              raster_order, use_cache, generator)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FullGridConfig:
+    codebook_size: int  # K real codes
+    grid_size: int  # latent side G; the sequence is all G*G codes in raster order
+    num_classes: int  # 0 = unconditional
+    n_layer: int
+    n_embd: int
+    n_head: int
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _validate_common("FullGridConfig", codebook_size=self.codebook_size, grid_size=self.grid_size,
+                         num_classes=self.num_classes, n_embd=self.n_embd, n_head=self.n_head,
+                         dropout=self.dropout, layers={"n_layer": self.n_layer})
+
+    @property
+    def seq_len(self) -> int:
+        """``G*G`` codes per image."""
+        return self.grid_size * self.grid_size
+
+    @property
+    def code_vocab_size(self) -> int:
+        """``K + max(1, num_classes)``: real codes, then the start/class tokens."""
+        return self.codebook_size + max(1, self.num_classes)
+
+
+class FullGridOutput(NamedTuple):
+    logits: torch.Tensor  # [B, L, code_vocab_size]; step t predicts codes[:, t]
+    loss: torch.Tensor  # mean cross-entropy over all B*L codes
+
+
+class FullGridTransformer(nn.Module):
+    """Baseline: a causal transformer over the full ``G x G`` code grid in raster order.
+
+    Step ``t`` reads ``E_code[idx_t] + A[t]`` with ``idx = [start, c_0..c_{G*G-2}]`` and predicts ``c_t``.
+    """
+
+    def __init__(self, config: FullGridConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.code_emb = nn.Embedding(c.code_vocab_size, c.n_embd)
+        self.step_emb = nn.Parameter(torch.zeros(c.seq_len, c.n_embd))  # zero-initialised
+        self.drop = nn.Dropout(c.dropout)
+        self.stack = TransformerStack(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, dropout=c.dropout)
+        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.head = nn.Linear(c.n_embd, c.code_vocab_size, bias=False)
+        self.apply(init_weights)
+
+    def num_params(self) -> int:
+        """Number of parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+    def start_tokens(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Start codes ``[B]`` long: ``K``, or ``K + labels`` for a class-conditional model."""
+        return _start_tokens(labels, batch_size, self.config.codebook_size, self.config.num_classes,
+                             self.code_emb.weight.device)
+
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """States ``[B, T, C]`` for input codes ``idx`` ``[B, T]`` at steps from ``cache.length`` (or 0)."""
+        start = 0 if cache is None else cache.length
+        x = self.code_emb(idx) + self.step_emb[start:start + idx.shape[1]]
+        return self.stack(self.drop(x), cache)
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> FullGridOutput:
+        """Teacher-forced logits and loss for ``codes`` ``[B, L]`` (raster order, ``1 <= L <= G*G``)."""
+        c = self.config
+        if codes.dim() != 2 or not 1 <= codes.shape[1] <= c.seq_len:
+            raise ValueError(f"codes must be [B, L] with 1 <= L <= {c.seq_len}; got {tuple(codes.shape)}")
+        _check_range(codes, c.codebook_size, "codes")
+        idx = torch.cat([self.start_tokens(labels, codes.shape[0])[:, None], codes[:, :-1]], dim=1)
+        logits = self.head(self.ln_f(self._hidden(idx)))
+        return FullGridOutput(logits, F.cross_entropy(logits.flatten(0, 1), codes.flatten()))
+
+    @torch.no_grad()
+    def sample(self, batch_size: int, labels: torch.Tensor | None = None,
+               params: SamplingParams = SamplingParams(), use_cache: bool = True,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``batch_size`` code grids ``[B, G*G]`` (raster order, codes in ``[0, K)``); call in eval mode.
+
+        With ``use_cache`` each step reads one new token against the KV cache, otherwise it re-runs the
+        prefix; both consume ``generator`` (on the model's device) identically.
+        """
+        c = self.config
+        S, B = c.seq_len, batch_size
+        device, dtype = self.step_emb.device, self.step_emb.dtype
+        inputs = torch.empty(B, S, dtype=torch.long, device=device)
+        inputs[:, 0] = self.start_tokens(labels, B)
+        codes = torch.empty(B, S, dtype=torch.long, device=device)
+        forbidden = (torch.arange(c.code_vocab_size, device=device) >= c.codebook_size)[None]
+        cache = self.stack.new_cache(B, S, device=device, dtype=dtype) if use_cache else None
+        for t in range(S):
+            h = self._hidden(inputs[:, t:t + 1], cache) if use_cache else self._hidden(inputs[:, :t + 1])
+            code = _draw(self.head(self.ln_f(h[:, -1])), params, forbidden, generator)
+            codes[:, t] = code
+            if t + 1 < S:
+                inputs[:, t + 1] = code
+        return codes
+
+    def sample_many(self, num_images: int, batch_size: int, labels: torch.Tensor | None = None,
+                    params: SamplingParams = SamplingParams(), use_cache: bool = True,
+                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield :meth:`sample` batches of at most ``batch_size`` until ``num_images`` grids are drawn."""
+        if labels is not None and labels.shape != (num_images,):
+            raise ValueError(f"labels must have shape ({num_images},), got {tuple(labels.shape)}")
+        for begin in range(0, num_images, batch_size):
+            n = min(batch_size, num_images - begin)
+            batch_labels = None if labels is None else labels[begin:begin + n]
+            yield self.sample(n, batch_labels, params, use_cache, generator)
