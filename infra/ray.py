@@ -1,0 +1,188 @@
+"""The only module that imports Ray: cluster connection, Ray Train launch, and the in-worker helpers.
+
+Driver side: :func:`init_ray` connects to ``RAY_ADDRESS`` (a real cluster) or starts a local instance
+sized to the machine; :func:`fit` runs a ``TorchTrainer`` whose ``RunConfig.name`` is the stage key and
+whose ``storage_path`` is under the run root, so rerunning a crashed stage restores from its latest
+checkpoint instead of starting over.
+
+Worker side (inside ``train_loop_per_worker``): :func:`worker` returns a :class:`Worker` with the rank,
+device, DDP wrapping, the collectives injected into the codebook, verified checkpoint restore and
+reporting.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+import torch  # noqa: E402
+
+from infra.checkpoint import LoadedCheckpoint, read_checkpoint  # noqa: E402
+from infra.storage import UnsafeCheckpointError  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` when set, else start (once) a local Ray sized to this machine."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    cpus = num_cpus or os.cpu_count() or 1
+    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    error: str | None
+
+
+def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, storage_path: str,
+        num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: int = 1, max_failures: int = 0,
+        num_to_keep: int = 2) -> FitResult:
+    """Run ``train_fn`` on ``num_workers`` Ray Train workers (torch DDP: gloo on CPU, nccl on GPU).
+
+    ``name`` must be deterministic (the stage key): the same name and storage path resume the run.
+    Raises ``RuntimeError`` when training failed after ``max_failures`` restarts.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray()
+    storage = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    resources = {"CPU": cpus_per_worker}
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training run {name!r} failed after {max_failures} restart(s): {result.error}")
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    return FitResult(metrics=dict(result.metrics or {}), checkpoint_path=ckpt, error=None)
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+
+class Worker:
+    """What a training loop needs from its Ray Train worker; create with :func:`worker`."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+        self.is_main = self.rank == 0
+        self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+        self.skipped_checkpoints: list[str] = []
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def prepare_model(self, model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
+        """Move to the device and wrap in DDP when there is more than one worker."""
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if self.world_size > 1 else None,
+                                             parallel_strategy_kwargs=ddp_kwargs or None)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def broadcast_from_rank0(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            torch.distributed.broadcast(t, src=0)
+        return t
+
+    def average_gradients(self, module: torch.nn.Module) -> None:
+        """All-reduce (mean) the gradients of a module that is not wrapped in DDP."""
+        if not self.distributed:
+            return
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def restore(self) -> LoadedCheckpoint | None:
+        """The newest reported checkpoint that verifies (DONE marker, sha256), or None to start fresh.
+
+        Ray returns its latest reported checkpoint; when that one fails verification (killed during
+        a write, bit rot, tampering) the older ones kept beside it are tried, newest first. The
+        reasons for every skipped checkpoint are kept in ``skipped_checkpoints``.
+        """
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return None
+        candidates = _sibling_checkpoints(latest)
+        for ckpt in candidates:
+            with ckpt.as_directory() as d:
+                try:
+                    return read_checkpoint(d)
+                except UnsafeCheckpointError as e:
+                    self.skipped_checkpoints.append(str(e))
+        raise UnsafeCheckpointError("no valid checkpoint among " + "; ".join(self.skipped_checkpoints)
+                                    + " (delete the run's checkpoint directory to start over)")
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        """Report metrics from every rank; rank 0 may attach a checkpoint directory (persisted by Ray)."""
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and self.is_main else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def worker() -> Worker:
+    return Worker()
+
+
+def _sibling_checkpoints(latest: Any) -> list[Any]:
+    """All checkpoints stored beside ``latest`` (same run), newest first; ``latest`` always first."""
+    import pyarrow.fs as pafs
+
+    fs = latest.filesystem
+    parent = os.path.dirname(latest.path.rstrip("/"))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent, recursive=False))
+    except OSError:
+        return [latest]
+    names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                    and os.path.basename(i.path).startswith("checkpoint_")), reverse=True)
+    others = [ray.train.Checkpoint(path=p, filesystem=fs) for p in names if p.rstrip("/") != latest.path.rstrip("/")]
+    return [latest, *others]
+
+
+def scratch_dir() -> str:
+    """A fresh local temporary directory for staging a checkpoint before reporting it."""
+    return tempfile.mkdtemp(prefix="mqgen-ckpt-")

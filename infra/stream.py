@@ -1,0 +1,159 @@
+"""Deterministic, resumable training stream over ingested WebDataset shards.
+
+Each rank reads its own shards (round-robin by rank; when there are fewer shards than ranks every rank
+reads all shards and keeps every ``world_size``-th sample), reshuffles shard order and samples through
+a seeded buffer each epoch, and never ends: the training loop decides how many steps to take, so all
+ranks always take the same number of steps (no DDP hang on uneven shards).
+
+The stream's position is a single number, the samples this rank has consumed, and
+``TrainStream(..., start_sample=n)`` continues exactly where a stream that had yielded ``n`` samples
+stopped: the skipped part is replayed from the tar headers without decoding images.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+MAX_MEMBER_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RawSample:
+    key: str
+    png: bytes
+    label: int  # -1 when unlabeled
+
+
+def iter_shard(path: str) -> Iterator[RawSample]:
+    """Samples of one of our shards in file order (``<key>.png`` + optional ``<key>.cls``).
+
+    Only regular members are read; a member over ``MAX_MEMBER_BYTES`` is an error (our own shards
+    never hold one, so it means the file is not what the manifest says).
+    """
+    current: dict[str, bytes] = {}
+    current_key: str | None = None
+
+    def flush() -> Iterator[RawSample]:
+        if current_key is not None and "png" in current:
+            label = int(current["cls"].decode().strip()) if "cls" in current else -1
+            yield RawSample(current_key, current["png"], label)
+
+    with tarfile.open(path, mode="r|") as tf:
+        for member in tf:
+            if not member.isreg():
+                continue
+            if member.size > MAX_MEMBER_BYTES:
+                raise ValueError(f"{path}: member {member.name} is {member.size} bytes (> {MAX_MEMBER_BYTES})")
+            key, _, ext = member.name.partition(".")
+            f = tf.extractfile(member)
+            data = f.read() if f is not None else b""
+            if key != current_key:
+                yield from flush()
+                current, current_key = {}, key
+            current[ext] = data
+        yield from flush()
+
+
+def decode_png(data: bytes, channels: int) -> torch.Tensor:
+    """PNG bytes -> ``[C, H, W]`` uint8 tensor with ``channels`` channels."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        arr = np.asarray(im, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr.copy())
+
+
+class TrainStream:
+    """Endless batches ``(images uint8 [B, C, H, W], labels long [B])`` for one rank."""
+
+    def __init__(self, shards: Sequence[tuple[str, int]], *, rank: int, world_size: int, batch_size: int,
+                 channels: int, seed: int, shuffle_buffer: int = 2048, start_sample: int = 0):
+        if not shards:
+            raise ValueError("no shards to train on")
+        ordered = sorted(shards)
+        if len(ordered) >= world_size:
+            self.shards = ordered[rank::world_size]
+            self.sample_stride, self.sample_offset = 1, 0
+        else:
+            self.shards = ordered
+            self.sample_stride, self.sample_offset = world_size, rank
+        per_epoch = sum(self._count(n) for _, n in self.shards)
+        if per_epoch < 1:
+            raise ValueError(f"rank {rank} has no samples (shards: {[p for p, _ in self.shards]})")
+        self.samples_per_epoch = per_epoch
+        self.rank, self.batch_size, self.channels = rank, batch_size, channels
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.consumed = start_sample
+
+    def _count(self, n: int) -> int:
+        if self.sample_stride == 1:
+            return n
+        return len(range(self.sample_offset, n, self.sample_stride))
+
+    def _epoch(self, epoch: int) -> Iterator[RawSample]:
+        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}")
+        order = list(self.shards)
+        rng.shuffle(order)
+        buf: list[RawSample] = []
+        for path, _ in order:
+            for i, s in enumerate(iter_shard(path)):
+                if self.sample_stride > 1 and i % self.sample_stride != self.sample_offset:
+                    continue
+                if len(buf) < self.shuffle_buffer:
+                    buf.append(s)
+                    continue
+                j = rng.randrange(len(buf))
+                yield buf[j]
+                buf[j] = s
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, skip = divmod(self.consumed, self.samples_per_epoch)
+        images: list[torch.Tensor] = []
+        labels: list[int] = []
+        while True:
+            for s in self._epoch(epoch):
+                if skip:
+                    skip -= 1
+                    continue
+                images.append(decode_png(s.png, self.channels))
+                labels.append(s.label)
+                if len(images) == self.batch_size:
+                    self.consumed += self.batch_size
+                    yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
+                    images, labels = [], []
+            epoch += 1
+
+
+def iter_eval_batches(shards: Sequence[tuple[str, int]], batch_size: int, channels: int, limit: int | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Every sample once, in shard order: ``(images uint8, labels, keys)`` batches (validation, encoding)."""
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    keys: list[str] = []
+    seen = 0
+    for path, _ in sorted(shards):
+        for s in iter_shard(path):
+            if limit is not None and seen >= limit:
+                break
+            images.append(decode_png(s.png, channels))
+            labels.append(s.label)
+            keys.append(s.key)
+            seen += 1
+            if len(images) == batch_size:
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.long), keys
+                images, labels, keys = [], [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels, dtype=torch.long), keys

@@ -1,0 +1,380 @@
+"""train_tokenizer stage: MQ-VAE trained with Ray Train, checkpointed, resumable, tracked in MLflow.
+
+``run(cfg, upstream)`` is the stage (testable without Prefect); ``train_tokenizer_task`` wraps it.
+The Ray Train loop (:func:`train_loop`) runs on every worker: it streams the ingest shards for its
+rank, trains MQ-VAE and the PatchGAN discriminator, validates, and reports verified checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from prefect import task
+
+from infra.config import PipelineConfig, from_dict, loss_config, mqvae_config, stable_hash, to_dict
+from infra.storage import Ref, atomic_write_json, read_json, sha256_file, stage_dir
+from infra.training import Throughput, autocast, lr_scheduler
+from models.losses import VQGANLoss
+from models.mqvae import MQVAE
+
+STAGE = "train_tokenizer"
+VERSION = "1"  # bump when the training code changes what a given config produces
+SUCCESS = "_SUCCESS.json"
+
+
+@dataclass(frozen=True)
+class TokenizerOutput(Ref):
+    """Reference to a trained MQ-VAE: weights (safetensors) + the model config needed to rebuild it."""
+
+    path: str
+    key: str
+    weights: str
+    sha256: str
+    step: int
+    model_config: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str = ""
+
+
+# --------------------------------------------------------------------------------------------- one step
+
+
+class TokenizerTrainer:
+    """The optimisation logic of one step (no Ray, no I/O), shared by the stage and the benchmarks.
+
+    One model forward per batch (one EMA codebook update), then the autoencoder step, then the
+    discriminator step on the detached reconstruction once the GAN is active.
+    """
+
+    def __init__(self, model: MQVAE, loss: VQGANLoss, *, lr: float, warmup_steps: int, max_steps: int,
+                 device: torch.device, ddp_model: torch.nn.Module | None = None,
+                 sync_disc_grads: Callable[[torch.nn.Module], None] = lambda m: None):
+        self.model, self.loss, self.device = model, loss, device
+        self.forward_model = ddp_model if ddp_model is not None else model
+        self.sync_disc_grads = sync_disc_grads
+        ae_params = [p for p in model.parameters() if p.requires_grad]
+        self.opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=(0.5, 0.9))
+        self.opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+        self.sched_ae = lr_scheduler(self.opt_ae, warmup_steps, max_steps)
+        self.sched_d = lr_scheduler(self.opt_d, warmup_steps, max_steps)
+
+    def step(self, x: torch.Tensor, step: int) -> dict[str, float]:
+        """One training step on images ``x`` in [-1, 1]; returns detached float logs."""
+        self.model.train()
+        self.loss.train()
+        disc = self.loss.discriminator
+        disc.requires_grad_(False)  # the generator loss must not produce discriminator gradients
+        with autocast(self.device):
+            out = self.forward_model(x)
+            total, logs = self.loss.generator_loss(x, out.reconstruction.float(), out.quant_loss,
+                                                   self.model.last_layer, step)
+        self.opt_ae.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt_ae.step()
+        self.sched_ae.step()
+        disc.requires_grad_(True)
+        result = {k: float(v) for k, v in logs.items()}
+        if self.loss.is_gan_active(step):
+            with autocast(self.device):
+                d_loss, d_logs = self.loss.discriminator_loss(x, out.reconstruction.detach().float(), step)
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.sync_disc_grads(disc)
+            self.opt_d.step()
+            result.update({k: float(v) for k, v in d_logs.items()})
+        self.sched_d.step()
+        result["perplexity"] = float(out.perplexity)
+        result["lr"] = self.sched_ae.get_last_lr()[0]
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt_ae": self.opt_ae.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "sched_ae": self.sched_ae.state_dict(), "sched_d": self.sched_d.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt_ae.load_state_dict(state["opt_ae"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_ae.load_state_dict(state["sched_ae"])
+        self.sched_d.load_state_dict(state["sched_d"])
+
+
+def to_model_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return images_u8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+
+
+@torch.no_grad()
+def validate(model: MQVAE, batches: Iterable[torch.Tensor], device: torch.device) -> tuple[dict[str, float], dict]:
+    """Validation figures over ``batches`` of uint8 images, plus tensors for the picture grids.
+
+    L1 and PSNR of the eval-mode reconstruction, codebook usage over the whole set (perplexity,
+    fraction of codes used, fraction of dead codes = never selected), and the mean kept fraction.
+    """
+    model.eval()
+    k = model.cfg.codebook_size
+    counts = torch.zeros(k, dtype=torch.float64)
+    l1_sum = psnr_sum = 0.0
+    n = 0
+    first: dict[str, torch.Tensor] = {}
+    for images in batches:
+        x = to_model_input(images, device)
+        out = model(x, update_codebook=False)
+        recon = out.reconstruction.float().clamp(-1, 1)
+        l1_sum += float((x - recon).abs().flatten(1).mean(1).sum())
+        mse = ((x - recon) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        psnr_sum += float((10 * torch.log10(1.0 / mse)).sum())
+        counts += torch.bincount(out.codes.flatten().cpu(), minlength=k).double()
+        n += x.shape[0]
+        if not first:
+            first = {"inputs": x[:32].cpu(), "recon": recon[:32].cpu(), "keep_mask": out.keep_mask[:32].cpu()}
+    model.train()
+    if n == 0:
+        raise ValueError("validation set is empty")
+    p = counts / counts.sum()
+    perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    used = float((counts > 0).double().mean())
+    return ({"val_l1": l1_sum / n, "val_psnr": psnr_sum / n, "val_perplexity": perplexity,
+             "val_code_usage": used, "val_dead_code_fraction": 1.0 - used, "val_images": float(n)},
+            {**first, "counts": counts})
+
+
+# --------------------------------------------------------------------------------------------- Ray loop
+
+
+def train_loop(lc: dict[str, Any]) -> None:
+    """``train_loop_per_worker``: everything it needs arrives in the JSON-able dict ``lc``."""
+    from infra import ray as rayx
+    from infra.checkpoint import rng_state, set_rng_state, write_checkpoint
+    from infra.stream import TrainStream, iter_eval_batches
+    from infra.tracking import StageRun, Tracker
+    from infra.training import ConsoleProgress
+    from infra.viz import grid, mask_overlay, side_by_side
+
+    cfg: PipelineConfig = from_dict(PipelineConfig, lc["config"])
+    t = cfg.tokenizer
+    w = rayx.worker()
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+    model = MQVAE(mqvae_config(cfg)).to(w.device)
+    loss = VQGANLoss(loss_config(cfg), in_channels=cfg.data.channels).to(w.device)
+    model.set_codebook_sync(w.all_reduce_sum, w.broadcast_from_rank0)
+
+    restored = w.restore()
+    start_step = 0
+    if restored is not None:
+        model.load_state_dict(restored.weights["model"])
+        loss.discriminator.load_state_dict(restored.weights["discriminator"])
+        start_step = restored.step
+    ddp_model = w.prepare_model(model) if w.world_size > 1 else None
+    trainer = TokenizerTrainer(model, loss, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+                               device=w.device, ddp_model=ddp_model, sync_disc_grads=w.average_gradients)
+    local_batch = max(1, t.batch_size // w.world_size)
+    # Per-rank randomness (dead-code restarts draw from it): deterministic in (seed, rank, step); rank 0
+    # continues exactly from its saved RNG state.
+    torch.manual_seed(cfg.seed * 1000 + w.rank + start_step)
+    if restored is not None:
+        trainer.load_state_dict(restored.state["trainer"])
+        if w.is_main:
+            set_rng_state(restored.state["rng"])
+
+    stream = TrainStream([tuple(s) for s in lc["train_shards"]], rank=w.rank, world_size=w.world_size,
+                         batch_size=local_batch, channels=cfg.data.channels, seed=cfg.seed,
+                         start_sample=start_step * local_batch)
+    run: StageRun | None = None
+    if w.is_main:
+        run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc["tracking_uri"]).stage_run(
+            STAGE, lc["key"], run_id=lc["mlflow_run_id"])
+        if restored is not None:
+            run.set_tags({"mqgen.resumed_from_step": restored.step})
+            if w.skipped_checkpoints:
+                run.set_tags({"mqgen.skipped_checkpoints": " | ".join(w.skipped_checkpoints)[:4000]})
+    progress = ConsoleProgress(STAGE, t.max_steps, start=start_step, every=max(1, t.max_steps // 50),
+                               enabled=w.is_main)
+    speed = Throughput()
+    step = start_step
+    logs: dict[str, float] = {}
+    data = iter(stream)
+    grid_size = model.cfg.grid_size
+
+    def val_batches() -> Iterable[torch.Tensor]:
+        for images, _, _ in iter_eval_batches([tuple(s) for s in lc["val_shards"]], 256, cfg.data.channels,
+                                              limit=lc["val_limit"]):
+            yield images
+
+    while step < t.max_steps:
+        images, _ = next(data)
+        x = to_model_input(images, w.device)
+        logs = trainer.step(x, step)
+        step += 1
+        speed.add(x.shape[0] * w.world_size)
+        if w.is_main and (step % lc["log_every"] == 0 or step == t.max_steps):
+            rate = speed.rate()
+            assert run is not None
+            run.log_metrics({**{f"train_{k}": v for k, v in logs.items()}, "images_per_s": rate}, step=step)
+            progress.update(step, loss=logs["total"], l1=logs["l1"], img_s=rate)
+        is_eval = step % t.eval_every == 0 or step == t.max_steps
+        is_ckpt = step % t.checkpoint_every == 0 or step == t.max_steps
+        metrics: dict[str, float] = {"step": step, **logs}
+        if is_eval and w.is_main:
+            vals, pics = validate(model, val_batches(), w.device)
+            metrics.update(vals)
+            assert run is not None
+            run.log_metrics(vals, step=step)
+            run.log_image(grid(side_by_side(pics["inputs"], pics["recon"]), nrow=8, scale=2),
+                          f"reconstructions/step_{step:08d}.png")
+            run.log_image(grid(mask_overlay(pics["inputs"], pics["keep_mask"], grid_size), nrow=8, scale=2),
+                          f"mask_overlays/step_{step:08d}.png")
+        if is_ckpt:
+            ckpt_dir = None
+            if w.is_main:
+                ckpt_dir = rayx.scratch_dir()
+                write_checkpoint(ckpt_dir, step, {"model": model.state_dict(),
+                                                  "discriminator": loss.discriminator.state_dict()},
+                                 {"trainer": trainer.state_dict(), "rng": rng_state(),
+                                  "samples_per_rank": stream.consumed},
+                                 meta={"stage": STAGE, "key": lc["key"], "model_config": lc["model_config"]})
+            w.report(metrics, checkpoint_dir=ckpt_dir)
+        if lc.get("fail_at_step") == step and not Path(lc["fail_marker"]).exists():
+            Path(lc["fail_marker"]).write_text(str(step))  # fault injection for the tests: fail once
+            raise RuntimeError(f"injected failure at step {step}")
+        if lc.get("sleep_after_step"):
+            time.sleep(lc["sleep_after_step"])
+    if w.is_main and run is not None:
+        run.log_metrics({"final_step": step}, step=step)
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+def stage_key(cfg: PipelineConfig, ingest_manifest_sha256: str) -> str:
+    return stable_hash({"stage": STAGE, "version": VERSION, "tokenizer": cfg.tokenizer,
+                        "image_size": cfg.data.image_size, "channels": cfg.data.channels, "seed": cfg.seed,
+                        "ingest": ingest_manifest_sha256})
+
+
+def load_output(out_dir: Path) -> TokenizerOutput | None:
+    """The stage output if ``out_dir`` holds a complete, verified result; None otherwise."""
+    marker = out_dir / SUCCESS
+    if not marker.is_file():
+        return None
+    ref = TokenizerOutput.from_dict(read_json(marker))
+    if not Path(ref.weights).is_file() or sha256_file(ref.weights) != ref.sha256:
+        return None
+    return ref
+
+
+def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> TokenizerOutput | None:
+    ingest = _ingest_ref(cfg, upstream)
+    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, ingest.manifest_sha256)))
+
+
+def _ingest_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
+    from tasks import ingest as ingest_stage
+
+    ref = upstream.get("ingest") or ingest_stage.cached(cfg)
+    if ref is None:
+        raise RuntimeError("train_tokenizer needs the ingest output for this config: run the ingest stage first "
+                           "(mqgen run --only ingest ...) or run the whole pipeline")
+    return ref
+
+
+def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
+        _test_hooks: dict[str, Any] | None = None) -> TokenizerOutput:
+    """Train (or resume, or reuse) the tokenizer for ``cfg`` on the ingest output in ``upstream``."""
+    from infra import ray as rayx
+    from infra.checkpoint import read_checkpoint
+    from infra.shards import ShardSet
+    from infra.storage import atomic_open
+    from infra.tracking import Tracker
+    from safetensors.torch import save_file
+
+    ingest = _ingest_ref(cfg, upstream)
+    key = stage_key(cfg, ingest.manifest_sha256)
+    out_dir = stage_dir(cfg.run.root, STAGE, key)
+    done = load_output(out_dir)
+    if done is not None and not force:
+        return done
+    out_dir.mkdir(parents=True, exist_ok=True)
+    attempt_file = out_dir / "attempt.json"
+    attempt = read_json(attempt_file)["attempt"] if attempt_file.is_file() else 0
+    if force and done is not None:
+        attempt += 1  # a forced rerun trains from scratch under a new Ray run name
+        (out_dir / SUCCESS).unlink()
+    atomic_write_json(attempt_file, {"attempt": attempt})
+    ray_name = f"{STAGE}-{key}-a{attempt}"
+
+    shards = ShardSet.load(ingest.path)
+    model_cfg = mqvae_config(cfg)
+    tracker = Tracker(cfg.run.root, cfg.run.experiment)
+    parent = upstream.get("_parent_run_id")
+    srun = tracker.stage_run(STAGE, key, params={"tokenizer": to_dict(cfg.tokenizer), "seed": cfg.seed,
+                                                 "image_size": cfg.data.image_size, "channels": cfg.data.channels,
+                                                 "num_workers": cfg.ray.num_workers},
+                             tags={"mqgen.ingest_manifest_sha256": ingest.manifest_sha256,
+                                   "mqgen.ingest_run_id": ingest.mlflow_run_id, "mqgen.ray_run": ray_name},
+                             parent_run_id=parent)
+    lc = {"config": cfg.to_dict(), "key": key, "tracking_uri": tracker.uri, "mlflow_run_id": srun.run_id,
+          "train_shards": shards.split_files("train"), "val_shards": shards.split_files("val"),
+          "val_limit": 2048, "log_every": max(1, min(50, cfg.tokenizer.max_steps // 20)),
+          "model_config": _model_config_dict(model_cfg), **(_test_hooks or {})}
+    try:
+        result = rayx.fit(train_loop, lc, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
+                          num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                          cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures,
+                          num_to_keep=cfg.tokenizer.keep_checkpoints)
+    except BaseException:
+        srun.finish("FAILED")
+        raise
+    if result.checkpoint_path is None:
+        srun.finish("FAILED")
+        raise RuntimeError(f"{STAGE}: training reported no checkpoint")
+    final = read_checkpoint(result.checkpoint_path)
+    weights_path = out_dir / "model.safetensors"
+    tmp = out_dir / ".model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in final.weights["model"].items()}, str(tmp),
+              metadata={"stage": STAGE, "key": key, "step": str(final.step)})
+    tmp.replace(weights_path)
+    with atomic_open(out_dir / "model_config.json", "w") as f:  # type: ignore[call-overload]
+        json.dump(_model_config_dict(model_cfg), f, indent=2)
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    ref = TokenizerOutput(path=str(out_dir), key=key, weights=str(weights_path), sha256=sha256_file(weights_path),
+                          step=final.step, model_config=_model_config_dict(model_cfg), metrics=metrics,
+                          mlflow_run_id=srun.run_id)
+    srun.log_artifact(weights_path, "model")
+    srun.log_artifact(out_dir / "model_config.json", "model")
+    srun.log_dict(cfg.to_dict(), "config.json")
+    srun.set_tags({"mqgen.weights_sha256": ref.sha256})
+    atomic_write_json(out_dir / SUCCESS, ref.to_dict())
+    srun.finish("FINISHED")
+    return ref
+
+
+def _model_config_dict(model_cfg: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    d = asdict(model_cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def build_model(ref: TokenizerOutput, device: torch.device | str = "cpu") -> MQVAE:
+    """Rebuild the trained MQ-VAE from its reference, verifying the weights' sha256 first."""
+    from safetensors.torch import load_file
+
+    from infra.storage import UnsafeCheckpointError
+    from models.mqvae import MQVAEConfig
+
+    actual = sha256_file(ref.weights)
+    if actual != ref.sha256:
+        raise UnsafeCheckpointError(f"{ref.weights}: sha256 {actual[:12]} != reference {ref.sha256[:12]}")
+    mc = dict(ref.model_config)
+    mc["ch_mult"] = tuple(mc["ch_mult"])
+    mc["attn_resolutions"] = tuple(mc["attn_resolutions"])
+    model = MQVAE(MQVAEConfig(**mc))
+    model.load_state_dict(load_file(ref.weights), strict=True)
+    return model.to(device).eval()
+
+
+train_tokenizer_task = task(run, name=STAGE, retries=0, persist_result=False)
