@@ -8,6 +8,10 @@ checkpoint instead of starting over.
 Worker side (inside ``train_loop_per_worker``): :func:`worker` returns a :class:`Worker` with the rank,
 device, DDP wrapping, the collectives injected into the codebook, verified checkpoint restore and
 reporting.
+
+Tasks: :func:`map_tasks` runs a function over work items as plain Ray tasks (one item per task, resources
+per task, bounded in-flight window) and yields results as they arrive, for stages that are embarrassingly
+parallel (tokenize: one input shard per task).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -133,6 +137,23 @@ class Worker:
             g.copy_(flat[offset:offset + n].view_as(g))
             offset += n
 
+    def weight_divergence(self, module: torch.nn.Module) -> float:
+        """Largest difference across ranks of per-tensor checksums of ``module``'s state (0 = in sync).
+
+        Replicas that drift apart (a missed gradient or codebook sync) show up here long before they
+        show up in the loss; every rank must call it.
+        """
+        sums = [t.detach().double() for t in module.state_dict().values() if t.is_floating_point()]
+        if not sums:
+            return 0.0
+        sig = torch.stack([torch.stack([t.sum(), t.square().sum()]) for t in sums]).flatten()
+        if not self.distributed:
+            return 0.0
+        hi, lo = sig.clone(), sig.clone()
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+        return float((hi - lo).abs().max())
+
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()
@@ -186,3 +207,78 @@ def _sibling_checkpoints(latest: Any) -> list[Any]:
 def scratch_dir() -> str:
     """A fresh local temporary directory for staging a checkpoint before reporting it."""
     return tempfile.mkdtemp(prefix="mqgen-ckpt-")
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+def map_tasks(fn: Callable[[Any], Any], items: Sequence[Any], *, num_cpus: float = 1, num_gpus: float = 0,
+              max_in_flight: int | None = None, ordered: bool = False, max_retries: int = 3
+              ) -> Iterator[tuple[int, Any]]:
+    """Run ``fn(item)`` for every item as a Ray task; yield ``(index, result)`` as results arrive.
+
+    ``fn`` must be importable by the workers (a module-level function). Each task reserves ``num_cpus`` CPUs
+    and ``num_gpus`` GPUs. At most ``max_in_flight`` tasks are submitted and not yet yielded (default:
+    twice the number of tasks the cluster can run at once), which bounds the results held by the driver.
+    ``ordered=False`` yields in completion order; ``ordered=True`` yields in item order, so a slow task holds
+    back the ones after it (the window still keeps ``max_in_flight`` tasks running).
+
+    A task that raises re-raises here (an exception of the original type, carrying the remote
+    traceback); a worker process that dies is retried up to ``max_retries`` times. Tasks not yet yielded
+    are cancelled when the caller stops early or an exception propagates.
+    """
+    items = list(items)
+    if not items:
+        return
+    init_ray()
+    if max_in_flight is None:
+        max_in_flight = 2 * _task_slots(num_cpus, num_gpus)
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(fn)
+    refs: dict[int, Any] = {}  # item index -> ObjectRef, for submitted tasks not yet yielded
+    next_submit = next_yield = 0
+    try:
+        while refs or next_submit < len(items):
+            while next_submit < len(items) and len(refs) < max_in_flight:
+                refs[next_submit] = remote.remote(items[next_submit])
+                next_submit += 1
+            if ordered:
+                index = next_yield
+                next_yield += 1
+            else:
+                by_ref = {ref: i for i, ref in refs.items()}
+                ready, _ = ray.wait(list(by_ref), num_returns=1)
+                index = by_ref[ready[0]]
+            result = ray.get(refs[index])
+            del refs[index]
+            yield index, result
+    finally:
+        for ref in refs.values():
+            ray.cancel(ref)
+
+
+def _task_slots(num_cpus: float, num_gpus: float) -> int:
+    """How many tasks needing ``num_cpus`` / ``num_gpus`` the cluster can run at once (>= 1)."""
+    total = ray.cluster_resources()
+    slots = []
+    for name, need in (("CPU", num_cpus), ("GPU", num_gpus)):
+        if need > 0:
+            have = total.get(name, 0.0)
+            if have < need:
+                raise ValueError(f"each task needs {need} {name}(s) but the Ray cluster has {have:g}; "
+                                 f"lower the request or add {name} nodes")
+            slots.append(int(have // need))
+    return max(1, min(slots)) if slots else 1
+
+
+def cluster_address() -> str:
+    """The address of the running Ray instance (for another process to join it with ``RAY_ADDRESS``)."""
+    init_ray()
+    return ray.get_runtime_context().gcs_address
+
+
+def shutdown_ray() -> None:
+    """Disconnect from (and, when this process started it, stop) the local Ray instance."""
+    if ray.is_initialized():
+        ray.shutdown()

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import io
 import random
-import tarfile
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-
-MAX_MEMBER_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -33,33 +30,11 @@ class RawSample:
 
 
 def iter_shard(path: str) -> Iterator[RawSample]:
-    """Samples of one of our shards in file order (``<key>.png`` + optional ``<key>.cls``).
+    """Samples of one of our verified ingest shards, in file order (see ``infra.shards.read_shard``)."""
+    from infra.shards import read_shard
 
-    Only regular members are read; a member over ``MAX_MEMBER_BYTES`` is an error (our own shards
-    never hold one, so it means the file is not what the manifest says).
-    """
-    current: dict[str, bytes] = {}
-    current_key: str | None = None
-
-    def flush() -> Iterator[RawSample]:
-        if current_key is not None and "png" in current:
-            label = int(current["cls"].decode().strip()) if "cls" in current else -1
-            yield RawSample(current_key, current["png"], label)
-
-    with tarfile.open(path, mode="r|") as tf:
-        for member in tf:
-            if not member.isreg():
-                continue
-            if member.size > MAX_MEMBER_BYTES:
-                raise ValueError(f"{path}: member {member.name} is {member.size} bytes (> {MAX_MEMBER_BYTES})")
-            key, _, ext = member.name.partition(".")
-            f = tf.extractfile(member)
-            data = f.read() if f is not None else b""
-            if key != current_key:
-                yield from flush()
-                current, current_key = {}, key
-            current[ext] = data
-        yield from flush()
+    for key, png, label in read_shard(path):
+        yield RawSample(key, png, label)
 
 
 def decode_png(data: bytes, channels: int) -> torch.Tensor:
@@ -139,21 +114,27 @@ class TrainStream:
 
 def iter_eval_batches(shards: Sequence[tuple[str, int]], batch_size: int, channels: int, limit: int | None = None
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Every sample once, in shard order: ``(images uint8, labels, keys)`` batches (validation, encoding)."""
-    images: list[torch.Tensor] = []
-    labels: list[int] = []
-    keys: list[str] = []
-    seen = 0
-    for path, _ in sorted(shards):
-        for s in iter_shard(path):
-            if limit is not None and seen >= limit:
-                break
-            images.append(decode_png(s.png, channels))
-            labels.append(s.label)
-            keys.append(s.key)
-            seen += 1
-            if len(images) == batch_size:
-                yield torch.stack(images), torch.tensor(labels, dtype=torch.long), keys
-                images, labels, keys = [], [], []
-    if images:
-        yield torch.stack(images), torch.tensor(labels, dtype=torch.long), keys
+    """Every sample once (the first ``limit``), in shard order: ``(images uint8, labels, keys)`` batches."""
+
+    def samples() -> Iterator[RawSample]:
+        seen = 0
+        for path, _ in sorted(shards):
+            for s in iter_shard(path):
+                if limit is not None and seen >= limit:
+                    return
+                seen += 1
+                yield s
+
+    batch: list[RawSample] = []
+    for s in samples():
+        batch.append(s)
+        if len(batch) == batch_size:
+            yield _collate(batch, channels)
+            batch = []
+    if batch:
+        yield _collate(batch, channels)
+
+
+def _collate(batch: list[RawSample], channels: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    return (torch.stack([decode_png(s.png, channels) for s in batch]),
+            torch.tensor([s.label for s in batch], dtype=torch.long), [s.key for s in batch])

@@ -20,10 +20,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: fl
     return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def lr_scheduler(opt: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup_steps, total_steps))
-
-
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CUDA; a no-op on CPU (CPU bf16 autocast is slower than fp32 for these models)."""
     if device.type == "cuda":

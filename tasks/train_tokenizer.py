@@ -18,7 +18,7 @@ from prefect import task
 
 from infra.config import PipelineConfig, from_dict, loss_config, mqvae_config, stable_hash, to_dict
 from infra.storage import Ref, atomic_write_json, read_json, sha256_file, stage_dir
-from infra.training import Throughput, autocast, lr_scheduler
+from infra.training import Throughput, autocast, warmup_cosine
 from models.losses import VQGANLoss
 from models.mqvae import MQVAE
 
@@ -57,16 +57,23 @@ class TokenizerTrainer:
         self.model, self.loss, self.device = model, loss, device
         self.forward_model = ddp_model if ddp_model is not None else model
         self.sync_disc_grads = sync_disc_grads
+        self.base_lr, self.warmup_steps, self.max_steps = lr, warmup_steps, max_steps
         ae_params = [p for p in model.parameters() if p.requires_grad]
         self.opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=(0.5, 0.9))
         self.opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
-        self.sched_ae = lr_scheduler(self.opt_ae, warmup_steps, max_steps)
-        self.sched_d = lr_scheduler(self.opt_d, warmup_steps, max_steps)
+
+    def lr_at(self, step: int) -> float:
+        """Warmup + cosine, a pure function of the step (nothing to restore on resume)."""
+        return self.base_lr * warmup_cosine(step, self.warmup_steps, self.max_steps)
 
     def step(self, x: torch.Tensor, step: int) -> dict[str, float]:
         """One training step on images ``x`` in [-1, 1]; returns detached float logs."""
         self.model.train()
         self.loss.train()
+        lr = self.lr_at(step)
+        for opt in (self.opt_ae, self.opt_d):
+            for group in opt.param_groups:
+                group["lr"] = lr
         disc = self.loss.discriminator
         disc.requires_grad_(False)  # the generator loss must not produce discriminator gradients
         with autocast(self.device):
@@ -76,7 +83,6 @@ class TokenizerTrainer:
         self.opt_ae.zero_grad(set_to_none=True)
         total.backward()
         self.opt_ae.step()
-        self.sched_ae.step()
         disc.requires_grad_(True)
         result = {k: float(v) for k, v in logs.items()}
         if self.loss.is_gan_active(step):
@@ -87,20 +93,16 @@ class TokenizerTrainer:
             self.sync_disc_grads(disc)
             self.opt_d.step()
             result.update({k: float(v) for k, v in d_logs.items()})
-        self.sched_d.step()
         result["perplexity"] = float(out.perplexity)
-        result["lr"] = self.sched_ae.get_last_lr()[0]
+        result["lr"] = lr
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        return {"opt_ae": self.opt_ae.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "sched_ae": self.sched_ae.state_dict(), "sched_d": self.sched_d.state_dict()}
+        return {"opt_ae": self.opt_ae.state_dict(), "opt_d": self.opt_d.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.opt_ae.load_state_dict(state["opt_ae"])
         self.opt_d.load_state_dict(state["opt_d"])
-        self.sched_ae.load_state_dict(state["sched_ae"])
-        self.sched_d.load_state_dict(state["sched_d"])
 
 
 def to_model_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -242,8 +244,9 @@ def train_loop(lc: dict[str, Any]) -> None:
             raise RuntimeError(f"injected failure at step {step}")
         if lc.get("sleep_after_step"):
             time.sleep(lc["sleep_after_step"])
+    divergence = w.weight_divergence(model)  # collective: every rank takes part
     if w.is_main and run is not None:
-        run.log_metrics({"final_step": step}, step=step)
+        run.log_metrics({"final_step": step, "rank_weight_divergence": divergence}, step=step)
 
 
 # --------------------------------------------------------------------------------------------- stage
@@ -306,7 +309,7 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     atomic_write_json(attempt_file, {"attempt": attempt})
     ray_name = f"{STAGE}-{key}-a{attempt}"
 
-    shards = ShardSet.load(ingest.path)
+    shards = ShardSet.from_output(ingest)
     model_cfg = mqvae_config(cfg)
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     parent = upstream.get("_parent_run_id")
@@ -317,7 +320,8 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
                                    "mqgen.ingest_run_id": ingest.mlflow_run_id, "mqgen.ray_run": ray_name},
                              parent_run_id=parent)
     lc = {"config": cfg.to_dict(), "key": key, "tracking_uri": tracker.uri, "mlflow_run_id": srun.run_id,
-          "train_shards": shards.split_files("train"), "val_shards": shards.split_files("val"),
+          "train_shards": [(s.path, s.num_samples) for s in shards.shards("train")],
+          "val_shards": [(s.path, s.num_samples) for s in shards.shards("val")],
           "val_limit": 2048, "log_every": max(1, min(50, cfg.tokenizer.max_steps // 20)),
           "model_config": _model_config_dict(model_cfg), **(_test_hooks or {})}
     try:

@@ -1,0 +1,139 @@
+"""train_tokenizer with real Ray Train (2 CPU workers), real MLflow (sqlite) and the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from infra.config import resolve
+from infra.tracking import Tracker
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(root: Path, *extra: str):
+    return resolve("tiny", overrides=[f"run.root={root}", "ray.num_workers=2", "tokenizer.max_steps=24",
+                                      "tokenizer.eval_every=8", "tokenizer.checkpoint_every=8",
+                                      "tokenizer.keep_checkpoints=3", *extra])
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory: pytest.TempPathFactory):
+    from tasks import ingest
+
+    root = tmp_path_factory.mktemp("tok")
+    cfg = _cfg(root)
+    return root, ingest.run(cfg, {})
+
+
+def _history(root: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    client = Tracker(root, "mqgen").client
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_two_workers_train_recover_from_a_failure_and_stay_in_sync(ingested, tmp_path: Path) -> None:
+    from tasks import train_tokenizer
+
+    root, ing = ingested
+    cfg = _cfg(root, "ray.max_failures=1")
+    marker = tmp_path / "failed-once"
+    ref = train_tokenizer.run(cfg, {"ingest": ing},
+                              _test_hooks={"fail_at_step": 12, "fail_marker": str(marker)})
+    assert marker.read_text() == "12", "the injected failure did not happen"
+    assert ref.step == 24
+    assert Path(ref.weights).is_file()
+
+    # the loss falls (train L1 over the run)
+    l1 = _history(root, ref.mlflow_run_id, "train_l1")
+    assert l1[-1][1] < 0.8 * l1[0][1], l1
+    # metric steps are unique although steps 9..12 ran twice (restart from the step-8 checkpoint)
+    steps = [s for s, _ in l1]
+    assert len(steps) == len(set(steps)) and steps == sorted(steps)
+    # both DDP replicas (and their EMA codebooks) ended identical
+    div = _history(root, ref.mlflow_run_id, "rank_weight_divergence")
+    assert div and div[-1][1] == 0.0
+    client = Tracker(root, "mqgen").client
+    run = client.get_run(ref.mlflow_run_id)
+    assert run.data.tags["mqgen.resumed_from_step"] == "8"
+    arts = {a.path for a in client.list_artifacts(ref.mlflow_run_id, "mask_overlays")}
+    assert any(p.endswith(".png") for p in arts)
+
+    # a second call is a cache hit: same reference, no new training
+    t0 = time.time()
+    again = train_tokenizer.run(cfg, {"ingest": ing})
+    assert again == ref and time.time() - t0 < 10
+
+    # the weights rebuild into a working tokenizer
+    model = train_tokenizer.build_model(ref)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    seq = model.encode(x)
+    assert seq.codes.shape == (2, round(0.5 * 64))
+
+
+def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: Path) -> None:
+    from tasks import train_tokenizer
+
+    root, ing = ingested
+    cfg = _cfg(root, "seed=7")  # its own stage key
+    script = textwrap.dedent(f"""
+        import json, sys
+        from infra.config import resolve
+        from tasks import ingest, train_tokenizer
+        cfg = resolve("tiny", overrides={json.dumps([f"run.root={root}", "ray.num_workers=2",
+                      "tokenizer.max_steps=24", "tokenizer.eval_every=8", "tokenizer.checkpoint_every=8",
+                      "tokenizer.keep_checkpoints=3", "seed=7"])})
+        ing = ingest.run(cfg, {{}})
+        train_tokenizer.run(cfg, {{"ingest": ing}}, _test_hooks={{"sleep_after_step": 0.4}})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    key = train_tokenizer.stage_key(cfg, ing.manifest_sha256)
+    ray_dir = root / "ray" / f"train_tokenizer-{key}-a0"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            done = sorted(ray_dir.glob("checkpoint_*/DONE")) if ray_dir.exists() else []
+            if len(done) >= 2:
+                break
+            assert proc.poll() is None, "the stage ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no two checkpoints within the deadline")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    assert not (root / "train_tokenizer" / key / "_SUCCESS.json").exists()
+
+    ckpts = sorted(p.parent for p in ray_dir.glob("checkpoint_*/DONE"))
+    steps = [json.loads((c / "manifest.json").read_text())["step"] for c in ckpts]
+    assert steps[:2] == [8, 16]
+    # bit rot in the newest checkpoint: it must be skipped and the one before it used
+    newest = ckpts[-1]
+    blob = bytearray((newest / "model.safetensors").read_bytes())
+    blob[-5] ^= 0xFF
+    (newest / "model.safetensors").write_bytes(bytes(blob))
+
+    ref = train_tokenizer.run(cfg, {"ingest": ing})
+    assert ref.step == 24
+    client = Tracker(root, "mqgen").client
+    tags = client.get_run(ref.mlflow_run_id).data.tags
+    expected_resume = steps[-2]
+    assert tags["mqgen.resumed_from_step"] == str(expected_resume)
+    assert "sha256" in tags["mqgen.skipped_checkpoints"]
+    # one MLflow run for the stage key, its history continuous and without duplicate steps
+    runs = client.search_runs([client.get_run(ref.mlflow_run_id).info.experiment_id],
+                              filter_string=f"tags.`mqgen.stage_key` = '{key}'")
+    assert len(runs) == 1
+    hist = [s for s, _ in _history(root, ref.mlflow_run_id, "train_l1")]
+    assert len(hist) == len(set(hist)) and hist[-1] == 24
