@@ -137,6 +137,13 @@ class Worker:
             g.copy_(flat[offset:offset + n].view_as(g))
             offset += n
 
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """Broadcast rank 0's buffers (e.g. BatchNorm running statistics, which each rank updates from its
+        own data) so every replica holds the same state before a checkpoint or the end of training."""
+        if self.distributed:
+            for b in module.buffers():
+                torch.distributed.broadcast(b.data, src=0)
+
     def weight_divergence(self, module: torch.nn.Module) -> float:
         """Largest difference across ranks of per-tensor checksums of ``module``'s state (0 = in sync).
 

@@ -230,6 +230,8 @@ def train_loop(lc: dict[str, Any]) -> None:
             run.log_image(grid(mask_overlay(pics["inputs"], pics["keep_mask"], grid_size), nrow=8, scale=2),
                           f"mask_overlays/step_{step:08d}.png")
         if is_ckpt:
+            w.sync_buffers(model)
+            w.sync_buffers(loss.discriminator)
             ckpt_dir = None
             if w.is_main:
                 ckpt_dir = rayx.scratch_dir()
@@ -244,7 +246,9 @@ def train_loop(lc: dict[str, Any]) -> None:
             raise RuntimeError(f"injected failure at step {step}")
         if lc.get("sleep_after_step"):
             time.sleep(lc["sleep_after_step"])
-    divergence = w.weight_divergence(model)  # collective: every rank takes part
+    w.sync_buffers(model)
+    w.sync_buffers(loss.discriminator)
+    divergence = max(w.weight_divergence(model), w.weight_divergence(loss.discriminator))  # collectives
     if w.is_main and run is not None:
         run.log_metrics({"final_step": step, "rank_weight_divergence": divergence}, step=step)
 
