@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,21 @@ app.add_typer(config_app, name="config")
 
 PRESET_HELP = f"Preset: {', '.join(PRESETS)}."
 STAGE_HELP = f"Stage: {', '.join(STAGES)}."
+
+
+def _prepare_environment(cfg: PipelineConfig) -> None:
+    """Local-backend defaults, set before Prefect is imported: Prefect's home under the run root (its
+    temporary API server and database), no analytics. A user's PREFECT_API_URL / PREFECT_HOME win."""
+    root = Path(cfg.run.root)
+    if "://" not in cfg.run.root and "PREFECT_HOME" not in os.environ:
+        home = (root / ".prefect").resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(home)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 def _resolve_or_exit(preset: str, config: Optional[Path], overrides: list[str]) -> PipelineConfig:
@@ -42,6 +58,7 @@ def run(
     from flows.pipeline import StageNotImplemented, run_pipeline, select_stages
 
     cfg = _resolve_or_exit(preset, config, overrides or [])
+    _prepare_environment(cfg)
     try:
         select_stages(only, from_stage)
     except ValueError as e:

@@ -68,6 +68,16 @@ class Tracker:
                                        order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
 
+    def pipeline_run(self, config_hash: str, params: Mapping[str, Any] | None = None,
+                     tags: Mapping[str, str] | None = None) -> "StageRun":
+        """A new parent run for one pipeline execution (stage runs attach to it as children)."""
+        all_tags = {TAG_KIND: "pipeline", "mqgen.config_hash": config_hash, **(tags or {})}
+        run = self.client.create_run(self.experiment_id, run_name=f"pipeline-{config_hash}", tags=all_tags)
+        sr = StageRun(self.client, run.info.run_id)
+        if params:
+            sr.log_params(params)
+        return sr
+
     def stage_run(self, stage: str, stage_key: str, params: Mapping[str, Any] | None = None,
                   tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
                   run_id: str | None = None) -> "StageRun":
