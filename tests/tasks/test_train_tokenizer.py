@@ -85,14 +85,14 @@ def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: P
     from tasks import train_tokenizer
 
     root, ing = ingested
-    cfg = _cfg(root, "seed=7")  # its own stage key
+    cfg = _cfg(root, "tokenizer.lr=0.0003")  # its own stage key, same ingest
     script = textwrap.dedent(f"""
         import json, sys
         from infra.config import resolve
         from tasks import ingest, train_tokenizer
         cfg = resolve("tiny", overrides={json.dumps([f"run.root={root}", "ray.num_workers=2",
                       "tokenizer.max_steps=24", "tokenizer.eval_every=8", "tokenizer.checkpoint_every=8",
-                      "tokenizer.keep_checkpoints=3", "seed=7"])})
+                      "tokenizer.keep_checkpoints=3", "tokenizer.lr=0.0003"])})
         ing = ingest.run(cfg, {{}})
         train_tokenizer.run(cfg, {{"ingest": ing}}, _test_hooks={{"sleep_after_step": 0.4}})
     """)
@@ -111,7 +111,8 @@ def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: P
         else:
             pytest.fail("no two checkpoints within the deadline")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     assert not (root / "train_tokenizer" / key / "_SUCCESS.json").exists()
 
