@@ -73,6 +73,30 @@ def run(
                           default=str))
 
 
+@app.command()
+def status(
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]..."),
+    preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+) -> None:
+    """A table of the pipeline's stages for a config: done or not, key, artifact path, MLflow run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.pipeline import stage_status
+
+    cfg = _resolve_or_exit(preset, config, overrides or [])
+    table = Table(title=f"mqgen status: preset {cfg.preset}, config {cfg.hash()}, root {cfg.run.root}")
+    for col in ("stage", "state", "key", "artifacts", "mlflow run"):
+        table.add_column(col)
+    colours = {"done": "green", "not done": "yellow", "waiting": "dim", "not implemented": "red"}
+    for row in stage_status(cfg):
+        table.add_row(row["stage"], f"[{colours[row['state']]}]{row['state']}[/]", row["key"], row["path"],
+                      row["run_id"])
+    Console().print(table)
+    typer.echo("A stage that is 'not done' resumes from its checkpoints / done keys on the next `mqgen run`.")
+
+
 @config_app.command("show")
 def config_show(
     overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]..."),

@@ -43,6 +43,32 @@ def load_stage(stage: str) -> Any:
     return importlib.import_module(f"tasks.{stage}")
 
 
+def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
+    """Per stage: ``done`` (verified output for this config), ``not done`` (its inputs are ready: the next
+    run computes or resumes it), ``waiting`` (an upstream stage is not done) or ``not implemented``."""
+    rows: list[dict[str, str]] = []
+    refs: dict[str, Any] = {}
+    blocked = False
+    for stage in STAGES:
+        row = {"stage": stage, "state": "waiting", "key": "", "path": "", "run_id": ""}
+        try:
+            module = load_stage(stage)
+        except StageNotImplemented:
+            row["state"] = "not implemented"
+            rows.append(row)
+            blocked = True
+            continue
+        ref = None if blocked else module.cached(cfg, refs)
+        if ref is not None:
+            refs[stage] = ref
+            row.update(state="done", key=ref.key, path=ref.path, run_id=ref.mlflow_run_id)
+        elif not blocked:
+            row["state"] = "not done"
+            blocked = True
+        rows.append(row)
+    return rows
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,

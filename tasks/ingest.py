@@ -1,0 +1,664 @@
+"""Stage 1, ingest: a source (``data.*``) -> train/val WebDataset shards, a manifest, an MLflow run.
+
+Output: ``<run.root>/ingest/<key>/{train,val}-%06d.tar`` (members ``<key>.png``, ``<key>.cls``),
+``samples.png`` and ``manifest.json``, written last. The stage key hashes the data section (minus
+``num_workers``), the seed and :data:`INGEST_VERSION`; a complete manifest for the key is a cache hit.
+
+How a run goes:
+
+1. Take ``<run.root>/ingest/.<key>.lock`` (a second ingest of the same key waits, then hits the cache).
+2. Plan the source (:mod:`infra.sources`): deterministic chunks, each at most one shard's worth of inputs.
+3. Build the chunks in ``<run.root>/ingest/.<key>.build/`` with ``data.num_workers`` processes. A worker
+   writes ``*.tar.partial`` and renames it when closed; the parent records each finished chunk in
+   ``done/<chunk>.json``. A killed run resumes from the recorded chunks (re-hashed before reuse).
+4. Count skipped inputs by reason; more than ``data.max_bad_fraction`` fails the stage and removes the
+   build directory (no manifest is ever written for it).
+5. Rename the shards to their final names, write ``samples.png`` and ``manifest.json``, log to MLflow,
+   then swap the build directory into place (``force=True`` replaces an older output only at this point).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import os
+import platform
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from infra.config import PipelineConfig, stable_hash, to_dict
+from infra.shards import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    SAMPLES_GRID_NAME,
+    ChunkJob,
+    ChunkResult,
+    ShardIntegrityError,
+    build_chunk,
+    check_shards,
+    load_manifest,
+    pool_build_chunk,
+    pool_init,
+    sample_grid,
+)
+from infra.sources import (
+    SPLITS,
+    ImageSpec,
+    IngestError,
+    Plan,
+    PlanContext,
+    SourceError,
+    TarChunk,
+    source_from_config,
+)
+from infra.storage import (
+    Ref,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_lock,
+    read_json,
+    remove_partials,
+    remove_tree,
+    replace_dir,
+    sha256_file,
+    stage_dir,
+)
+
+__all__ = ["INGEST_VERSION", "IngestError", "IngestOutput", "SourceError", "ingest_task", "run", "stage_key"]
+
+STAGE = "ingest"
+INGEST_VERSION = "1"  # bump when the bytes ingest writes for a given config change
+PERFORMANCE_FIELDS = ("num_workers",)  # data fields that change speed, never the output
+MAX_EXAMPLES = 20  # skipped/ignored examples kept per reason in the manifest
+
+log = logging.getLogger("mqgen.ingest")
+
+
+@dataclass(frozen=True)
+class IngestOutput(Ref):
+    """Reference to a complete ingest output (what downstream stages receive)."""
+
+    path: str  # the stage directory holding the shards and manifest.json
+    key: str
+    manifest_sha256: str
+    num_train: int
+    num_val: int
+    num_classes: int  # 0 when unlabelled
+    image_size: int
+    channels: int
+    mlflow_run_id: str
+
+
+def stage_key(cfg: PipelineConfig) -> str:
+    """Short stable hash of what determines the output: data section (minus performance fields, local
+    paths made absolute), seed and :data:`INGEST_VERSION`."""
+    data = {k: v for k, v in to_dict(cfg.data).items() if k not in PERFORMANCE_FIELDS}
+    if data.get("path") and "://" not in data["path"] and data["source"] != "shards":
+        data["path"] = os.path.abspath(os.path.expanduser(data["path"]))
+    return stable_hash({"stage": STAGE, "version": INGEST_VERSION, "seed": cfg.seed, "data": data})
+
+
+def run(cfg: PipelineConfig, upstream: dict[str, Any] | None = None, force: bool = False) -> IngestOutput:
+    """Ingest ``cfg.data`` into ``<cfg.run.root>/ingest/<key>/``; a cache hit returns at once.
+
+    ``upstream`` holds no inputs for this first stage; its ``_parent_run_id`` (set by the pipeline flow)
+    makes the stage's MLflow run a child of the pipeline run. ``force=True`` rebuilds from scratch and replaces
+    the previous output atomically once the new one is complete. Raises :class:`IngestError` (bad or
+    missing data, with a message naming the path or config key) and lets other errors through.
+
+    With ``data.num_workers > 1`` the work runs in processes started by multiprocessing's forkserver,
+    which imports the calling script's ``__main__`` module: call this from a command, a test or a
+    script whose top level is guarded by ``if __name__ == "__main__":``.
+    """
+    root = _local_root(cfg.run.root)
+    key = stage_key(cfg)
+    out = stage_dir(root, STAGE, key)
+    if not force:
+        hit = _cached(out, key)
+        if hit is not None:
+            log.info("ingest %s: cache hit, %s", key, out)
+            return hit
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out.parent / f".{key}.lock"):
+        if not force:
+            hit = _cached(out, key)  # another process may have finished it while we waited
+            if hit is not None:
+                return hit
+        return _ingest(cfg, root, key, out, force, (upstream or {}).get("_parent_run_id"))
+
+
+def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry transient failures (a killed worker, I/O), never bad data."""
+    try:
+        state.result()
+    except IngestError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient: let Prefect retry
+        return True
+    return True
+
+
+ingest_task = task(run, name=STAGE, retries=1, retry_delay_seconds=5, persist_result=False,
+                   cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_data)
+
+
+# --------------------------------------------------------------------------------------------- cache
+
+
+def _local_root(root: str) -> Path:
+    if "://" in str(root):
+        raise IngestError(f"run.root={root!r}: ingest writes shards with local atomic renames and needs a "
+                          "local (or mounted) directory")
+    return Path(root).expanduser()
+
+
+def _cached(out: Path, key: str) -> IngestOutput | None:
+    if not out.exists():
+        return None
+    try:
+        m = load_manifest(out)
+    except ShardIntegrityError as e:
+        log.warning("ingest %s: %s; rebuilding", key, e)
+        return None
+    if m.get("key") != key:
+        log.warning("ingest %s: %s holds key %r; rebuilding", key, out, m.get("key"))
+        return None
+    problems = check_shards(out, m)
+    if problems:
+        log.warning("ingest %s: output damaged (%s); rebuilding", key, "; ".join(problems[:3]))
+        return None
+    return _output(out, m)
+
+
+def _output(out: Path, m: dict[str, Any]) -> IngestOutput:
+    return IngestOutput(path=str(out.resolve()), key=m["key"], manifest_sha256=sha256_file(out / MANIFEST_NAME),
+                        num_train=m["splits"]["train"]["num_samples"], num_val=m["splits"]["val"]["num_samples"],
+                        num_classes=len(m["classes"]), image_size=m["image_size"], channels=m["channels"],
+                        mlflow_run_id=m["mlflow_run_id"])
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def _ingest(cfg: PipelineConfig, root: Path, key: str, out: Path, force: bool,
+            parent_run_id: str | None) -> IngestOutput:
+    d = cfg.data
+    spec = ImageSpec.from_data(d)
+    source = source_from_config(d)  # cheap path checks: a typo fails here, before anything starts
+    build = out.parent / f".{key}.build"
+    if force:
+        remove_tree(build)
+    _clean_build_dir(build)
+    ctx = PlanContext(spec=spec, fit=d.fit, seed=cfg.seed, val_fraction=d.val_fraction, max_images=d.max_images,
+                      shard_max_count=d.shard_max_count, min_shards=d.min_shards, download_dir=root / "downloads")
+    params = {"data": {k: v for k, v in to_dict(d).items() if k not in PERFORMANCE_FIELDS}, "seed": cfg.seed,
+              "ingest_version": INGEST_VERSION, "stage_key": key}
+    t0 = time.perf_counter()
+    # Opening the MLflow run (import, database, params) and starting the worker processes both overlap the
+    # source planning. Capped input shards are read one after another in this process instead (each
+    # depends on the counts before it).
+    tracked = _BackgroundRun(root, cfg.run.experiment, key, params, parent_run_id)
+    sequential = d.source == "shards" and d.max_images is not None
+    pool = _WorkerPool(d.num_workers) if d.num_workers > 1 and not sequential else None
+    try:
+        try:
+            plan = source.plan(ctx)
+            log.info("ingest %s: %s from %s, %s inputs", key, plan.description["kind"],
+                     plan.description.get("path"), plan.num_inputs if plan.num_inputs is not None else "?")
+            runner = _Runner(cfg, key, plan, spec, build, pool)
+            try:
+                results, stopped_early = runner.run(), False
+            except _EarlyBadStop:
+                results, stopped_early = runner.results, True
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        seconds = time.perf_counter() - t0
+        stats = _Stats.collect(plan, results)
+        metrics = stats.metrics(seconds, runner.workers_used)
+        sr = tracked.get()
+        step = sr.last_step("num_train") + 1  # a forced rebuild logs its figures at the next step
+        if stopped_early or stats.bad_fraction > d.max_bad_fraction:
+            sr.log_metrics(metrics, step=step)
+            remove_tree(build)
+            raise IngestError(stats.bad_fraction_message(d.max_bad_fraction, plan, stopped_early))
+        if stats.num_samples.get("train", 0) == 0:
+            sr.log_metrics(metrics, step=step)
+            remove_tree(build)
+            raise IngestError(f"no usable training images from {plan.description['kind']} "
+                              f"{plan.description.get('path')}: {stats.num_inputs} inputs, "
+                              f"{stats.num_skipped} skipped ({_fmt_counts(stats.skipped)})")
+        manifest = _finalize(cfg, key, plan, runner.jobs_in_order, results, stats, build, sr.run_id, seconds,
+                             runner.workers_used)
+        sr.log_metrics(metrics, step=step)
+        sr.log_artifact(build / MANIFEST_NAME)
+        sr.log_artifact(build / SAMPLES_GRID_NAME)
+        sr.set_tags({"mqgen.manifest_sha256": sha256_file(build / MANIFEST_NAME)})
+        replace_dir(build, out)
+    except BaseException:
+        tracked.finish("FAILED")
+        raise
+    tracked.finish("FINISHED")
+    log.info("ingest %s: %d train + %d val samples in %d shards, %d skipped, %.1f s (%.0f images/s) -> %s",
+             key, manifest["splits"]["train"]["num_samples"], manifest["splits"]["val"]["num_samples"],
+             manifest["totals"]["num_shards"], stats.num_skipped, seconds, metrics["images_per_s"], out)
+    return _output(out, manifest)
+
+
+class _BackgroundRun:
+    """Opens (or re-attaches to) the stage's MLflow run in a thread: importing MLflow and opening its
+    database take seconds on a small machine, time the data work does not have to wait for."""
+
+    def __init__(self, root: Path, experiment: str, key: str, params: dict[str, Any], parent_run_id: str | None):
+        self._run: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._open, name="ingest-mlflow",
+                                        args=(root, experiment, key, params, parent_run_id), daemon=True)
+        self._thread.start()
+
+    def _open(self, root: Path, experiment: str, key: str, params: dict[str, Any], parent_run_id: str | None
+              ) -> None:
+        try:
+            from infra.tracking import Tracker
+
+            self._run = Tracker(root, experiment).stage_run(STAGE, key, params=params, parent_run_id=parent_run_id)
+        except BaseException as e:  # noqa: BLE001 - handed over to the stage thread by get()
+            self._error = e
+
+    def get(self) -> Any:
+        """The ``StageRun``; raises what opening it raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._run
+
+    def finish(self, status: str) -> None:
+        """Mark the run FINISHED or FAILED. On the failure path a tracking error is logged, not raised, so
+        that it never hides the error that failed the stage."""
+        try:
+            self.get().finish(status)
+        except Exception as e:
+            if status != "FAILED":
+                raise
+            log.warning("ingest: could not mark the MLflow run FAILED: %s: %s", type(e).__name__, e)
+
+
+def _clean_build_dir(build: Path) -> None:
+    """Keep only what a resume can use (``parts/`` and ``done/``); drop leftovers of a killed finalize."""
+    build.mkdir(parents=True, exist_ok=True)
+    for p in build.iterdir():
+        if p.name not in ("parts", "done"):
+            remove_tree(p)
+    for p in remove_partials(build):
+        log.info("removed %s (left by a killed writer)", p)
+
+
+class _WorkerPool:
+    """``data.num_workers`` processes forked from a forkserver that imported numpy/PIL once; started in the
+    background on creation so that their start-up overlaps the source planning."""
+
+    def __init__(self, num_workers: int):
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["infra.shards"])
+        self.num_workers = num_workers
+        self.queue = ctx.Queue()
+        self.executor = ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=pool_init,
+                                            initargs=(self.queue,))
+        # processes are spawned lazily, one per submit while none is idle: one no-op each starts them all
+        self._warm = threading.Thread(target=self._start, name="ingest-pool-start", daemon=True)
+        self._warm.start()
+
+    def _start(self) -> None:
+        for _ in range(self.num_workers):
+            self.executor.submit(os.getpid)
+
+    def shutdown(self) -> None:
+        self._warm.join()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.queue.close()
+        self.queue.join_thread()
+
+
+class _Runner:
+    """Runs the chunk jobs of a plan (resuming recorded ones), with progress and an early bad-input stop."""
+
+    def __init__(self, cfg: PipelineConfig, key: str, plan: Plan, spec: ImageSpec, build: Path,
+                 pool: _WorkerPool | None):
+        self.cfg, self.key, self.plan, self.spec, self.pool = cfg, key, plan, spec, pool
+        self.source_fingerprint = stable_hash(plan.description, length=32)
+        self.parts_dir = build / "parts"
+        self.done_dir = build / "done"
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self.done_dir.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, ChunkResult] = {}
+        self.jobs_in_order: list[ChunkJob] = []
+        self.workers_used = 0
+        self.bad = len(plan.skipped)
+
+    def job(self, chunk: Any) -> ChunkJob:
+        d = self.cfg.data
+        return ChunkJob(chunk, self.spec, str(self.parts_dir), d.shard_max_count, d.shard_max_bytes)
+
+    def fingerprint(self, job: ChunkJob) -> str:
+        return stable_hash({"key": self.key, "source": self.source_fingerprint, "chunk": job.chunk.describe(),
+                            "spec": asdict(job.spec),
+                            "shard_max_count": job.shard_max_count, "shard_max_bytes": job.shard_max_bytes,
+                            "version": INGEST_VERSION}, length=32)
+
+    def run(self) -> dict[str, ChunkResult]:
+        from tqdm import tqdm
+
+        recorded = self._load_done()
+        self._drop_unreferenced_parts(recorded)
+        bar = tqdm(total=self.plan.num_inputs, unit="img", desc=f"ingest {self.key}", file=sys.stderr,
+                   disable=None, dynamic_ncols=True, mininterval=0.5)
+        try:
+            if self.plan.sequential:
+                self._run_sequential(recorded, bar)
+            else:
+                self._run_streaming(recorded, bar)
+        finally:
+            bar.close()
+        return self.results
+
+    def _reuse(self, job: ChunkJob, fp: str, recorded: dict[str, ChunkResult], bar: Any) -> bool:
+        """Accept the recorded result of ``job`` if it was built from the same inputs; drop a stale one."""
+        r = recorded.pop(job.job_id, None)
+        if r is None:
+            return False
+        if r.fingerprint == fp:
+            self._accept(r, bar, resumed=True)
+            return True
+        for part in r.parts:
+            (self.parts_dir / part.name).unlink(missing_ok=True)
+        (self.done_dir / f"{r.job_id}.json").unlink(missing_ok=True)
+        return False
+
+    def _run_streaming(self, recorded: dict[str, ChunkResult], bar: Any) -> None:
+        """Submit each chunk as the source produces it (workers start on the first chunk while the source
+        still decompresses the next ones); collect results as they finish."""
+        futures: dict[Future, ChunkJob] = {}
+        built = 0
+        try:
+            for chunk in self.plan.chunks:
+                job = self.job(chunk)
+                fp = self.fingerprint(job)
+                self.jobs_in_order.append(job)
+                if self._reuse(job, fp, recorded, bar):
+                    continue
+                built += 1
+                if self.pool is None:
+                    self._accept(build_chunk(job, fp, progress=bar.update), None)
+                    continue
+                futures[self.pool.executor.submit(pool_build_chunk, job, fp)] = job
+                self._collect(futures, bar, timeout=0)
+            while futures:
+                self._collect(futures, bar, timeout=0.25)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            self.workers_used = min(self.cfg.data.num_workers if self.pool else 1, built)
+            if self.pool is not None:
+                _drain(self.pool.queue, bar)
+
+    def _collect(self, futures: dict[Future, ChunkJob], bar: Any, timeout: float) -> None:
+        assert self.pool is not None
+        finished, _ = wait(list(futures), timeout=timeout, return_when=FIRST_COMPLETED)
+        _drain(self.pool.queue, bar)
+        for f in finished:
+            job = futures.pop(f)
+            try:
+                r = f.result()
+            except BrokenProcessPool as e:
+                raise RuntimeError(f"an ingest worker process died (killed or crashed) while building chunk "
+                                   f"{job.job_id}; rerunning resumes from the finished chunks") from e
+            self._accept(r, None)
+
+    def _run_sequential(self, recorded: dict[str, ChunkResult], bar: Any) -> None:
+        """Shards with ``data.max_images``: inputs are read in order until every split has its quota."""
+        cap = self.cfg.data.max_images
+        assert cap is not None
+        written: Counter[str] = Counter()
+        self.workers_used = 1
+        for chunk in self.plan.chunks:
+            assert isinstance(chunk, TarChunk)
+            limits = tuple((s, max(0, cap - written[s])) for s in SPLITS)
+            if all(dict(limits)[s] <= 0 for s in chunk.possible_splits()):
+                continue
+            job = self.job(replace(chunk, limits=limits))
+            fp = self.fingerprint(job)
+            self.jobs_in_order.append(job)
+            if not self._reuse(job, fp, recorded, bar):
+                self._accept(build_chunk(job, fp, progress=bar.update), None)
+            for p in self.results[job.job_id].parts:
+                written[p.split] += p.num_samples
+
+    def _accept(self, r: ChunkResult, bar: Any, resumed: bool = False) -> None:
+        self.results[r.job_id] = r
+        if not resumed:
+            atomic_write_json(self.done_dir / f"{r.job_id}.json", r.to_json())
+        elif bar is not None:
+            bar.update(r.num_inputs)
+        self.bad += r.num_skipped
+        total = self.plan.num_inputs
+        limit = self.cfg.data.max_bad_fraction
+        if total and self.bad > limit * total:  # already hopeless: stop early
+            raise _EarlyBadStop()
+
+    def _load_done(self) -> dict[str, ChunkResult]:
+        """Done records whose parts still exist with the recorded size and sha256."""
+        out: dict[str, ChunkResult] = {}
+        for p in sorted(self.done_dir.glob("*.json")):
+            try:
+                r = ChunkResult.from_json(read_json(p))
+                ok = all(_part_ok(self.parts_dir / part.name, part.num_bytes, part.sha256) for part in r.parts)
+            except (ValueError, TypeError, KeyError, OSError):
+                ok = False
+            if ok:
+                out[r.job_id] = r
+            else:
+                p.unlink()
+        if out:
+            log.info("ingest %s: resuming, %d chunk(s) already built", self.key, len(out))
+        return out
+
+    def _drop_unreferenced_parts(self, recorded: dict[str, ChunkResult]) -> None:
+        keep = {part.name for r in recorded.values() for part in r.parts}
+        for p in self.parts_dir.iterdir():
+            if p.name not in keep:
+                p.unlink()
+
+
+class _EarlyBadStop(Exception):
+    """Raised inside the runner once bad inputs exceed the budget of a source with a known size."""
+
+
+def _part_ok(path: Path, size: int, digest: str) -> bool:
+    return path.is_file() and path.stat().st_size == size and sha256_file(path) == digest
+
+
+def _drain(queue: Any, bar: Any) -> None:
+    import queue as queue_mod
+
+    while True:
+        try:
+            bar.update(queue.get_nowait())
+        except queue_mod.Empty:
+            return
+        except (OSError, ValueError):  # queue already closed
+            return
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+@dataclass
+class _Stats:
+    num_inputs: int
+    num_skipped: int
+    skipped: Counter
+    skipped_examples: dict[str, list[str]]
+    ignored: Counter
+    ignored_examples: dict[str, list[str]]
+    damaged: list[dict[str, str]]
+    num_samples: Counter
+    num_bytes: Counter
+    histogram: dict[str, Counter]
+    unlabeled: Counter
+    worker_cpu_s: float = 0.0
+
+    @classmethod
+    def collect(cls, plan: Plan, results: dict[str, ChunkResult]) -> _Stats:
+        skipped: Counter = Counter(s.reason for s in plan.skipped)
+        skipped_ex: dict[str, list[str]] = {}
+        for s in plan.skipped:
+            _add_example(skipped_ex, s.reason, f"{s.ref}: {s.detail}" if s.detail else s.ref)
+        ignored: Counter = Counter(i.reason for i in plan.ignored)
+        ignored_ex: dict[str, list[str]] = {}
+        for i in plan.ignored:
+            _add_example(ignored_ex, i.reason, i.ref)
+        st = cls(len(plan.skipped), len(plan.skipped), skipped, skipped_ex, ignored, ignored_ex, [], Counter(),
+                 Counter(), {s: Counter() for s in SPLITS}, Counter())
+        for r in results.values():
+            st.num_inputs += r.num_inputs
+            st.num_skipped += r.num_skipped
+            st.skipped.update(r.skipped)
+            for reason, exs in r.skipped_examples.items():
+                for e in exs:
+                    _add_example(st.skipped_examples, reason, e)
+            st.ignored.update(r.ignored)
+            for reason, exs in r.ignored_examples.items():
+                for e in exs:
+                    _add_example(st.ignored_examples, reason, e)
+            st.damaged += r.damaged_inputs
+            st.worker_cpu_s += r.cpu_seconds
+            for p in r.parts:
+                st.num_samples[p.split] += p.num_samples
+                st.num_bytes[p.split] += p.num_bytes
+                st.histogram[p.split].update({k: v for k, v in p.class_histogram.items()})
+                st.unlabeled[p.split] += p.num_unlabeled
+        return st
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.num_skipped / self.num_inputs if self.num_inputs else 0.0
+
+    def metrics(self, seconds: float, workers: int) -> dict[str, float]:
+        n = sum(self.num_samples.values())
+        m = {"num_train": self.num_samples["train"], "num_val": self.num_samples["val"],
+             "num_inputs": self.num_inputs, "num_skipped": self.num_skipped, "bad_fraction": self.bad_fraction,
+             "num_bytes": sum(self.num_bytes.values()), "seconds": seconds,
+             "images_per_s": n / seconds if seconds > 0 else 0.0, "workers": workers,
+             "worker_cpu_s": self.worker_cpu_s}
+        m.update({f"skipped.{k}": v for k, v in self.skipped.items()})
+        return m
+
+    def bad_fraction_message(self, limit: float, plan: Plan, stopped_early: bool) -> str:
+        examples = "; ".join(f"{r}: {', '.join(ex[:2])}" for r, ex in sorted(self.skipped_examples.items()))
+        if stopped_early and plan.num_inputs:
+            counts = (f"{self.num_skipped} of {plan.num_inputs} inputs are bad "
+                      f"(>= {self.num_skipped / plan.num_inputs:.2%}; stopped after reading {self.num_inputs})")
+        else:
+            counts = f"{self.num_skipped} of {self.num_inputs} inputs are bad ({self.bad_fraction:.2%})"
+        return (f"ingest of {plan.description['kind']} {plan.description.get('path')} failed: {counts}, "
+                f"more than data.max_bad_fraction={limit} allows. By reason: {_fmt_counts(self.skipped)}. "
+                f"Examples: {examples}. Fix or remove those inputs, or raise data.max_bad_fraction. "
+                "No manifest was written.")
+
+
+def _add_example(d: dict[str, list[str]], reason: str, example: str) -> None:
+    ex = d.setdefault(reason, [])
+    if len(ex) < MAX_EXAMPLES:
+        ex.append(example)
+
+
+def _fmt_counts(c: Counter) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(c.items())) or "none"
+
+
+def _finalize(cfg: PipelineConfig, key: str, plan: Plan, jobs: list[ChunkJob],
+              results: dict[str, ChunkResult], stats: _Stats, build: Path, run_id: str, seconds: float,
+              workers: int) -> dict[str, Any]:
+    """Rename the parts to ``<split>-%06d.tar`` in output order, write samples.png, then manifest.json."""
+    splits: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        shards = []
+        for job in jobs:
+            r = results.get(job.job_id)
+            for part in (r.parts if r is not None else []):
+                if part.split != split:
+                    continue
+                name = f"{split}-{len(shards):06d}.tar"
+                os.replace(build / "parts" / part.name, build / name)
+                shards.append({"name": name, "num_samples": part.num_samples, "num_bytes": part.num_bytes,
+                               "sha256": part.sha256, "first_key": part.first_key, "last_key": part.last_key})
+        hist = stats.histogram[split]
+        splits[split] = {"num_samples": stats.num_samples[split], "num_bytes": stats.num_bytes[split],
+                         "num_shards": len(shards), "num_unlabeled": stats.unlabeled[split],
+                         "class_histogram": {k: hist[k] for k in sorted(hist, key=int)}, "shards": shards}
+    classes = plan.classes
+    if classes is None:
+        labels = [int(k) for s in splits.values() for k in s["class_histogram"]]
+        classes = [str(i) for i in range(max(labels) + 1)] if labels else []
+    if classes and any(s["num_unlabeled"] for s in splits.values()):
+        log.warning("ingest %s: %d samples have no label in a labelled dataset (label -1 when read)", key,
+                    sum(s["num_unlabeled"] for s in splits.values()))
+    train_paths = [build / s["name"] for s in splits["train"]["shards"]]
+    buf = io.BytesIO()
+    Image.fromarray(sample_grid(train_paths)).save(buf, format="PNG")
+    atomic_write_bytes(build / SAMPLES_GRID_NAME, buf.getvalue())
+    data = {k: v for k, v in to_dict(cfg.data).items() if k not in PERFORMANCE_FIELDS}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "stage": STAGE,
+        "key": key,
+        "config_hash": key,
+        "ingest_version": INGEST_VERSION,
+        "config": {"data": data, "seed": cfg.seed},
+        "source": plan.description,
+        "image_size": cfg.data.image_size,
+        "channels": cfg.data.channels,
+        "image_format": "png",
+        "classes": classes,
+        "num_classes": len(classes),
+        "splits": splits,
+        "totals": {"num_samples": sum(s["num_samples"] for s in splits.values()),
+                   "num_bytes": sum(s["num_bytes"] for s in splits.values()),
+                   "num_shards": sum(s["num_shards"] for s in splits.values()),
+                   "num_inputs": stats.num_inputs, "num_skipped": stats.num_skipped,
+                   "bad_fraction": stats.bad_fraction},
+        "skipped": {"by_reason": dict(sorted(stats.skipped.items())), "examples": stats.skipped_examples},
+        "ignored": {"by_reason": dict(sorted(stats.ignored.items())), "examples": stats.ignored_examples},
+        "damaged_inputs": stats.damaged,
+        "mlflow_run_id": run_id,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "workers": workers,
+        "software": {"python": platform.python_version(), "numpy": _version("numpy"),
+                     "pillow": _version("PIL"), "zlib": zlib.ZLIB_RUNTIME_VERSION},
+    }
+    remove_tree(build / "parts")
+    remove_tree(build / "done")
+    atomic_write_json(build / MANIFEST_NAME, manifest)  # the commit marker: last
+    return manifest
+
+
+def _version(module: str) -> str:
+    return getattr(sys.modules.get(module) or __import__(module), "__version__", "?")
+

@@ -1,0 +1,444 @@
+"""tokenize stage: every train/val image -> its MQ-VAE tokens (kept codes, raster positions, label) in LMDB.
+
+``run(cfg, upstream)`` is the stage (testable without Prefect); ``tokenize_task`` wraps it.
+
+How a run goes:
+
+1. Resolve the upstream references (trained tokenizer, ingest output); the stage key hashes
+   :data:`VERSION`, the tokenizer weights' sha256 and the ingest manifest's sha256. A complete output for
+   the key (``_SUCCESS.json`` whose databases verify) is a cache hit.
+2. Take ``<run.root>/tokenize/.<key>.lock`` (a second run of the same key waits, then hits the cache) and
+   open one :class:`infra.tokens.TokenWriter` per split; shards whose done key exists are skipped.
+3. Every remaining input shard is one Ray task (:func:`encode_shard`): verify the shard's sha256, decode
+   its PNGs, encode them in batches with the eval-mode MQ-VAE, return codes/positions/labels as numpy.
+4. The driver is the only writer: each shard's records and its done key go into LMDB in one transaction,
+   in shard order (so every write is an append). A killed run resumes at shard granularity, and because
+   record keys and values are deterministic the result is byte-for-byte that of an uninterrupted run.
+5. Finalize each split (full verification pass, record checksum, ``complete`` metadata), log counts,
+   throughput, code usage and the metadata to MLflow, and write ``_SUCCESS.json`` last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from infra.config import PipelineConfig, stable_hash
+from infra.storage import Ref, atomic_write_json, file_lock, read_json, remove_tree, sha256_file, stage_dir
+from infra.tokens import DEFAULT_MAP_SIZE, TokenFormatError, TokenMeta, TokenWriter, read_meta
+from tasks.train_tokenizer import TokenizerOutput, build_model, to_model_input
+
+STAGE = "tokenize"
+VERSION = "1"  # bump when the records written for a given tokenizer and input change
+SUCCESS = "_SUCCESS.json"
+SPLITS = ("train", "val")
+ENCODE_BATCH_SIZE = 256  # images per encoder forward; part of the output contract (float results may
+# differ in the last bit between batch sizes), so changing it means bumping VERSION
+
+log = logging.getLogger("mqgen.tokenize")
+
+
+@dataclass(frozen=True)
+class TokenizeOutput(Ref):
+    """Reference to the token databases of one (tokenizer, ingest output) pair."""
+
+    path: str  # stage directory: train.lmdb/, val.lmdb/, _SUCCESS.json
+    key: str
+    num_train: int
+    num_val: int
+    train_db: str
+    val_db: str
+    metadata: dict[str, dict[str, Any]]  # split -> TokenMeta fields
+    checksum: str  # sha256 of "train <records_sha256>\nval <records_sha256>\n"
+    mlflow_run_id: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def db(self, split: str) -> str:
+        return {"train": self.train_db, "val": self.val_db}[split]
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One unit of work: encode every image of one input shard."""
+
+    split: str
+    shard: int  # index of the shard within its split (the ``%06d`` of ``<split>-%06d.tar``)
+    path: str
+    count: int  # samples the ingest manifest lists for the shard
+    sha256: str  # the shard file's sha256 from the manifest ("" = do not check)
+    tokenizer: TokenizerOutput
+    image_size: int
+    channels: int
+    batch_size: int = ENCODE_BATCH_SIZE
+    use_gpu: bool = False  # encode on the worker's CUDA device (a model passed to encode_shard decides instead)
+    num_threads: int | None = None  # torch intra-op threads in the worker (None = leave as is)
+    decode_threads: int = 1  # PNG decoding threads; > 1 overlaps decoding with a GPU's encoding
+
+
+@dataclass(frozen=True)
+class EncodedShard:
+    """The tokens of one shard: ``codes``/``positions`` uint16 ``[n, N]`` (raster order), ``labels`` int32."""
+
+    split: str
+    shard: int
+    codes: np.ndarray
+    positions: np.ndarray
+    labels: np.ndarray
+    seconds: float  # wall time of the task (hash, decode, encode)
+    cpu_seconds: float  # CPU time of the task's process meanwhile (all its threads)
+    device: str  # "cpu" or "cuda:<device name>"
+
+
+_MODEL_CACHE: dict[tuple[str, str, str], torch.nn.Module] = {}
+
+
+def _worker_model(tokenizer: TokenizerOutput, device: torch.device) -> torch.nn.Module:
+    """The eval-mode MQ-VAE, built (and its sha256 verified) once per worker process."""
+    key = (tokenizer.weights, tokenizer.sha256, str(device))
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = build_model(tokenizer, device)
+    return _MODEL_CACHE[key]
+
+
+def shard_seed(tokenizer_sha256: str, split: str, shard: int) -> int:
+    """Seed of the global torch RNG while encoding one shard (only a random scorer draws from it)."""
+    return int.from_bytes(hashlib.sha256(f"{STAGE}/{tokenizer_sha256}/{split}/{shard}".encode()).digest()[:8],
+                          "little") & (2**63 - 1)
+
+
+def encode_shard(job: ShardJob, model: torch.nn.Module | None = None) -> EncodedShard:
+    """Encode one input shard (a Ray task in the stage; callable in-process for tests and benchmarks).
+
+    Verifies the shard's sha256 and sample count against the manifest, decodes and checks every PNG
+    (size, channels, label; ``decode_threads`` at a time), and encodes batches of ``batch_size`` images
+    with the eval-mode ``model`` (default: the job's tokenizer, built once per process). The torch RNG is
+    forked and seeded per shard and cuDNN is kept deterministic, so the result does not depend on which
+    worker ran it or what ran before: a rerun reproduces it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from infra.shards import ShardIntegrityError, decode_sample, read_shard
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    if job.num_threads is not None:
+        torch.set_num_threads(job.num_threads)
+    if model is None:
+        if job.use_gpu and not torch.cuda.is_available():
+            raise RuntimeError(f"tokenize shard {job.split}/{job.shard}: ray.use_gpu=true but this Ray worker sees "
+                               "no CUDA device")
+        model = _worker_model(job.tokenizer, torch.device("cuda" if job.use_gpu else "cpu"))
+    if model.training:
+        raise ValueError("encode_shard needs an eval-mode model (call model.eval())")
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    if job.sha256:
+        actual = sha256_file(job.path)
+        if actual != job.sha256:
+            raise ShardIntegrityError(f"{job.path}: sha256 {actual} differs from the ingest manifest ({job.sha256}); "
+                                      "the shard changed after ingest: rerun ingest")
+    cfg = model.cfg
+    codes = np.empty((job.count, cfg.num_kept), np.uint16)
+    positions = np.empty((job.count, cfg.num_kept), np.uint16)
+    labels = np.empty(job.count, np.int32)
+
+    def decode(item: tuple[str, bytes, int]) -> torch.Tensor:
+        key, png, label = item
+        sample = {"__key__": key, "__url__": job.path, "png": png}
+        if label >= 0:
+            sample["cls"] = str(label).encode()
+        return decode_sample(sample, job.image_size, job.channels).image
+
+    def encode(images: list[torch.Tensor], start: int) -> None:
+        tokens = model.encode(to_model_input(torch.stack(images), device))
+        codes[start:start + len(images)] = tokens.codes.cpu().numpy()
+        positions[start:start + len(images)] = tokens.positions.cpu().numpy()
+
+    def samples() -> Iterator[tuple[str, bytes, int]]:
+        for i, item in enumerate(read_shard(job.path)):
+            if i >= job.count:
+                raise ShardIntegrityError(f"{job.path}: more samples than the {job.count} the manifest lists")
+            labels[i] = item[2]
+            yield item
+
+    pool = ThreadPoolExecutor(job.decode_threads) if job.decode_threads > 1 else None
+    n = 0
+    batch: list[torch.Tensor] = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+            torch.manual_seed(shard_seed(job.tokenizer.sha256, job.split, job.shard))
+            images = map(decode, samples()) if pool is None else _ordered_map(pool, decode, samples(),
+                                                                              2 * job.batch_size)
+            for image in images:
+                batch.append(image)
+                if len(batch) == job.batch_size:
+                    encode(batch, n)
+                    n += len(batch)
+                    batch = []
+            if batch:
+                encode(batch, n)
+                n += len(batch)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    if n != job.count:
+        raise ShardIntegrityError(f"{job.path}: {n} samples, the manifest lists {job.count}")
+    name = "cpu" if device.type == "cpu" else f"{device.type}:{torch.cuda.get_device_name(device)}"
+    return EncodedShard(job.split, job.shard, codes, positions, labels, time.perf_counter() - t0,
+                        time.process_time() - cpu0, name)
+
+
+def _ordered_map(pool: Any, fn: Any, items: Iterator[Any], window: int) -> Iterator[Any]:
+    """``map(fn, items)`` on a thread pool, in order, with at most ``window`` items decoded ahead."""
+    from collections import deque
+
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+def stage_key(tokenizer_sha256: str, ingest_manifest_sha256: str) -> str:
+    return stable_hash({"stage": STAGE, "version": VERSION, "tokenizer": tokenizer_sha256,
+                        "ingest": ingest_manifest_sha256})
+
+
+def split_meta(split: str, tokenizer: TokenizerOutput, ingest: Any, shards: list[tuple[int, int]]) -> TokenMeta:
+    """The metadata a split's database is created with (completion fields unset)."""
+    from models.mqvae import MQVAEConfig
+
+    mc = dict(tokenizer.model_config)
+    mc["ch_mult"], mc["attn_resolutions"] = tuple(mc["ch_mult"]), tuple(mc["attn_resolutions"])
+    model_cfg = MQVAEConfig(**mc)
+    return TokenMeta(split=split, codebook_size=model_cfg.codebook_size, grid_size=model_cfg.grid_size,
+                     seq_len=model_cfg.num_kept, keep_ratio=model_cfg.keep_ratio, num_classes=ingest.num_classes,
+                     tokenizer_sha256=tokenizer.sha256, source_sha256=ingest.manifest_sha256, shards=tuple(shards))
+
+
+def load_output(out_dir: Path) -> TokenizeOutput | None:
+    """The stage output if ``out_dir`` holds a complete one whose databases match it; None otherwise."""
+    marker = out_dir / SUCCESS
+    if not marker.is_file():
+        return None
+    ref = TokenizeOutput.from_dict(read_json(marker))
+    for split in SPLITS:
+        try:
+            meta = read_meta(ref.db(split))
+        except (OSError, TokenFormatError) as e:
+            log.warning("tokenize %s: %s is unusable (%s); recomputing", ref.key, ref.db(split), e)
+            return None
+        if not meta.complete or meta.to_dict() != ref.metadata[split]:
+            log.warning("tokenize %s: %s does not match %s; recomputing", ref.key, ref.db(split), marker)
+            return None
+    return ref
+
+
+def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> TokenizeOutput | None:
+    """The complete output for ``cfg`` if it exists (no computation), else None."""
+    tokenizer, ingest = _upstream(cfg, upstream)
+    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(tokenizer.sha256, ingest.manifest_sha256)))
+
+
+def _upstream(cfg: PipelineConfig, upstream: dict[str, Any]) -> tuple[TokenizerOutput, Any]:
+    from tasks import ingest as ingest_stage
+    from tasks import train_tokenizer
+
+    find_ingest = getattr(ingest_stage, "cached", None)  # the lookup train_tokenizer relies on as well
+    ingest = upstream.get("ingest") or (find_ingest(cfg) if find_ingest is not None else None)
+    if ingest is None:
+        raise RuntimeError("tokenize needs the ingest output for this config: run the ingest stage first "
+                           "(mqgen run --only ingest ...) or the whole pipeline")
+    tokenizer = upstream.get("train_tokenizer") or train_tokenizer.cached(cfg, {**upstream, "ingest": ingest})
+    if tokenizer is None:
+        raise RuntimeError("tokenize needs the trained tokenizer for this config: run the train_tokenizer stage "
+                           "first (mqgen run --only train_tokenizer ...) or the whole pipeline")
+    mc = tokenizer.model_config
+    if (mc["resolution"], mc["in_channels"]) != (ingest.image_size, ingest.channels):
+        raise ValueError(f"the tokenizer takes {mc['resolution']}px images with {mc['in_channels']} channel(s) but "
+                         f"the ingest output {ingest.path} holds {ingest.image_size}px with {ingest.channels}")
+    return tokenizer, ingest
+
+
+def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False, *,
+        map_size: int = DEFAULT_MAP_SIZE) -> TokenizeOutput:
+    """Tokenize (or resume, or reuse) every train/val image of the ingest output with the trained tokenizer.
+
+    ``force=True`` deletes an existing output for the key and starts over. ``map_size`` is the initial
+    LMDB map size per split (it doubles whenever a shard does not fit).
+    """
+    if "://" in str(cfg.run.root):
+        raise ValueError(f"run.root={cfg.run.root!r}: tokenize writes LMDB databases, which need a local disk")
+    tokenizer, ingest = _upstream(cfg, upstream)
+    key = stage_key(tokenizer.sha256, ingest.manifest_sha256)
+    out_dir = stage_dir(cfg.run.root, STAGE, key)
+    if not force:
+        hit = load_output(out_dir)
+        if hit is not None:
+            log.info("tokenize %s: cache hit, %s", key, out_dir)
+            return hit
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir.parent / f".{key}.lock"):
+        if force:
+            remove_tree(out_dir)
+        else:
+            hit = load_output(out_dir)  # another process may have finished it while we waited
+            if hit is not None:
+                return hit
+        (out_dir / SUCCESS).unlink(missing_ok=True)
+        return _tokenize(cfg, upstream, key, out_dir, tokenizer, ingest, map_size)
+
+
+def _tokenize(cfg: PipelineConfig, upstream: dict[str, Any], key: str, out_dir: Path, tokenizer: TokenizerOutput,
+              ingest: Any, map_size: int) -> TokenizeOutput:
+    from infra.shards import ShardSet
+    from infra.tracking import Tracker
+
+    t_start = time.perf_counter()
+    shard_set = ShardSet.from_output(ingest)
+    inputs = {split: shard_set.shards(split) if split in shard_set.splits else [] for split in SPLITS}
+    metas = {split: split_meta(split, tokenizer, ingest, [(i, s.num_samples) for i, s in enumerate(inputs[split])])
+             for split in SPLITS}
+    num_shards = sum(len(v) for v in inputs.values())
+    m = metas["train"]
+    params = {"stage_key": key, "version": VERSION, "tokenizer_sha256": tokenizer.sha256,
+              "ingest_manifest_sha256": ingest.manifest_sha256, "encode_batch_size": ENCODE_BATCH_SIZE,
+              "format_version": m.format_version, "codebook_size": m.codebook_size, "grid_size": m.grid_size,
+              "seq_len": m.seq_len, "keep_ratio": m.keep_ratio}
+    tags = {"mqgen.tokenizer_run_id": tokenizer.mlflow_run_id, "mqgen.ingest_run_id": ingest.mlflow_run_id,
+            "mqgen.use_gpu": cfg.ray.use_gpu, "mqgen.cpus_per_task": cfg.ray.cpus_per_worker}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg.run.root, cfg.run.experiment)
+    with tracker.stage_run(STAGE, key, params=params, tags=tags, parent_run_id=upstream.get("_parent_run_id")) as sr:
+        with contextlib.ExitStack() as stack:
+            writers = {split: stack.enter_context(TokenWriter(out_dir / f"{split}.lmdb", metas[split],
+                                                              map_size=map_size)) for split in SPLITS}
+            jobs = []
+            for split in SPLITS:
+                done = writers[split].done_shards()
+                jobs += [ShardJob(split=split, shard=i, path=s.path, count=s.num_samples, sha256=s.sha256,
+                                  tokenizer=tokenizer, image_size=ingest.image_size, channels=ingest.channels,
+                                  use_gpu=cfg.ray.use_gpu, num_threads=cfg.ray.cpus_per_worker,
+                                  decode_threads=cfg.ray.cpus_per_worker if cfg.ray.use_gpu else 1)
+                         for i, s in enumerate(inputs[split]) if i not in done]
+            if len(jobs) < num_shards:
+                log.info("tokenize %s: resuming, %d of %d shards already written", key, num_shards - len(jobs),
+                         num_shards)
+            t_loop = time.perf_counter()
+            encoded_images, first_result_s, worker_cpu_s = _encode_and_write(cfg, key, jobs, writers, num_shards)
+            loop_seconds = time.perf_counter() - t_loop
+            finished = {split: writers[split].finalize() for split in SPLITS}
+            map_grows = sum(w.map_grows for w in writers.values())
+        finals = {split: meta for split, (meta, _) in finished.items()}
+        scans = {split: scan for split, (_, scan) in finished.items()}
+        checksum = hashlib.sha256("".join(f"{s} {finals[s].records_sha256}\n" for s in SPLITS).encode()).hexdigest()
+        train_codes = scans["train"].code_counts
+        p = train_codes[train_codes > 0] / max(1, train_codes.sum())
+        metrics = {"num_train": finals["train"].num_records, "num_val": finals["val"].num_records,
+                   "num_shards": num_shards, "shards_encoded": len(jobs), "shards_resumed": num_shards - len(jobs),
+                   "images_encoded": encoded_images, "seconds": time.perf_counter() - t_start,
+                   "images_per_s": encoded_images / loop_seconds if encoded_images else 0.0,
+                   "first_shard_s": first_result_s,  # worker start-up (imports, model) + one shard
+                   "worker_cpu_s": worker_cpu_s,  # CPU time of the shard tasks (not the workers' start-up)
+                   "db_bytes": sum(_db_bytes(out_dir / f"{s}.lmdb") for s in SPLITS), "map_grows": map_grows,
+                   "train_code_usage": float((train_codes > 0).mean()),
+                   "train_code_perplexity": float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0}
+        sr.log_metrics(metrics, step=sr.last_step("num_train") + 1)  # a forced rerun logs at the next step
+        metadata = {s: finals[s].to_dict() for s in SPLITS}
+        sr.log_dict(metadata, "tokens/metadata.json")
+        sr.log_dict({"checksum": checksum, **{s: finals[s].records_sha256 for s in SPLITS}}, "tokens/checksum.json")
+        _log_usage_plots(sr, scans, finals["train"])
+        sr.set_tags({"mqgen.tokens_checksum": checksum})
+        ref = TokenizeOutput(path=str(out_dir.resolve()), key=key, num_train=finals["train"].num_records,
+                             num_val=finals["val"].num_records, train_db=str((out_dir / "train.lmdb").resolve()),
+                             val_db=str((out_dir / "val.lmdb").resolve()), metadata=metadata, checksum=checksum,
+                             mlflow_run_id=sr.run_id, metrics={k: float(v) for k, v in metrics.items()})
+        atomic_write_json(out_dir / SUCCESS, ref.to_dict())  # the commit marker: last
+        log.info("tokenize %s: %d train + %d val records (%d shards encoded, %d resumed), %.0f images/s -> %s", key,
+                 ref.num_train, ref.num_val, len(jobs), num_shards - len(jobs), metrics["images_per_s"], out_dir)
+    return ref
+
+
+def _encode_and_write(cfg: PipelineConfig, key: str, jobs: list[ShardJob], writers: dict[str, TokenWriter],
+                      num_shards: int) -> tuple[int, float, float]:
+    """Encode ``jobs`` on Ray workers and commit each result as it arrives.
+
+    Returns the number of images encoded, the seconds until the first shard was committed, and the CPU
+    seconds the shard tasks used.
+    """
+    from tqdm import tqdm
+
+    from infra import ray as rayx
+
+    encoded, t0, first, cpu = 0, time.perf_counter(), 0.0, 0.0
+    bar = tqdm(total=num_shards, initial=num_shards - len(jobs), unit="shard", desc=f"tokenize {key}",
+               file=sys.stderr, disable=None, dynamic_ncols=True)
+    # ordered: shards arrive (and are committed) in key order, so every transaction is an append
+    results = rayx.map_tasks(encode_shard, jobs, num_cpus=cfg.ray.cpus_per_worker,
+                             num_gpus=1 if cfg.ray.use_gpu else 0, ordered=True)
+    with bar, contextlib.closing(results):
+        for _, enc in results:
+            writers[enc.split].write_shard(enc.shard, enc.codes, enc.positions, enc.labels, device=enc.device)
+            encoded += len(enc.labels)
+            first = first or time.perf_counter() - t0
+            cpu += enc.cpu_seconds
+            bar.update(1)
+            bar.set_postfix(img_s=f"{encoded / (time.perf_counter() - t0):.0f}")
+    return encoded, first, cpu
+
+
+def _db_bytes(path: Path) -> int:
+    return (path / "data.mdb").stat().st_size
+
+
+def _log_usage_plots(sr: Any, scans: dict[str, Any], meta: TokenMeta) -> None:
+    """Code-usage histogram (train) and the kept-cell frequency map of the latent grid."""
+    import io
+
+    from PIL import Image
+
+    from infra.viz import histogram_png
+
+    counts = scans["train"].code_counts
+    used = int((counts > 0).sum())
+    png = histogram_png(counts, f"train code usage: {used}/{len(counts)} codes used")
+    with Image.open(io.BytesIO(png)) as im:
+        sr.log_image(im.convert("RGB"), "tokens/code_usage.png")
+    freq = scans["train"].position_counts.reshape(meta.grid_size, meta.grid_size).astype(np.float64)
+    freq = freq / max(1, meta.num_records)  # fraction of images keeping each cell
+    cell = max(1, 256 // meta.grid_size)
+    image = np.kron((freq * 255).round().clip(0, 255).astype(np.uint8), np.ones((cell, cell), np.uint8))
+    sr.log_image(image, "tokens/kept_cells.png")
+
+
+def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry transient failures (a killed worker, I/O), never bad inputs."""
+    from infra.shards import ShardIntegrityError
+
+    return not isinstance(state.result(raise_on_failure=False), (TokenFormatError, ShardIntegrityError))
+
+
+tokenize_task = task(run, name=STAGE, retries=1, retry_delay_seconds=5, persist_result=False, cache_policy=NO_CACHE,
+                     retry_condition_fn=_retry_unless_bad_data)

@@ -1,0 +1,310 @@
+"""train_evaluator stage: the classifier behind the default FID/KID/IS (``evaluate.extractor=classifier``).
+
+A small CNN (:class:`infra.metrics.ClassifierNet`) is trained in-process on the ingested train shards' labels
+for ``evaluate.classifier.max_steps`` steps, its held-out accuracy is measured on the val split and logged,
+and its weights are written as safetensors (architecture in the header). The ``evaluate`` stage registers it
+with torch-fidelity under :attr:`EvaluatorOutput.extractor_name` (``classifier-fashion-mnist`` for the
+embedded data) and reports every classifier-based figure under that name.
+
+Output: ``<run.root>/train_evaluator/<key>/{model.safetensors, val_per_class.json, _SUCCESS.json}``; the key
+hashes :data:`VERSION`, the ingest manifest's sha256, the seed and ``evaluate.classifier``. A complete output
+is a cache hit. Training takes a minute or two on a CPU and is not checkpointed: a killed run starts over.
+
+Unlabelled data (``num_classes == 0``) cannot train a classifier: :func:`run` raises
+:class:`ClassifierUnavailable` at once, and ``evaluate`` reports the classifier-based metrics as unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from infra.config import PipelineConfig, stable_hash, to_dict
+from infra.metrics import (
+    ClassifierNet,
+    ClassifierNetConfig,
+    MetricsUnavailable,
+    extractor_name,
+    load_classifier,
+    save_classifier,
+    to_classifier_input,
+)
+from infra.storage import Ref, atomic_write_json, file_lock, read_json, sha256_file, stage_dir
+
+STAGE = "train_evaluator"
+VERSION = "1"  # bump when the training code changes what a given config produces
+SUCCESS = "_SUCCESS.json"
+WEIGHTS = "model.safetensors"
+
+log = logging.getLogger("mqgen.train_evaluator")
+
+
+class ClassifierUnavailable(MetricsUnavailable):
+    """The data cannot train a classifier (no labels, or a single class)."""
+
+
+@dataclass(frozen=True)
+class EvaluatorOutput(Ref):
+    """Reference to a trained evaluator classifier."""
+
+    path: str
+    key: str
+    weights: str  # model.safetensors (architecture + classes in its header)
+    sha256: str
+    extractor_name: str  # torch-fidelity registry name, e.g. "classifier-fashion-mnist"
+    num_classes: int
+    val_accuracy: float  # top-1 accuracy on the first ``num_val`` val images
+    image_size: int
+    channels: int
+    mlflow_run_id: str
+    source: str = ""  # data.source it was trained on
+    step: int = 0
+    num_val: int = 0
+    classes: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def derive_seed(seed: int, what: str) -> int:
+    """A 31-bit seed from the global seed and a purpose (stable across runs and machines)."""
+    return int(stable_hash({"seed": seed, "for": what}, length=8), 16) & 0x7FFFFFFF
+
+
+def train_steps(net: ClassifierNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, max_steps: int,
+                lr: float, weight_decay: float, device: torch.device,
+                on_log: Any = None, log_every: int = 50) -> dict[str, float]:
+    """Train ``net`` for ``max_steps`` steps of ``(uint8 images, labels)``: AdamW, one-cycle LR, cross-entropy.
+
+    ``on_log(step, {"train_loss", "train_accuracy", "lr", "images_per_s"})`` is called every ``log_every``
+    steps and at the last one (running means since the previous call). Returns the last logged figures.
+    """
+    net.train().to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max_steps, pct_start=0.15)
+    num_classes = net.cfg.num_classes
+    loss_sum = correct = seen = 0.0
+    t0 = time.perf_counter()
+    logs: dict[str, float] = {}
+    data = iter(batches)
+    for step in range(1, max_steps + 1):
+        images, labels = next(data)
+        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise ValueError(f"labels outside [0, {num_classes}) in a training batch "
+                             f"(min {int(labels.min())}, max {int(labels.max())}): some samples are unlabelled")
+        x = to_classifier_input(images.to(device), net.cfg)
+        y = labels.to(device)
+        _, logits = net(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += float(loss.detach()) * y.shape[0]
+        correct += float((logits.detach().argmax(1) == y).sum())
+        seen += y.shape[0]
+        if step % log_every == 0 or step == max_steps:
+            elapsed = time.perf_counter() - t0
+            logs = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                    "lr": sched.get_last_lr()[0], "images_per_s": seen / max(elapsed, 1e-9)}
+            if on_log is not None:
+                on_log(step, logs)
+            loss_sum = correct = seen = 0.0
+            t0 = time.perf_counter()
+    return logs
+
+
+@torch.no_grad()
+def evaluate_accuracy(net: ClassifierNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      device: torch.device) -> dict[str, Any]:
+    """Top-1 accuracy, mean cross-entropy and per-class accuracy of ``net`` over labelled uint8 batches."""
+    net.eval().to(device)
+    k = net.cfg.num_classes
+    hits = torch.zeros(k, dtype=torch.float64)
+    totals = torch.zeros(k, dtype=torch.float64)
+    loss_sum = 0.0
+    for images, labels in batches:
+        keep = (labels >= 0) & (labels < k)
+        if not bool(keep.all()):
+            raise ValueError(f"val labels outside [0, {k}): some held-out samples are unlabelled")
+        _, logits = net(to_classifier_input(images.to(device), net.cfg))
+        y = labels.to(device)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        pred = logits.argmax(1).cpu()
+        totals += torch.bincount(labels, minlength=k).double()
+        hits += torch.bincount(labels[pred == labels], minlength=k).double()
+    n = float(totals.sum())
+    if n == 0:
+        raise ClassifierUnavailable("the val split is empty: the evaluator's held-out accuracy cannot be measured")
+    per_class = [float(h / t) if t > 0 else math.nan for h, t in zip(hits, totals)]
+    return {"val_accuracy": float(hits.sum()) / n, "val_loss": loss_sum / n, "num_val": int(n),
+            "per_class": per_class}
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+def stage_key(cfg: PipelineConfig, ingest_manifest_sha256: str) -> str:
+    return stable_hash({"stage": STAGE, "version": VERSION, "ingest": ingest_manifest_sha256, "seed": cfg.seed,
+                        "classifier": to_dict(cfg.evaluate.classifier)})
+
+
+def load_output(out_dir: Path) -> EvaluatorOutput | None:
+    """The stage output if ``out_dir`` holds a complete, verified result; None otherwise."""
+    marker = out_dir / SUCCESS
+    if not marker.is_file():
+        return None
+    try:
+        ref = EvaluatorOutput.from_dict(read_json(marker))
+    except (ValueError, TypeError, json.JSONDecodeError):
+        return None
+    if not Path(ref.weights).is_file() or sha256_file(ref.weights) != ref.sha256:
+        return None
+    return ref
+
+
+def _ingest_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
+    ref = upstream.get("ingest")
+    if ref is None:
+        from tasks import ingest as ingest_stage
+
+        finder = getattr(ingest_stage, "cached", None)
+        ref = finder(cfg) if finder is not None else None
+    if ref is None:
+        raise RuntimeError(f"{STAGE} needs the ingest output for this config: run the ingest stage first "
+                           "(mqgen run --only ingest ...) or run the whole pipeline")
+    return ref
+
+
+def check_labelled(ingest: Any, source: str) -> None:
+    """Raise :class:`ClassifierUnavailable` when the ingested data cannot train a classifier."""
+    if ingest.num_classes == 0:
+        raise ClassifierUnavailable(
+            f"data.source={source} has no labels, so no evaluator classifier can be trained and the "
+            "classifier-based FID/KID/IS are unavailable (standard-Inception FID is an opt-in: "
+            "evaluate.extractor=inception-v3-compat with evaluate.inception_weights=PATH)")
+    if ingest.num_classes == 1:
+        raise ClassifierUnavailable(f"data.source={source} has a single class: a classifier cannot learn "
+                                    "anything from its labels, so the classifier-based FID/KID/IS are unavailable")
+
+
+def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> EvaluatorOutput | None:
+    """The complete output for ``cfg`` if it exists (None otherwise, also for unlabelled data)."""
+    ingest = _ingest_ref(cfg, upstream)
+    if ingest.num_classes < 2:
+        return None
+    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, ingest.manifest_sha256)))
+
+
+def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False) -> EvaluatorOutput:
+    """Train (or reuse) the evaluator classifier for ``cfg`` on the ingest output in ``upstream``.
+
+    Raises :class:`ClassifierUnavailable` at once for unlabelled or single-class data.
+    """
+    ingest = _ingest_ref(cfg, upstream)
+    check_labelled(ingest, cfg.data.source)
+    key = stage_key(cfg, ingest.manifest_sha256)
+    out_dir = stage_dir(cfg.run.root, STAGE, key)
+    if not force:
+        done = load_output(out_dir)
+        if done is not None:
+            return done
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir.parent / f".{key}.lock"):
+        if not force:
+            done = load_output(out_dir)  # another process may have finished it while we waited
+            if done is not None:
+                return done
+        return _train(cfg, upstream, ingest, key, out_dir)
+
+
+def _train(cfg: PipelineConfig, upstream: dict[str, Any], ingest: Any, key: str, out_dir: Path) -> EvaluatorOutput:
+    from infra.shards import ShardSet
+    from infra.stream import TrainStream, iter_eval_batches
+    from infra.tracking import Tracker
+    from infra.training import ConsoleProgress
+
+    c = cfg.evaluate.classifier
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / SUCCESS
+    if marker.exists():
+        marker.unlink()  # a forced rerun: the old output stops being valid before anything is rewritten
+    shards = ShardSet.from_output(ingest)
+    name = extractor_name(cfg.data.source, cfg.data.path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net_cfg = ClassifierNetConfig(in_channels=ingest.channels, image_size=ingest.image_size,
+                                  num_classes=ingest.num_classes, width=c.width)
+    tracker = Tracker(cfg.run.root, cfg.run.experiment)
+    srun = tracker.stage_run(STAGE, key, params={"classifier": to_dict(c), "seed": cfg.seed,
+                                                 "extractor_name": name, "num_classes": ingest.num_classes,
+                                                 "image_size": ingest.image_size, "channels": ingest.channels},
+                             tags={"mqgen.ingest_manifest_sha256": ingest.manifest_sha256,
+                                   "mqgen.ingest_run_id": ingest.mlflow_run_id},
+                             parent_run_id=upstream.get("_parent_run_id"))
+    with srun:
+        t0 = time.perf_counter()
+        torch.manual_seed(derive_seed(cfg.seed, STAGE))
+        net = ClassifierNet(net_cfg)
+        stream = TrainStream([(s.path, s.num_samples) for s in shards.shards("train")], rank=0, world_size=1,
+                             batch_size=c.batch_size, channels=ingest.channels, seed=derive_seed(cfg.seed, STAGE))
+        progress = ConsoleProgress(STAGE, c.max_steps, every=max(1, c.max_steps // 10))
+        first_step = srun.last_step("train_loss") + 1  # a rerun under the same key logs after the old points
+
+        def on_log(step: int, logs: dict[str, float]) -> None:
+            srun.log_metrics(logs, step=first_step + step)
+            progress.update(step, loss=logs["train_loss"], acc=logs["train_accuracy"], img_s=logs["images_per_s"])
+
+        train_logs = train_steps(net, stream, max_steps=c.max_steps, lr=c.lr, weight_decay=c.weight_decay,
+                                 device=device, on_log=on_log, log_every=max(1, min(50, c.max_steps // 20)))
+        train_seconds = time.perf_counter() - t0
+        val_shards = [(s.path, s.num_samples) for s in shards.shards("val")]
+        val = evaluate_accuracy(net, ((x, y) for x, y, _ in iter_eval_batches(val_shards, 500, ingest.channels,
+                                                                              limit=c.num_val_images)), device)
+        classes = shards.classes
+        per_class = {classes[i] if i < len(classes) else str(i): a for i, a in enumerate(val["per_class"])}
+        metrics = {"val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"],
+                   "train_loss": train_logs.get("train_loss", math.nan),
+                   "train_accuracy": train_logs.get("train_accuracy", math.nan), "train_seconds": train_seconds}
+        weights = out_dir / WEIGHTS
+        sha = save_classifier(net.cpu(), weights, meta={"stage": STAGE, "key": key, "extractor_name": name,
+                                                        "source": cfg.data.source, "classes": classes,
+                                                        "val_accuracy": val["val_accuracy"], "step": c.max_steps})
+        atomic_write_json(out_dir / "val_per_class.json", {"val_accuracy": val["val_accuracy"],
+                                                           "num_val": val["num_val"], "per_class": per_class})
+        ref = EvaluatorOutput(path=str(out_dir), key=key, weights=str(weights), sha256=sha, extractor_name=name,
+                              num_classes=ingest.num_classes, val_accuracy=val["val_accuracy"],
+                              image_size=ingest.image_size, channels=ingest.channels, mlflow_run_id=srun.run_id,
+                              source=cfg.data.source, step=c.max_steps, num_val=val["num_val"], classes=classes,
+                              metrics=metrics)
+        final_step = first_step + c.max_steps
+        srun.log_metrics({"val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"],
+                          "num_val": float(val["num_val"]), "train_seconds": train_seconds}, step=final_step)
+        srun.log_metrics({f"val_accuracy_class_{i}": a for i, a in enumerate(val["per_class"])
+                          if not math.isnan(a)}, step=final_step)
+        srun.log_artifact(weights, "model")
+        srun.log_artifact(out_dir / "val_per_class.json")
+        srun.set_tags({"mqgen.weights_sha256": sha, "mqgen.extractor_name": name})
+        atomic_write_json(marker, ref.to_dict())
+    log.info("%s %s: %s, val accuracy %.4f on %d images, %.0f s -> %s", STAGE, key, name, val["val_accuracy"],
+             val["num_val"], train_seconds, out_dir)
+    return ref
+
+
+def build_model(ref: EvaluatorOutput, device: torch.device | str = "cpu") -> ClassifierNet:
+    """The eval-mode classifier of ``ref`` (sha256 verified, safetensors: no pickle)."""
+    net, _ = load_classifier(ref.weights, expected_sha256=ref.sha256)
+    return net.to(device)
+
+
+train_evaluator_task = task(run, name=STAGE, retries=0, persist_result=False, cache_policy=NO_CACHE)

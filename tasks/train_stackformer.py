@@ -1,0 +1,716 @@
+"""train_stackformer stage: the Stackformer (or the full-grid baseline) trained with Ray Train on the token LMDB.
+
+``run(cfg, upstream)`` is the stage (testable without Prefect); ``train_stackformer_task`` wraps it.
+
+How a run goes:
+
+1. Resolve the upstream references (the tokenize output and the tokenizer that made it) and check, before
+   anything starts, that the token databases fit the model the config describes: codebook size, latent
+   grid, sequence length, labels and tokenizer (:func:`plan`). A mismatch raises here, naming the field.
+2. The stage key hashes :data:`VERSION`, the stackformer section, the seed and the tokenize output's
+   checksum; a complete output for the key (``_SUCCESS.json`` whose weights verify) is a cache hit.
+3. Ray Train runs :func:`train_loop` on every worker: each reads its :class:`~torch.utils.data.DistributedSampler`
+   share of the train split (shuffled per epoch, deterministic given the seed) through the LMDB reader, and
+   :class:`StackformerTrainer` takes the steps (AdamW with decay on Linear weights only, warmup + cosine,
+   gradient clipping, bf16 autocast on CUDA). Rank 0 validates on the val split (code CE, position CE, bits
+   per image, and the share of sampled positions that come out in raster order), decodes sampled sequences
+   with the tokenizer into an image grid, and logs everything to MLflow. Verified checkpoints are reported to
+   Ray; a restarted worker group (``ray.max_failures``) or a rerun of the stage resumes from the newest one,
+   at the same step and the same place in the data order.
+4. The final weights (safetensors) and model config are written to the stage directory, logged to MLflow,
+   and ``_SUCCESS.json`` is written last.
+
+``stackformer.model=fullgrid`` trains :class:`~models.stackformer.FullGridTransformer` on a
+``tokenizer.keep_ratio=1.0`` tokenisation through the same code, data reader, optimiser and budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from prefect import task
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from infra.config import (
+    PipelineConfig,
+    from_dict,
+    fullgrid_config,
+    mqvae_config,
+    sampling_params,
+    stable_hash,
+    stackformer_config,
+    to_dict,
+)
+from infra.storage import Ref, atomic_write_json, read_json, sha256_file, stage_dir
+from infra.tokens import TokenDataset, TokenFormatError
+from infra.training import Throughput, autocast, warmup_cosine
+from models.stackformer import (
+    FullGridConfig,
+    FullGridTransformer,
+    SamplingParams,
+    Stackformer,
+    StackformerConfig,
+    sort_by_position,
+)
+from models.transformer import param_groups
+
+STAGE = "train_stackformer"
+VERSION = "1"  # bump when the training code changes what a given config produces
+SUCCESS = "_SUCCESS.json"
+ADAMW_BETAS = (0.9, 0.95)  # spec section 6 (released configs)
+TransformerModel = Stackformer | FullGridTransformer
+
+
+@dataclass(frozen=True)
+class StackformerOutput(Ref):
+    """Reference to a trained Stackformer or full-grid baseline: weights (safetensors) + what rebuilds it."""
+
+    path: str  # stage directory
+    key: str
+    weights: str  # <path>/model.safetensors (final weights)
+    sha256: str  # of the weights file
+    step: int  # optimiser steps taken
+    model: str  # "stackformer" | "fullgrid"
+    model_config: dict[str, Any]  # fields of StackformerConfig / FullGridConfig
+    metrics: dict[str, float] = field(default_factory=dict)  # last reported train and val figures
+    mlflow_run_id: str = ""
+    tokenizer_sha256: str = ""  # the MQ-VAE whose tokens the model was trained on (decodes its samples)
+    num_classes: int = 0  # 0 = unconditional
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def new_model(kind: str, model_config: dict[str, Any]) -> TransformerModel:
+    """A freshly initialised model of ``kind`` from its config fields (draws from the global torch RNG)."""
+    if kind == "stackformer":
+        return Stackformer(StackformerConfig(**model_config))
+    if kind == "fullgrid":
+        return FullGridTransformer(FullGridConfig(**model_config))
+    raise ValueError(f"unknown model kind {kind!r}; allowed: 'stackformer', 'fullgrid'")
+
+
+def build_model(ref: StackformerOutput, device: torch.device | str = "cpu") -> TransformerModel:
+    """Rebuild the trained model from its reference (sha256 verified first, strict load), in eval mode."""
+    from safetensors.torch import load_file
+
+    from infra.storage import UnsafeCheckpointError
+
+    actual = sha256_file(ref.weights)
+    if actual != ref.sha256:
+        raise UnsafeCheckpointError(f"{ref.weights}: sha256 {actual[:12]} != reference {ref.sha256[:12]}")
+    model = new_model(ref.model, ref.model_config)
+    model.load_state_dict(load_file(ref.weights), strict=True)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class Batch(NamedTuple):
+    """One batch on the training device: ``codes``/``positions`` ``[B, L]`` long (raster order), ``labels``
+    ``[B]`` long for a class-conditional model (else None), ``index`` ``[B]``: the records' dataset indices."""
+
+    codes: torch.Tensor
+    positions: torch.Tensor
+    labels: torch.Tensor | None
+    index: torch.Tensor
+
+
+def to_batch(items: dict[str, torch.Tensor], device: torch.device, conditional: bool) -> Batch:
+    """A collated reader batch -> :class:`Batch` on ``device`` (labels kept only for a conditional model)."""
+    labels = None
+    if conditional:
+        labels = items["label"]
+        if (labels < 0).any():
+            raise TokenFormatError("a class-conditional model got a record without a label (label -1); "
+                                   "train it unconditionally (stackformer.conditional=false)")
+        labels = labels.to(device, non_blocking=True)
+    return Batch(items["codes"].to(device, non_blocking=True), items["positions"].to(device, non_blocking=True),
+                 labels, items["index"])
+
+
+class IndexedTokens(Dataset):
+    """A :class:`~infra.tokens.TokenDataset` whose items also carry ``"index"`` (their dataset index), so the
+    training loop can log and check the data order. Reads whole batches in one LMDB transaction."""
+
+    def __init__(self, base: TokenDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        items = self.base.__getitems__(indices)
+        for i, item in zip(indices, items):
+            item["index"] = torch.tensor(i, dtype=torch.long)
+        return items
+
+    def close(self) -> None:
+        self.base.close()
+
+
+class _EpochWindow(Sampler[int]):
+    """The :class:`DistributedSampler` order of one epoch from a given offset (resume skips batches by
+    slicing the index order, without reading them)."""
+
+    def __init__(self, sampler: DistributedSampler) -> None:
+        self.sampler = sampler
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.sampler)[self.start:])
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.start
+
+
+class TrainBatches:
+    """Endless training batches of one rank, positioned by the global step.
+
+    Epoch ``e`` is the rank's :class:`DistributedSampler` share (``shuffle=True``, ``seed``, ``set_epoch(e)``;
+    the split is padded by repetition to a multiple of the world size) cut into ``batch_size`` batches, the
+    last partial batch dropped, so every rank takes ``steps_per_epoch`` steps per epoch. Step ``n`` reads
+    batch ``n % steps_per_epoch`` of epoch ``n // steps_per_epoch``: a run resumed at step ``n`` continues
+    the data order exactly where an uninterrupted run would be.
+    """
+
+    def __init__(self, dataset: Dataset, *, rank: int, world_size: int, batch_size: int, seed: int,
+                 num_workers: int = 0, pin_memory: bool = False) -> None:
+        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self.steps_per_epoch = len(self.sampler) // batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the train split has {len(dataset)} records: {len(self.sampler)} per worker, fewer "  # type: ignore[arg-type]
+                             f"than one batch of {batch_size}; lower stackformer.batch_size or ray.num_workers")
+        self._window = _EpochWindow(self.sampler)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self._window, drop_last=True,
+                                 num_workers=num_workers, persistent_workers=num_workers > 0,
+                                 pin_memory=pin_memory)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """``(epoch, batch within the epoch)`` that step ``step`` reads."""
+        return divmod(step, self.steps_per_epoch)
+
+    def epoch_indices(self, epoch: int) -> list[list[int]]:
+        """The dataset indices of every batch of ``epoch``, in order (what the loader will read)."""
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        return [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.steps_per_epoch)]
+
+    def iterate(self, start_step: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """``(epoch, batch)`` for steps ``start_step``, ``start_step + 1``, ... forever."""
+        step = start_step
+        while True:
+            epoch, batch_in_epoch = self.position(step)
+            self._window.set_position(epoch, batch_in_epoch * self.batch_size)
+            for items in self.loader:
+                yield epoch, items
+                step += 1
+
+
+# --------------------------------------------------------------------------------------------- one step
+
+
+class StackformerTrainer:
+    """The optimisation logic of one step (no Ray, no I/O), shared by the stage and the benchmarks.
+
+    AdamW (betas :data:`ADAMW_BETAS`) with ``weight_decay`` on Linear weights only, a warmup + cosine
+    schedule that is a pure function of the step (nothing to restore on resume), gradient-norm clipping
+    (``grad_clip`` 0 = off) and bf16 autocast on CUDA. Works for :class:`Stackformer` and
+    :class:`FullGridTransformer` alike.
+    """
+
+    def __init__(self, model: TransformerModel, *, lr: float, weight_decay: float, warmup_steps: int,
+                 max_steps: int, grad_clip: float, device: torch.device, ddp_model: nn.Module | None = None):
+        self.model, self.device = model, device
+        self.forward_model = ddp_model if ddp_model is not None else model
+        self.is_stackformer = isinstance(model, Stackformer)
+        self.base_lr, self.warmup_steps, self.max_steps = lr, warmup_steps, max_steps
+        self.grad_clip = grad_clip
+        self.opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=ADAMW_BETAS,
+                                     fused=device.type == "cuda")
+
+    def lr_at(self, step: int) -> float:
+        return self.base_lr * warmup_cosine(step, self.warmup_steps, self.max_steps)
+
+    def losses(self, batch: Batch, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Teacher-forced mean losses of ``batch``: ``loss`` and ``code_loss`` (+ ``pos_loss``)."""
+        m = self.forward_model if model is None else model
+        if self.is_stackformer:
+            out = m(batch.codes, batch.positions, batch.labels)
+            return {"loss": out.loss, "code_loss": out.code_loss, "pos_loss": out.pos_loss}
+        out = m(batch.codes, batch.labels)
+        return {"loss": out.loss, "code_loss": out.loss}
+
+    def step(self, batch: Batch, step: int) -> dict[str, torch.Tensor | float]:
+        """One optimiser step at global step ``step``; returns detached logs.
+
+        The losses and the gradient norm stay tensors (no device synchronisation); ``float()`` them when
+        logging.
+        """
+        self.model.train()
+        lr = self.lr_at(step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with autocast(self.device):
+            losses = self.losses(batch)
+        self.opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.opt.step()
+        return {**{k: v.detach() for k, v in losses.items()}, "grad_norm": grad_norm.detach(), "lr": lr}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["opt"])
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def validate(model: TransformerModel, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
+    """Validation figures of ``model`` (in eval mode) over ``batches``.
+
+    ``val_code_ce`` / ``val_pos_ce``: mean cross-entropy per token (nats; positions only for the Stackformer);
+    ``val_bits_per_image``: the summed cross-entropy of a whole sequence in bits, codes plus positions (what
+    the model needs to describe one image); split into ``val_code_bits_per_image`` / ``val_pos_bits_per_image``.
+    """
+    was_training = model.training
+    model.eval()
+    is_stackformer = isinstance(model, Stackformer)
+    code_nll = pos_nll = 0.0
+    images = tokens = 0
+    for b in batches:
+        with autocast(device):
+            if is_stackformer:
+                out = model(b.codes, b.positions, b.labels)
+                code_logits = out.code_logits
+                pos_nll += float(F.cross_entropy(out.pos_logits.float().flatten(0, 1), b.positions.flatten(),
+                                                 reduction="sum"))
+            else:
+                code_logits = model(b.codes, b.labels).logits
+        code_nll += float(F.cross_entropy(code_logits.float().flatten(0, 1), b.codes.flatten(), reduction="sum"))
+        images += b.codes.shape[0]
+        tokens += b.codes.numel()
+    model.train(was_training)
+    if images == 0:
+        raise ValueError("validation set is empty")
+    ln2 = math.log(2.0)
+    metrics = {"val_code_ce": code_nll / tokens, "val_code_bits_per_image": code_nll / images / ln2,
+               "val_bits_per_image": (code_nll + pos_nll) / images / ln2, "val_images": float(images)}
+    if is_stackformer:
+        metrics.update(val_pos_ce=pos_nll / tokens, val_pos_bits_per_image=pos_nll / images / ln2)
+    return metrics
+
+
+def raster_share(positions: torch.Tensor) -> float:
+    """Share of consecutive sampled positions (``[B, N]``, sampling order) that increase: 1.0 = raster order."""
+    if positions.shape[1] < 2:
+        return 1.0
+    return float((positions[:, 1:] > positions[:, :-1]).double().mean())
+
+
+@torch.no_grad()
+def sample_sequences(model: TransformerModel, num: int, *, num_classes: int, code_params: SamplingParams,
+                     pos_params: SamplingParams, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
+    """Sample ``num`` sequences (eval mode, free position order: ``raster_order=False``).
+
+    Class-conditional models get labels ``0, 1, ..., num_classes - 1, 0, ...``. Returns codes and positions
+    ``[num, N]`` sorted into raster order (ready to decode), the labels, and the raster share of the
+    positions as sampled (None for the full-grid model, whose order is fixed).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    labels = torch.arange(num, device=device) % num_classes if num_classes else None
+    try:
+        if isinstance(model, Stackformer):
+            codes, positions = model.sample(num, labels, code_params, pos_params, raster_order=False,
+                                            generator=generator)
+            share = raster_share(positions)
+            codes, positions = sort_by_position(codes, positions)
+            return codes, positions, labels, share
+        codes = model.sample(num, labels, code_params, generator=generator)
+        positions = torch.arange(codes.shape[1], device=device).expand_as(codes)
+        return codes, positions, labels, None
+    finally:
+        model.train(was_training)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from ``parts`` (global seed, stage, purpose, rank, step, ...)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Everything the workers need to know about the model and the data, checked before training starts."""
+
+    model: str  # "stackformer" | "fullgrid"
+    model_config: dict[str, Any]
+    num_classes: int  # the model's (0 = unconditional)
+    data_num_classes: int  # the token databases' label count
+    codebook_size: int
+    grid_size: int
+    seq_len: int  # tokens per image
+    tokenizer_sha256: str
+    train_db: str
+    val_db: str
+    num_train: int
+    num_val: int
+    world_size: int
+    local_batch: int
+    steps_per_epoch: int
+
+    def open(self, split: str) -> TokenDataset:
+        """The split's reader; refuses a database that no longer matches the plan."""
+        return TokenDataset(self.train_db if split == "train" else self.val_db,
+                            expect_codebook_size=self.codebook_size, expect_grid_size=self.grid_size,
+                            expect_seq_len=self.seq_len, expect_tokenizer_sha256=self.tokenizer_sha256,
+                            expect_num_classes=self.data_num_classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan(cfg: PipelineConfig, tokens: Any, tokenizer: Any) -> TrainPlan:
+    """Check the token databases against the model ``cfg`` describes and size the run; raises before training.
+
+    :class:`~infra.tokens.TokenFormatError` names every field (codebook size, grid, sequence length) where a
+    database differs from the model; ``ValueError`` covers the tokenizer and the batch layout.
+    """
+    s = cfg.stackformer
+    tok = mqvae_config(cfg)
+    seq_len = tok.grid_size ** 2 if s.model == "fullgrid" else tok.num_kept
+    metas = {}
+    for split in ("train", "val"):
+        try:
+            ds = TokenDataset(tokens.db(split), expect_codebook_size=tok.codebook_size,
+                              expect_grid_size=tok.grid_size, expect_seq_len=seq_len)
+        except TokenFormatError as e:
+            raise TokenFormatError(f"{STAGE} ({s.model}, from the tokenizer section of the config): {e}") from e
+        metas[split] = ds.meta
+    train, val = metas["train"], metas["val"]
+    if val.num_classes != train.num_classes or val.tokenizer_sha256 != train.tokenizer_sha256:
+        raise TokenFormatError(f"{STAGE}: the train and val token databases disagree (num_classes "
+                               f"{train.num_classes} vs {val.num_classes}, tokenizer {train.tokenizer_sha256[:12]} "
+                               f"vs {val.tokenizer_sha256[:12]}); rerun the tokenize stage")
+    if train.tokenizer_sha256 != tokenizer.sha256:
+        raise ValueError(f"{STAGE}: the token databases were made by the tokenizer with weights sha256 "
+                         f"{train.tokenizer_sha256[:12]}, but the upstream train_tokenizer output is "
+                         f"{tokenizer.sha256[:12]} ({tokenizer.weights}); rerun the tokenize stage with it")
+    if train.num_records < 1 or val.num_records < 1:
+        raise ValueError(f"{STAGE}: empty token split (train {train.num_records}, val {val.num_records} records)")
+    world = cfg.ray.num_workers
+    if s.batch_size % world:
+        raise ValueError(f"stackformer.batch_size={s.batch_size} must be divisible by ray.num_workers={world} "
+                         "(it is the global batch, split evenly over the workers)")
+    local_batch = s.batch_size // world
+    per_worker = -(-train.num_records // world)  # DistributedSampler pads to a multiple of the world size
+    if per_worker < local_batch:
+        raise ValueError(f"{STAGE}: the train split has {train.num_records} records, {per_worker} per worker: fewer "
+                         f"than one batch of {local_batch}; lower stackformer.batch_size or ray.num_workers")
+    build = stackformer_config if s.model == "stackformer" else fullgrid_config
+    model_cfg = build(cfg, num_classes=train.num_classes)
+    return TrainPlan(model=s.model, model_config=asdict(model_cfg), num_classes=model_cfg.num_classes,
+                     data_num_classes=train.num_classes, codebook_size=tok.codebook_size, grid_size=tok.grid_size,
+                     seq_len=seq_len, tokenizer_sha256=train.tokenizer_sha256, train_db=tokens.db("train"),
+                     val_db=tokens.db("val"), num_train=train.num_records, num_val=val.num_records,
+                     world_size=world, local_batch=local_batch, steps_per_epoch=per_worker // local_batch)
+
+
+# --------------------------------------------------------------------------------------------- Ray loop
+
+
+def train_loop(lc: dict[str, Any]) -> None:
+    """``train_loop_per_worker``: everything it needs arrives in the JSON-able dict ``lc``."""
+    from infra import ray as rayx
+    from infra.checkpoint import write_checkpoint
+    from infra.tracking import StageRun, Tracker
+    from infra.training import ConsoleProgress
+    from infra.viz import grid
+
+    cfg: PipelineConfig = from_dict(PipelineConfig, lc["config"])
+    s = cfg.stackformer
+    p = TrainPlan(**lc["plan"])
+    w = rayx.worker()
+    if w.world_size != p.world_size:
+        raise RuntimeError(f"{STAGE}: planned for {p.world_size} workers, running on {w.world_size}")
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+    model = new_model(p.model, p.model_config).to(w.device)
+    restored = w.restore()
+    start_step = 0
+    if restored is not None:
+        model.load_state_dict(restored.weights["model"], strict=True)
+        start_step = restored.step
+    ddp_model = w.prepare_model(model) if w.world_size > 1 else None
+    trainer = StackformerTrainer(model, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps,
+                                 max_steps=s.max_steps, grad_clip=s.grad_clip, device=w.device, ddp_model=ddp_model)
+    if restored is not None:
+        trainer.load_state_dict(restored.state["trainer"])
+    conditional = p.num_classes > 0
+    data = TrainBatches(IndexedTokens(p.open("train")), rank=w.rank, world_size=w.world_size,
+                        batch_size=p.local_batch, seed=cfg.seed, num_workers=s.num_loader_workers,
+                        pin_memory=w.device.type == "cuda")
+
+    run: StageRun | None = None
+    val_ds: TokenDataset | None = None
+    decoder = None
+    code_params, pos_params = sampling_params(cfg.evaluate.sampling)
+    if w.is_main:
+        run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc["tracking_uri"]).stage_run(
+            STAGE, lc["key"], run_id=lc["mlflow_run_id"])
+        if restored is not None:
+            run.set_tags({"mqgen.resumed_from_step": restored.step})
+            was = restored.state.get("data", {}).get("world_size", w.world_size)
+            if was != w.world_size:  # same steps and epochs, but each epoch's order is cut differently
+                run.set_tags({"mqgen.resumed_world_size": f"{was} -> {w.world_size}"})
+            if w.skipped_checkpoints:
+                run.set_tags({"mqgen.skipped_checkpoints": " | ".join(w.skipped_checkpoints)[:4000]})
+        val_ds = p.open("val")
+        if s.num_eval_samples:
+            from tasks.train_tokenizer import TokenizerOutput
+            from tasks.train_tokenizer import build_model as build_tokenizer
+
+            decoder = build_tokenizer(TokenizerOutput.from_dict(lc["tokenizer"]), w.device)
+    num_val = p.num_val if s.num_eval_records is None else min(p.num_val, s.num_eval_records)
+
+    def val_batches() -> Iterator[Batch]:
+        assert val_ds is not None
+        loader = DataLoader(IndexedTokens(val_ds), batch_size=p.local_batch, sampler=range(num_val))
+        for items in loader:
+            yield to_batch(items, w.device, conditional)
+
+    record = Path(lc["record_batches"]) / f"rank{w.rank}.jsonl" if lc.get("record_batches") else None
+    progress = ConsoleProgress(STAGE, s.max_steps, start=start_step, every=lc["log_every"], enabled=w.is_main)
+    speed = Throughput()
+    step = start_step
+    logs: dict[str, float] = {}
+    batches = data.iterate(start_step)
+    while step < s.max_steps:
+        epoch, items = next(batches)
+        batch = to_batch(items, w.device, conditional)
+        # Dropout draws from a seed of (seed, rank, step): a resumed run repeats an uninterrupted one exactly.
+        torch.manual_seed(derive_seed(cfg.seed, STAGE, "train", w.rank, step))
+        raw = trainer.step(batch, step)
+        step += 1
+        speed.add(batch.codes.numel() * w.world_size)
+        if record is not None:
+            with open(record, "a") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, "indices": batch.index.tolist()}) + "\n")
+        is_log = step % lc["log_every"] == 0 or step == s.max_steps
+        is_eval = step % s.eval_every == 0 or step == s.max_steps
+        is_ckpt = step % s.checkpoint_every == 0 or step == s.max_steps
+        if is_log or is_ckpt:
+            logs = {k: float(v) for k, v in raw.items()}
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(f"{STAGE}: the training loss is {logs['loss']} at step {step} (rank {w.rank}); "
+                                         "lower stackformer.lr or raise stackformer.warmup_steps")
+        if w.is_main and is_log:
+            rate = speed.rate()
+            assert run is not None
+            run.log_metrics({**{f"train_{k}": v for k, v in logs.items() if k != "lr"}, "lr": logs["lr"],
+                             "tokens_per_s": rate, "epoch": epoch}, step=step)
+            progress.update(step, loss=logs["loss"], tok_s=rate)
+        metrics: dict[str, float] = {"step": step, "epoch": epoch, **logs}
+        if is_eval and w.is_main:
+            assert run is not None
+            vals = validate(model, val_batches(), w.device)
+            if decoder is not None:
+                gen = torch.Generator(device=w.device).manual_seed(derive_seed(cfg.seed, STAGE, "samples", step))
+                codes, positions, _, share = sample_sequences(model, s.num_eval_samples, num_classes=p.num_classes,
+                                                              code_params=code_params, pos_params=pos_params,
+                                                              generator=gen)
+                if share is not None:
+                    vals["val_sample_raster_share"] = share
+                with torch.no_grad():
+                    images = decoder.decode(codes, positions).float()
+                nrow = p.num_classes if 0 < p.num_classes <= 16 else 8
+                run.log_image(grid(images, nrow=min(nrow, s.num_eval_samples), scale=2),
+                              f"samples/step_{step:08d}.png")
+            metrics.update(vals)
+            run.log_metrics(vals, step=step)
+        if is_ckpt:
+            ckpt_dir = None
+            if w.is_main:
+                epoch_next, batch_next = data.position(step)
+                ckpt_dir = rayx.scratch_dir()
+                write_checkpoint(ckpt_dir, step, {"model": model.state_dict()},
+                                 {"trainer": trainer.state_dict(),
+                                  "data": {"epoch": epoch_next, "batch_in_epoch": batch_next,
+                                           "steps_per_epoch": data.steps_per_epoch, "local_batch": p.local_batch,
+                                           "world_size": w.world_size}},
+                                 meta={"stage": STAGE, "key": lc["key"], "model": p.model,
+                                       "model_config": p.model_config})
+            w.report(metrics, checkpoint_dir=ckpt_dir)
+        if is_eval or is_ckpt:
+            speed = Throughput()  # tokens/s measures training steps, not evaluation or checkpointing
+        if w.is_main and lc.get("fail_at_step") == step and not Path(lc["fail_marker"]).exists():
+            Path(lc["fail_marker"]).write_text(str(step))  # fault injection for the tests: fail once
+            raise RuntimeError(f"injected failure at step {step}")
+    batches.close()  # releases the loader (and its worker processes, if any)
+    divergence = w.weight_divergence(model)  # a collective: every rank calls it
+    if w.is_main and run is not None:
+        run.log_metrics({"final_step": step, "rank_weight_divergence": divergence}, step=step)
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+def stage_key(cfg: PipelineConfig, tokens: Any) -> str:
+    """Hash of the stage, :data:`VERSION`, the stackformer section, the seed and the tokenize output."""
+    return stable_hash({"stage": STAGE, "version": VERSION, "stackformer": to_dict(cfg.stackformer), "seed": cfg.seed,
+                        "tokenize": tokens.checksum, "tokenize_key": tokens.key})
+
+
+def load_output(out_dir: Path) -> StackformerOutput | None:
+    """The stage output if ``out_dir`` holds a complete, verified result; None otherwise."""
+    marker = out_dir / SUCCESS
+    if not marker.is_file():
+        return None
+    ref = StackformerOutput.from_dict(read_json(marker))
+    if not Path(ref.weights).is_file() or sha256_file(ref.weights) != ref.sha256:
+        return None
+    return ref
+
+
+def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> StackformerOutput | None:
+    """The complete output for ``cfg`` if it exists (no computation), else None."""
+    tokens = _tokens_ref(cfg, upstream, required=False)
+    if tokens is None:
+        return None
+    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, tokens)))
+
+
+def _tokens_ref(cfg: PipelineConfig, upstream: dict[str, Any], required: bool = True) -> Any:
+    from tasks import tokenize
+
+    advice = "run the tokenize stage first (mqgen run --only tokenize ...) or the whole pipeline"
+    ref = upstream.get("tokenize")
+    if ref is None:
+        try:
+            ref = tokenize.cached(cfg, upstream)
+        except RuntimeError as e:  # the stages before tokenize are missing too
+            raise RuntimeError(f"{STAGE} needs the tokenize output for this config; {advice}. ({e})") from e
+    if ref is None and required:
+        raise RuntimeError(f"{STAGE} needs the tokenize output for this config: {advice}")
+    return ref
+
+
+def _tokenizer_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
+    from tasks import train_tokenizer
+
+    ref = upstream.get("train_tokenizer") or train_tokenizer.cached(cfg, upstream)
+    if ref is None:
+        raise RuntimeError(f"{STAGE} needs the trained tokenizer for this config (it decodes the samples): run the "
+                           "train_tokenizer stage first (mqgen run --only train_tokenizer ...) or the whole pipeline")
+    return ref
+
+
+def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
+        _test_hooks: dict[str, Any] | None = None) -> StackformerOutput:
+    """Train (or resume, or reuse) the Stackformer / full-grid baseline for ``cfg`` on the tokenize output.
+
+    ``upstream`` holds the references of the stages before (``tokenize``, ``train_tokenizer``); missing ones
+    are looked up in the run root. ``force=True`` trains from scratch under a new Ray run name.
+    """
+    from safetensors.torch import save_file
+
+    from infra import ray as rayx
+    from infra.checkpoint import read_checkpoint
+    from infra.storage import atomic_open
+    from infra.tracking import Tracker
+
+    tokens = _tokens_ref(cfg, upstream)
+    tokenizer = _tokenizer_ref(cfg, upstream)
+    p = plan(cfg, tokens, tokenizer)  # every data/model check happens before any training
+    key = stage_key(cfg, tokens)
+    out_dir = stage_dir(cfg.run.root, STAGE, key)
+    done = load_output(out_dir)
+    if done is not None and not force:
+        return done
+    out_dir.mkdir(parents=True, exist_ok=True)
+    attempt_file = out_dir / "attempt.json"
+    attempt = read_json(attempt_file)["attempt"] if attempt_file.is_file() else 0
+    if force and done is not None:
+        attempt += 1  # a forced rerun trains from scratch under a new Ray run name
+        (out_dir / SUCCESS).unlink()
+    atomic_write_json(attempt_file, {"attempt": attempt})
+    ray_name = f"{STAGE}-{key}-a{attempt}"
+
+    s = cfg.stackformer
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        num_params = sum(t.numel() for t in new_model(p.model, p.model_config).parameters())
+    tracker = Tracker(cfg.run.root, cfg.run.experiment)
+    srun = tracker.stage_run(
+        STAGE, key,
+        params={"stackformer": to_dict(s), "seed": cfg.seed, "model": p.model, "model_config": p.model_config,
+                "num_params": num_params, "num_classes": p.num_classes, "tokens_per_image": p.seq_len,
+                "num_train": p.num_train, "num_val": p.num_val, "tokenize_key": tokens.key,
+                "tokens_checksum": tokens.checksum, "tokenizer_sha256": p.tokenizer_sha256},
+        tags={"mqgen.tokenize_run_id": tokens.mlflow_run_id, "mqgen.tokenizer_run_id": tokenizer.mlflow_run_id,
+              "mqgen.ray_run": ray_name, "mqgen.num_workers": p.world_size, "mqgen.local_batch": p.local_batch,
+              "mqgen.sampling": json.dumps(to_dict(cfg.evaluate.sampling), sort_keys=True)},
+        parent_run_id=upstream.get("_parent_run_id"))
+    lc = {"config": cfg.to_dict(), "key": key, "tracking_uri": tracker.uri, "mlflow_run_id": srun.run_id,
+          "plan": p.to_dict(), "tokenizer": tokenizer.to_dict(),
+          "log_every": max(1, min(50, s.max_steps // 20)), **(_test_hooks or {})}
+    try:
+        result = rayx.fit(train_loop, lc, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
+                          num_workers=p.world_size, use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
+                          max_failures=cfg.ray.max_failures, num_to_keep=s.keep_checkpoints)
+    except BaseException:
+        srun.finish("FAILED")
+        raise
+    if result.checkpoint_path is None:
+        srun.finish("FAILED")
+        raise RuntimeError(f"{STAGE}: training reported no checkpoint")
+    final = read_checkpoint(result.checkpoint_path)
+    weights_path = out_dir / "model.safetensors"
+    tmp = out_dir / ".model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in final.weights["model"].items()}, str(tmp),
+              metadata={"stage": STAGE, "key": key, "step": str(final.step), "model": p.model})
+    tmp.replace(weights_path)
+    with atomic_open(out_dir / "model_config.json", "w") as f:  # type: ignore[call-overload]
+        json.dump({"model": p.model, "model_config": p.model_config}, f, indent=2)
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights_path), sha256=sha256_file(weights_path),
+                            step=final.step, model=p.model, model_config=p.model_config, metrics=metrics,
+                            mlflow_run_id=srun.run_id, tokenizer_sha256=p.tokenizer_sha256,
+                            num_classes=p.num_classes)
+    srun.log_artifact(weights_path, "model")
+    srun.log_artifact(out_dir / "model_config.json", "model")
+    srun.log_dict(cfg.to_dict(), "config.json")
+    srun.set_tags({"mqgen.weights_sha256": ref.sha256})
+    atomic_write_json(out_dir / SUCCESS, ref.to_dict())
+    srun.finish("FINISHED")
+    return ref
+
+
+train_stackformer_task = task(run, name=STAGE, retries=0, persist_result=False)
