@@ -86,7 +86,8 @@ def load_average() -> list[float] | None:
 # --------------------------------------------------------------------------------------------- stackformer
 
 
-def synthetic_tokens(path: Path, cfg: PipelineConfig, *, num_classes: int, num_records: int, seed: int = 0) -> str:
+def synthetic_tokens(path: Path, cfg: PipelineConfig, *, num_classes: int, num_records: int, seed: int = 0
+                     ) -> str:
     """A complete token database of ``num_records`` random records shaped for ``cfg``'s tokenizer."""
     from infra.tokens import TokenMeta, TokenWriter
 
@@ -95,8 +96,10 @@ def synthetic_tokens(path: Path, cfg: PipelineConfig, *, num_classes: int, num_r
     seq_len = cells if cfg.stackformer.model == "fullgrid" else tok.num_kept
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, tok.codebook_size, (num_records, seq_len), dtype=np.uint16)
-    positions = np.sort(np.argsort(rng.random((num_records, cells)), axis=1)[:, :seq_len], axis=1).astype(np.uint16)
-    labels = (rng.integers(0, num_classes, num_records) if num_classes else np.full(num_records, -1)).astype(np.int32)
+    kept = np.argsort(rng.random((num_records, cells)), axis=1)[:, :seq_len]  # a random subset of cells
+    positions = np.sort(kept, axis=1).astype(np.uint16)
+    labels = rng.integers(0, num_classes, num_records) if num_classes else np.full(num_records, -1)
+    labels = labels.astype(np.int32)
     meta = TokenMeta(split="train", codebook_size=tok.codebook_size, grid_size=tok.grid_size, seq_len=seq_len,
                      keep_ratio=tok.keep_ratio, num_classes=num_classes, tokenizer_sha256="benchmark",
                      source_sha256="benchmark", shards=((0, num_records),))
@@ -132,8 +135,8 @@ class StepBench:
         torch.manual_seed(self.cfg.seed)
         self.model = new_model(s.model, asdict(model_cfg)).to(device)
         self.trainer = StackformerTrainer(self.model, lr=s.lr, weight_decay=s.weight_decay,
-                                          warmup_steps=s.warmup_steps, max_steps=s.max_steps, grad_clip=s.grad_clip,
-                                          device=device)
+                                          warmup_steps=s.warmup_steps, max_steps=s.max_steps,
+                                          grad_clip=s.grad_clip, device=device)
         data = TrainBatches(IndexedTokens(self.dataset), rank=0, world_size=1, batch_size=s.batch_size,
                             seed=self.cfg.seed, pin_memory=device.type == "cuda")
         self.batches = data.iterate(0)
@@ -217,15 +220,17 @@ def bench_stackformer(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch is not None:
         overrides.append(f"stackformer.batch_size={args.batch}")
     cfg = resolve(preset, overrides=overrides)
-    num_classes = args.num_classes if args.num_classes is not None else (1000 if preset.startswith("paper") else 10)
+    num_classes = args.num_classes
+    if num_classes is None:
+        num_classes = 1000 if preset.startswith("paper") else 10
     work = Path(tempfile.mkdtemp(prefix="mqgen-bench-train-"))
     try:
         records = max(4 * cfg.stackformer.batch_size, 256)
         db = synthetic_tokens(work / "train.lmdb", cfg, num_classes=num_classes, num_records=records)
         turns = work / "turns"
         turns.mkdir()
-        lc = {"config": cfg.to_dict(), "db": db, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
-              "threads": args.threads, "turns": str(turns)}
+        lc = {"config": cfg.to_dict(), "db": db, "warmup": args.warmup, "steps": args.steps,
+              "rounds": args.rounds, "threads": args.threads, "turns": str(turns)}
         tok = mqvae_config(cfg)
         log(f"stackformer ({cfg.stackformer.model}): preset {preset}, batch {cfg.stackformer.batch_size}, "
             f"{num_classes} classes, K={tok.codebook_size}, grid {tok.grid_size}, device {device}, "
@@ -275,18 +280,20 @@ def bench_stackformer(args: argparse.Namespace) -> dict[str, Any]:
                                 "stackformer_mfu": flops_per_s / (args.peak_tflops * 1e12)}
         if ray_rounds_:
             ray_s = statistics.median(w for w, _ in ray_rounds_)
-            overhead = statistics.median(rw / bw for (rw, _), (bw, _) in zip(ray_rounds_, bare_rounds)) - 1
-            cpu_overhead = statistics.median(rc / bc for (_, rc), (_, bc) in zip(ray_rounds_, bare_rounds)) - 1
-            out.update(ray_step_ms=ray_s * 1e3, ray_step_ms_rounds=[round(w * 1e3, 2) for w, _ in ray_rounds_],
+            pairs = list(zip(ray_rounds_, bare_rounds))
+            overhead = statistics.median(rw / bw for (rw, _), (bw, _) in pairs) - 1
+            cpu_overhead = statistics.median(rc / bc for (_, rc), (_, bc) in pairs) - 1
+            out.update(ray_step_ms=ray_s * 1e3,
+                       ray_step_ms_rounds=[round(w * 1e3, 2) for w, _ in ray_rounds_],
                        ray_step_cpu_ms_rounds=[round(c * 1e3, 2) for _, c in ray_rounds_],
                        ray_tokens_per_s=bare.tokens_per_step / ray_s, ray_cpu_overhead=cpu_overhead)
             passed = overhead <= STACKFORMER_RAY_OVERHEAD_TARGET
             keys.update(stackformer_ray_overhead=overhead,
                         stackformer_ray_overhead_target=STACKFORMER_RAY_OVERHEAD_TARGET,
                         stackformer_ray_overhead_pass=passed)
-            log(f"  stackformer_ray_overhead {overhead:+.3f} (median of per-round wall-time ratios; target <= "
-                f"{STACKFORMER_RAY_OVERHEAD_TARGET:g}: {'PASS' if passed else 'FAIL'}); CPU time of the training "
-                f"thread {cpu_overhead:+.3f}")
+            log(f"  stackformer_ray_overhead {overhead:+.3f} (median of per-round wall-time ratios; target "
+                f"<= {STACKFORMER_RAY_OVERHEAD_TARGET:g}: {'PASS' if passed else 'FAIL'}); CPU time of the "
+                f"training thread {cpu_overhead:+.3f}")
         log(f"  bare {out['bare_tokens_per_s']:.0f} tokens/s, {out['model_tflops_per_s']:.3g} model TFLOP/s, "
             f"MFU {keys['stackformer_mfu']:.3g} of {args.peak_tflops:g} TFLOP/s")
         return {**keys, "stackformer": out}
@@ -307,18 +314,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=tuple(PARTS), action="append",
                    help="run only these parts (repeatable); the JSON then lacks the other keys")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU, in this process and in "
-                   "the Ray worker (which reserves as many CPUs)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads on CPU, in this process and in the Ray worker (which "
+                   "reserves as many CPUs)")
     p.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the step inside a Ray Train worker too (default: on for CPU, off for CUDA)")
     g = p.add_argument_group("Stackformer step")
     g.add_argument("--preset", default="fmnist", choices=(*PRESETS, "paper"),
                    help="config preset of the model and batch ('paper' = paper-f8)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="config override, e.g. --set stackformer.model=fullgrid --set tokenizer.keep_ratio=1.0")
+                   help="config override, e.g. --set stackformer.model=fullgrid "
+                   "--set tokenizer.keep_ratio=1.0")
     g.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
     g.add_argument("--num-classes", type=int, default=None,
-                   help="labels in the synthetic data (0 = unconditional; default 1000 for paper presets, else 10)")
+                   help="labels in the synthetic data (0 = unconditional; default: 1000 for paper presets, "
+                   "else 10)")
     g.add_argument("--warmup", type=int, default=3, help="untimed steps on each side before the rounds")
     g.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
     g.add_argument("--rounds", type=int, default=6, help="rounds; bare and Ray take turns, one round each")

@@ -50,7 +50,7 @@ class DataConfig:
     shard_max_count: int = 10000  # samples per output shard
     shard_max_bytes: int = 256 * 1024 * 1024  # bytes per output shard
     max_bad_fraction: float = 0.01  # more skipped inputs than this fails the stage
-    num_workers: int = 2  # parallel ingest workers
+    num_workers: int = 2  # processes building shards: the stage's own + (num_workers - 1) pool workers
     # How an image reaches image_size x image_size. crop: scale the shorter side to image_size, centre-crop;
     # pad: centre on a black canvas without scaling when it fits (scale the longer side down when it does
     # not); auto: pad for MNIST-style sources when image_size >= their side and the margin is even, else crop.
@@ -134,7 +134,7 @@ class TokenizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class StackformerSection:
-    """Stackformer (or the full-grid baseline) architecture and training schedule (stage ``train_stackformer``).
+    """Stackformer (or the full-grid baseline) architecture and training schedule (``train_stackformer``).
 
     ``model=fullgrid`` trains the baseline instead: one causal transformer over all ``G*G`` codes of a
     ``tokenizer.keep_ratio=1.0`` tokenisation, ``n_layer_code + n_layer_pos`` blocks deep at the same
@@ -205,9 +205,11 @@ class SamplingSection:
             temperature = getattr(self, f"{prefix}temperature")
             top_k, top_p = getattr(self, f"{prefix}top_k"), getattr(self, f"{prefix}top_p")
             if temperature < 0:
-                raise ConfigError(f"evaluate.sampling.{prefix}temperature={temperature} must be >= 0 (0 = greedy)")
+                raise ConfigError(f"evaluate.sampling.{prefix}temperature={temperature} must be >= 0 "
+                                  "(0 = greedy)")
             if top_k is not None and top_k < 1:
-                raise ConfigError(f"evaluate.sampling.{prefix}top_k={top_k} must be >= 1 (or null for all tokens)")
+                raise ConfigError(f"evaluate.sampling.{prefix}top_k={top_k} must be >= 1 "
+                                  "(or null for all tokens)")
             if top_p is not None and not 0.0 < top_p <= 1.0:
                 raise ConfigError(f"evaluate.sampling.{prefix}top_p={top_p} must be in (0, 1] (or null)")
 
@@ -614,8 +616,9 @@ def fullgrid_config(cfg: PipelineConfig, *, num_classes: int) -> Any:
 
     s, tok = cfg.stackformer, mqvae_config(cfg)
     return FullGridConfig(codebook_size=tok.codebook_size, grid_size=tok.grid_size,
-                          num_classes=num_classes if s.conditional else 0, n_layer=s.n_layer_code + s.n_layer_pos,
-                          n_embd=s.n_embd, n_head=s.n_head, dropout=s.dropout)
+                          num_classes=num_classes if s.conditional else 0,
+                          n_layer=s.n_layer_code + s.n_layer_pos, n_embd=s.n_embd, n_head=s.n_head,
+                          dropout=s.dropout)
 
 
 def sampling_params(sampling: SamplingSection) -> tuple[Any, Any]:

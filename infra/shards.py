@@ -20,12 +20,17 @@ Shards are split between ranks (``split_by_node`` semantics) and then between Da
 consumer gets whole shards, so the split is exact-once but can be uneven. Only ``.png`` and ``.cls``
 members are ever read, and they are decoded explicitly (PIL, PNG only; ASCII integer): no pickle-based
 decoder can run, whatever else a shard contains.
+
+``ShardDataset`` subclasses torch's ``IterableDataset`` and is defined on first access: ingest worker
+processes import this module to write shards and never pay for importing torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import random
 import re
 import struct
@@ -93,11 +98,6 @@ def ustar_header(name: bytes, size: int, name_sum: int | None = None) -> bytes:
     return _HDR.pack(name, _HDR_IDS, size_field, _HDR_MTIME, b"%06o\0 " % checksum, _HDR_TAIL)
 
 
-def tar_member(name: bytes, data: bytes) -> bytes:
-    """Header, data and zero padding of one regular-file member."""
-    return b"".join((ustar_header(name, len(data)), data, _PADDING[-len(data) % _BLOCK]))
-
-
 @dataclass
 class PartInfo:
     """One finished tar written by a worker (name relative to the parts directory)."""
@@ -151,13 +151,10 @@ class _OpenPart:
                         self.unlabeled)
 
     def abort(self) -> None:
-        try:
-            raise RuntimeError("shard writer aborted")
-        except RuntimeError as e:
-            try:
-                self._cm.__exit__(type(e), e, e.__traceback__)  # removes the .partial file
-            except RuntimeError:
-                pass
+        """Close and delete the unfinished ``.partial`` file (``partial_open``'s error path)."""
+        err = RuntimeError(f"aborted writing {self.path}")
+        with contextlib.suppress(RuntimeError):
+            self._cm.__exit__(RuntimeError, err, None)
 
 
 class ShardWriter:
@@ -247,7 +244,8 @@ class ChunkResult:
     ignored_examples: dict[str, list[str]]
     damaged_inputs: list[dict[str, str]]
     seconds: float
-    cpu_seconds: float = 0.0  # CPU time of the process that built the chunk
+    cpu_seconds: float = 0.0  # CPU time of the thread that built the chunk
+    pid: int = 0  # the process that built it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -266,7 +264,7 @@ class ChunkResult:
 def build_chunk(job: ChunkJob, fingerprint: str = "", progress: Callable[[int], None] | None = None
                 ) -> ChunkResult:
     """Decode, normalise and write one chunk (runs in a worker process, or inline)."""
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), time.thread_time()
     writers: dict[str, ShardWriter] = {}
     skipped: Counter[str] = Counter()
     ignored: Counter[str] = Counter()
@@ -311,7 +309,7 @@ def build_chunk(job: ChunkJob, fingerprint: str = "", progress: Callable[[int], 
     if progress is not None and pending:
         progress(pending)
     return ChunkResult(job.job_id, fingerprint, parts, n_inputs, dict(skipped), skipped_ex, dict(ignored),
-                       ignored_ex, damaged, time.perf_counter() - t0, time.process_time() - c0)
+                       ignored_ex, damaged, time.perf_counter() - t0, time.thread_time() - c0, os.getpid())
 
 
 def _split_order(split: str) -> int:

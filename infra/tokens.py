@@ -459,10 +459,14 @@ class TokenWriter:
         missing = [s for s in self._counts if s not in done]
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} shard(s) not written yet: {missing[:10]}")
-        with self.env.begin() as txn:
-            scan = scan_records(txn, self.meta, done, str(self.path))
-        if scan.num_records != self.meta.num_expected:
-            raise TokenFormatError(f"{self.path}: {scan.num_records} records, expected {self.meta.num_expected}")
+        try:
+            with self.env.begin() as txn:
+                scan = scan_records(txn, self.meta, done, str(self.path))
+            if scan.num_records != self.meta.num_expected:
+                raise TokenFormatError(f"{self.path}: {scan.num_records} records, expected {self.meta.num_expected}")
+        except TokenFormatError as e:
+            raise TokenFormatError(f"{e}. The database is damaged: rerun the tokenize stage with force "
+                                   "(mqgen run --from tokenize) to rebuild it") from e
         final = dataclasses.replace(self.meta, complete=True, num_records=scan.num_records,
                                     records_sha256=scan.records_sha256,
                                     encoder_devices=tuple(sorted({d.get("device", "") for d in done.values()} - {""})))

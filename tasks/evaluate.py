@@ -47,7 +47,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.config import PipelineConfig, sampling_params, stable_hash, to_dict
-from infra.metrics import Extractor, MetricsUnavailable
+from infra.metrics import Extractor, InceptionWeightsMissing, MetricsUnavailable
 from infra.storage import (
     Ref,
     atomic_write_bytes,
@@ -106,11 +106,13 @@ def _ref(stage: str, cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
     ref = upstream.get(stage)
     if ref is not None:
         return ref
-    module = importlib.import_module(f"tasks.{stage}")
-    finder = getattr(module, "cached", None)
+    from tasks.train_evaluator import cached_ingest
+
     try:
-        if finder is not None:
-            ref = finder(cfg) if stage == "ingest" else finder(cfg, upstream)
+        if stage == "ingest":
+            ref = cached_ingest(cfg)
+        else:
+            ref = importlib.import_module(f"tasks.{stage}").cached(cfg, upstream)
     except RuntimeError as e:  # the stages before it are missing too
         raise RuntimeError(f"{STAGE} needs the {stage} output for this config: run the {stage} stage first "
                            f"(mqgen run --only {stage} ...) or the whole pipeline. ({e})") from e
@@ -133,7 +135,7 @@ def resolve_extractor(cfg: PipelineConfig, upstream: dict[str, Any], ingest: Any
 
     e = cfg.evaluate
     if e.extractor == metrics.INCEPTION:
-        return metrics.inception_extractor(e.inception_weights, e.inception_download), "", None
+        return metrics.inception_extractor(e.inception_weights, e.inception_download and train), "", None
     try:
         train_evaluator.check_labelled(ingest, cfg.data.source)
     except MetricsUnavailable as err:
@@ -188,7 +190,7 @@ def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> EvaluateOutput | No
     """The complete output for ``cfg`` if it exists (no computation), else None."""
     try:
         inputs = _inputs(cfg, upstream, train=False)
-    except RuntimeError:
+    except (RuntimeError, InceptionWeightsMissing):
         return None
     if inputs.extractor is None and not inputs.extractor_unavailable:
         return None  # the evaluator is not trained yet
@@ -273,8 +275,10 @@ class SampleBatch:
     positions: torch.Tensor  # long [B, N], increasing
     labels: torch.Tensor  # long [B]; -1 when unconditional
     raster_share: float  # share of consecutive positions sampled in increasing order (1.0 for full grid)
-    sample_seconds: float
+    sample_seconds: float  # wall clock
     decode_seconds: float
+    sample_cpu_seconds: float = 0.0  # this process's CPU time (all threads); not kept in resumed batches
+    decode_cpu_seconds: float = 0.0
 
 
 def balanced_labels(num: int, num_classes: int) -> torch.Tensor | None:
@@ -292,7 +296,7 @@ def sample_batch(model: Any, tokenizer: Any, n: int, labels: torch.Tensor | None
     code_params, pos_params = sampling_params(s)
     lab = labels.to(device) if labels is not None else None
     _sync(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     with torch.inference_mode():
         if isinstance(model, Stackformer):
             codes, positions = model.sample(n, lab, code_params, pos_params, raster_order=s.raster_order,
@@ -304,13 +308,13 @@ def sample_batch(model: Any, tokenizer: Any, n: int, labels: torch.Tensor | None
             positions = torch.arange(codes.shape[1], device=device).expand_as(codes)
             share = 1.0
         _sync(device)
-        t1 = time.perf_counter()
+        c1, t1 = time.process_time(), time.perf_counter()
         images = to_uint8(tokenizer.decode(codes, positions))
         _sync(device)
-        t2 = time.perf_counter()
+        c2, t2 = time.process_time(), time.perf_counter()
     return SampleBatch(images.cpu(), codes.cpu(), positions.contiguous().cpu(),
                        labels.clone() if labels is not None else torch.full((n,), -1, dtype=torch.long),
-                       share, t1 - t0, t2 - t1)
+                       share, t1 - t0, t2 - t1, c1 - c0, c2 - c1)
 
 
 def _batch_file(batch_dir: Path, key: str, index: int, seed: int, n: int) -> tuple[Path, str]:
@@ -472,7 +476,7 @@ def make_pictures(out_dir: Path, *, samples: SampleBatch, num_classes: int, grid
     nrow = num_classes if 0 < num_classes <= 16 else 8
     put("samples_grid", png_bytes(grid(samples.images[:64], nrow=min(nrow, n), scale=scale)))
     if num_classes > 0:
-        per_row = 10
+        per_row = min(10, max(int((samples.labels == c).sum()) for c in range(num_classes)))
         rows = []
         for c in range(num_classes):
             idx = (samples.labels == c).nonzero().flatten()[:per_row]
@@ -594,6 +598,12 @@ def _evaluate(cfg: PipelineConfig, upstream: dict[str, Any], inputs: Inputs, key
         num_classes = int(model_ref.model_config.get("num_classes", 0))
         shards = ShardSet.from_output(ingest)
         class_names = shards.classes
+
+        if ext is not None and ext.kind == mx.INCEPTION and device.type == "cpu":
+            n_img = e.num_samples + e.num_recon_images + (e.num_reference_images or shards.num_samples(REFERENCE_SPLIT))
+            log.warning("%s: inception-v3-compat on a CPU runs at about 2-9 images/s: up to %d images to featurize "
+                        "(%d-%d min on a cold reference cache); lower evaluate.num_samples, num_recon_images or "
+                        "num_reference_images for a quick look", STAGE, n_img, n_img // 540, n_img // 120 + 1)
 
         # 1. samples
         samples, resumed = generate(model, tokenizer, cfg, key=key, num_classes=num_classes,

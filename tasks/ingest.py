@@ -7,10 +7,14 @@ Output: ``<run.root>/ingest/<key>/{train,val}-%06d.tar`` (members ``<key>.png``,
 How a run goes:
 
 1. Take ``<run.root>/ingest/.<key>.lock`` (a second ingest of the same key waits, then hits the cache).
-2. Plan the source (:mod:`infra.sources`): deterministic chunks, each at most one shard's worth of inputs.
-3. Build the chunks in ``<run.root>/ingest/.<key>.build/`` with ``data.num_workers`` processes. A worker
-   writes ``*.tar.partial`` and renames it when closed; the parent records each finished chunk in
-   ``done/<chunk>.json``. A killed run resumes from the recorded chunks (re-hashed before reuse).
+2. Plan the source (:mod:`infra.sources`): deterministic chunks, each at most one shard's worth of inputs
+   (IDX files are decompressed as the chunks are handed out). Meanwhile the MLflow run is opened and the
+   worker processes start, both in the background.
+3. Build the chunks in ``<run.root>/ingest/.<key>.build/`` with ``data.num_workers`` processes: this one
+   plus a pool of ``num_workers - 1`` (forkserver) workers. A builder writes ``*.tar.partial`` and
+   renames it when closed; this process records each finished chunk in ``done/<chunk>.json``. A killed
+   run resumes from the recorded chunks (re-hashed before reuse). The output never depends on
+   ``num_workers``.
 4. Count skipped inputs by reason; more than ``data.max_bad_fraction`` fails the stage and removes the
    build directory (no manifest is ever written for it).
 5. Rename the shards to their final names, write ``samples.png`` and ``manifest.json``, log to MLflow,
@@ -213,7 +217,7 @@ def _ingest(cfg: PipelineConfig, root: Path, key: str, out: Path, force: bool,
     # depends on the counts before it).
     tracked = _BackgroundRun(root, cfg.run.experiment, key, params, parent_run_id)
     sequential = d.source == "shards" and d.max_images is not None
-    pool = _WorkerPool(d.num_workers) if d.num_workers > 1 and not sequential else None
+    pool = _WorkerPool(d.num_workers - 1) if d.num_workers > 1 and not sequential else None
     try:
         try:
             plan = source.plan(ctx)
@@ -308,8 +312,8 @@ def _clean_build_dir(build: Path) -> None:
 
 
 class _WorkerPool:
-    """``data.num_workers`` processes forked from a forkserver that imported numpy/PIL once; started in the
-    background on creation so that their start-up overlaps the source planning."""
+    """Worker processes forked from a forkserver that imported numpy/PIL once; started in the background
+    on creation so that their start-up overlaps the source planning."""
 
     def __init__(self, num_workers: int):
         ctx = multiprocessing.get_context("forkserver")
@@ -389,10 +393,13 @@ class _Runner:
         return False
 
     def _run_streaming(self, recorded: dict[str, ChunkResult], bar: Any) -> None:
-        """Submit each chunk as the source produces it (workers start on the first chunk while the source
-        still decompresses the next ones); collect results as they finish."""
+        """Hand each chunk out as the source produces it (the pool starts on the first chunk while the
+        source still decompresses the next ones). This process works too: whenever the pool already has
+        two chunks per worker queued, it builds the next chunk itself, so ``data.num_workers`` processes
+        share the work (``num_workers - 1`` in the pool, plus this one)."""
         futures: dict[Future, ChunkJob] = {}
-        built = 0
+        built = inline = 0
+        queue_limit = 2 * self.pool.num_workers if self.pool is not None else 0
         try:
             for chunk in self.plan.chunks:
                 job = self.job(chunk)
@@ -401,11 +408,13 @@ class _Runner:
                 if self._reuse(job, fp, recorded, bar):
                     continue
                 built += 1
-                if self.pool is None:
-                    self._accept(build_chunk(job, fp, progress=bar.update), None)
-                    continue
-                futures[self.pool.executor.submit(pool_build_chunk, job, fp)] = job
-                self._collect(futures, bar, timeout=0)
+                if self.pool is not None:
+                    self._collect(futures, bar, timeout=0)
+                    if len(futures) < queue_limit:
+                        futures[self.pool.executor.submit(pool_build_chunk, job, fp)] = job
+                        continue
+                inline += 1
+                self._accept(build_chunk(job, fp, progress=bar.update), None)
             while futures:
                 self._collect(futures, bar, timeout=0.25)
         except BaseException:
@@ -413,7 +422,8 @@ class _Runner:
                 f.cancel()
             raise
         finally:
-            self.workers_used = min(self.cfg.data.num_workers if self.pool else 1, built)
+            pool_size = self.pool.num_workers if self.pool is not None else 0
+            self.workers_used = min(pool_size, built - inline) + (1 if inline else 0)
             if self.pool is not None:
                 _drain(self.pool.queue, bar)
 
@@ -521,7 +531,8 @@ class _Stats:
     num_bytes: Counter
     histogram: dict[str, Counter]
     unlabeled: Counter
-    worker_cpu_s: float = 0.0
+    chunk_cpu_s: float = 0.0  # CPU time spent building chunks, in any process
+    pool_cpu_s: float = 0.0  # the part of it spent in worker processes (not this one)
 
     @classmethod
     def collect(cls, plan: Plan, results: dict[str, ChunkResult]) -> _Stats:
@@ -547,7 +558,9 @@ class _Stats:
                 for e in exs:
                     _add_example(st.ignored_examples, reason, e)
             st.damaged += r.damaged_inputs
-            st.worker_cpu_s += r.cpu_seconds
+            st.chunk_cpu_s += r.cpu_seconds
+            if r.pid != os.getpid():
+                st.pool_cpu_s += r.cpu_seconds
             for p in r.parts:
                 st.num_samples[p.split] += p.num_samples
                 st.num_bytes[p.split] += p.num_bytes
@@ -565,7 +578,7 @@ class _Stats:
              "num_inputs": self.num_inputs, "num_skipped": self.num_skipped, "bad_fraction": self.bad_fraction,
              "num_bytes": sum(self.num_bytes.values()), "seconds": seconds,
              "images_per_s": n / seconds if seconds > 0 else 0.0, "workers": workers,
-             "worker_cpu_s": self.worker_cpu_s}
+             "chunk_cpu_s": self.chunk_cpu_s, "pool_cpu_s": self.pool_cpu_s}
         m.update({f"skipped.{k}": v for k, v in self.skipped.items()})
         return m
 

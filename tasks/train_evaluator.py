@@ -174,13 +174,19 @@ def load_output(out_dir: Path) -> EvaluatorOutput | None:
     return ref
 
 
-def _ingest_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
-    ref = upstream.get("ingest")
-    if ref is None:
-        from tasks import ingest as ingest_stage
+def cached_ingest(cfg: PipelineConfig) -> Any:
+    """The complete ingest output for ``cfg`` in the run root, or None (never ingests anything)."""
+    from tasks import ingest as ingest_stage
 
-        finder = getattr(ingest_stage, "cached", None)
-        ref = finder(cfg) if finder is not None else None
+    finder = getattr(ingest_stage, "cached", None)
+    if finder is not None:
+        return finder(cfg)
+    manifest = stage_dir(cfg.run.root, "ingest", ingest_stage.stage_key(cfg)) / "manifest.json"
+    return ingest_stage.run(cfg) if manifest.is_file() else None  # complete: run() is a verified cache hit
+
+
+def _ingest_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
+    ref = upstream.get("ingest") or cached_ingest(cfg)
     if ref is None:
         raise RuntimeError(f"{STAGE} needs the ingest output for this config: run the ingest stage first "
                            "(mqgen run --only ingest ...) or run the whole pipeline")

@@ -1,4 +1,4 @@
-"""train_stackformer stage: the Stackformer (or the full-grid baseline) trained with Ray Train on the token LMDB.
+"""train_stackformer stage: the Stackformer (or the full-grid baseline), trained with Ray Train on token LMDB.
 
 ``run(cfg, upstream)`` is the stage (testable without Prefect); ``train_stackformer_task`` wraps it.
 
@@ -9,8 +9,8 @@ How a run goes:
    grid, sequence length, labels and tokenizer (:func:`plan`). A mismatch raises here, naming the field.
 2. The stage key hashes :data:`VERSION`, the stackformer section, the seed and the tokenize output's
    checksum; a complete output for the key (``_SUCCESS.json`` whose weights verify) is a cache hit.
-3. Ray Train runs :func:`train_loop` on every worker: each reads its :class:`~torch.utils.data.DistributedSampler`
-   share of the train split (shuffled per epoch, deterministic given the seed) through the LMDB reader, and
+3. Ray Train runs :func:`train_loop` on every worker: each reads its ``DistributedSampler`` share of the
+   train split (shuffled per epoch, deterministic given the seed) through the LMDB reader, and
    :class:`StackformerTrainer` takes the steps (AdamW with decay on Linear weights only, warmup + cosine,
    gradient clipping, bf16 autocast on CUDA). Rank 0 validates on the val split (code CE, position CE, bits
    per image, and the share of sampled positions that come out in raster order), decodes sampled sequences
@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -118,7 +119,8 @@ def build_model(ref: StackformerOutput, device: torch.device | str = "cpu") -> T
 
 class Batch(NamedTuple):
     """One batch on the training device: ``codes``/``positions`` ``[B, L]`` long (raster order), ``labels``
-    ``[B]`` long for a class-conditional model (else None), ``index`` ``[B]``: the records' dataset indices."""
+    ``[B]`` long for a class-conditional model (else None), ``index`` ``[B]``: the records' dataset
+    indices."""
 
     codes: torch.Tensor
     positions: torch.Tensor
@@ -135,8 +137,8 @@ def to_batch(items: dict[str, torch.Tensor], device: torch.device, conditional: 
             raise TokenFormatError("a class-conditional model got a record without a label (label -1); "
                                    "train it unconditionally (stackformer.conditional=false)")
         labels = labels.to(device, non_blocking=True)
-    return Batch(items["codes"].to(device, non_blocking=True), items["positions"].to(device, non_blocking=True),
-                 labels, items["index"])
+    codes = items["codes"].to(device, non_blocking=True)
+    return Batch(codes, items["positions"].to(device, non_blocking=True), labels, items["index"])
 
 
 class IndexedTokens(Dataset):
@@ -193,12 +195,15 @@ class TrainBatches:
 
     def __init__(self, dataset: Dataset, *, rank: int, world_size: int, batch_size: int, seed: int,
                  num_workers: int = 0, pin_memory: bool = False) -> None:
-        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=seed)
         self.batch_size = batch_size
         self.steps_per_epoch = len(self.sampler) // batch_size
         if self.steps_per_epoch < 1:
-            raise ValueError(f"the train split has {len(dataset)} records: {len(self.sampler)} per worker, fewer "  # type: ignore[arg-type]
-                             f"than one batch of {batch_size}; lower stackformer.batch_size or ray.num_workers")
+            records = len(self.sampler.dataset)  # type: ignore[arg-type]
+            raise ValueError(f"the train split has {records} records: {len(self.sampler)} per worker, fewer "
+                             f"than one batch of {batch_size}; lower stackformer.batch_size or "
+                             "ray.num_workers")
         self._window = _EpochWindow(self.sampler)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self._window, drop_last=True,
                                  num_workers=num_workers, persistent_workers=num_workers > 0,
@@ -294,7 +299,8 @@ def validate(model: TransformerModel, batches: Iterable[Batch], device: torch.de
 
     ``val_code_ce`` / ``val_pos_ce``: mean cross-entropy per token (nats; positions only for the Stackformer);
     ``val_bits_per_image``: the summed cross-entropy of a whole sequence in bits, codes plus positions (what
-    the model needs to describe one image); split into ``val_code_bits_per_image`` / ``val_pos_bits_per_image``.
+    the model needs to describe one image); split into ``val_code_bits_per_image`` /
+    ``val_pos_bits_per_image``.
     """
     was_training = model.training
     model.eval()
@@ -310,7 +316,8 @@ def validate(model: TransformerModel, batches: Iterable[Batch], device: torch.de
                                                  reduction="sum"))
             else:
                 code_logits = model(b.codes, b.labels).logits
-        code_nll += float(F.cross_entropy(code_logits.float().flatten(0, 1), b.codes.flatten(), reduction="sum"))
+        code_nll += float(F.cross_entropy(code_logits.float().flatten(0, 1), b.codes.flatten(),
+                                          reduction="sum"))
         images += b.codes.shape[0]
         tokens += b.codes.numel()
     model.train(was_training)
@@ -325,7 +332,7 @@ def validate(model: TransformerModel, batches: Iterable[Batch], device: torch.de
 
 
 def raster_share(positions: torch.Tensor) -> float:
-    """Share of consecutive sampled positions (``[B, N]``, sampling order) that increase: 1.0 = raster order."""
+    """Share of consecutive sampled positions (``[B, N]``, in sampling order) that increase (1.0: raster)."""
     if positions.shape[1] < 2:
         return 1.0
     return float((positions[:, 1:] > positions[:, :-1]).double().mean())
@@ -414,35 +421,40 @@ def plan(cfg: PipelineConfig, tokens: Any, tokenizer: Any) -> TrainPlan:
             ds = TokenDataset(tokens.db(split), expect_codebook_size=tok.codebook_size,
                               expect_grid_size=tok.grid_size, expect_seq_len=seq_len)
         except TokenFormatError as e:
-            raise TokenFormatError(f"{STAGE} ({s.model}, from the tokenizer section of the config): {e}") from e
+            raise TokenFormatError(f"{STAGE} ({s.model}, from the tokenizer section of the config): {e}"
+                                   ) from e
         metas[split] = ds.meta
     train, val = metas["train"], metas["val"]
     if val.num_classes != train.num_classes or val.tokenizer_sha256 != train.tokenizer_sha256:
         raise TokenFormatError(f"{STAGE}: the train and val token databases disagree (num_classes "
-                               f"{train.num_classes} vs {val.num_classes}, tokenizer {train.tokenizer_sha256[:12]} "
-                               f"vs {val.tokenizer_sha256[:12]}); rerun the tokenize stage")
+                               f"{train.num_classes} vs {val.num_classes}, tokenizer "
+                               f"{train.tokenizer_sha256[:12]} vs {val.tokenizer_sha256[:12]}); rerun the "
+                               "tokenize stage")
     if train.tokenizer_sha256 != tokenizer.sha256:
         raise ValueError(f"{STAGE}: the token databases were made by the tokenizer with weights sha256 "
                          f"{train.tokenizer_sha256[:12]}, but the upstream train_tokenizer output is "
                          f"{tokenizer.sha256[:12]} ({tokenizer.weights}); rerun the tokenize stage with it")
     if train.num_records < 1 or val.num_records < 1:
-        raise ValueError(f"{STAGE}: empty token split (train {train.num_records}, val {val.num_records} records)")
+        raise ValueError(f"{STAGE}: empty token split (train {train.num_records}, val {val.num_records} "
+                         "records)")
     world = cfg.ray.num_workers
     if s.batch_size % world:
-        raise ValueError(f"stackformer.batch_size={s.batch_size} must be divisible by ray.num_workers={world} "
-                         "(it is the global batch, split evenly over the workers)")
+        raise ValueError(f"stackformer.batch_size={s.batch_size} must be divisible by "
+                         f"ray.num_workers={world} (it is the global batch, split evenly over the workers)")
     local_batch = s.batch_size // world
     per_worker = -(-train.num_records // world)  # DistributedSampler pads to a multiple of the world size
     if per_worker < local_batch:
-        raise ValueError(f"{STAGE}: the train split has {train.num_records} records, {per_worker} per worker: fewer "
-                         f"than one batch of {local_batch}; lower stackformer.batch_size or ray.num_workers")
+        raise ValueError(f"{STAGE}: the train split has {train.num_records} records, {per_worker} per "
+                         f"worker: fewer than one batch of {local_batch}; lower stackformer.batch_size or "
+                         "ray.num_workers")
     build = stackformer_config if s.model == "stackformer" else fullgrid_config
     model_cfg = build(cfg, num_classes=train.num_classes)
     return TrainPlan(model=s.model, model_config=asdict(model_cfg), num_classes=model_cfg.num_classes,
-                     data_num_classes=train.num_classes, codebook_size=tok.codebook_size, grid_size=tok.grid_size,
-                     seq_len=seq_len, tokenizer_sha256=train.tokenizer_sha256, train_db=tokens.db("train"),
-                     val_db=tokens.db("val"), num_train=train.num_records, num_val=val.num_records,
-                     world_size=world, local_batch=local_batch, steps_per_epoch=per_worker // local_batch)
+                     data_num_classes=train.num_classes, codebook_size=tok.codebook_size,
+                     grid_size=tok.grid_size, seq_len=seq_len, tokenizer_sha256=train.tokenizer_sha256,
+                     train_db=tokens.db("train"), val_db=tokens.db("val"), num_train=train.num_records,
+                     num_val=val.num_records, world_size=world, local_batch=local_batch,
+                     steps_per_epoch=per_worker // local_batch)
 
 
 # --------------------------------------------------------------------------------------------- Ray loop
@@ -471,7 +483,8 @@ def train_loop(lc: dict[str, Any]) -> None:
         start_step = restored.step
     ddp_model = w.prepare_model(model) if w.world_size > 1 else None
     trainer = StackformerTrainer(model, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps,
-                                 max_steps=s.max_steps, grad_clip=s.grad_clip, device=w.device, ddp_model=ddp_model)
+                                 max_steps=s.max_steps, grad_clip=s.grad_clip, device=w.device,
+                                 ddp_model=ddp_model)
     if restored is not None:
         trainer.load_state_dict(restored.state["trainer"])
     conditional = p.num_classes > 0
@@ -530,8 +543,9 @@ def train_loop(lc: dict[str, Any]) -> None:
         if is_log or is_ckpt:
             logs = {k: float(v) for k, v in raw.items()}
             if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(f"{STAGE}: the training loss is {logs['loss']} at step {step} (rank {w.rank}); "
-                                         "lower stackformer.lr or raise stackformer.warmup_steps")
+                raise FloatingPointError(f"{STAGE}: the training loss is {logs['loss']} at step {step} "
+                                         f"(rank {w.rank}); lower stackformer.lr or raise "
+                                         "stackformer.warmup_steps")
         if w.is_main and is_log:
             rate = speed.rate()
             assert run is not None
@@ -543,10 +557,11 @@ def train_loop(lc: dict[str, Any]) -> None:
             assert run is not None
             vals = validate(model, val_batches(), w.device)
             if decoder is not None:
-                gen = torch.Generator(device=w.device).manual_seed(derive_seed(cfg.seed, STAGE, "samples", step))
-                codes, positions, _, share = sample_sequences(model, s.num_eval_samples, num_classes=p.num_classes,
-                                                              code_params=code_params, pos_params=pos_params,
-                                                              generator=gen)
+                gen = torch.Generator(device=w.device)
+                gen.manual_seed(derive_seed(cfg.seed, STAGE, "samples", step))
+                codes, positions, _, share = sample_sequences(
+                    model, s.num_eval_samples, num_classes=p.num_classes, code_params=code_params,
+                    pos_params=pos_params, generator=gen)
                 if share is not None:
                     vals["val_sample_raster_share"] = share
                 with torch.no_grad():
@@ -564,8 +579,8 @@ def train_loop(lc: dict[str, Any]) -> None:
                 write_checkpoint(ckpt_dir, step, {"model": model.state_dict()},
                                  {"trainer": trainer.state_dict(),
                                   "data": {"epoch": epoch_next, "batch_in_epoch": batch_next,
-                                           "steps_per_epoch": data.steps_per_epoch, "local_batch": p.local_batch,
-                                           "world_size": w.world_size}},
+                                           "steps_per_epoch": data.steps_per_epoch,
+                                           "local_batch": p.local_batch, "world_size": w.world_size}},
                                  meta={"stage": STAGE, "key": lc["key"], "model": p.model,
                                        "model_config": p.model_config})
             w.report(metrics, checkpoint_dir=ckpt_dir)
@@ -585,8 +600,8 @@ def train_loop(lc: dict[str, Any]) -> None:
 
 def stage_key(cfg: PipelineConfig, tokens: Any) -> str:
     """Hash of the stage, :data:`VERSION`, the stackformer section, the seed and the tokenize output."""
-    return stable_hash({"stage": STAGE, "version": VERSION, "stackformer": to_dict(cfg.stackformer), "seed": cfg.seed,
-                        "tokenize": tokens.checksum, "tokenize_key": tokens.key})
+    return stable_hash({"stage": STAGE, "version": VERSION, "stackformer": to_dict(cfg.stackformer),
+                        "seed": cfg.seed, "tokenize": tokens.checksum, "tokenize_key": tokens.key})
 
 
 def load_output(out_dir: Path) -> StackformerOutput | None:
@@ -628,8 +643,9 @@ def _tokenizer_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
 
     ref = upstream.get("train_tokenizer") or train_tokenizer.cached(cfg, upstream)
     if ref is None:
-        raise RuntimeError(f"{STAGE} needs the trained tokenizer for this config (it decodes the samples): run the "
-                           "train_tokenizer stage first (mqgen run --only train_tokenizer ...) or the whole pipeline")
+        raise RuntimeError(f"{STAGE} needs the trained tokenizer for this config (it decodes the samples): "
+                           "run the train_tokenizer stage first (mqgen run --only train_tokenizer ...) or "
+                           "the whole pipeline")
     return ref
 
 
@@ -674,8 +690,9 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
                 "num_params": num_params, "num_classes": p.num_classes, "tokens_per_image": p.seq_len,
                 "num_train": p.num_train, "num_val": p.num_val, "tokenize_key": tokens.key,
                 "tokens_checksum": tokens.checksum, "tokenizer_sha256": p.tokenizer_sha256},
-        tags={"mqgen.tokenize_run_id": tokens.mlflow_run_id, "mqgen.tokenizer_run_id": tokenizer.mlflow_run_id,
-              "mqgen.ray_run": ray_name, "mqgen.num_workers": p.world_size, "mqgen.local_batch": p.local_batch,
+        tags={"mqgen.tokenize_run_id": tokens.mlflow_run_id,
+              "mqgen.tokenizer_run_id": tokenizer.mlflow_run_id, "mqgen.ray_run": ray_name,
+              "mqgen.num_workers": p.world_size, "mqgen.local_batch": p.local_batch,
               "mqgen.sampling": json.dumps(to_dict(cfg.evaluate.sampling), sort_keys=True)},
         parent_run_id=upstream.get("_parent_run_id"))
     lc = {"config": cfg.to_dict(), "key": key, "tracking_uri": tracker.uri, "mlflow_run_id": srun.run_id,
@@ -683,8 +700,9 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
           "log_every": max(1, min(50, s.max_steps // 20)), **(_test_hooks or {})}
     try:
         result = rayx.fit(train_loop, lc, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
-                          num_workers=p.world_size, use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
-                          max_failures=cfg.ray.max_failures, num_to_keep=s.keep_checkpoints)
+                          num_workers=p.world_size, use_gpu=cfg.ray.use_gpu,
+                          cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures,
+                          num_to_keep=s.keep_checkpoints)
     except BaseException:
         srun.finish("FAILED")
         raise
@@ -700,10 +718,10 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     with atomic_open(out_dir / "model_config.json", "w") as f:  # type: ignore[call-overload]
         json.dump({"model": p.model, "model_config": p.model_config}, f, indent=2)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights_path), sha256=sha256_file(weights_path),
-                            step=final.step, model=p.model, model_config=p.model_config, metrics=metrics,
-                            mlflow_run_id=srun.run_id, tokenizer_sha256=p.tokenizer_sha256,
-                            num_classes=p.num_classes)
+    ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights_path),
+                            sha256=sha256_file(weights_path), step=final.step, model=p.model,
+                            model_config=p.model_config, metrics=metrics, mlflow_run_id=srun.run_id,
+                            tokenizer_sha256=p.tokenizer_sha256, num_classes=p.num_classes)
     srun.log_artifact(weights_path, "model")
     srun.log_artifact(out_dir / "model_config.json", "model")
     srun.log_dict(cfg.to_dict(), "config.json")
@@ -713,4 +731,5 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     return ref
 
 
-train_stackformer_task = task(run, name=STAGE, retries=0, persist_result=False)
+# The stage caches and resumes on its own (stage key, _SUCCESS.json, Ray checkpoints): no Prefect cache.
+train_stackformer_task = task(run, name=STAGE, retries=0, persist_result=False, cache_policy=NO_CACHE)

@@ -114,3 +114,21 @@ def test_stray_partials_and_unrecorded_parts_are_ignored(run_root: Path) -> None
     shards = ShardSet.from_output(out, verify=True)
     assert shards.num_samples("train") == 100
     assert not build.exists() and not list(Path(out.path).rglob("*.partial"))
+
+
+def test_a_writer_that_fails_mid_chunk_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import infra.shards as shards
+    from infra.sources import ArrayChunk, Good, ImageSpec
+
+    def broken(chunk, spec):  # two good samples, then the decoder blows up
+        yield Good("train", "train_00000000", b"\x89PNG fake", 1)
+        yield Good("train", "train_00000001", b"\x89PNG fake", 2)
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(shards, "iter_chunk", broken)
+    import numpy as np
+
+    chunk = ArrayChunk("train", 0, 0, np.zeros((2, 4, 4), np.uint8), None, "pad", "x")
+    with pytest.raises(MemoryError):
+        shards.build_chunk(shards.ChunkJob(chunk, ImageSpec(size=4, channels=1), str(tmp_path), 10, 1 << 20))
+    assert list(tmp_path.iterdir()) == []

@@ -1,9 +1,10 @@
 """The evaluate stage (and train_evaluator) on a tiny *trained* pipeline with the real torch-fidelity.
 
-The upstream outputs are made once per module by the real stages, in order: ingest (scikit-learn digits,
-16 px, labelled), train_tokenizer (tiny MQ-VAE, a few Ray Train steps), tokenize, train_stackformer (a few
-Ray Train steps). The full-grid baseline on unlabelled data is hand-built (random-init models on an
-image-folder ingest): what is tested there is the stage's reporting, not the model's quality.
+The upstream outputs are made once per module: ingest (scikit-learn digits, 16 px, labelled), a random-init
+tiny MQ-VAE (the shared tokenize fixture: a legitimate tokenizer, only a poor one; it saves a Ray Train fit),
+the real tokenize stage and the real train_stackformer stage (a few Ray Train steps). The full-grid baseline
+on unlabelled data is hand-built (random-init models on an image-folder ingest): what is tested there is
+the stage's reporting, not the model's quality.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ EVAL = ["evaluate.num_samples=40", "evaluate.batch_size=16", "evaluate.num_recon
         "evaluate.classifier.max_steps=40", "evaluate.classifier.width=8", "evaluate.classifier.batch_size=64"]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def single_thread():
     """Tiny models run fastest on one thread, and intra-op threads crawl on a shared, busy CPU."""
     threads = torch.get_num_threads()
@@ -45,21 +46,20 @@ def single_thread():
 def _cfg(root: Path, *extra: str):
     return resolve("tiny", overrides=[
         f"run.root={root}", "data.source=digits", "data.min_shards=1", "ray.num_workers=1",
-        "tokenizer.max_steps=6", "tokenizer.eval_every=6", "tokenizer.checkpoint_every=6",
         "stackformer.max_steps=6", "stackformer.eval_every=6", "stackformer.checkpoint_every=6", *EVAL, *extra])
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: Path, ray_cluster: str  # noqa: F811
             ) -> dict[str, Any]:
-    """A tiny pipeline trained by the real stages up to train_stackformer."""
-    from tasks import ingest, tokenize, train_stackformer, train_tokenizer
+    """A tiny pipeline: real ingest, tokenize and train_stackformer stages on a random-init tokenizer."""
+    from tasks import ingest, tokenize, train_stackformer
 
     root = tmp_path_factory.mktemp("evaluate")
     shutil.copyfile(mlflow_db_template, root / "mlflow.db")  # skip the schema migrations
     cfg = _cfg(root)
     up: dict[str, Any] = {"ingest": ingest.run(cfg)}
-    up["train_tokenizer"] = train_tokenizer.run(cfg, up)
+    up["train_tokenizer"] = make_tokenizer(cfg)
     up["tokenize"] = tokenize.run(cfg, up)
     up["train_stackformer"] = train_stackformer.run(cfg, up)
     return {"root": root, "cfg": cfg, "upstream": up}
@@ -150,8 +150,9 @@ def test_a_complete_evaluation_is_a_cache_hit(trained: dict[str, Any], evaluated
     t0 = time.perf_counter()
     again = evaluate.run(trained["cfg"], trained["upstream"])
     assert again == evaluated and time.perf_counter() - t0 < 10
-    # upstream outputs are found in the run root when the caller passes none
-    assert evaluate.cached(trained["cfg"], {}) == evaluated
+    # upstream outputs are found in the run root when the caller does not pass them (the hand-made
+    # tokenizer is not in the run root, so it is passed)
+    assert evaluate.cached(trained["cfg"], {"train_tokenizer": trained["upstream"]["train_tokenizer"]}) == evaluated
 
 
 def test_a_killed_evaluation_resumes_at_the_next_sample_batch(trained: dict[str, Any], monkeypatch) -> None:

@@ -183,6 +183,7 @@ def test_fashion_mnist_downloads_when_no_local_copy_exists(make_run_root, tmp_pa
         run(config(make_run_root("b"), "data.max_images=10"), {})
 
 
+@pytest.mark.slow  # a real `mqgen` process: imports, Prefect's ephemeral API, MLflow (most of its minute)
 def test_cli_runs_ingest_alone_on_an_image_folder(tmp_path: Path, mlflow_db_template: Path) -> None:
     src = _image_folder(tmp_path / "images", per_class=4)
     root = tmp_path / "run"
@@ -210,3 +211,14 @@ def test_prefect_task_retries_transient_failures_but_not_bad_data() -> None:
     assert _retry_unless_bad_data(ingest_task, None, Failed(data=RuntimeError("worker process died")))
     assert not _retry_unless_bad_data(ingest_task, None, Failed(data=IngestError("3 of 4 inputs are bad")))
     assert not _retry_unless_bad_data(ingest_task, None, Failed(data=SourceError("data.path missing")))
+
+
+def test_shards_roll_over_at_the_byte_limit(run_root: Path) -> None:
+    out = run(config(run_root, "data.source=digits", "data.max_images=100", "data.shard_max_bytes=65536"), {})
+    shards = ShardSet.from_output(out, verify=True)
+    train = shards.manifest["splits"]["train"]["shards"]
+    assert len(train) > 1 and all(s["num_bytes"] <= 65536 for s in train)
+    assert [s["name"] for s in train] == [f"train-{i:06d}.tar" for i in range(len(train))]
+    assert sum(s["num_samples"] for s in train) == 100
+    keys = [s.key for s in shards.iter_samples("train")]
+    assert keys == [f"train_{i:08d}" for i in range(100)]  # in order across the rolled-over parts

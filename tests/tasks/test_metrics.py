@@ -26,7 +26,15 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 N = 600  # images per compared set
 EXTRACTOR = "classifier-fashion-mnist-test"
 
-pytestmark = pytest.mark.skipif(not FMNIST_DIR.is_dir(), reason="Debian package dataset-fashion-mnist missing")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Small convolutions run fastest on one thread, and intra-op threads crawl on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -39,6 +47,8 @@ def read_idx(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def fmnist() -> dict[str, torch.Tensor]:
     """The first 6,000 train and 3,000 test images (uint8 [N, 1, 28, 28]) with their labels."""
+    if not FMNIST_DIR.is_dir():
+        pytest.skip("Debian package dataset-fashion-mnist missing (make setup installs it)")
     out = {}
     for split, stem, n in (("train", "train", 6000), ("test", "t10k", 3000)):
         x = read_idx(FMNIST_DIR / f"{stem}-images-idx3-ubyte.gz")[:n]
@@ -51,22 +61,17 @@ def fmnist() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def extractor(fmnist: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPathFactory) -> mx.Extractor:
     """A width-8 classifier trained for 150 steps (seconds on a CPU), saved, loaded back, registered."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        net = mx.ClassifierNet(mx.ClassifierNetConfig(in_channels=1, image_size=28, num_classes=10, width=8))
-        g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = mx.ClassifierNet(mx.ClassifierNetConfig(in_channels=1, image_size=28, num_classes=10, width=8))
+    g = torch.Generator().manual_seed(0)
 
-        def batches():
-            while True:
-                i = torch.randint(0, fmnist["train_x"].shape[0], (128,), generator=g)
-                yield fmnist["train_x"][i], fmnist["train_y"][i]
+    def batches():
+        while True:
+            i = torch.randint(0, fmnist["train_x"].shape[0], (128,), generator=g)
+            yield fmnist["train_x"][i], fmnist["train_y"][i]
 
-        train_steps(net, batches(), max_steps=150, lr=5e-3, weight_decay=0.0, device=torch.device("cpu"))
-        val = evaluate_accuracy(net, [(fmnist["test_x"][:1000], fmnist["test_y"][:1000])], torch.device("cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    train_steps(net, batches(), max_steps=150, lr=5e-3, weight_decay=0.0, device=torch.device("cpu"))
+    val = evaluate_accuracy(net, [(fmnist["test_x"][:1000], fmnist["test_y"][:1000])], torch.device("cpu"))
     assert val["val_accuracy"] > 0.6, val  # class-discriminative enough for IS to mean something
     path = tmp_path_factory.mktemp("extractor") / "model.safetensors"
     sha = mx.save_classifier(net, path, meta={"val_accuracy": val["val_accuracy"]})
@@ -250,3 +255,56 @@ def test_pixel_metrics() -> None:
     assert torch.allclose(mx.psnr_per_image(torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.1)),
                           torch.tensor([20.0]))
     assert mx.code_stats(torch.tensor([5.0, 5.0, 0.0, 0.0])) == pytest.approx({"perplexity": 2.0, "usage": 0.5})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_metrics_match_the_cpu_and_training_sampling_decoding_run_on_the_device(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    from infra.config import mqvae_config, resolve, stackformer_config
+    from models.mqvae import MQVAE
+    from models.stackformer import Stackformer
+    from tasks import evaluate
+
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+
+    def smooth(n: int) -> torch.Tensor:
+        x = F.interpolate(torch.rand(n, 1, 4, 4, generator=g), size=(16, 16), mode="bilinear")
+        return (x * 255).round().to(torch.uint8)
+
+    # train_evaluator's loop and accuracy on the device
+    torch.manual_seed(0)
+    net = mx.ClassifierNet(mx.ClassifierNetConfig(in_channels=1, image_size=16, num_classes=10, width=8))
+    images, labels = smooth(256), torch.arange(256) % 10
+    train_steps(net, iter([(images[i:i + 64], labels[i:i + 64]) for i in range(0, 256, 64)]), max_steps=4,
+                lr=1e-3, weight_decay=0.0, device=dev)
+    assert next(net.parameters()).device.type == "cuda"
+    assert 0 <= evaluate_accuracy(net, [(images, labels)], dev)["val_accuracy"] <= 1
+    path = tmp_path / "c.safetensors"
+    sha = mx.save_classifier(net, path)
+    ext = mx.classifier_extractor("classifier-cuda-test", path, sha, source="test")
+    # torch-fidelity on CUDA (picked automatically) agrees with the CPU (TF32 convolutions: 2 % tolerance)
+    a, b = smooth(300), smooth(300)
+    ref = mx.Reference(set_hash="cuda", images=mx.ImageSet(b), num_images=300)
+    on_gpu = mx.compute_metrics(a, ext, reference=ref, kid_subsets=10, cache_root=tmp_path / "cache")
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        on_cpu = mx.compute_metrics(a, ext, reference=ref, kid_subsets=10)
+    assert set(on_gpu) == set(on_cpu) == {"fid", "kid_mean", "kid_std", "isc_mean", "isc_std"}
+    for k in on_cpu:
+        assert on_gpu[k] == pytest.approx(on_cpu[k], rel=2e-2, abs=1e-3), k
+    # the stage's sampling, decoding, reconstruction and classification on the device
+    cfg = resolve("tiny")
+    model = Stackformer(stackformer_config(cfg, num_classes=10)).to(dev).eval()
+    tok = MQVAE(mqvae_config(cfg)).to(dev).eval()
+    lab = torch.arange(16) % 10
+    b1, b2 = (evaluate.sample_batch(model, tok, 16, lab, cfg, torch.Generator(device=dev).manual_seed(3), dev)
+              for _ in range(2))
+    assert b1.images.dtype == torch.uint8 and b1.images.shape == (16, 1, 16, 16) and b1.images.device.type == "cpu"
+    assert torch.equal(b1.images, b2.images) and torch.equal(b1.codes, b2.codes)  # a seed fixes the batch
+    assert b1.sample_seconds > 0 and b1.decode_seconds > 0
+    recon, keep, counts, pix = evaluate.reconstruct(tok, b1.images, 8, dev)
+    assert recon.shape == b1.images.shape and keep.shape == (16, 64) and counts.sum() == 16 * 32
+    assert 0 <= pix["recon_l1"] <= 1
+    assert mx.classify(net.to(dev), b1.images).shape == (16,)

@@ -198,6 +198,12 @@ def test_mlflow_run_has_counts_throughput_and_artifacts(stage: dict[str, Any]) -
     assert Image.open(io.BytesIO(png)).size[0] > 100
 
 
+def test_upstream_outputs_are_found_in_the_run_root(stage: dict[str, Any]) -> None:
+    """``mqgen run --only tokenize``: no references passed, the cached ingest and tokenizer outputs are used."""
+    assert tk.cached(stage["cfg"], {}) == stage["out"]
+    assert tk.run(stage["cfg"], {}) == stage["out"]
+
+
 def test_missing_upstream_names_the_stage_to_run(stage: dict[str, Any], tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
     with pytest.raises(RuntimeError, match="run the ingest stage first"):

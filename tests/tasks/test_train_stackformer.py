@@ -47,7 +47,8 @@ def single_thread():
 
 def _cfg(root: Path, *extra: str):
     return resolve("tiny", overrides=[
-        f"run.root={root}", "data.source=digits", "data.min_shards=1", "ray.num_workers=2", "ray.max_failures=1",
+        f"run.root={root}", "data.source=digits", "data.min_shards=1", "ray.num_workers=2",
+        "ray.max_failures=1",
         "tokenizer.max_steps=8", "tokenizer.eval_every=8", "tokenizer.checkpoint_every=8",
         "stackformer.lr=0.005", f"stackformer.max_steps={MAX_STEPS}", f"stackformer.eval_every={EVAL_EVERY}",
         f"stackformer.checkpoint_every={CKPT_EVERY}", "stackformer.keep_checkpoints=3", *extra])
@@ -95,7 +96,8 @@ def _history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
-def _expected_order(num_records: int, rank: int, world: int, batch: int, seed: int, steps: int) -> dict[int, list[int]]:
+def _expected_order(num_records: int, rank: int, world: int, batch: int, seed: int, steps: int
+                    ) -> dict[int, list[int]]:
     """Indices of the batch each step reads, straight from torch's DistributedSampler (step n is 1-based)."""
     sampler = DistributedSampler(range(num_records), num_replicas=world, rank=rank, shuffle=True, seed=seed)
     per_epoch = len(sampler) // batch
@@ -155,7 +157,8 @@ def test_stackformer_learns_resumes_in_order_and_logs(inputs: dict[str, Any], tm
                 "val_pos_ce", "val_bits_per_image", "val_sample_raster_share"):
         hist = _history(client, ref.mlflow_run_id, key)
         steps = [s for s, _ in hist]
-        assert hist and len(steps) == len(set(steps)) and steps == sorted(steps), key  # no duplicates on resume
+        # no duplicate steps although steps 25..30 ran twice
+        assert hist and len(steps) == len(set(steps)) and steps == sorted(steps), key
     assert all(v > 0 for _, v in _history(client, ref.mlflow_run_id, "tokens_per_s"))
     loss = _history(client, ref.mlflow_run_id, "train_loss")
     assert loss[-1][1] < 0.8 * loss[0][1], loss
@@ -176,9 +179,9 @@ def test_stackformer_learns_resumes_in_order_and_logs(inputs: dict[str, Any], tm
 
     model = ts.build_model(ref)
     assert isinstance(model, Stackformer) and not model.training
-    codes, positions, labels, _ = ts.sample_sequences(model, 4, num_classes=ref.num_classes,
-                                                      code_params=SamplingParams(), pos_params=SamplingParams(),
-                                                      generator=torch.Generator().manual_seed(0))
+    codes, positions, labels, _ = ts.sample_sequences(
+        model, 4, num_classes=ref.num_classes, code_params=SamplingParams(), pos_params=SamplingParams(),
+        generator=torch.Generator().manual_seed(0))
     assert labels is not None and labels.tolist() == [0, 1, 2, 3]
     assert (positions.diff(dim=1) > 0).all()
     with torch.no_grad():
@@ -203,11 +206,12 @@ def test_fullgrid_baseline_trains_through_the_same_stage(inputs: dict[str, Any])
     model = ts.build_model(ref)
     assert isinstance(model, FullGridTransformer) and model.config.seq_len == 64
     client = Tracker(root, "mqgen").client
-    assert [a.path for a in client.list_artifacts(ref.mlflow_run_id, "samples")] == ["samples/step_00000012.png"]
+    samples = [a.path for a in client.list_artifacts(ref.mlflow_run_id, "samples")]
+    assert samples == ["samples/step_00000012.png"]
     assert ref.key != ts.stage_key(inputs["cfg"], inputs["upstream"]["tokenize"])
 
 
-# --------------------------------------------------------------------------------------------- before training
+# ------------------------------------------------------------------------------------------ before training
 
 
 @pytest.mark.slow
@@ -284,7 +288,8 @@ def test_class_conditional_model_overfit_on_two_classes_samples_each_class() -> 
     cells = mc.grid_size ** 2
     codes = torch.randint(0, mc.codebook_size, (2, mc.seq_len), generator=g)
     positions = torch.stack([torch.randperm(cells, generator=g)[:mc.seq_len].sort().values for _ in range(2)])
-    batch = ts.Batch(codes.repeat(4, 1), positions.repeat(4, 1), torch.tensor([0, 1]).repeat(4), torch.arange(8))
+    labels = torch.tensor([0, 1]).repeat(4)
+    batch = ts.Batch(codes.repeat(4, 1), positions.repeat(4, 1), labels, torch.arange(8))
     s = cfg.stackformer
     trainer = ts.StackformerTrainer(model, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps,
                                     max_steps=s.max_steps, grad_clip=s.grad_clip, device=CPU)
@@ -293,7 +298,8 @@ def test_class_conditional_model_overfit_on_two_classes_samples_each_class() -> 
     assert float(logs["loss"]) < 0.01
     nucleus = SamplingParams(top_p=0.9)
     got, got_pos, labels, share = ts.sample_sequences(model, 16, num_classes=2, code_params=nucleus,
-                                                      pos_params=nucleus, generator=torch.Generator().manual_seed(0))
+                                                      pos_params=nucleus,
+                                                      generator=torch.Generator().manual_seed(0))
     assert labels is not None and labels.tolist() == [0, 1] * 8
     for i, label in enumerate(labels.tolist()):
         assert torch.equal(got[i], codes[label]) and torch.equal(got_pos[i], positions[label]), i
@@ -305,14 +311,14 @@ def test_baseline_and_stackformer_come_from_one_config_and_train_with_one_traine
     full_cfg = resolve("tiny", overrides=["tokenizer.keep_ratio=1.0", "stackformer.model=fullgrid"])
     sf, fg = stackformer_config(base, num_classes=10), fullgrid_config(full_cfg, num_classes=10)
     assert fg.n_layer == sf.n_layer_code + sf.n_layer_pos and (fg.n_embd, fg.n_head) == (sf.n_embd, sf.n_head)
-    assert (fg.codebook_size, fg.grid_size, fg.num_classes, fg.seq_len) == (sf.codebook_size, sf.grid_size, 10,
-                                                                           sf.seq_len)
+    assert (fg.codebook_size, fg.grid_size, fg.num_classes) == (sf.codebook_size, sf.grid_size, 10)
+    assert fg.seq_len == sf.seq_len
     no_labels = resolve("tiny", overrides=["stackformer.conditional=false"])
     assert stackformer_config(no_labels, num_classes=10).num_classes == 0
 
     g = torch.Generator().manual_seed(0)
     cells = sf.grid_size ** 2
-    codes = torch.randint(0, 4, (16, cells), generator=g).sort(dim=1).values  # learnable: sorted runs of codes
+    codes = torch.randint(0, 4, (16, cells), generator=g).sort(dim=1).values  # learnable: sorted code runs
     batch = ts.Batch(codes, torch.arange(cells).expand(16, -1), torch.arange(16) % 10, torch.arange(16))
     for kind, mc in (("stackformer", sf), ("fullgrid", fg)):
         torch.manual_seed(0)
