@@ -257,7 +257,7 @@ def train_loop(lc: dict[str, Any]) -> None:
 
 
 def stage_key(cfg: PipelineConfig, ingest_manifest_sha256: str) -> str:
-    return stable_hash({"stage": STAGE, "version": VERSION, "tokenizer": cfg.tokenizer,
+    return stable_hash({"stage": STAGE, "version": VERSION, "tokenizer": to_dict(cfg.tokenizer),
                         "image_size": cfg.data.image_size, "channels": cfg.data.channels, "seed": cfg.seed,
                         "ingest": ingest_manifest_sha256})
 
@@ -318,9 +318,9 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     parent = upstream.get("_parent_run_id")
     srun = tracker.stage_run(STAGE, key, params={"tokenizer": to_dict(cfg.tokenizer), "seed": cfg.seed,
-                                                 "image_size": cfg.data.image_size, "channels": cfg.data.channels,
-                                                 "num_workers": cfg.ray.num_workers},
-                             tags={"mqgen.ingest_manifest_sha256": ingest.manifest_sha256,
+                                                 "image_size": cfg.data.image_size, "channels": cfg.data.channels},
+                             tags={"mqgen.num_workers": str(cfg.ray.num_workers),
+                                   "mqgen.ingest_manifest_sha256": ingest.manifest_sha256,
                                    "mqgen.ingest_run_id": ingest.mlflow_run_id, "mqgen.ray_run": ray_name},
                              parent_run_id=parent)
     lc = {"config": cfg.to_dict(), "key": key, "tracking_uri": tracker.uri, "mlflow_run_id": srun.run_id,
