@@ -18,6 +18,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configurations.")
 app.add_typer(config_app, name="config")
 
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story (no traceback): bad input data, refused artifacts, config."""
+    from infra.storage import UnsafeCheckpointError
+
+    errors: list[type[BaseException]] = [ConfigError, UnsafeCheckpointError]
+    for module, name in (("tasks.ingest", "IngestError"), ("infra.shards", "ShardIntegrityError"),
+                         ("infra.tokens", "TokenFormatError"), ("infra.metrics", "MetricsUnavailable")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
 PRESET_HELP = f"Preset: {', '.join(PRESETS)}."
 STAGE_HELP = f"Stage: {', '.join(STAGES)}."
 
@@ -64,11 +78,15 @@ def run(
     except ValueError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    KNOWN_ERRORS = _known_errors()
     try:
         refs = run_pipeline(cfg, only=only, from_stage=from_stage)
     except StageNotImplemented as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(3) from None
+    except KNOWN_ERRORS as e:  # bad data, bad checkpoints, mismatched inputs: the message says what to do
+        typer.secho(f"error ({type(e).__name__}): {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
     typer.echo(json.dumps({k: getattr(v, "to_dict", lambda v=v: v)() for k, v in refs.items()}, indent=2,
                           default=str))
 

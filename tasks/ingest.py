@@ -170,6 +170,12 @@ def _local_root(root: str) -> Path:
     return Path(root).expanduser()
 
 
+def cached(cfg: PipelineConfig, upstream: dict[str, Any] | None = None) -> IngestOutput | None:
+    """The complete, verified ingest output for ``cfg`` if there is one (no work done otherwise)."""
+    key = stage_key(cfg)
+    return _cached(stage_dir(_local_root(cfg.run.root), STAGE, key), key)
+
+
 def _cached(out: Path, key: str) -> IngestOutput | None:
     if not out.exists():
         return None
@@ -257,6 +263,9 @@ def _ingest(cfg: PipelineConfig, root: Path, key: str, out: Path, force: bool,
         tracked.finish("FAILED")
         raise
     tracked.finish("FINISHED")
+    if stats.skipped or stats.ignored:
+        log.info("ingest %s: skipped %s; ignored %s (examples in %s)", key, _fmt_counts(stats.skipped),
+                 _fmt_counts(stats.ignored), out / MANIFEST_NAME)
     log.info("ingest %s: %d train + %d val samples in %d shards, %d skipped, %.1f s (%.0f images/s) -> %s",
              key, manifest["splits"]["train"]["num_samples"], manifest["splits"]["val"]["num_samples"],
              manifest["totals"]["num_shards"], stats.num_skipped, seconds, metrics["images_per_s"], out)
