@@ -30,9 +30,10 @@ import math
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from torch.utils.data import Dataset
 FEATURES = "features"  # the classifier's penultimate layer (FID, KID)
 LOGITS = "logits"  # the classifier's class logits (IS)
 CLASSIFIER_FORMAT = "mqgen.classifier/1"
+FEATURES_VERSION = "1"  # bump when the extractors' input conversion changes (it names the cached features)
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -176,7 +178,7 @@ def load_classifier(path: str | Path, expected_sha256: str | None = None) -> tup
         if header.get("format") != CLASSIFIER_FORMAT:
             raise ValueError(f"{path} is not an mqgen evaluator classifier (format {header.get('format')!r}, "
                              f"expected {CLASSIFIER_FORMAT!r})")
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
     net = ClassifierNet(ClassifierNetConfig(**json.loads(header["config"])))
     net.load_state_dict(state, strict=True)
     net.requires_grad_(False)
@@ -362,7 +364,7 @@ def inception_extractor(weights: str | None, download: bool = False) -> Extracto
             try:
                 torch.hub.download_url_to_file(INCEPTION_URL, str(path), hash_prefix=INCEPTION_HASH_PREFIX,
                                                progress=False)
-            except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+            except Exception as e:  # any download failure gets the same advice
                 raise InceptionWeightsMissing(inception_missing_message(
                     f"evaluate.inception_download=true could not fetch {INCEPTION_URL} ({type(e).__name__}: {e})"
                 )) from e
@@ -442,7 +444,7 @@ class Reference:
     num_images: int
 
     def cache_name(self, extractor: Extractor) -> str:
-        return f"ref-{self.set_hash}-w{extractor.weights_sha256[:12]}"
+        return f"ref-{self.set_hash}-w{extractor.weights_sha256[:12]}-v{FEATURES_VERSION}"
 
 
 def compute_metrics(images: torch.Tensor | Dataset, extractor: Extractor, *, reference: Reference | None = None,
@@ -470,11 +472,12 @@ def compute_metrics(images: torch.Tensor | Dataset, extractor: Extractor, *, ref
         raise ValueError(f"metrics need at least 2 images per set (got {n}"
                          f"{'' if reference is None else f' and {reference.num_images}'})")
     cuda = torch.cuda.is_available()
-    kwargs: dict[str, Any] = dict(
-        input1=data, feature_extractor=extractor.name, feature_extractor_weights_path=extractor.weights_path,
-        feature_layer_fid=extractor.feature_layer, feature_layer_kid=extractor.feature_layer,
-        fid=fid, kid=kid, isc=isc, cuda=cuda, batch_size=extractor.batch_size(cuda), save_cpu_ram=True,
-        verbose=verbose, cache=cache_root is not None, isc_splits=min(10, n))
+    kwargs: dict[str, Any] = {
+        "input1": data, "feature_extractor": extractor.name,
+        "feature_extractor_weights_path": extractor.weights_path, "feature_layer_fid": extractor.feature_layer,
+        "feature_layer_kid": extractor.feature_layer, "fid": fid, "kid": kid, "isc": isc, "cuda": cuda,
+        "batch_size": extractor.batch_size(cuda), "save_cpu_ram": True, "verbose": verbose,
+        "cache": cache_root is not None, "isc_splits": min(10, n)}
     if isc:
         kwargs["feature_layer_isc"] = extractor.logits_layer
     if cache_root is not None:

@@ -503,7 +503,7 @@ def decode_sample(sample: dict[str, Any], image_size: int | None = None, channel
         if not text.isdigit():
             raise ShardIntegrityError(f"{url}: sample {key!r} has label {text[:20]!r}")
         label = int(text)
-    return Sample(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), label, key)
+    return Sample(torch.from_numpy(arr.transpose(2, 0, 1).copy()), label, key)
 
 
 def _select_member(name: str) -> bool:
@@ -630,7 +630,11 @@ def read_shard(path: str | Path) -> Iterator[tuple[str, bytes, int]]:
             if item.reject is not None or "png" not in item.members:
                 raise ShardIntegrityError(f"{path}: sample {item.key!r}: {item.reject or 'no png'} {item.detail}")
             cls = item.members.get("cls")
-            yield item.key, item.members["png"], int(cls) if cls is not None else -1
+            try:
+                label = int(cls) if cls is not None else -1
+            except ValueError:
+                raise ShardIntegrityError(f"{path}: sample {item.key!r}: label {cls[:20]!r} is not an integer") from None
+            yield item.key, item.members["png"], label
         if reader.status != "ok":
             raise ShardIntegrityError(f"{path}: {reader.status}: {reader.detail}")
 

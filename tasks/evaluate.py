@@ -37,7 +37,7 @@ import logging
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -182,6 +182,7 @@ def _inputs(cfg: PipelineConfig, upstream: dict[str, Any], train: bool = True) -
     tokenizer = _ref("train_tokenizer", cfg, up)
     up["train_tokenizer"] = tokenizer
     model = _ref("train_stackformer", cfg, up)
+    check_compatible(model, tokenizer, tokenizer_config(tokenizer))
     extractor, why, evaluator = resolve_extractor(cfg, up, ingest, train=train)
     return Inputs(ingest, tokenizer, model, extractor, why, evaluator)
 
@@ -199,8 +200,7 @@ def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> EvaluateOutput | No
 
 def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False) -> EvaluateOutput:
     """Evaluate the trained model of ``cfg`` (or reuse a complete evaluation); see the module docstring."""
-    inputs = _inputs(cfg, upstream)  # fails fast: missing stages, missing Inception weights
-    check_compatible(inputs.model, inputs.tokenizer, tokenizer_config(inputs.tokenizer))
+    inputs = _inputs(cfg, upstream)  # fails fast: missing stages, mismatched models, missing Inception weights
     key = stage_key(cfg, inputs)
     out_dir = stage_dir(cfg.run.root, STAGE, key)
     if not force:
@@ -331,7 +331,7 @@ def _load_batch(path: Path, fingerprint: str, n: int) -> SampleBatch | None:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in f.keys()}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
         if meta.get("fingerprint") != fingerprint or t["images"].shape[0] != n:
             return None
         return SampleBatch(t["images"], t["codes"], t["positions"], t["labels"], float(meta["raster_share"]),
@@ -515,9 +515,16 @@ def make_pictures(out_dir: Path, *, samples: SampleBatch, num_classes: int, grid
 # --------------------------------------------------------------------------------------------- the run
 
 
-def _definitions(ext: str, *, n: int, n_ref: int, n_recon: int, model_kind: str, batch_size: int,
-                 device: str, feature_dim: int | None, val_accuracy: float | None) -> dict[str, str]:
-    feats = f"{ext} penultimate features" if feature_dim is None else f"{ext} features ({feature_dim}-d)"
+def _definitions(ext: Extractor | None, *, n: int, n_ref: int, n_recon: int, model_kind: str, batch_size: int,
+                 device: str, val_accuracy: float | None) -> dict[str, str]:
+    """One sentence per figure of evaluation.json, naming the feature extractor (never "Inception" unless it is)."""
+    name = ext.name if ext is not None else "the feature extractor"
+    if ext is None:
+        feats = f"{name}'s features"
+    elif ext.kind == "classifier":
+        feats = f"{name} penultimate features ({ext.feature_dim}-d)"
+    else:
+        feats = f"{name} pool features ({ext.feature_dim}-d)"
     acc = f" (the classifier's own held-out accuracy is {val_accuracy:.3f})" if val_accuracy is not None else ""
     return {
         "fid": f"Frechet distance between Gaussian fits of the {feats} of the {n} samples and of the first {n_ref} "
@@ -525,12 +532,12 @@ def _definitions(ext: str, *, n: int, n_ref: int, n_recon: int, model_kind: str,
         "kid_mean": f"Kernel distance (unbiased MMD^2, cubic polynomial kernel) between the {feats} of the samples "
                     f"and of the val images, mean over 100 random subsets of min(1000, n) (lower is better).",
         "kid_std": "Standard deviation of the kernel distance over its 100 subsets.",
-        "isc_mean": f"exp(E_x KL(p(y|x) || p(y))) from the {ext} logits of the samples, mean over min(10, n) splits "
+        "isc_mean": f"exp(E_x KL(p(y|x) || p(y))) from the {name} logits of the samples, mean over min(10, n) splits "
                     "(higher is better: confident and diverse classes; at most the number of classes).",
         "isc_std": "Standard deviation of that score over its splits.",
         "reference_isc_mean": "The same score on the reference val images themselves: what real data reaches "
-                              f"under {ext}.",
-        "sample_class_accuracy": f"Share of class-conditional samples that {ext} assigns to their conditioning "
+                              f"under {name}.",
+        "sample_class_accuracy": f"Share of class-conditional samples that {name} assigns to their conditioning "
                                  f"class{acc}.",
         "rfid": f"Frechet distance between the {feats} of the tokenizer's reconstructions of the first {n_recon} val "
                 f"images and of the first {n_ref} val images (lower is better).",
@@ -555,7 +562,7 @@ def _definitions(ext: str, *, n: int, n_ref: int, n_recon: int, model_kind: str,
         "generation_images_per_s": "Images per second of sampling plus decoding.",
         "sampling_seconds": "Seconds spent sampling tokens for all samples.",
         "decode_seconds": "Seconds spent decoding all samples.",
-        "evaluator_val_accuracy": f"Held-out top-1 accuracy of the {ext} classifier on the val split.",
+        "evaluator_val_accuracy": f"Held-out top-1 accuracy of the {name} classifier on the val split.",
     }
 
 
@@ -672,9 +679,8 @@ def _evaluate(cfg: PipelineConfig, upstream: dict[str, Any], inputs: Inputs, key
 
         # 5. evaluation.json
         ev = inputs.evaluator
-        definitions = _definitions(ext_name or "the extractor", n=n, n_ref=n_ref, n_recon=n_recon,
-                                   model_kind=model_ref.model, batch_size=e.batch_size, device=device.type,
-                                   feature_dim=ext.feature_dim if ext else None,
+        definitions = _definitions(ext, n=n, n_ref=n_ref, n_recon=n_recon, model_kind=model_ref.model,
+                                   batch_size=e.batch_size, device=device.type,
                                    val_accuracy=ev.val_accuracy if ev is not None else None)
         figures = {name: values.get(name) for name in definitions}
         report = {

@@ -282,7 +282,7 @@ def _upstream(cfg: PipelineConfig, upstream: dict[str, Any]) -> tuple[TokenizerO
     from tasks import ingest as ingest_stage
     from tasks import train_tokenizer
 
-    ingest = upstream.get("ingest") or _cached_ingest(cfg, ingest_stage)
+    ingest = upstream.get("ingest") or ingest_stage.cached(cfg)
     if ingest is None:
         raise RuntimeError("tokenize needs the ingest output for this config: run the ingest stage first "
                            "(mqgen run --only ingest ...) or the whole pipeline")
@@ -295,17 +295,6 @@ def _upstream(cfg: PipelineConfig, upstream: dict[str, Any]) -> tuple[TokenizerO
         raise ValueError(f"the tokenizer takes {mc['resolution']}px images with {mc['in_channels']} channel(s) but "
                          f"the ingest output {ingest.path} holds {ingest.image_size}px with {ingest.channels}")
     return tokenizer, ingest
-
-
-def _cached_ingest(cfg: PipelineConfig, ingest_stage: Any) -> Any:
-    """The complete ingest output for ``cfg``, or None; never ingests anything."""
-    finder = getattr(ingest_stage, "cached", None)
-    if finder is not None:
-        return finder(cfg)
-    # tasks.ingest has no cached() yet: its run() is a verified cache hit when the manifest (the commit
-    # marker) exists, so call it only then
-    manifest = stage_dir(cfg.run.root, "ingest", ingest_stage.stage_key(cfg)) / "manifest.json"
-    return ingest_stage.run(cfg) if manifest.is_file() else None
 
 
 def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False, *,

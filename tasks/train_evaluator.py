@@ -20,9 +20,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -178,11 +179,7 @@ def cached_ingest(cfg: PipelineConfig) -> Any:
     """The complete ingest output for ``cfg`` in the run root, or None (never ingests anything)."""
     from tasks import ingest as ingest_stage
 
-    finder = getattr(ingest_stage, "cached", None)
-    if finder is not None:
-        return finder(cfg)
-    manifest = stage_dir(cfg.run.root, "ingest", ingest_stage.stage_key(cfg)) / "manifest.json"
-    return ingest_stage.run(cfg) if manifest.is_file() else None  # complete: run() is a verified cache hit
+    return ingest_stage.cached(cfg)
 
 
 def _ingest_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:

@@ -7,6 +7,7 @@ rank, trains MQ-VAE and the PatchGAN discriminator, validates, and reports verif
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -47,16 +48,21 @@ class TokenizerOutput(Ref):
 class TokenizerTrainer:
     """The optimisation logic of one step (no Ray, no I/O), shared by the stage and the benchmarks.
 
-    One model forward per batch (one EMA codebook update), then the autoencoder step, then the
-    discriminator step on the detached reconstruction once the GAN is active.
+    Per micro-batch one model forward (one EMA codebook update), then the autoencoder step, then the
+    discriminator step on the detached reconstructions once the GAN is active. With ``grad_accum > 1``
+    the batch is split into that many micro-batches whose gradients are accumulated (DDP all-reduces
+    only on the last one).
     """
 
     def __init__(self, model: MQVAE, loss: VQGANLoss, *, lr: float, warmup_steps: int, max_steps: int,
-                 device: torch.device, ddp_model: torch.nn.Module | None = None,
+                 device: torch.device, ddp_model: torch.nn.Module | None = None, grad_accum: int = 1,
                  sync_disc_grads: Callable[[torch.nn.Module], None] = lambda m: None):
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.model, self.loss, self.device = model, loss, device
         self.forward_model = ddp_model if ddp_model is not None else model
         self.sync_disc_grads = sync_disc_grads
+        self.grad_accum = grad_accum
         self.base_lr, self.warmup_steps, self.max_steps = lr, warmup_steps, max_steps
         ae_params = [p for p in model.parameters() if p.requires_grad]
         self.opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=(0.5, 0.9))
@@ -66,36 +72,49 @@ class TokenizerTrainer:
         """Warmup + cosine, a pure function of the step (nothing to restore on resume)."""
         return self.base_lr * warmup_cosine(step, self.warmup_steps, self.max_steps)
 
+    def _no_sync(self, last: bool) -> Any:
+        no_sync = getattr(self.forward_model, "no_sync", None)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
     def step(self, x: torch.Tensor, step: int) -> dict[str, float]:
-        """One training step on images ``x`` in [-1, 1]; returns detached float logs."""
+        """One optimiser step on images ``x`` in [-1, 1]; returns detached float logs (micro-batch means)."""
         self.model.train()
         self.loss.train()
         lr = self.lr_at(step)
         for opt in (self.opt_ae, self.opt_d):
             for group in opt.param_groups:
                 group["lr"] = lr
+        chunks = x.chunk(self.grad_accum)
+        n = len(chunks)
         disc = self.loss.discriminator
         disc.requires_grad_(False)  # the generator loss must not produce discriminator gradients
-        with autocast(self.device):
-            out = self.forward_model(x)
-            total, logs = self.loss.generator_loss(x, out.reconstruction.float(), out.quant_loss,
-                                                   self.model.last_layer, step)
         self.opt_ae.zero_grad(set_to_none=True)
-        total.backward()
+        sums: dict[str, float] = {}
+        recons = []
+        for i, xc in enumerate(chunks):
+            with self._no_sync(i == n - 1), autocast(self.device):
+                out = self.forward_model(xc)
+                total, logs = self.loss.generator_loss(xc, out.reconstruction.float(), out.quant_loss,
+                                                       self.model.last_layer, step)
+                (total / n).backward()
+            recons.append(out.reconstruction.detach().float())
+            logs["perplexity"] = out.perplexity.detach()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / n
         self.opt_ae.step()
         disc.requires_grad_(True)
-        result = {k: float(v) for k, v in logs.items()}
         if self.loss.is_gan_active(step):
-            with autocast(self.device):
-                d_loss, d_logs = self.loss.discriminator_loss(x, out.reconstruction.detach().float(), step)
             self.opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
+            for xc, rc in zip(chunks, recons):
+                with autocast(self.device):
+                    d_loss, d_logs = self.loss.discriminator_loss(xc, rc, step)
+                (d_loss / n).backward()
+                for k, v in d_logs.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / n
             self.sync_disc_grads(disc)
             self.opt_d.step()
-            result.update({k: float(v) for k, v in d_logs.items()})
-        result["perplexity"] = float(out.perplexity)
-        result["lr"] = lr
-        return result
+        sums["lr"] = lr
+        return sums
 
     def state_dict(self) -> dict[str, Any]:
         return {"opt_ae": self.opt_ae.state_dict(), "opt_d": self.opt_d.state_dict()}
@@ -172,7 +191,8 @@ def train_loop(lc: dict[str, Any]) -> None:
         start_step = restored.step
     ddp_model = w.prepare_model(model) if w.world_size > 1 else None
     trainer = TokenizerTrainer(model, loss, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
-                               device=w.device, ddp_model=ddp_model, sync_disc_grads=w.average_gradients)
+                               device=w.device, ddp_model=ddp_model, grad_accum=t.grad_accum,
+                               sync_disc_grads=w.average_gradients)
     local_batch = max(1, t.batch_size // w.world_size)
     # Per-rank randomness (dead-code restarts draw from it): deterministic in (seed, rank, step); rank 0
     # continues exactly from its saved RNG state.
