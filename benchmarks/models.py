@@ -24,11 +24,11 @@ per-round ratios. Both the wall clock and this process's CPU time are recorded; 
 process's CPU time equals its wall time on an idle machine, and it stays steady when other jobs share the
 cores, which inflates the wall clock by whatever share of the cores they take.
 
-Weights are random (``init_weights``) plus a fixed N(0, s^2) perturbation, s = 0.1 at the fmnist width 192
-and ``0.1 * sqrt(192 / n_embd)`` at other widths, so the step embedding is non-zero and the logits are
-moderately peaked (mean top-1 probability ~0.1) like a trained model's. A much larger perturbation (0.3 at
-width 192) blows up the residual stream, and float32 rounding then flips a draw between the cached and the
-uncached sampler within 256 steps. Widths, depths, codebook size and sampling parameters come from the
+Weights are random (``init_weights``) plus a fixed N(0, s^2) perturbation, ``s = 0.1 * sqrt(192 / n_embd)``
+(0.1 at width 192), so the step embedding is non-zero and the logits are moderately peaked (mean top-1
+probability ~0.1 at width 192) like a trained model's. A much larger perturbation (0.3 at width 192) blows up
+the residual stream, and float32 rounding then flips a draw between the cached and the uncached sampler
+within 256 steps. Widths, depths, codebook size and sampling parameters come from the
 preset's ``tokenizer``, ``stackformer`` and ``evaluate.sampling`` sections.
 
 Usage (the figures in docs/benchmarks.md)::
@@ -114,14 +114,14 @@ class Timings:
         r = self.rounds(clock)
         return statistics.median(a / b for a, b in zip(r[num], r[den], strict=True))
 
-    def summary(self, scale: float = 1.0) -> dict:
-        """Medians (seconds, times ``scale``) on both clocks and the raw rounds."""
+    def summary(self) -> dict:
+        """Median seconds on the headline clock and on both clocks, and the raw rounds."""
         return {"clock": self.clock,
-                "median_s": {n: round(self.median(n) * scale, 5) for n in self.wall},
-                "median_wall_s": {n: round(self.median(n, "wall") * scale, 5) for n in self.wall},
-                "median_cpu_s": {n: round(self.median(n, "cpu") * scale, 5) for n in self.wall},
-                "rounds_wall_s": {n: [round(t * scale, 4) for t in v] for n, v in self.wall.items()},
-                "rounds_cpu_s": {n: [round(t * scale, 4) for t in v] for n, v in self.cpu.items()}}
+                "median_s": {n: round(self.median(n), 5) for n in self.wall},
+                "median_wall_s": {n: round(self.median(n, "wall"), 5) for n in self.wall},
+                "median_cpu_s": {n: round(self.median(n, "cpu"), 5) for n in self.wall},
+                "rounds_wall_s": {n: [round(t, 4) for t in v] for n, v in self.wall.items()},
+                "rounds_cpu_s": {n: [round(t, 4) for t in v] for n, v in self.cpu.items()}}
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device, clock: str,
@@ -166,13 +166,14 @@ def step_fn(trainer: TokenizerTrainer, x: torch.Tensor, first_step: int) -> Call
 
 def bench_mqvae(args: argparse.Namespace, base: PipelineConfig, device: torch.device) -> dict:
     keep = base.tokenizer.keep_ratio
+    batch = args.batch or base.tokenizer.batch_size
     if keep == 1.0:
         raise SystemExit(f"preset {args.preset} has keep_ratio 1.0: nothing to compare")
     variants = {f"keep{keep:g}": {"keep_ratio": keep, "scorer": "learned"},
                 f"keep{keep:g}_random": {"keep_ratio": keep, "scorer": "random"},
                 "keep0.75": {"keep_ratio": 0.75, "scorer": "learned"},
                 "keep1": {"keep_ratio": 1.0, "scorer": "learned"}}
-    x = torch.rand(args.batch, base.data.channels, base.data.image_size, base.data.image_size,
+    x = torch.rand(batch, base.data.channels, base.data.image_size, base.data.image_size,
                    generator=torch.Generator().manual_seed(0)).mul_(2).sub_(1).to(device)
     fns: dict[str, Callable[[], object]] = {}
     params: dict[str, int] = {}
@@ -185,11 +186,12 @@ def bench_mqvae(args: argparse.Namespace, base: PipelineConfig, device: torch.de
         if not loss.is_gan_active(t.disc_start):
             raise SystemExit("the GAN never becomes active with this preset (disc_factor 0?)")
         trainer = TokenizerTrainer(model, loss, lr=t.lr, warmup_steps=t.warmup_steps,
-                                   max_steps=max(t.max_steps, t.disc_start + 1000), device=device)
+                                   max_steps=max(t.max_steps, t.disc_start + 1000), device=device,
+                                   grad_accum=t.grad_accum)
         params[name] = sum(p.numel() for p in model.parameters())
         fns[name] = step_fn(trainer, x, t.disc_start)
     log(f"[mqvae] TokenizerTrainer.step, preset {args.preset} ({base.data.image_size}px, "
-        f"{base.data.channels} ch, grid {mqvae_config(base).grid_size}), batch {args.batch}, GAN active; "
+        f"{base.data.channels} ch, grid {mqvae_config(base).grid_size}), batch {batch}, GAN active; "
         f"{args.warmup} warm-up + {args.mqvae_rounds} rounds x {args.mqvae_steps} steps per variant")
     for fn in fns.values():
         for _ in range(args.warmup):
@@ -207,7 +209,7 @@ def bench_mqvae(args: argparse.Namespace, base: PipelineConfig, device: torch.de
     log(f"  mqvae_step_ratio x{headline:.3f} "
         f"(target <= {MQVAE_TARGET:g}: {verdict(headline <= MQVAE_TARGET)})")
     return {"mqvae_step_ratio": headline, "target": MQVAE_TARGET, "pass": headline <= MQVAE_TARGET,
-            "batch": args.batch, "keep_ratio": keep, "variants": variants, "params": params,
+            "batch": batch, "keep_ratio": keep, "variants": variants, "params": params,
             "rounds": args.mqvae_rounds, "steps_per_round": args.mqvae_steps, "warmup_steps": args.warmup,
             "ratio_vs_keep1": ratios,
             "ratio_vs_keep1_wall": {k: round(t.ratio(k, "keep1", "wall"), 4) for k in ratios},
@@ -357,30 +359,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--preset", default="fmnist", help="config preset for every model (infra.config.PRESETS)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override on top of the preset (repeatable), e.g. stackformer.n_embd=192")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (CPU). 1 by default: on this shared 2-core machine two "
-                   "threads ran 5-10x slower and far noisier (see docs/benchmarks.md)")
+                   "threads ran up to ~30x slower and far noisier (see docs/benchmarks.md)")
     p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                    help="headline clock; auto = process CPU time on a CPU with 1 thread, else wall clock")
     p.add_argument("--only", choices=("mqvae", "kv", "fullgrid"), action="append",
                    help="run only these parts (repeatable); the JSON line then lacks the others' keys")
     g = p.add_argument_group("MQ-VAE training step")
-    g.add_argument("--batch", type=int, default=32, help="images per TokenizerTrainer.step")
-    g.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
-    g.add_argument("--mqvae-rounds", type=int, default=5)
-    g.add_argument("--mqvae-steps", type=int, default=1, help="timed steps per variant per round")
+    g.add_argument("--batch", type=int, default=None,
+                   help="images per TokenizerTrainer.step (default: the preset's tokenizer.batch_size)")
+    g.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    g.add_argument("--mqvae-rounds", type=int, default=12, help="interleaved timing rounds")
+    g.add_argument("--mqvae-steps", type=int, default=2, help="timed steps per variant per round")
     g = p.add_argument_group("Stackformer sampling")
     g.add_argument("--num-classes", type=int, default=10, help="classes of the class-conditional models "
                    "(0 = unconditional)")
-    g.add_argument("--kv-grid", type=int, default=16)
+    g.add_argument("--kv-grid", type=int, default=16, help="latent grid side of the KV-cache comparison")
     g.add_argument("--kv-keep", type=float, default=1.0, help="seq_len = round(kv_keep * kv_grid**2)")
-    g.add_argument("--kv-batch", type=int, default=4)
-    g.add_argument("--kv-rounds", type=int, default=2)
+    g.add_argument("--kv-batch", type=int, default=4, help="sequences per sample() call")
+    g.add_argument("--kv-rounds", type=int, default=3, help="interleaved timing rounds")
     g.add_argument("--kv-cached-calls", type=int, default=2, help="cached calls timed together per round")
     g.add_argument("--grid", type=int, default=16, help="latent grid side of the full-grid comparison")
     g.add_argument("--sample-batch", type=int, default=64, help="images per sample() call in the comparison")
     g.add_argument("--sample-warmup-batch", type=int, default=2, help="batch of the untimed warm-up calls")
-    g.add_argument("--sample-rounds", type=int, default=3)
+    g.add_argument("--sample-rounds", type=int, default=5, help="interleaved timing rounds")
     args = p.parse_args(argv)
     if args.clock == "auto":
         args.clock = "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
@@ -392,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    base = resolve(args.preset)
+    base = resolve(args.preset, overrides=args.overrides)
     parts = args.only or ["mqvae", "kv", "fullgrid"]
     started = time.perf_counter()
     load_start = load_average()
@@ -403,9 +408,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"headline clock: {args.clock}")
     result: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-                    "device_name": name,
-                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "clock": args.clock,
-                    "preset": args.preset, "argv": sys.argv[1:] if argv is None else argv}
+                    "device_name": name, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "clock": args.clock, "preset": args.preset, "overrides": args.overrides,
+                    "argv": sys.argv[1:] if argv is None else argv}
     if "mqvae" in parts:
         result["mqvae"] = bench_mqvae(args, base, device)
         result["mqvae_step_ratio"] = result["mqvae"]["mqvae_step_ratio"]

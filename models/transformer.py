@@ -67,8 +67,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``; with ``cache``, ``x`` is the tokens after the cached ones."""
         B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.qkv(x).split(C, dim=2))
+        # [B, T, 3C] -> three [B, H, T, D] views (one permute + unbind: fewer ops per decoding step than
+        # split + view + transpose, same strides and values).
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.attn_dropout if self.training else 0.0
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -78,8 +79,8 @@ class CausalSelfAttention(nn.Module):
             # Query i sits at absolute step past + i and may read keys 0..past + i. A single query reads all.
             mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        y = self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.resid_dropout(y) if self.training else y  # dropout is the identity in eval mode
 
 
 class MLP(nn.Module):
@@ -93,7 +94,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))
+        y = self.proj(self.act(self.fc(x)))
+        return self.dropout(y) if self.training else y  # dropout is the identity in eval mode
 
 
 class Block(nn.Module):

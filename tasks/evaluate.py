@@ -106,13 +106,8 @@ def _ref(stage: str, cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
     ref = upstream.get(stage)
     if ref is not None:
         return ref
-    from tasks.train_evaluator import cached_ingest
-
     try:
-        if stage == "ingest":
-            ref = cached_ingest(cfg)
-        else:
-            ref = importlib.import_module(f"tasks.{stage}").cached(cfg, upstream)
+        ref = importlib.import_module(f"tasks.{stage}").cached(cfg, upstream)
     except RuntimeError as e:  # the stages before it are missing too
         raise RuntimeError(f"{STAGE} needs the {stage} output for this config: run the {stage} stage first "
                            f"(mqgen run --only {stage} ...) or the whole pipeline. ({e})") from e
@@ -689,8 +684,9 @@ def _evaluate(cfg: PipelineConfig, upstream: dict[str, Any], inputs: Inputs, key
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "extractor": ext_name or None,
             "extractor_info": ext.to_dict() if ext is not None else {"unavailable": inputs.extractor_unavailable},
-            "n": {"samples": n, "reference": n_ref, "reconstructions": n_recon,
-                  "evaluator_val": ev.num_val if ev is not None else 0},
+            "n": n,  # generated images behind the sample figures
+            "set_sizes": {"samples": n, "reference": n_ref, "reconstructions": n_recon,
+                          "evaluator_val": ev.num_val if ev is not None else 0},
             "seeds": {"global": cfg.seed, "sampling": sampling_seed,
                       "rule": f"batch b (of {e.batch_size} samples) draws from torch.Generator seeded with "
                               "sampling + b; one untimed warm-up batch uses sampling - 1",

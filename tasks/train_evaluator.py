@@ -175,15 +175,10 @@ def load_output(out_dir: Path) -> EvaluatorOutput | None:
     return ref
 
 
-def cached_ingest(cfg: PipelineConfig) -> Any:
-    """The complete ingest output for ``cfg`` in the run root, or None (never ingests anything)."""
+def _ingest_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
     from tasks import ingest as ingest_stage
 
-    return ingest_stage.cached(cfg)
-
-
-def _ingest_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
-    ref = upstream.get("ingest") or cached_ingest(cfg)
+    ref = upstream.get("ingest") or ingest_stage.cached(cfg)
     if ref is None:
         raise RuntimeError(f"{STAGE} needs the ingest output for this config: run the ingest stage first "
                            "(mqgen run --only ingest ...) or run the whole pipeline")
@@ -275,7 +270,8 @@ def _train(cfg: PipelineConfig, upstream: dict[str, Any], ingest: Any, key: str,
         val = evaluate_accuracy(net, ((x, y) for x, y, _ in iter_eval_batches(val_shards, 500, ingest.channels,
                                                                               limit=c.num_val_images)), device)
         classes = shards.classes
-        per_class = {classes[i] if i < len(classes) else str(i): a for i, a in enumerate(val["per_class"])}
+        per_class = {classes[i] if i < len(classes) else str(i): (None if math.isnan(a) else a)  # None: no val image
+                     for i, a in enumerate(val["per_class"])}
         metrics = {"val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"],
                    "train_loss": train_logs.get("train_loss", math.nan),
                    "train_accuracy": train_logs.get("train_accuracy", math.nan), "train_seconds": train_seconds}

@@ -64,8 +64,8 @@ def test_a_truncated_shard_keeps_complete_samples_and_drops_the_partial_one(wher
     full = write_tar(tmp_path / "full.tar", sample_members(10))
     offsets = member_offsets(full)  # (name, header offset, data end) per member; 2 members per sample
     k = 6  # the sample the cut lands in
-    png_name, png_header, png_end = offsets[2 * k]
-    cls_name, cls_header, cls_end = offsets[2 * k + 1]
+    png_header = offsets[2 * k][1]
+    cls_header = offsets[2 * k + 1][1]
     cut = {"inside-data": png_header + 512 + 40, "inside-header": png_header + 100,
            "at-member-boundary": cls_header, "inside-cls": cls_header + 512}[where]
     cut_tar = write(tmp_path / "cut.tar", full.read_bytes()[:cut])
@@ -157,8 +157,8 @@ def test_an_oversized_member_is_skipped_without_being_kept(tmp_path: Path) -> No
     big = bytes(200_000)
     shard = write_tar(tmp_path / "x.tar", [*sample_members(2), ("big.png", big), ("big.cls", b"1"),
                                            *sample_members(1, start=5)])
-    reader = TarReader(open(shard, "rb"), max_member_bytes=100_000)
-    members = list(reader.members())
+    with open(shard, "rb") as f:
+        members = list(TarReader(f, max_member_bytes=100_000).members())
     assert [m.kind for m in members if m.name == "big.png"] == ["too_large"]
     assert all(m.data is None for m in members if m.name == "big.png")
     goods, skips, _ = _chunk_items(shard)

@@ -84,7 +84,7 @@ KILLED_RUN = textwrap.dedent("""
 
     def slow_write_shard(self, *args, **kwargs):  # leave time to be killed between commits
         write_shard(self, *args, **kwargs)
-        time.sleep(0.4)
+        time.sleep(0.25)
 
     TokenWriter.write_shard = slow_write_shard
     tk.run(from_dict(PipelineConfig, spec["cfg"]), {"ingest": IngestOutput.from_dict(spec["ingest"]),

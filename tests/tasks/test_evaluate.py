@@ -91,8 +91,9 @@ def test_evaluation_of_a_tiny_trained_pipeline_writes_a_complete_evaluation_json
     text = json.dumps({"definitions": report["definitions"], "extractor": report["extractor_info"]})
     assert "Inception" not in text.replace("Not Inception", "")
     assert "classifier-digits" in report["definitions"]["fid"]
-    assert report["n"] == {"samples": 40, "reference": up["ingest"].num_val, "reconstructions": 48,
-                           "evaluator_val": up["ingest"].num_val}
+    assert report["n"] == 40
+    assert report["set_sizes"] == {"samples": 40, "reference": up["ingest"].num_val, "reconstructions": 48,
+                                   "evaluator_val": up["ingest"].num_val}
     assert report["seeds"]["global"] == cfg.seed and isinstance(report["seeds"]["sampling"], int)
     # every figure has a definition and a value, or a reason it is unavailable
     metrics, unavailable = report["metrics"], report["unavailable"]

@@ -134,7 +134,7 @@ def test_reference_statistics_are_cached_under_the_given_root_by_set_hash_and_we
     first = mx.compute_metrics(fmnist["test_x"][N:2 * N], extractor, cache_root=cache, kid_subsets=5,
                                reference=mx.Reference(set_hash="abc123", images=mx.LazyImageSet(load), num_images=N))
     assert loads == [1]
-    name = f"ref-abc123-w{extractor.weights_sha256[:12]}"
+    name = f"ref-abc123-w{extractor.weights_sha256[:12]}-v{mx.FEATURES_VERSION}"
     files = sorted(p.name for p in cache.iterdir())
     assert files and all(f.startswith(f"{name}-{EXTRACTOR}-") for f in files), files
     lazy = mx.LazyImageSet(load)
