@@ -334,7 +334,7 @@ def _preset_tiny() -> dict[str, Any]:
             "n_layer_code": 2, "n_layer_pos": 2, "n_embd": 32, "n_head": 2, "dropout": 0.0, "batch_size": 16,
             "max_steps": 40, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 20,
         },
-        "evaluate": {"num_samples": 64, "batch_size": 32},
+        "evaluate": {"num_samples": 64, "batch_size": 32, "classifier": {"max_steps": 40, "width": 8}},
     }
 
 
