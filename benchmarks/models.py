@@ -37,8 +37,8 @@ Usage (the figures in docs/benchmarks.md)::
 
 The paper configuration on a GPU (bf16 autocast in the tokenizer step, as in the stage)::
 
-    .venv/bin/python benchmarks/models.py --device cuda --preset paper-f8 --batch 8 --kv-grid 32 \\
-        --kv-keep 0.25 --kv-batch 8 --grid 32 --sample-batch 64
+    .venv/bin/python benchmarks/models.py --device cuda --preset paper-f8 --num-classes 1000 --batch 8 \\
+        --kv-grid 32 --kv-keep 0.25 --kv-batch 8 --grid 32 --sample-batch 64
 """
 
 from __future__ import annotations
