@@ -109,6 +109,21 @@ class Ref:
         return cls(**d)
 
 
+def load_weights_ref(marker: str | Path, cls: type) -> Any:
+    """A stage reference (``cls``, with ``weights`` and ``sha256`` fields) read from its success marker,
+    or None when the marker is missing or unreadable, or the weights file is gone or altered."""
+    marker = Path(marker)
+    if not marker.is_file():
+        return None
+    try:
+        ref = cls.from_dict(read_json(marker))
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not Path(ref.weights).is_file() or sha256_file(ref.weights) != ref.sha256:
+        return None
+    return ref
+
+
 # --------------------------------------------------------------------------------------------- checkpoints
 
 

@@ -16,7 +16,6 @@ Unlabelled data (``num_classes == 0``) cannot train a classifier: :func:`run` ra
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -40,7 +39,7 @@ from infra.metrics import (
     save_classifier,
     to_classifier_input,
 )
-from infra.storage import Ref, atomic_write_json, file_lock, read_json, sha256_file, stage_dir
+from infra.storage import Ref, atomic_write_json, file_lock, stage_dir, load_weights_ref
 
 STAGE = "train_evaluator"
 VERSION = "1"  # bump when the training code changes what a given config produces
@@ -163,16 +162,7 @@ def stage_key(cfg: PipelineConfig, ingest_manifest_sha256: str) -> str:
 
 def load_output(out_dir: Path) -> EvaluatorOutput | None:
     """The stage output if ``out_dir`` holds a complete, verified result; None otherwise."""
-    marker = out_dir / SUCCESS
-    if not marker.is_file():
-        return None
-    try:
-        ref = EvaluatorOutput.from_dict(read_json(marker))
-    except (ValueError, TypeError, json.JSONDecodeError):
-        return None
-    if not Path(ref.weights).is_file() or sha256_file(ref.weights) != ref.sha256:
-        return None
-    return ref
+    return load_weights_ref(out_dir / SUCCESS, EvaluatorOutput)
 
 
 def _ingest_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:

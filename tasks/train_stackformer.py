@@ -51,7 +51,7 @@ from infra.config import (
     stackformer_config,
     to_dict,
 )
-from infra.storage import Ref, atomic_write_json, read_json, sha256_file, stage_dir
+from infra.storage import Ref, atomic_write_json, read_json, sha256_file, stage_dir, load_weights_ref
 from infra.tokens import TokenDataset, TokenFormatError
 from infra.training import Throughput, autocast, warmup_cosine
 from models.stackformer import (
@@ -606,13 +606,7 @@ def stage_key(cfg: PipelineConfig, tokens: Any) -> str:
 
 def load_output(out_dir: Path) -> StackformerOutput | None:
     """The stage output if ``out_dir`` holds a complete, verified result; None otherwise."""
-    marker = out_dir / SUCCESS
-    if not marker.is_file():
-        return None
-    ref = StackformerOutput.from_dict(read_json(marker))
-    if not Path(ref.weights).is_file() or sha256_file(ref.weights) != ref.sha256:
-        return None
-    return ref
+    return load_weights_ref(out_dir / SUCCESS, StackformerOutput)
 
 
 def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> StackformerOutput | None:

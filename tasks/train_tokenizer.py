@@ -18,7 +18,7 @@ import torch
 from prefect import task
 
 from infra.config import PipelineConfig, from_dict, loss_config, mqvae_config, stable_hash, to_dict
-from infra.storage import Ref, atomic_write_json, read_json, sha256_file, stage_dir
+from infra.storage import Ref, atomic_write_json, read_json, sha256_file, stage_dir, load_weights_ref
 from infra.training import Throughput, autocast, warmup_cosine
 from models.losses import VQGANLoss
 from models.mqvae import MQVAE
@@ -284,13 +284,7 @@ def stage_key(cfg: PipelineConfig, ingest_manifest_sha256: str) -> str:
 
 def load_output(out_dir: Path) -> TokenizerOutput | None:
     """The stage output if ``out_dir`` holds a complete, verified result; None otherwise."""
-    marker = out_dir / SUCCESS
-    if not marker.is_file():
-        return None
-    ref = TokenizerOutput.from_dict(read_json(marker))
-    if not Path(ref.weights).is_file() or sha256_file(ref.weights) != ref.sha256:
-        return None
-    return ref
+    return load_weights_ref(out_dir / SUCCESS, TokenizerOutput)
 
 
 def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> TokenizerOutput | None:
