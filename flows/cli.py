@@ -1,4 +1,4 @@
-"""The ``mqgen`` command line: ``run``, ``config show``."""
+"""The ``mqgen`` command line: ``run``, ``status``, ``grid``, ``compare``, ``serve``, ``config show``."""
 
 from __future__ import annotations
 
@@ -89,6 +89,70 @@ def run(
         raise typer.Exit(1) from None
     typer.echo(json.dumps({k: getattr(v, "to_dict", lambda v=v: v)() for k, v in refs.items()}, indent=2,
                           default=str))
+
+
+@app.command()
+def grid(
+    args: list[str] = typer.Argument(..., metavar="KEY=[V1,V2,...]... [KEY=VALUE]...",
+                                     help="Grid axes (lists) and fixed overrides, e.g. tokenizer.keep_ratio=[1.0,0.5]"),
+    preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+    name: str = typer.Option("", "--name", help="Name of the grid's MLflow parent run."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the comparison report here."),
+) -> None:
+    """Run an ablation grid: shared upstream stages once, the variants concurrently on Ray."""
+    from infra.config import expand_grid
+
+    try:
+        variants = expand_grid(preset, config, args)
+    except ConfigError as e:
+        typer.secho(f"config error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    _prepare_environment(variants[0].config)
+    typer.echo(f"grid: {len(variants)} variants: " + "; ".join(v.label for v in variants))
+    from flows.grid import run_grid
+
+    try:
+        result = run_grid(variants, name=name)
+    except _known_errors() as e:
+        typer.secho(f"error ({type(e).__name__}): {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps({"grid_run_id": result.grid_run_id, "variants": dict(zip(result.labels,
+                          result.variant_run_ids)), "executions": result.executions}, indent=2))
+    if report is not None:
+        _compare(variants[0].config, result.grid_run_id, [], report)
+
+
+def _compare(cfg: PipelineConfig, grid_run_id: Optional[str], run_ids: list[str], out: Path) -> None:
+    from infra.report import NothingToCompare, collect, log_report, write_report
+    from infra.tracking import Tracker
+
+    tracker = Tracker(cfg.run.root, cfg.run.experiment)
+    try:
+        comp = collect(tracker, grid_run_id=grid_run_id, run_ids=run_ids)
+    except NothingToCompare as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    paths = write_report(comp, out)
+    logged_to = log_report(tracker, comp, paths)
+    typer.echo(f"report: {paths['html']} (and report.md, {len(paths) - 2} plots); logged to MLflow run {logged_to}")
+
+
+@app.command()
+def compare(
+    run_ids: Optional[list[str]] = typer.Argument(None, metavar="[RUN_ID]...",
+                                                  help="Pipeline runs to compare (default: the latest grid)."),
+    grid_run: Optional[str] = typer.Option(None, "--grid", help="Compare the variants of this grid run."),
+    out: Path = typer.Option(Path("compare-report"), "--out", help="Folder for report.html, report.md, plots/."),
+    preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file (for run.root / run.experiment)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override, e.g. --set run.root=./runs"),
+) -> None:
+    """Write a comparison report (table + plots vs keep_ratio) of a grid or of runs; log it to MLflow."""
+    if run_ids and grid_run:
+        typer.secho("error: pass run ids or --grid, not both", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    _compare(_resolve_or_exit(preset, config, overrides), grid_run, list(run_ids or []), out)
 
 
 @app.command()

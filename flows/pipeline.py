@@ -3,7 +3,8 @@
 Wiring only. Each stage lives in ``tasks/<stage>.py`` and exposes ``run(cfg, upstream, force)`` plus a
 Prefect task ``<stage>_task`` wrapping it. Every stage caches and resumes on its own (commit markers,
 checkpoints, LMDB done keys), so a rerun of a finished config skips every stage and a crashed one
-resumes where it stopped. Importing this module starts nothing.
+resumes where it stopped. Prefect adds retries (``run.retries``), the run history and JSON results (the
+stage references, never pickles). Importing this module starts nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import importlib.util
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from prefect import flow
 
 from infra.config import STAGES, PipelineConfig, from_dict
 
@@ -69,7 +72,7 @@ def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
     return rows
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
                              capture_output=True, timeout=5)
@@ -78,32 +81,84 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _pipeline(config: dict[str, Any], only: str | None = None, from_stage: str | None = None) -> dict[str, Any]:
-    """The flow body: one MLflow parent run, then each selected stage as a Prefect task, in order."""
-    from infra.tracking import Tracker
+def _never_retry(exc: BaseException) -> bool:
+    """Failures a retry cannot fix: a bad config, a refused checkpoint, inputs that do not fit together."""
+    from infra.config import ConfigError
+    from infra.storage import UnsafeCheckpointError
+
+    return isinstance(exc, (ConfigError, UnsafeCheckpointError, KeyboardInterrupt))
+
+
+def stage_task(stage: str, cfg: PipelineConfig) -> Any:
+    """The stage's Prefect task with this config's retries, and its JSON results kept under the run root."""
+    base = getattr(load_stage(stage), f"{stage}_task")
+    own_condition = base.retry_condition_fn
+
+    def retry_condition(task: Any, task_run: Any, state: Any) -> bool:
+        exc = state.result(raise_on_failure=False)
+        if isinstance(exc, BaseException) and _never_retry(exc):
+            return False
+        return own_condition(task, task_run, state) if own_condition else True
+
+    options: dict[str, Any] = {"retries": cfg.run.retries, "retry_delay_seconds": cfg.run.retry_delay_s,
+                               "retry_condition_fn": retry_condition}
+    if "://" not in cfg.run.root:
+        from prefect.filesystems import LocalFileSystem
+
+        results = Path(cfg.run.root).resolve() / "prefect-results"
+        options["result_storage"] = LocalFileSystem(basepath=str(results))
+    return base.with_options(**options)
+
+
+# Figures copied from the stage references onto the pipeline's (or grid variant's) run, for comparisons.
+SUMMARY_FROM = {"evaluate": "", "train_tokenizer": "tokenizer.", "train_stackformer": "stackformer."}
+
+
+def summary_figures(refs: dict[str, Any]) -> dict[str, float]:
+    """The numeric figures of a finished pipeline (evaluation, tokenizer and Stackformer validation)."""
+    out: dict[str, float] = {}
+    for stage, prefix in SUMMARY_FROM.items():
+        ref = refs.get(stage)
+        for k, v in (getattr(ref, "metrics", None) or {}).items():
+            if isinstance(v, (int, float)) and v == v:  # drop None and NaN
+                out[prefix + k] = float(v)
+    return out
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters or {}
+    cfg = params.get("config") or {}
+    return f"{cfg.get('preset', 'config')}-{from_dict(PipelineConfig, cfg).hash() if cfg else 'default'}"
+
+
+@flow(name="mqgen-pipeline", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=False)
+def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: str | None = None
+                  ) -> dict[str, Any]:
+    """The whole pipeline (or ``only`` one stage, or ``from_stage`` on) for one config, given as a dict (a
+    deployment's parameters). One MLflow parent run; each selected stage as a Prefect task, in order."""
+    from infra.tracking import Tracker, sigterm_raises
 
     cfg = from_dict(PipelineConfig, config)
     stages = select_stages(only, from_stage)
-    modules = {s: load_stage(s) for s in stages}  # fail before any work when a stage is missing
+    tasks = {s: stage_task(s, cfg) for s in stages}  # fails before any work when a stage is missing
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
+    tracker.mark_dead_runs_killed()
     parent = tracker.pipeline_run(cfg.hash(), params=cfg.to_dict(),
-                                  tags={"mqgen.preset": cfg.preset, "mqgen.git_commit": _git_commit(),
+                                  tags={"mqgen.preset": cfg.preset, "mqgen.git_commit": git_commit(),
                                         "mqgen.stages": ",".join(stages)})
     refs: dict[str, Any] = {"_parent_run_id": parent.run_id}
-    with parent:
+    with sigterm_raises(), parent:
         for stage in stages:
-            task = getattr(modules[stage], f"{stage}_task")
-            ref = task(cfg, refs, force=(stage == from_stage))
+            ref = tasks[stage](cfg, refs, force=(stage == from_stage))
             refs[stage] = ref
             parent.set_tags({f"mqgen.{stage}.key": getattr(ref, "key", ""),
                              f"mqgen.{stage}.run_id": getattr(ref, "mlflow_run_id", "")})
+        parent.log_metrics(summary_figures(refs))
     return {k: v for k, v in refs.items() if not k.startswith("_")}
 
 
 def run_pipeline(cfg: PipelineConfig, only: str | None = None, from_stage: str | None = None) -> dict[str, Any]:
     """Run the selected stages as a Prefect flow (ephemeral API unless ``PREFECT_API_URL`` is set)."""
-    from prefect import flow
-
-    pipeline_flow = flow(name="mqgen-pipeline", flow_run_name=f"{cfg.preset}-{cfg.hash()}",
-                         log_prints=True, validate_parameters=False)(_pipeline)
     return pipeline_flow(cfg.to_dict(), only=only, from_stage=from_stage)

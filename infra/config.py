@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import types
 import typing
@@ -37,6 +38,8 @@ class ConfigError(ValueError):
 class RunSection:
     root: str = "./runs"  # local path or fsspec URL holding every stage's artifacts
     experiment: str = "mqgen"  # MLflow experiment name
+    retries: int = 1  # Prefect retries per stage after a transient failure (bad data and bad configs never retry)
+    retry_delay_s: float = 10.0  # seconds between a failed stage attempt and its retry
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -389,6 +392,78 @@ def resolve(preset: str = "fmnist", file: str | Path | None = None, overrides: l
     return from_dict(PipelineConfig, merged)
 
 
+@dataclass(frozen=True)
+class GridVariant:
+    """One point of an ablation grid: its axis values, the overrides that make it, its validated config."""
+
+    axes: dict[str, Any]
+    overrides: list[str]
+    config: PipelineConfig
+
+    @property
+    def label(self) -> str:
+        return ",".join(f"{k}={_grid_value_text(v)}" for k, v in self.axes.items())
+
+
+def expand_grid(preset: str = "fmnist", file: str | Path | None = None, args: list[str] | None = None
+                ) -> list[GridVariant]:
+    """Variants of a grid given as ``key=[v1,v2,...]`` axes plus plain ``key=value`` overrides.
+
+    ``tokenizer.keep_ratio=[1.0,0.5] tokenizer.scorer=[learned,random] stackformer.max_steps=300`` gives the
+    four points of the 2x2 product, each with ``stackformer.max_steps=300``. For a field whose value is itself a
+    list (``tokenizer.ch_mult``) an axis is a list of lists: ``tokenizer.ch_mult=[[1,2],[1,2,2]]``. Every
+    variant is validated before anything runs; an error names the variant and the key.
+    """
+    axes: dict[str, list[Any]] = {}
+    fixed: list[str] = []
+    for item in args or []:
+        key, value = parse_override(item)
+        list_field = _is_list_field(key)
+        is_axis = isinstance(value, list) and (not list_field or (value and all(isinstance(v, list) for v in value)))
+        if not is_axis:
+            fixed.append(item)
+            continue
+        if not value:
+            raise ConfigError(f"grid axis {key} has no values")
+        if key in axes:
+            raise ConfigError(f"grid axis {key} is given twice")
+        if len({json.dumps(v, sort_keys=True) for v in value}) != len(value):
+            raise ConfigError(f"grid axis {key}={value!r} repeats a value")
+        axes[key] = value
+    if not axes:
+        raise ConfigError("a grid needs at least one axis written as key=[v1,v2,...], e.g. tokenizer.keep_ratio=[1.0,0.5]")
+    variants: list[GridVariant] = []
+    for combo in itertools.product(*axes.values()):
+        point = dict(zip(axes, combo))
+        overrides = fixed + [f"{k}={json.dumps(v)}" for k, v in point.items()]
+        try:
+            cfg = resolve(preset, file, overrides)
+        except ConfigError as e:
+            label = ",".join(f"{k}={_grid_value_text(v)}" for k, v in point.items())
+            raise ConfigError(f"grid variant {label}: {e}") from None
+        variants.append(GridVariant(axes=point, overrides=overrides, config=cfg))
+    return variants
+
+
+def _grid_value_text(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":")) if isinstance(v, list) else str(v)
+
+
+def _is_list_field(key: str) -> bool:
+    """Whether the dotted config key names a list-valued field (unknown keys: False; resolve() reports them)."""
+    cls: Any = PipelineConfig
+    for part in key.split("."):
+        if not is_dataclass(cls):
+            return False
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return False
+        cls = hints[part]
+        if typing.get_origin(cls) in (typing.Union, types.UnionType):
+            cls = next((a for a in typing.get_args(cls) if a is not type(None)), cls)
+    return typing.get_origin(cls) in (tuple, list)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -564,6 +639,9 @@ def _check_semantics(cfg: PipelineConfig) -> None:
                         ("evaluate.batch_size", e.batch_size), ("ray.num_workers", cfg.ray.num_workers)):
         if value < 1:
             raise ConfigError(f"{name}={value} must be >= 1")
+    if cfg.run.retries < 0 or cfg.run.retry_delay_s < 0:
+        raise ConfigError(f"run.retries={cfg.run.retries} and run.retry_delay_s={cfg.run.retry_delay_s} "
+                          "must be >= 0")
     if e.extractor not in ("classifier", "inception-v3-compat"):
         raise ConfigError(f"evaluate.extractor={e.extractor!r}; allowed: 'classifier', 'inception-v3-compat'")
     for build in (mqvae_config, loss_config):  # the model's own validation, reported under its section

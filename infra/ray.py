@@ -17,6 +17,7 @@ parallel (tokenize: one input shard per task).
 from __future__ import annotations
 
 import os
+import threading
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,16 @@ from infra.storage import UnsafeCheckpointError  # noqa: E402
 # --------------------------------------------------------------------------------------------- driver
 
 
+_INIT_LOCK = threading.Lock()
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` when set, else start (once) a local Ray sized to this machine."""
+    with _INIT_LOCK:
+        _init_ray(num_cpus)
+
+
+def _init_ray(num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -217,6 +226,14 @@ def scratch_dir() -> str:
 
 
 # --------------------------------------------------------------------------------------------- tasks
+
+
+def run_remote(fn: Callable[[Any], Any], arg: Any, *, num_cpus: float = 0, num_gpus: float = 0) -> Any:
+    """``fn(arg)`` as one Ray task, waited for. For orchestration bodies (a grid's stage execution): by default
+    it reserves no CPU, since the Ray Train workers and Ray tasks it starts reserve their own. No retries: the
+    caller (a Prefect task) owns them. A failure re-raises here with the original exception type."""
+    init_ray()
+    return ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(fn).remote(arg))
 
 
 def map_tasks(fn: Callable[[Any], Any], items: Sequence[Any], *, num_cpus: float = 1, num_gpus: float = 0,

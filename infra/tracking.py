@@ -11,12 +11,16 @@ Backend: ``MLFLOW_TRACKING_URI`` when set (any tracking server), else a local SQ
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
+import socket
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -24,6 +28,55 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 TAG_STAGE = "mqgen.stage"
 TAG_KEY = "mqgen.stage_key"
 TAG_KIND = "mqgen.kind"
+TAG_PID = "mqgen.pid"  # "<hostname>:<pid>" of the process that owns a RUNNING pipeline run
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM (see :func:`sigterm_raises`): unwinds like Ctrl-C, so every open
+    run ends KILLED and nothing catches it by accident as an ``Exception``."""
+
+
+def exit_status(exc: BaseException | None) -> str:
+    """MLflow status for a run ended by ``exc``: FINISHED, KILLED (Ctrl-C, SIGTERM, exit) or FAILED."""
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (a scheduler's stop, ``kill``), so
+    runs end KILLED instead of staying RUNNING forever. SIGKILL cannot be caught: the next start finds the
+    RUNNING run (:meth:`Tracker.mark_dead_runs_killed`). A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"received signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def owner_tag() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's process: cannot tell, leave its run alone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def tracking_uri_for(root: str | Path) -> str:
@@ -68,11 +121,28 @@ class Tracker:
                                        order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
 
+    def mark_dead_runs_killed(self) -> list[str]:
+        """Runs left RUNNING by a process of this host that no longer exists (SIGKILL, power loss) end KILLED.
+        Returns their ids. Stage runs need no such care: the next attempt re-attaches to them by stage key."""
+        dead = []
+        for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           max_results=1000):
+            owner = run.data.tags.get(TAG_PID)
+            if owner and not _owner_alive(owner):
+                self.client.set_tag(run.info.run_id, "mqgen.ended_by", "owner process gone")
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                dead.append(run.info.run_id)
+        return dead
+
     def pipeline_run(self, config_hash: str, params: Mapping[str, Any] | None = None,
-                     tags: Mapping[str, str] | None = None) -> "StageRun":
-        """A new parent run for one pipeline execution (stage runs attach to it as children)."""
-        all_tags = {TAG_KIND: "pipeline", "mqgen.config_hash": config_hash, **(tags or {})}
-        run = self.client.create_run(self.experiment_id, run_name=f"pipeline-{config_hash}", tags=all_tags)
+                     tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
+                     kind: str = "pipeline", name: str | None = None) -> "StageRun":
+        """A new parent run for one pipeline execution (stage runs attach to it as children). A grid makes one
+        with ``kind="grid"`` and one ``kind="pipeline"`` run per variant under it (``parent_run_id``)."""
+        all_tags = {TAG_KIND: kind, "mqgen.config_hash": config_hash, TAG_PID: owner_tag(), **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name or f"{kind}-{config_hash}", tags=all_tags)
         sr = StageRun(self.client, run.info.run_id)
         if params:
             sr.log_params(params)
@@ -112,7 +182,7 @@ class StageRun:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.finish("FAILED" if exc_type is not None else "FINISHED")
+        self.finish(exit_status(exc if exc is not None else (exc_type() if exc_type else None)))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -211,7 +211,8 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False) -> E
         return _evaluate(cfg, upstream, inputs, key, out_dir, force)
 
 
-evaluate_task = task(run, name=STAGE, retries=0, persist_result=False, cache_policy=NO_CACHE)
+evaluate_task = task(run, name=STAGE, retries=0, persist_result=True, result_serializer="json",
+                     cache_policy=NO_CACHE)
 
 
 # --------------------------------------------------------------------------------------------- models

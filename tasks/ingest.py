@@ -156,8 +156,8 @@ def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
-ingest_task = task(run, name=STAGE, retries=1, retry_delay_seconds=5, persist_result=False,
-                   cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_data)
+ingest_task = task(run, name=STAGE, retries=1, retry_delay_seconds=5, persist_result=True,
+                   result_serializer="json", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_data)
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -259,8 +259,10 @@ def _ingest(cfg: PipelineConfig, root: Path, key: str, out: Path, force: bool,
         sr.log_artifact(build / SAMPLES_GRID_NAME)
         sr.set_tags({"mqgen.manifest_sha256": sha256_file(build / MANIFEST_NAME)})
         replace_dir(build, out)
-    except BaseException:
-        tracked.finish("FAILED")
+    except BaseException as e:  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
+        from infra.tracking import exit_status
+
+        tracked.finish(exit_status(e))
         raise
     tracked.finish("FINISHED")
     if stats.skipped or stats.ignored:

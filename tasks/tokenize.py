@@ -454,5 +454,5 @@ def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(state.result(raise_on_failure=False), (TokenFormatError, ShardIntegrityError))
 
 
-tokenize_task = task(run, name=STAGE, retries=1, retry_delay_seconds=5, persist_result=False, cache_policy=NO_CACHE,
-                     retry_condition_fn=_retry_unless_bad_data)
+tokenize_task = task(run, name=STAGE, retries=1, retry_delay_seconds=5, persist_result=True,
+                     result_serializer="json", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_data)

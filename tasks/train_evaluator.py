@@ -296,4 +296,5 @@ def build_model(ref: EvaluatorOutput, device: torch.device | str = "cpu") -> Cla
     return net.to(device)
 
 
-train_evaluator_task = task(run, name=STAGE, retries=0, persist_result=False, cache_policy=NO_CACHE)
+train_evaluator_task = task(run, name=STAGE, retries=0, persist_result=True, result_serializer="json",
+                            cache_policy=NO_CACHE)

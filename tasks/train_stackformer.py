@@ -655,7 +655,7 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     from infra import ray as rayx
     from infra.checkpoint import read_checkpoint
     from infra.storage import atomic_open
-    from infra.tracking import Tracker
+    from infra.tracking import Tracker, exit_status
 
     tokens = _tokens_ref(cfg, upstream)
     tokenizer = _tokenizer_ref(cfg, upstream)
@@ -697,8 +697,8 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
                           num_workers=p.world_size, use_gpu=cfg.ray.use_gpu,
                           cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures,
                           num_to_keep=s.keep_checkpoints)
-    except BaseException:
-        srun.finish("FAILED")
+    except BaseException as e:  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
+        srun.finish(exit_status(e))
         raise
     if result.checkpoint_path is None:
         srun.finish("FAILED")
@@ -726,4 +726,5 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
 
 
 # The stage caches and resumes on its own (stage key, _SUCCESS.json, Ray checkpoints): no Prefect cache.
-train_stackformer_task = task(run, name=STAGE, retries=0, persist_result=False, cache_policy=NO_CACHE)
+train_stackformer_task = task(run, name=STAGE, retries=0, persist_result=True, result_serializer="json",
+                              cache_policy=NO_CACHE)

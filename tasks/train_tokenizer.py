@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from infra.config import PipelineConfig, from_dict, loss_config, mqvae_config, stable_hash, to_dict
 from infra.storage import Ref, atomic_write_json, read_json, sha256_file, stage_dir, load_weights_ref
@@ -309,7 +310,7 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     from infra.checkpoint import read_checkpoint
     from infra.shards import ShardSet
     from infra.storage import atomic_open
-    from infra.tracking import Tracker
+    from infra.tracking import Tracker, exit_status
     from safetensors.torch import save_file
 
     ingest = _ingest_ref(cfg, upstream)
@@ -347,8 +348,8 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
                           num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                           cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures,
                           num_to_keep=cfg.tokenizer.keep_checkpoints)
-    except BaseException:
-        srun.finish("FAILED")
+    except BaseException as e:  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
+        srun.finish(exit_status(e))
         raise
     if result.checkpoint_path is None:
         srun.finish("FAILED")
@@ -399,4 +400,5 @@ def build_model(ref: TokenizerOutput, device: torch.device | str = "cpu") -> MQV
     return model.to(device).eval()
 
 
-train_tokenizer_task = task(run, name=STAGE, retries=0, persist_result=False)
+train_tokenizer_task = task(run, name=STAGE, retries=0, persist_result=True, result_serializer="json",
+                            cache_policy=NO_CACHE)

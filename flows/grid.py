@@ -1,0 +1,185 @@
+"""Ablation grids: many pipeline variants, every stage they have in common computed once, the rest on Ray.
+
+``mqgen grid tokenizer.keep_ratio=[1.0,0.75,0.5] tokenizer.scorer=[learned,random]`` expands to the
+variants of :func:`infra.config.expand_grid`. The grid goes stage by stage. At each stage the variants are
+grouped by the configuration that stage (and everything upstream of it) reads: one group = one stage
+execution, shared by all of its variants (every variant above reads the same ingest, so ingest runs once).
+The groups of one stage run concurrently, each a Prefect task whose body is a Ray task (the local Ray
+instance, or the cluster at ``RAY_ADDRESS``); the stage's own Ray Train / Ray task work runs inside it.
+
+MLflow: one parent run (kind ``grid``), one child run per variant (kind ``pipeline``, tagged with its axis
+values, its figures logged as metrics when it finishes). A stage run that belongs to one variant hangs under
+that variant's run; a stage run shared by several variants hangs under the grid run. ``mqgen compare``
+reads this structure back. Wiring only: the stages, tracking and Ray helpers live in ``tasks/`` and
+``infra/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.pipeline import summary_figures
+from infra.config import ConfigError, GridVariant, PipelineConfig, from_dict, replace, stable_hash
+
+# What each stage reads from the config, cumulatively (a stage's inputs come from the stages before it). Two
+# variants that agree on these sections share the stage's execution; the stage's own key still decides what
+# is computed, so an over-wide list only costs sharing, never correctness.
+STAGE_READS: dict[str, tuple[str, ...]] = {
+    "ingest": ("seed", "data"),
+    "train_tokenizer": ("seed", "data", "tokenizer", "ray"),
+    "tokenize": ("seed", "data", "tokenizer", "ray"),
+    "train_evaluator": ("seed", "data", "evaluate.classifier", "ray"),
+    "train_stackformer": ("seed", "data", "tokenizer", "stackformer", "ray"),
+    "evaluate": ("seed", "data", "tokenizer", "stackformer", "evaluate", "ray"),
+}
+GRID_STAGES = ("ingest", "train_tokenizer", "tokenize", "train_evaluator", "train_stackformer", "evaluate")
+
+
+@dataclass
+class GridResult:
+    grid_run_id: str
+    variant_run_ids: list[str]
+    labels: list[str]
+    refs: list[dict[str, Any]]
+    executions: dict[str, int] = field(default_factory=dict)  # stage -> number of executions (groups)
+
+
+def group_key(stage: str, cfg: PipelineConfig) -> str:
+    """Identity of ``stage``'s execution for ``cfg``: equal for variants that can share it."""
+    d = cfg.to_dict()
+    picked: dict[str, Any] = {}
+    for path in STAGE_READS[stage]:
+        value: Any = d
+        for part in path.split("."):
+            value = value[part]
+        picked[path] = value
+    return stable_hash({"stage": stage, **picked})
+
+
+def _needs_stage(stage: str, cfg: PipelineConfig) -> bool:
+    if stage == "train_evaluator":  # only the classifier extractor has a stage of its own
+        return cfg.evaluate.extractor == "classifier"
+    return True
+
+
+def run_stage_remote(item: tuple[str, dict[str, Any], dict[str, Any], int]) -> Any:
+    """Body of one Ray task: run ``stage`` for the config dict on the upstream references, with ``threads``
+    torch threads (Ray gives a task that reserves no CPU a single one)."""
+    import torch
+
+    from flows.pipeline import load_stage
+
+    stage, config, upstream, threads = item
+    torch.set_num_threads(threads)
+    cfg = from_dict(PipelineConfig, config)
+    module = load_stage(stage)
+    if stage == "train_evaluator":
+        from tasks.train_evaluator import ClassifierUnavailable
+
+        try:
+            return module.run(cfg, upstream)
+        except ClassifierUnavailable:
+            return None  # unlabelled data: evaluate reports FID/IS as unavailable
+    return module.run(cfg, upstream)
+
+
+def _dispatch(stage: str, label: str, config: dict[str, Any], upstream: dict[str, Any], threads: int) -> Any:
+    from infra import ray as rayx
+
+    return rayx.run_remote(run_stage_remote, (stage, config, upstream, threads), num_cpus=0)
+
+
+def _absolute_root(variants: list[GridVariant]) -> list[PipelineConfig]:
+    roots = {(v.config.run.root, v.config.run.experiment) for v in variants}
+    if len(roots) != 1:
+        raise ConfigError(f"grid variants must share run.root and run.experiment; got {sorted(roots)}")
+    root = variants[0].config.run.root
+    absolute = root if "://" in root else str(Path(root).expanduser().resolve())
+    return [replace(v.config, run={"root": absolute}) for v in variants]
+
+
+@flow(name="mqgen-grid", log_prints=True, validate_parameters=False)
+def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
+    """Parameters: each variant as ``{"axes": {...}, "overrides": [...], "config": {...}}``."""
+    from infra.tracking import Tracker, sigterm_raises
+
+    gvs = [GridVariant(axes=v["axes"], overrides=list(v["overrides"]), config=from_dict(PipelineConfig, v["config"]))
+           for v in variants]
+    cfgs = _absolute_root(gvs)
+    axes = {k: [gv.axes[k] for gv in gvs] for k in gvs[0].axes}
+    grid_hash = stable_hash([c.to_dict() for c in cfgs])
+    tracker = Tracker(cfgs[0].run.root, cfgs[0].run.experiment)
+    tracker.mark_dead_runs_killed()
+    grid_run = tracker.pipeline_run(grid_hash, kind="grid", name=name or f"grid-{grid_hash}",
+                                    params={"grid.size": len(gvs),
+                                            **{f"grid.axis.{k}": json.dumps(v) for k, v in axes.items()}},
+                                    tags={"mqgen.grid.axes": json.dumps(list(axes)), "mqgen.preset": cfgs[0].preset})
+    runs = [tracker.pipeline_run(c.hash(), params=c.to_dict(), parent_run_id=grid_run.run_id,
+                                 name=f"variant-{gv.label}",
+                                 tags={"mqgen.preset": c.preset, "mqgen.grid_run_id": grid_run.run_id,
+                                       "mqgen.variant": gv.label,
+                                       **{f"mqgen.axis.{k}": json.dumps(v) for k, v in gv.axes.items()}})
+            for gv, c in zip(gvs, cfgs)]
+    refs: list[dict[str, Any]] = [{} for _ in gvs]
+    executions: dict[str, int] = {}
+    stage_task = task(_dispatch, name="grid-stage", task_run_name="{stage}-{label}", cache_policy=NO_CACHE,
+                      persist_result=False, retries=cfgs[0].run.retries,
+                      retry_delay_seconds=cfgs[0].run.retry_delay_s)
+    with sigterm_raises(), grid_run:
+        try:
+            for stage in GRID_STAGES:
+                groups: dict[str, list[int]] = {}
+                for i, c in enumerate(cfgs):
+                    if _needs_stage(stage, c):
+                        groups.setdefault(group_key(stage, c), []).append(i)
+                futures: list[tuple[list[int], Future[Any]]] = []
+                threads = max(1, (os.cpu_count() or 1) // max(1, len(groups)))
+                for members in groups.values():
+                    first = members[0]
+                    parent = runs[first].run_id if len(members) == 1 else grid_run.run_id
+                    upstream = {**refs[first], "_parent_run_id": parent}
+                    label = gvs[first].label if len(members) == 1 else f"shared-by-{len(members)}"
+                    futures.append((members, stage_task.submit(stage, label, cfgs[first].to_dict(), upstream,
+                                                                    threads)))
+                for members, fut in futures:
+                    ref = fut.result()
+                    for i in members:
+                        if ref is not None:
+                            refs[i][stage] = ref
+                            runs[i].set_tags({f"mqgen.{stage}.key": ref.key,
+                                              f"mqgen.{stage}.run_id": ref.mlflow_run_id})
+                executions[stage] = len(groups)
+                grid_run.log_metrics({f"executions.{stage}": len(groups)})
+            for run, r in zip(runs, refs):
+                run.log_metrics(summary_figures(r))
+                run.finish("FINISHED")
+        except BaseException as e:
+            from infra.tracking import exit_status
+
+            for run in runs:
+                run.finish(exit_status(e))
+            raise
+    return {"grid_run_id": grid_run.run_id, "variant_run_ids": [r.run_id for r in runs],
+            "labels": [gv.label for gv in gvs], "executions": executions,
+            "refs": [{k: v.to_dict() for k, v in r.items()} for r in refs]}
+
+
+def run_grid(variants: list[GridVariant], name: str = "") -> GridResult:
+    """Run the grid as a Prefect flow (ephemeral API unless ``PREFECT_API_URL`` is set)."""
+    if not variants:
+        raise ConfigError("the grid has no variants")
+    payload = [{"axes": v.axes, "overrides": v.overrides, "config": v.config.to_dict()} for v in variants]
+    out = grid_flow(payload, name=name)
+    return GridResult(grid_run_id=out["grid_run_id"], variant_run_ids=out["variant_run_ids"], labels=out["labels"],
+                      refs=out["refs"], executions=out["executions"])
+
+
+__all__ = ["GRID_STAGES", "STAGE_READS", "GridResult", "group_key", "grid_flow", "run_grid"]
