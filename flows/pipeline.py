@@ -89,7 +89,7 @@ def _never_retry(exc: BaseException) -> bool:
     return isinstance(exc, (ConfigError, UnsafeCheckpointError, KeyboardInterrupt))
 
 
-def stage_task(stage: str, cfg: PipelineConfig) -> Any:
+def stage_task(stage: str, cfg: PipelineConfig, result_storage: Any = None) -> Any:
     """The stage's Prefect task with this config's retries, and its JSON results kept under the run root."""
     base = getattr(load_stage(stage), f"{stage}_task")
     own_condition = base.retry_condition_fn
@@ -100,14 +100,35 @@ def stage_task(stage: str, cfg: PipelineConfig) -> Any:
             return False
         return own_condition(task, task_run, state) if own_condition else True
 
-    options: dict[str, Any] = {"retries": cfg.run.retries, "retry_delay_seconds": cfg.run.retry_delay_s,
-                               "retry_condition_fn": retry_condition}
-    if "://" not in cfg.run.root:
-        from prefect.filesystems import LocalFileSystem
+    from prefect.cache_policies import CacheKeyFnPolicy
 
-        results = Path(cfg.run.root).resolve() / "prefect-results"
-        options["result_storage"] = LocalFileSystem(basepath=str(results))
+    # One JSON result record per task run, never a cache hit: whether a stage is done is decided by its own
+    # verified output on disk (a Prefect record proves a past run, not today's disk).
+    options: dict[str, Any] = {"retries": cfg.run.retries, "retry_delay_seconds": cfg.run.retry_delay_s,
+                               "retry_condition_fn": retry_condition,
+                               "cache_policy": CacheKeyFnPolicy(cache_key_fn=_record_key)}
+    if result_storage is not None:
+        options["result_storage"] = result_storage
     return base.with_options(**options)
+
+
+def _record_key(ctx: Any, parameters: dict[str, Any]) -> str:
+    return f"{ctx.task.name}-{ctx.task_run.id}.json"
+
+
+def _result_storage(cfg: PipelineConfig) -> Any:
+    """A saved LocalFileSystem block at ``<run.root>/prefect-results`` (Prefect wants result storage saved
+    server-side); None for a remote root (Prefect's default storage then)."""
+    if "://" in cfg.run.root:
+        return None
+    from prefect.filesystems import LocalFileSystem
+
+    from infra.config import stable_hash
+
+    results = Path(cfg.run.root).resolve() / "prefect-results"
+    block = LocalFileSystem(basepath=str(results))
+    block.save(f"mqgen-results-{stable_hash(str(results))}", overwrite=True)
+    return block
 
 
 # Figures copied from the stage references onto the pipeline's (or grid variant's) run, for comparisons.
@@ -142,7 +163,8 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
 
     cfg = from_dict(PipelineConfig, config)
     stages = select_stages(only, from_stage)
-    tasks = {s: stage_task(s, cfg) for s in stages}  # fails before any work when a stage is missing
+    storage = _result_storage(cfg)
+    tasks = {s: stage_task(s, cfg, storage) for s in stages}  # fails before any work when a stage is missing
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     tracker.mark_dead_runs_killed()
     parent = tracker.pipeline_run(cfg.hash(), params=cfg.to_dict(),

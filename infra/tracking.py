@@ -37,10 +37,11 @@ class Terminated(KeyboardInterrupt):
 
 
 def exit_status(exc: BaseException | None) -> str:
-    """MLflow status for a run ended by ``exc``: FINISHED, KILLED (Ctrl-C, SIGTERM, exit) or FAILED."""
+    """MLflow status for a run ended by ``exc``: FINISHED, KILLED (Ctrl-C, SIGTERM, exit: any exception that is
+    not an ``Exception``, such as Prefect's TerminationSignal) or FAILED."""
     if exc is None:
         return "FINISHED"
-    return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+    return "FAILED" if isinstance(exc, Exception) else "KILLED"
 
 
 @contextlib.contextmanager

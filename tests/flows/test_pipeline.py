@@ -28,13 +28,10 @@ def _cfg(root: Path, *extra: str):
                                       "evaluate.num_samples=32", *extra])
 
 
-def test_end_to_end_then_cached_rerun_then_only_and_from(prefect_api, tmp_path: Path) -> None:
+def test_end_to_end_then_cached_rerun_then_only_and_from(finished) -> None:
     from flows.pipeline import run_pipeline, select_stages
-    from infra.tracking import Tracker
 
-    root = tmp_path / "run"
-    cfg = _cfg(root)
-    refs = run_pipeline(cfg)
+    root, cfg, refs = finished
     assert list(refs) == list(STAGES)
     for stage, ref in refs.items():
         assert Path(ref.path).is_dir(), stage
@@ -42,12 +39,12 @@ def test_end_to_end_then_cached_rerun_then_only_and_from(prefect_api, tmp_path: 
     evaluation = json.loads(Path(refs["evaluate"].evaluation_json).read_text())
     assert evaluation["n"] == 32 and "extractor" in evaluation
 
-    client = Tracker(root, "mqgen").client
-    exp = client.get_experiment_by_name("mqgen").experiment_id
-    pipelines = client.search_runs([exp], filter_string="tags.`mqgen.kind` = 'pipeline'")
-    assert len(pipelines) == 1
+    pipelines = _runs(root, "pipeline")
+    first = pipelines[0]
+    assert first.info.status == "FINISHED" and first.data.tags["mqgen.config_hash"] == cfg.hash()
+    client = _client(root)
     for stage, ref in refs.items():
-        assert client.get_run(ref.mlflow_run_id).data.tags.get("mlflow.parentRunId") == pipelines[0].info.run_id
+        assert client.get_run(ref.mlflow_run_id).data.tags.get("mlflow.parentRunId") == first.info.run_id
 
     # the same config again: every stage is a cache hit, no model work, same references
     ray_dirs = sorted(p.name for p in (root / "ray").iterdir())
@@ -61,3 +58,110 @@ def test_end_to_end_then_cached_rerun_then_only_and_from(prefect_api, tmp_path: 
     only = run_pipeline(cfg, only="tokenize")
     assert list(only) == ["tokenize"] and only["tokenize"] == refs["tokenize"]
     assert select_stages(from_stage="tokenize") == ["tokenize", "train_stackformer", "evaluate"]
+
+
+def _client(root: Path):
+    from infra.tracking import Tracker
+
+    return Tracker(root, "mqgen").client
+
+
+def _runs(root: Path, kind: str) -> list:
+    from infra.tracking import Tracker
+
+    client = Tracker(root, "mqgen").client
+    exp = client.get_experiment_by_name("mqgen").experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mqgen.kind` = '{kind}'",
+                              order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def finished(prefect_api, tmp_path_factory: pytest.TempPathFactory):
+    """A finished tiny pipeline shared by the tests below (its root, config and references)."""
+    from flows.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("finished")
+    cfg = _cfg(root)
+    return root, cfg, run_pipeline(cfg)
+
+
+def test_results_are_json_references_and_the_parent_run_has_the_figures(finished) -> None:
+    import pickle
+
+    root, _, refs = finished
+    records = sorted((root / "prefect-results").iterdir())
+    seen = set()
+    for rec in records:
+        raw = rec.read_bytes()
+        with pytest.raises(pickle.UnpicklingError):
+            pickle.loads(raw)
+        doc = json.loads(raw)
+        assert doc["metadata"]["serializer"]["type"] == "json"
+        ref = json.loads(doc["result"]) if isinstance(doc["result"], str) else doc["result"]
+        stage = ref["__class__"].split(".")[1]
+        assert ref["data"] == refs[stage].to_dict()
+        seen.add(stage)
+    assert seen == set(STAGES)
+    parent = _runs(root, "pipeline")[0]  # the run that computed the stages (later ones: reruns, --only)
+    assert parent.data.metrics["fid"] == pytest.approx(refs["evaluate"].metrics["fid"])
+    assert "recon_psnr" in parent.data.metrics and "tokenizer.val_psnr" in parent.data.metrics
+
+
+def test_changing_a_tokenizer_field_reruns_exactly_the_downstream_stages(finished) -> None:
+    from flows.pipeline import run_pipeline
+
+    root, cfg, refs = finished
+    ingest_mtime = (Path(refs["ingest"].path) / "manifest.json").stat().st_mtime_ns
+    changed = run_pipeline(_cfg(root, "tokenizer.keep_ratio=0.75"))
+    assert changed["ingest"] == refs["ingest"]
+    assert (Path(refs["ingest"].path) / "manifest.json").stat().st_mtime_ns == ingest_mtime
+    for stage in STAGES[1:]:
+        assert changed[stage].key != refs[stage].key, stage
+        assert changed[stage].path != refs[stage].path, stage
+        assert changed[stage].mlflow_run_id != refs[stage].mlflow_run_id, stage
+    # the earlier outputs are untouched and still verified as done for their own config
+    from flows.pipeline import stage_status
+
+    assert [row["state"] for row in stage_status(cfg)] == ["done"] * len(STAGES)
+
+
+def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_figures(finished, tmp_path) -> None:
+    from flows.grid import run_grid
+    from infra.config import expand_grid
+    from infra.report import collect, log_report, write_report
+    from infra.tracking import Tracker
+
+    root, _, refs = finished
+    args = [f"run.root={root}", "tokenizer.max_steps=12", "tokenizer.eval_every=12", "tokenizer.checkpoint_every=12",
+            "stackformer.max_steps=12", "stackformer.eval_every=12", "stackformer.checkpoint_every=12",
+            "evaluate.num_samples=24", "tokenizer.keep_ratio=[0.5,0.75]"]
+    variants = expand_grid("tiny", None, args)
+    assert [v.config.tokenizer.keep_ratio for v in variants] == [0.5, 0.75]
+    result = run_grid(variants, name="test-grid")
+    assert result.executions["ingest"] == 1  # shared by both variants
+    assert result.executions["train_evaluator"] == 1
+    assert result.executions["train_tokenizer"] == 2 and result.executions["evaluate"] == 2
+    # the grid reused the finished keep_ratio=0.5 pipeline's upstream outputs (same keys) and evaluated anew
+    assert result.refs[0]["train_stackformer"]["key"] == refs["train_stackformer"].key
+    assert result.refs[0]["evaluate"]["key"] != refs["evaluate"].key
+    client = Tracker(root, "mqgen").client
+    children = [client.get_run(r) for r in result.variant_run_ids]
+    assert [c.data.tags["mlflow.parentRunId"] for c in children] == [result.grid_run_id] * 2
+    assert [c.data.params["tokenizer.keep_ratio"] for c in children] == ["0.5", "0.75"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    fids = [c.data.metrics["fid"] for c in children]
+    assert fids[0] != fids[1]
+    ingest_run = client.get_run(result.refs[0]["ingest"]["mlflow_run_id"])
+    assert result.refs[1]["ingest"]["mlflow_run_id"] == ingest_run.info.run_id
+
+    comp = collect(Tracker(root, "mqgen"))  # the latest grid
+    assert comp.parent_run_id == result.grid_run_id and comp.varying == ["tokenizer.keep_ratio"]
+    paths = write_report(comp, tmp_path / "report")
+    for key in ("html", "md", "fid", "sampling_images_per_s", "recon_psnr"):
+        assert paths[key].is_file() and paths[key].stat().st_size > 0, key
+    assert paths["fid"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = paths["html"].read_text()
+    assert "plots/fid_vs_keep_ratio.png" in html and f"{fids[0]:.4g}" in html
+    log_report(Tracker(root, "mqgen"), comp, paths)
+    logged = {a.path for a in client.list_artifacts(result.grid_run_id, "compare")}
+    assert {"compare/report.html", "compare/report.md", "compare/plots"} <= logged
