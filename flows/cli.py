@@ -179,6 +179,75 @@ def status(
     typer.echo("A stage that is 'not done' resumes from its checkpoints / done keys on the next `mqgen run`.")
 
 
+@app.command()
+def serve(
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]..."),
+    cron: str = typer.Option(..., "--cron", help="Cron expression (minute hour day month weekday), "
+                                                 "e.g. '0 3 * * *' = every day at 03:00."),
+    preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default mqgen-<preset>-<hash>)."),
+    timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA timezone of the cron (default UTC)."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help=f"Force a rerun from this stage on every "
+                                             f"scheduled run (default: reuse every unchanged stage). {STAGE_HELP}"),
+    port: int = typer.Option(4200, "--port", help="Port of the local Prefect server started when "
+                                                  "PREFECT_API_URL is not set (another free one if taken)."),
+) -> None:
+    """Serve the pipeline on a cron schedule (scheduled retraining); blocks until Ctrl-C / SIGTERM.
+
+    Each scheduled run reuses every unchanged stage (stages cache by key). Without PREFECT_API_URL, a local
+    `prefect server start` (database under <run.root>/.prefect) runs for as long as this command."""
+    from contextlib import nullcontext
+
+    cfg = _resolve_or_exit(preset, config, overrides or [])
+    if from_stage is not None and from_stage not in STAGES:
+        typer.secho(f"error: --from {from_stage!r} is not a stage; allowed: {', '.join(STAGES)}",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    _prepare_environment(cfg)  # Prefect reads its settings once: every variable is set before it is imported
+    from flows import serve as serving
+
+    api_url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    own_server = not api_url
+    if own_server:
+        api_url = f"http://127.0.0.1:{serving.free_port(port)}/api"
+        os.environ["PREFECT_API_URL"] = api_url
+    try:
+        serving.cron_schedule(cron, timezone)
+    except serving.ScheduleError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if not own_server and not serving.reachable(api_url):
+        typer.secho(f"error: no Prefect API answers at PREFECT_API_URL={api_url}: start it (`prefect server "
+                    "start`) or unset PREFECT_API_URL to let mqgen serve run a local server",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    deployment = f"{serving.FLOW_NAME}/{name or serving.deployment_name(cfg)}"
+    home = Path(os.environ["PREFECT_HOME"]) if os.environ.get("PREFECT_HOME") else Path.home() / ".prefect"
+    with serving.sigterm_exits():
+        try:
+            server = serving.local_server(api_url, home) if own_server else nullcontext()
+            if own_server:
+                typer.echo(f"starting a local Prefect server on {api_url} (log: {home / 'server.log'}) ...")
+            with server:
+                ui = serving.ui_url()
+                typer.echo(
+                    f"serving {deployment!r} on cron {cron!r} ({timezone or 'UTC'}), preset {cfg.preset}, config "
+                    f"{cfg.hash()}, run root {cfg.run.root}\n"
+                    f"  Prefect API: {api_url}" + (" (local server, stops with this command)" if own_server else "")
+                    + (f"\n  UI: {ui}/deployments" if ui else "")
+                    + f"\n  PREFECT_API_URL={api_url} prefect deployment ls"
+                    f"\n  PREFECT_API_URL={api_url} prefect deployment run {deployment!r}   # one run now"
+                    "\nEach run reuses every unchanged stage. Ctrl-C or SIGTERM stops serving (the schedule is "
+                    "paused until served again).")
+                sys.stdout.flush()
+                serving.serve_pipeline(cfg, cron, timezone=timezone, name=name, from_stage=from_stage)
+        except serving.ServerError as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+    typer.echo(f"stopped serving {deployment!r}")
+
+
 @config_app.command("show")
 def config_show(
     overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]..."),
