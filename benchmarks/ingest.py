@@ -36,8 +36,8 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/ holds tokenize.py, named like the standard library module that inspect/linecache import: run
-# as a script, this directory must not shadow it. The repository root goes on the path instead.
+# Run as ``python benchmarks/ingest.py``, Python puts benchmarks/ first on sys.path, where sibling scripts
+# (benchmarks/models.py) would shadow the repository's packages: import from the repository root instead.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))

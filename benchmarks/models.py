@@ -46,8 +46,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as ``python benchmarks/models.py``, Python puts benchmarks/ first on sys.path, where sibling scripts
-# (e.g. benchmarks/tokenize.py) would shadow standard-library modules: import from the repository root.
+# Run as ``python benchmarks/models.py``, Python puts benchmarks/ first on sys.path, where this very file
+# would shadow the ``models`` package: import from the repository root.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))

@@ -1,6 +1,6 @@
 """Throughput and size of the tokenize stage against its ceilings.
 
-    .venv/bin/python benchmarks/tokenize.py [--images 2048] [--root /tmp/mqgen-bench-tokenize]
+    .venv/bin/python benchmarks/tokenize_stage.py [--images 2048] [--root /tmp/mqgen-bench-tokenize]
 
 1. Inputs: the real ingest stage on the first ``--images`` Fashion-MNIST images per split (the
    ``fmnist`` preset: 32x32, 1 channel, an 8x8 latent grid keeping 32 tokens) and a random-init MQ-VAE
@@ -31,8 +31,8 @@ from __future__ import annotations
 import os
 import sys
 
-# This file is named like the standard library's ``tokenize`` (which ``inspect`` and ``linecache`` import):
-# run as a script, its directory must not shadow it. The repository root goes on the path instead.
+# Run as ``python benchmarks/tokenize_stage.py``, Python puts benchmarks/ first on sys.path, where sibling
+# scripts (benchmarks/models.py) would shadow the repository's packages: import from the repository root.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
