@@ -26,7 +26,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.pipeline import summary_figures
+from flows.pipeline import mark_crashed, prefect_run_tag, summary_figures
 from infra.config import ConfigError, GridVariant, PipelineConfig, from_dict, replace, stable_hash
 
 # What each stage reads from the config, cumulatively (a stage's inputs come from the stages before it). Two
@@ -117,11 +117,12 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
     axes = {k: [gv.axes[k] for gv in gvs] for k in gvs[0].axes}
     grid_hash = stable_hash([c.to_dict() for c in cfgs])
     tracker = Tracker(cfgs[0].run.root, cfgs[0].run.experiment)
-    tracker.mark_dead_runs_killed()
+    mark_crashed(tracker.mark_dead_runs_killed())
     grid_run = tracker.pipeline_run(grid_hash, kind="grid", name=name or f"grid-{grid_hash}",
                                     params={"grid.size": len(gvs),
                                             **{f"grid.axis.{k}": json.dumps(v) for k, v in axes.items()}},
-                                    tags={"mqgen.grid.axes": json.dumps(list(axes)), "mqgen.preset": cfgs[0].preset})
+                                    tags={"mqgen.grid.axes": json.dumps(list(axes)), "mqgen.preset": cfgs[0].preset,
+                                          **prefect_run_tag()})
     runs = [tracker.pipeline_run(c.hash(), params=c.to_dict(), parent_run_id=grid_run.run_id,
                                  name=f"variant-{gv.label}",
                                  tags={"mqgen.preset": c.preset, "mqgen.grid_run_id": grid_run.run_id,
@@ -133,6 +134,9 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
     stage_task = task(_dispatch, name="grid-stage", task_run_name="{stage}-{label}", cache_policy=NO_CACHE,
                       persist_result=False, retries=cfgs[0].run.retries,
                       retry_delay_seconds=cfgs[0].run.retry_delay_s)
+    from infra import ray as rayx
+
+    rayx.init_ray()  # here, in the flow's thread: Ray's processes die with the thread that started them
     with sigterm_raises(), grid_run:
         try:
             for stage in GRID_STAGES:

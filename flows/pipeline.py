@@ -146,6 +146,35 @@ def summary_figures(refs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+TAG_FLOW_RUN = "mqgen.prefect_flow_run_id"
+
+
+def prefect_run_tag() -> dict[str, str]:
+    """The current Prefect flow run's id as an MLflow tag (links the two histories)."""
+    from prefect.runtime import flow_run
+
+    return {TAG_FLOW_RUN: str(flow_run.id)} if flow_run.id else {}
+
+
+def mark_crashed(dead_runs: dict[str, dict[str, str]]) -> list[str]:
+    """Prefect flow runs of pipeline processes that died (their MLflow runs were just marked KILLED) end
+    Crashed instead of showing Running forever. Returns the flow run ids changed."""
+    from prefect import get_client
+    from prefect.states import Crashed
+
+    ids = [tags[TAG_FLOW_RUN] for tags in dead_runs.values() if tags.get(TAG_FLOW_RUN)]
+    changed = []
+    if ids:
+        with get_client(sync_client=True) as client:
+            for fid in ids:
+                run = client.read_flow_run(fid)
+                if run.state is not None and not run.state.is_final():
+                    client.set_flow_run_state(fid, Crashed(message="its process died (found by the next run)"),
+                                              force=True)
+                    changed.append(fid)
+    return changed
+
+
 def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -166,10 +195,10 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
     storage = _result_storage(cfg)
     tasks = {s: stage_task(s, cfg, storage) for s in stages}  # fails before any work when a stage is missing
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
-    tracker.mark_dead_runs_killed()
+    mark_crashed(tracker.mark_dead_runs_killed())
     parent = tracker.pipeline_run(cfg.hash(), params=cfg.to_dict(),
                                   tags={"mqgen.preset": cfg.preset, "mqgen.git_commit": git_commit(),
-                                        "mqgen.stages": ",".join(stages)})
+                                        "mqgen.stages": ",".join(stages), **prefect_run_tag()})
     refs: dict[str, Any] = {"_parent_run_id": parent.run_id}
     with sigterm_raises(), parent:
         for stage in stages:

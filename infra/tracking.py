@@ -122,17 +122,17 @@ class Tracker:
                                        order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
 
-    def mark_dead_runs_killed(self) -> list[str]:
+    def mark_dead_runs_killed(self) -> dict[str, dict[str, str]]:
         """Runs left RUNNING by a process of this host that no longer exists (SIGKILL, power loss) end KILLED.
-        Returns their ids. Stage runs need no such care: the next attempt re-attaches to them by stage key."""
-        dead = []
+        Returns their ids and tags. Stage runs need no such care: the next attempt re-attaches to them by key."""
+        dead: dict[str, dict[str, str]] = {}
         for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                            max_results=1000):
             owner = run.data.tags.get(TAG_PID)
             if owner and not _owner_alive(owner):
                 self.client.set_tag(run.info.run_id, "mqgen.ended_by", "owner process gone")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
-                dead.append(run.info.run_id)
+                dead[run.info.run_id] = dict(run.data.tags)
         return dead
 
     def pipeline_run(self, config_hash: str, params: Mapping[str, Any] | None = None,

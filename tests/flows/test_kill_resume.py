@@ -140,4 +140,10 @@ def test_sigterm_ends_runs_killed_and_after_sigkill_the_rerun_resumes_from_the_c
     killed = client.get_run(pipeline_2.info.run_id)
     assert killed.info.status == "KILLED" and killed.data.tags["mqgen.ended_by"] == "owner process gone"
     assert _runs(root, "pipeline")[-1].info.status == "FINISHED"
+    # ... and so is its Prefect flow run (Running forever otherwise)
+    from prefect import get_client
+
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(killed.data.tags["mqgen.prefect_flow_run_id"])
+    assert flow_run.state.type.value == "CRASHED"
     assert train_tokenizer.cached(cfg, {}) == ref
