@@ -69,10 +69,10 @@ def run(
     from_stage: Optional[str] = typer.Option(None, "--from", help=f"Force a rerun from this stage. {STAGE_HELP}"),
 ) -> None:
     """Run the pipeline (or part of it) for a configuration."""
+    cfg = _resolve_or_exit(preset, config, overrides or [])
+    _prepare_environment(cfg)  # before Prefect is imported: it reads its settings once, at import
     from flows.pipeline import StageNotImplemented, run_pipeline, select_stages
 
-    cfg = _resolve_or_exit(preset, config, overrides or [])
-    _prepare_environment(cfg)
     try:
         select_stages(only, from_stage)
     except ValueError as e:

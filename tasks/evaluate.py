@@ -43,11 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from infra.config import PipelineConfig, sampling_params, stable_hash, to_dict
 from infra.metrics import Extractor, InceptionWeightsMissing, MetricsUnavailable
+from infra.orchestration import lazy_stage_task
 from infra.storage import (
     Ref,
     atomic_write_bytes,
@@ -211,8 +210,7 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False) -> E
         return _evaluate(cfg, upstream, inputs, key, out_dir, force)
 
 
-evaluate_task = task(run, name=STAGE, retries=0, persist_result=True, result_serializer="json",
-                     cache_policy=NO_CACHE)
+__getattr__ = lazy_stage_task(__name__, "evaluate_task", run, name=STAGE)
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -41,10 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from infra.config import PipelineConfig, stable_hash, to_dict
+from infra.orchestration import lazy_stage_task
 from infra.shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -82,7 +81,7 @@ from infra.storage import (
     stage_dir,
 )
 
-__all__ = ["INGEST_VERSION", "IngestError", "IngestOutput", "SourceError", "ingest_task", "run", "stage_key"]
+__all__ = ["INGEST_VERSION", "IngestError", "IngestOutput", "SourceError", "run", "stage_key"]
 
 STAGE = "ingest"
 INGEST_VERSION = "1"  # bump when the bytes ingest writes for a given config change
@@ -156,8 +155,8 @@ def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
-ingest_task = task(run, name=STAGE, retries=1, retry_delay_seconds=5, persist_result=True,
-                   result_serializer="json", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_data)
+__getattr__ = lazy_stage_task(__name__, "ingest_task", run, name=STAGE, retries=1, retry_delay_seconds=5,
+                              retry_condition_fn=_retry_unless_bad_data)
 
 
 # --------------------------------------------------------------------------------------------- cache

@@ -36,10 +36,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from infra.config import PipelineConfig, stable_hash
+from infra.orchestration import lazy_stage_task
 from infra.storage import Ref, atomic_write_json, file_lock, read_json, remove_tree, sha256_file, stage_dir
 from infra.tokens import DEFAULT_MAP_SIZE, TokenFormatError, TokenMeta, TokenWriter, read_meta
 from tasks.train_tokenizer import TokenizerOutput, build_model, to_model_input
@@ -454,5 +453,5 @@ def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(state.result(raise_on_failure=False), (TokenFormatError, ShardIntegrityError))
 
 
-tokenize_task = task(run, name=STAGE, retries=1, retry_delay_seconds=5, persist_result=True,
-                     result_serializer="json", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_data)
+__getattr__ = lazy_stage_task(__name__, "tokenize_task", run, name=STAGE, retries=1, retry_delay_seconds=5,
+                              retry_condition_fn=_retry_unless_bad_data)

@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from infra.config import PipelineConfig, stable_hash, to_dict
 from infra.metrics import (
@@ -39,7 +37,8 @@ from infra.metrics import (
     save_classifier,
     to_classifier_input,
 )
-from infra.storage import Ref, atomic_write_json, file_lock, stage_dir, load_weights_ref
+from infra.orchestration import lazy_stage_task
+from infra.storage import Ref, atomic_write_json, file_lock, load_weights_ref, stage_dir
 
 STAGE = "train_evaluator"
 VERSION = "1"  # bump when the training code changes what a given config produces
@@ -296,5 +295,4 @@ def build_model(ref: EvaluatorOutput, device: torch.device | str = "cpu") -> Cla
     return net.to(device)
 
 
-train_evaluator_task = task(run, name=STAGE, retries=0, persist_result=True, result_serializer="json",
-                            cache_policy=NO_CACHE)
+__getattr__ = lazy_stage_task(__name__, "train_evaluator_task", run, name=STAGE)

@@ -36,8 +36,6 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -51,7 +49,8 @@ from infra.config import (
     stackformer_config,
     to_dict,
 )
-from infra.storage import Ref, atomic_write_json, read_json, sha256_file, stage_dir, load_weights_ref
+from infra.orchestration import lazy_stage_task
+from infra.storage import Ref, atomic_write_json, load_weights_ref, read_json, sha256_file, stage_dir
 from infra.tokens import TokenDataset, TokenFormatError
 from infra.training import Throughput, autocast, warmup_cosine
 from models.stackformer import (
@@ -726,5 +725,4 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
 
 
 # The stage caches and resumes on its own (stage key, _SUCCESS.json, Ray checkpoints): no Prefect cache.
-train_stackformer_task = task(run, name=STAGE, retries=0, persist_result=True, result_serializer="json",
-                              cache_policy=NO_CACHE)
+__getattr__ = lazy_stage_task(__name__, "train_stackformer_task", run, name=STAGE)

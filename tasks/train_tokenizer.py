@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
+from infra.orchestration import lazy_stage_task
 from infra.config import PipelineConfig, from_dict, loss_config, mqvae_config, stable_hash, to_dict
 from infra.storage import Ref, atomic_write_json, read_json, sha256_file, stage_dir, load_weights_ref
 from infra.training import Throughput, autocast, warmup_cosine
@@ -400,5 +399,4 @@ def build_model(ref: TokenizerOutput, device: torch.device | str = "cpu") -> MQV
     return model.to(device).eval()
 
 
-train_tokenizer_task = task(run, name=STAGE, retries=0, persist_result=True, result_serializer="json",
-                            cache_policy=NO_CACHE)
+__getattr__ = lazy_stage_task(__name__, "train_tokenizer_task", run, name=STAGE)

@@ -26,15 +26,6 @@ OVERRIDES = ["ray.num_workers=1", "tokenizer.max_steps=40", "tokenizer.eval_ever
              "tokenizer.checkpoint_every=8", "tokenizer.keep_checkpoints=3"]
 
 
-@pytest.fixture(scope="module")
-def prefect_url():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
-
-
 def _start(root: Path, prefect_url: str) -> subprocess.Popen:
     """The pipeline in a fresh process, its tokenizer slowed to 0.3 s per step so it can be caught midway."""
     script = textwrap.dedent(f"""
@@ -93,7 +84,7 @@ def _runs(root: Path, kind: str) -> list:
 
 
 def test_sigterm_ends_runs_killed_and_after_sigkill_the_rerun_resumes_from_the_checkpoint(
-        prefect_url: str, tmp_path: Path, mlflow_db_template: Path) -> None:
+        prefect_api: str, tmp_path: Path, mlflow_db_template: Path) -> None:
     import shutil
 
     from flows.pipeline import run_pipeline
@@ -105,7 +96,7 @@ def test_sigterm_ends_runs_killed_and_after_sigkill_the_rerun_resumes_from_the_c
     shutil.copyfile(mlflow_db_template, root / "mlflow.db")
 
     # 1. SIGTERM (a scheduler stopping the job): the process exits, its runs end KILLED, not RUNNING forever
-    first = _start(root, prefect_url)
+    first = _start(root, prefect_api)
     try:
         _wait_for_step(first, root, 8)
         first.send_signal(signal.SIGTERM)
@@ -119,7 +110,7 @@ def test_sigterm_ends_runs_killed_and_after_sigkill_the_rerun_resumes_from_the_c
 
     # 2. SIGKILL (nothing can be caught) after a later checkpoint: the runs stay RUNNING
     steps_before = _checkpoint_steps(root)
-    second = _start(root, prefect_url)
+    second = _start(root, prefect_api)
     try:
         last = _wait_for_step(second, root, steps_before[-1] + 8)
     finally:

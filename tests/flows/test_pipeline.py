@@ -13,14 +13,6 @@ from infra.config import STAGES, resolve
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _cfg(root: Path, *extra: str):
     return resolve("tiny", overrides=[f"run.root={root}", "tokenizer.max_steps=12", "tokenizer.eval_every=12",
                                       "tokenizer.checkpoint_every=12", "stackformer.max_steps=12",

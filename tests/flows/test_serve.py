@@ -81,30 +81,27 @@ def _check_deployment(deployment: Any, cfg: PipelineConfig) -> None:
 
 
 @pytest.mark.slow
-def test_serve_registers_the_scheduled_deployment_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_serve_registers_the_scheduled_deployment_then_stops_cleanly_on_sigterm(prefect_api: str,
+                                                                                 tmp_path: Path) -> None:
     from flows.serve import deployment_name
 
     root = tmp_path / "run"
     cfg = resolve("tiny", overrides=[f"run.root={root}"])
     name = f"mqgen-pipeline/{deployment_name(cfg)}"
     log = tmp_path / "serve.log"
-    with prefect_test_harness(server_startup_timeout=180):
-        api = PREFECT_API_URL.value()
-        proc = _start_serve(root, log, _env(PREFECT_API_URL=api))
-        try:
-            deployment = _wait_for_deployment(proc, log, name)
-            _check_deployment(deployment, cfg)
-            assert name.split("/")[1] == f"mqgen-tiny-{cfg.hash()}"
-            out = log.read_text()
-            assert name in out and "prefect deployment ls" in out and api in out
-        finally:
-            rc = _stop(proc)
-        assert rc == 0, log.read_text(errors="replace")
-        assert f"stopped serving {name!r}" in log.read_text()
-        assert _read(name).paused  # the runner paused its schedule on the way out: nobody serves it now
+    api = prefect_api
+    proc = _start_serve(root, log, _env(PREFECT_API_URL=api))
+    try:
+        deployment = _wait_for_deployment(proc, log, name)
+        _check_deployment(deployment, cfg)
+        assert name.split("/")[1] == f"mqgen-tiny-{cfg.hash()}"
+        out = log.read_text()
+        assert name in out and "prefect deployment ls" in out and api in out
+    finally:
+        rc = _stop(proc)
+    assert rc == 0, log.read_text(errors="replace")
+    assert f"stopped serving {name!r}" in log.read_text()
+    assert _read(name).paused  # the runner paused its schedule on the way out: nobody serves it now
     assert (root / ".prefect").is_dir() and not (root / ".prefect" / "server.log").exists()  # used the given API
 
 

@@ -1,0 +1,38 @@
+"""The Prefect task of a stage module, created on first use so that the module imports without Prefect.
+
+A stage module (``tasks/<stage>.py``) ends with one line::
+
+    __getattr__ = lazy_stage_task(__name__, "train_tokenizer_task", run, name=STAGE, retries=0)
+
+and ``tasks.train_tokenizer.train_tokenizer_task`` is then an ordinary Prefect task, built (and cached on the
+module) the first time anything reads it. Importing the stage for its trainer or its ``run()`` needs only
+torch and the repository: a GPU box that runs ``benchmarks/train.py`` without Prefect installed. Every stage
+task persists its result with the JSON serializer (the stage's small reference, never a pickle) and has no
+Prefect cache policy: whether a stage is done is decided by its own verified output.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def lazy_stage_task(module: str, attr: str, fn: Callable[..., Any], *, name: str, retries: int = 0,
+                    retry_delay_seconds: float = 0, retry_condition_fn: Callable[..., bool] | None = None
+                    ) -> Callable[[str], Any]:
+    """A module-level ``__getattr__`` (PEP 562) that builds the Prefect task ``attr`` wrapping ``fn``."""
+
+    def __getattr__(key: str) -> Any:
+        if key != attr:
+            raise AttributeError(f"module {module!r} has no attribute {key!r}")
+        from prefect import task
+        from prefect.cache_policies import NO_CACHE
+
+        built = task(fn, name=name, retries=retries, retry_delay_seconds=retry_delay_seconds,
+                     retry_condition_fn=retry_condition_fn, persist_result=True, result_serializer="json",
+                     cache_policy=NO_CACHE)
+        setattr(sys.modules[module], attr, built)
+        return built
+
+    return __getattr__
