@@ -71,16 +71,22 @@ def run(
     """Run the pipeline (or part of it) for a configuration."""
     cfg = _resolve_or_exit(preset, config, overrides or [])
     _prepare_environment(cfg)  # before Prefect is imported: it reads its settings once, at import
-    from flows.pipeline import StageNotImplemented, run_pipeline, select_stages
+    from flows.pipeline import StageNotImplemented, cached_refs, run_pipeline, select_stages
 
     try:
-        select_stages(only, from_stage)
+        stages = select_stages(only, from_stage)
     except ValueError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     KNOWN_ERRORS = _known_errors()
     try:
-        refs = run_pipeline(cfg, only=only, from_stage=from_stage)
+        done = {} if from_stage else cached_refs(cfg)
+        if all(s in done for s in stages):  # nothing to compute: no Prefect server, no Ray, no MLflow run
+            typer.secho(f"all {len(stages)} stage(s) are done for config {cfg.hash()} (outputs verified); nothing "
+                        "to run (--from STAGE forces a rerun)", err=True)
+            refs = {s: done[s] for s in stages}
+        else:
+            refs = run_pipeline(cfg, only=only, from_stage=from_stage)
     except StageNotImplemented as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(3) from None

@@ -46,28 +46,35 @@ def load_stage(stage: str) -> Any:
     return importlib.import_module(f"tasks.{stage}")
 
 
-def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
-    """Per stage: ``done`` (verified output for this config), ``not done`` (its inputs are ready: the next
-    run computes or resumes it), ``waiting`` (an upstream stage is not done) or ``not implemented``."""
-    rows: list[dict[str, str]] = []
+def cached_refs(cfg: PipelineConfig) -> dict[str, Any]:
+    """The verified outputs of ``cfg``'s stages, in pipeline order, up to the first stage not done."""
     refs: dict[str, Any] = {}
-    blocked = False
     for stage in STAGES:
-        row = {"stage": stage, "state": "waiting", "key": "", "path": "", "run_id": ""}
         try:
             module = load_stage(stage)
         except StageNotImplemented:
-            row["state"] = "not implemented"
-            rows.append(row)
-            blocked = True
-            continue
-        ref = None if blocked else module.cached(cfg, refs)
-        if ref is not None:
-            refs[stage] = ref
+            break
+        ref = module.cached(cfg, refs)
+        if ref is None:
+            break
+        refs[stage] = ref
+    return refs
+
+
+def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
+    """Per stage: ``done`` (verified output for this config), ``not done`` (its inputs are ready: the next
+    run computes or resumes it), ``waiting`` (an upstream stage is not done) or ``not implemented``."""
+    refs = cached_refs(cfg)
+    rows: list[dict[str, str]] = []
+    for stage in STAGES:
+        row = {"stage": stage, "state": "waiting", "key": "", "path": "", "run_id": ""}
+        if stage in refs:
+            ref = refs[stage]
             row.update(state="done", key=ref.key, path=ref.path, run_id=ref.mlflow_run_id)
-        elif not blocked:
+        elif importlib.util.find_spec(f"tasks.{stage}") is None:
+            row["state"] = "not implemented"
+        elif len(rows) == len(refs):
             row["state"] = "not done"
-            blocked = True
         rows.append(row)
     return rows
 

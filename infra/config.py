@@ -288,7 +288,9 @@ class EvaluateConfig:
 class RaySection:
     num_workers: int = 1  # Ray Train workers per training stage
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    # CPUs reserved (and used as torch threads) by each Ray Train worker and each tokenize task. None: on a local
+    # Ray, the machine's CPUs shared by the training workers and 1 per tokenize task; on a cluster, 1.
+    cpus_per_worker: int | None = None
     max_failures: int = 1
 
 
@@ -639,6 +641,8 @@ def _check_semantics(cfg: PipelineConfig) -> None:
                         ("evaluate.batch_size", e.batch_size), ("ray.num_workers", cfg.ray.num_workers)):
         if value < 1:
             raise ConfigError(f"{name}={value} must be >= 1")
+    if cfg.ray.cpus_per_worker is not None and cfg.ray.cpus_per_worker < 1:
+        raise ConfigError(f"ray.cpus_per_worker={cfg.ray.cpus_per_worker} must be >= 1 (or null: automatic)")
     if cfg.run.retries < 0 or cfg.run.retry_delay_s < 0:
         raise ConfigError(f"run.retries={cfg.run.retries} and run.retry_delay_s={cfg.run.retry_delay_s} "
                           "must be >= 0")

@@ -58,6 +58,16 @@ def _init_ray(num_cpus: int | None) -> None:
              log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
+def train_worker_cpus(requested: int | None, num_workers: int) -> int:
+    """CPUs for each Ray Train worker: ``requested``, else (automatic) the local machine's CPUs shared by the
+    workers (Ray then gives each worker as many torch threads), or 1 on a cluster (``RAY_ADDRESS``)."""
+    if requested:
+        return requested
+    if os.environ.get("RAY_ADDRESS"):
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
+
+
 @dataclass(frozen=True)
 class FitResult:
     metrics: dict[str, Any]
@@ -66,7 +76,7 @@ class FitResult:
 
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, storage_path: str,
-        num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: int = 1, max_failures: int = 0,
+        num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: int | None = None, max_failures: int = 0,
         num_to_keep: int = 2) -> FitResult:
     """Run ``train_fn`` on ``num_workers`` Ray Train workers (torch DDP: gloo on CPU, nccl on GPU).
 
@@ -80,7 +90,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: 
     storage = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
     if "://" not in storage:
         Path(storage).mkdir(parents=True, exist_ok=True)
-    resources = {"CPU": cpus_per_worker}
+    resources = {"CPU": train_worker_cpus(cpus_per_worker, num_workers)}
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=loop_config,

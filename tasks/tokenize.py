@@ -215,9 +215,10 @@ def _worker_threads(cfg: PipelineConfig) -> dict[str, int]:
     decodes PNGs (decoding bounds the throughput), torch keeps one thread (intra-op threads only compete
     with the decoders: on an H200 at 256 px with 8 decoders, 520-530 images/s with 1, 410-480 with 16).
     """
+    cpus = cfg.ray.cpus_per_worker or 1
     if cfg.ray.use_gpu:
-        return {"num_threads": 1, "decode_threads": cfg.ray.cpus_per_worker}
-    return {"num_threads": cfg.ray.cpus_per_worker, "decode_threads": 1}
+        return {"num_threads": 1, "decode_threads": cpus}
+    return {"num_threads": cpus, "decode_threads": 1}
 
 
 def _ordered_map(pool: Any, fn: Any, items: Iterator[Any], window: int) -> Iterator[Any]:
@@ -342,7 +343,7 @@ def _tokenize(cfg: PipelineConfig, upstream: dict[str, Any], key: str, out_dir: 
               "format_version": m.format_version, "codebook_size": m.codebook_size, "grid_size": m.grid_size,
               "seq_len": m.seq_len, "keep_ratio": m.keep_ratio}
     tags = {"mqgen.tokenizer_run_id": tokenizer.mlflow_run_id, "mqgen.ingest_run_id": ingest.mlflow_run_id,
-            "mqgen.use_gpu": cfg.ray.use_gpu, "mqgen.cpus_per_task": cfg.ray.cpus_per_worker}
+            "mqgen.use_gpu": cfg.ray.use_gpu, "mqgen.cpus_per_task": cfg.ray.cpus_per_worker or 1}
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     with tracker.stage_run(STAGE, key, params=params, tags=tags, parent_run_id=upstream.get("_parent_run_id")) as sr:
@@ -409,7 +410,7 @@ def _encode_and_write(cfg: PipelineConfig, key: str, jobs: list[ShardJob], write
     bar = tqdm(total=num_shards, initial=num_shards - len(jobs), unit="shard", desc=f"tokenize {key}",
                file=sys.stderr, disable=None, dynamic_ncols=True)
     # ordered: shards arrive (and are committed) in key order, so every transaction is an append
-    results = rayx.map_tasks(encode_shard, jobs, num_cpus=cfg.ray.cpus_per_worker,
+    results = rayx.map_tasks(encode_shard, jobs, num_cpus=cfg.ray.cpus_per_worker or 1,
                              num_gpus=1 if cfg.ray.use_gpu else 0, ordered=True)
     with bar, contextlib.closing(results):
         for _, enc in results:
