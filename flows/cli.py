@@ -139,7 +139,11 @@ def _compare(cfg: PipelineConfig, grid_run_id: Optional[str], run_ids: list[str]
     except NothingToCompare as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
-    paths = write_report(comp, out)
+    try:
+        paths = write_report(comp, out)
+    except ValueError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     logged_to = log_report(tracker, comp, paths)
     typer.echo(f"report: {paths['html']} (and report.md, {len(paths) - 2} plots); logged to MLflow run {logged_to}")
 

@@ -26,20 +26,23 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.pipeline import mark_crashed, prefect_run_tag, summary_figures
+from flows.pipeline import mark_crashed, prefect_run_tag, retry_unless_permanent, summary_figures
 from infra.config import ConfigError, GridVariant, PipelineConfig, from_dict, replace, stable_hash
 
 # What each stage reads from the config, cumulatively (a stage's inputs come from the stages before it). Two
 # variants that agree on these sections share the stage's execution; the stage's own key still decides what
 # is computed, so an over-wide list only costs sharing, never correctness.
+# Performance settings (``ray.*``, ``data.num_workers``) are left out: they never change a stage's output, and
+# two groups with equal stage keys must not run at once. Variants that differ only in them share executions.
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "ingest": ("seed", "data"),
-    "train_tokenizer": ("seed", "data", "tokenizer", "ray"),
-    "tokenize": ("seed", "data", "tokenizer", "ray"),
-    "train_evaluator": ("seed", "data", "evaluate.classifier", "ray"),
-    "train_stackformer": ("seed", "data", "tokenizer", "stackformer", "ray"),
-    "evaluate": ("seed", "data", "tokenizer", "stackformer", "evaluate", "ray"),
+    "train_tokenizer": ("seed", "data", "tokenizer"),
+    "tokenize": ("seed", "data", "tokenizer"),
+    "train_evaluator": ("seed", "data", "evaluate.classifier"),
+    "train_stackformer": ("seed", "data", "tokenizer", "stackformer"),
+    "evaluate": ("seed", "data", "tokenizer", "stackformer", "evaluate"),
 }
+PERFORMANCE_FIELDS = {"data": ("num_workers",)}
 GRID_STAGES = ("ingest", "train_tokenizer", "tokenize", "train_evaluator", "train_stackformer", "evaluate")
 
 
@@ -60,6 +63,8 @@ def group_key(stage: str, cfg: PipelineConfig) -> str:
         value: Any = d
         for part in path.split("."):
             value = value[part]
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in PERFORMANCE_FIELDS.get(path, ())}
         picked[path] = value
     return stable_hash({"stage": stage, **picked})
 
@@ -82,19 +87,32 @@ def run_stage_remote(item: tuple[str, dict[str, Any], dict[str, Any], int]) -> A
     cfg = from_dict(PipelineConfig, config)
     module = load_stage(stage)
     if stage == "train_evaluator":
-        from tasks.train_evaluator import ClassifierUnavailable
-
         try:
-            return module.run(cfg, upstream)
-        except ClassifierUnavailable:
-            return None  # unlabelled data: evaluate reports FID/IS as unavailable
+            module.check_labelled(upstream["ingest"], cfg.data.source)
+        except module.ClassifierUnavailable:
+            return None  # unlabelled data: evaluate reports the classifier figures as unavailable
     return module.run(cfg, upstream)
+
+
+_IN_FLIGHT: set[Any] = set()  # Ray handles of the stage executions running now (cancelled when the grid fails)
 
 
 def _dispatch(stage: str, label: str, config: dict[str, Any], upstream: dict[str, Any], threads: int) -> Any:
     from infra import ray as rayx
 
-    return rayx.run_remote(run_stage_remote, (stage, config, upstream, threads), num_cpus=0)
+    return rayx.run_remote(run_stage_remote, (stage, config, upstream, threads), num_cpus=0, in_flight=_IN_FLIGHT)
+
+
+def _with_cpus(cfg: PipelineConfig, concurrent: int) -> PipelineConfig:
+    """Automatic ``ray.cpus_per_worker``, decided here in the driver: the local machine's CPUs shared by the
+    training workers of the ``concurrent`` executions (1 on a cluster). Not part of any stage key."""
+    if cfg.ray.cpus_per_worker is not None:
+        return cfg
+    if os.environ.get("RAY_ADDRESS"):
+        cpus = 1
+    else:
+        cpus = max(1, (os.cpu_count() or 1) // max(1, concurrent * cfg.ray.num_workers))
+    return replace(cfg, ray={"cpus_per_worker": cpus})
 
 
 def _absolute_root(variants: list[GridVariant]) -> list[PipelineConfig]:
@@ -114,8 +132,15 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
     gvs = [GridVariant(axes=v["axes"], overrides=list(v["overrides"]), config=from_dict(PipelineConfig, v["config"]))
            for v in variants]
     cfgs = _absolute_root(gvs)
-    axes = {k: [gv.axes[k] for gv in gvs] for k in gvs[0].axes}
+    axes: dict[str, list[Any]] = {k: [] for k in gvs[0].axes}
+    for gv in gvs:
+        for k, v in gv.axes.items():
+            if v not in axes[k]:
+                axes[k].append(v)
     grid_hash = stable_hash([c.to_dict() for c in cfgs])
+    from infra import ray as rayx
+
+    rayx.init_ray()  # first, in the flow's thread: Ray's processes die with the thread that started them
     tracker = Tracker(cfgs[0].run.root, cfgs[0].run.experiment)
     mark_crashed(tracker.mark_dead_runs_killed())
     grid_run = tracker.pipeline_run(grid_hash, kind="grid", name=name or f"grid-{grid_hash}",
@@ -133,10 +158,7 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
     executions: dict[str, int] = {}
     stage_task = task(_dispatch, name="grid-stage", task_run_name="{stage}-{label}", cache_policy=NO_CACHE,
                       persist_result=False, retries=cfgs[0].run.retries,
-                      retry_delay_seconds=cfgs[0].run.retry_delay_s)
-    from infra import ray as rayx
-
-    rayx.init_ray()  # here, in the flow's thread: Ray's processes die with the thread that started them
+                      retry_delay_seconds=cfgs[0].run.retry_delay_s, retry_condition_fn=retry_unless_permanent())
     with sigterm_raises(), grid_run:
         try:
             for stage in GRID_STAGES:
@@ -151,8 +173,8 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
                     parent = runs[first].run_id if len(members) == 1 else grid_run.run_id
                     upstream = {**refs[first], "_parent_run_id": parent}
                     label = gvs[first].label if len(members) == 1 else f"shared-by-{len(members)}"
-                    futures.append((members, stage_task.submit(stage, label, cfgs[first].to_dict(), upstream,
-                                                                    threads)))
+                    config = _with_cpus(cfgs[first], len(groups)).to_dict()
+                    futures.append((members, stage_task.submit(stage, label, config, upstream, threads)))
                 for members, fut in futures:
                     ref = fut.result()
                     for i in members:
@@ -164,10 +186,14 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
                 grid_run.log_metrics({f"executions.{stage}": len(groups)})
             for run, r in zip(runs, refs):
                 run.log_metrics(summary_figures(r))
+            for run in runs:
                 run.finish("FINISHED")
         except BaseException as e:
             from infra.tracking import exit_status
 
+            cancelled = rayx.cancel_all(_IN_FLIGHT)  # the other executions would run on for hours otherwise
+            if cancelled:
+                print(f"grid failed ({type(e).__name__}): cancelled {cancelled} running stage execution(s)")
             for run in runs:
                 run.finish(exit_status(e))
             raise
@@ -186,4 +212,4 @@ def run_grid(variants: list[GridVariant], name: str = "") -> GridResult:
                       refs=out["refs"], executions=out["executions"])
 
 
-__all__ = ["GRID_STAGES", "STAGE_READS", "GridResult", "group_key", "grid_flow", "run_grid"]
+__all__ = ["GRID_STAGES", "STAGE_READS", "GridResult", "grid_flow", "group_key", "run_grid"]

@@ -96,10 +96,8 @@ def _never_retry(exc: BaseException) -> bool:
     return isinstance(exc, (ConfigError, UnsafeCheckpointError, KeyboardInterrupt))
 
 
-def stage_task(stage: str, cfg: PipelineConfig, result_storage: Any = None) -> Any:
-    """The stage's Prefect task with this config's retries, and its JSON results kept under the run root."""
-    base = getattr(load_stage(stage), f"{stage}_task")
-    own_condition = base.retry_condition_fn
+def retry_unless_permanent(own_condition: Any = None) -> Any:
+    """A Prefect retry condition: never for a permanent failure (:func:`_never_retry`), else ``own_condition``."""
 
     def retry_condition(task: Any, task_run: Any, state: Any) -> bool:
         exc = state.result(raise_on_failure=False)
@@ -107,6 +105,13 @@ def stage_task(stage: str, cfg: PipelineConfig, result_storage: Any = None) -> A
             return False
         return own_condition(task, task_run, state) if own_condition else True
 
+    return retry_condition
+
+
+def stage_task(stage: str, cfg: PipelineConfig, result_storage: Any = None) -> Any:
+    """The stage's Prefect task with this config's retries, and its JSON results kept under the run root."""
+    base = getattr(load_stage(stage), f"{stage}_task")
+    retry_condition = retry_unless_permanent(base.retry_condition_fn)
     from prefect.cache_policies import CacheKeyFnPolicy
 
     # One JSON result record per task run, never a cache hit: whether a stage is done is decided by its own
@@ -174,11 +179,14 @@ def mark_crashed(dead_runs: dict[str, dict[str, str]]) -> list[str]:
     if ids:
         with get_client(sync_client=True) as client:
             for fid in ids:
-                run = client.read_flow_run(fid)
-                if run.state is not None and not run.state.is_final():
-                    client.set_flow_run_state(fid, Crashed(message="its process died (found by the next run)"),
-                                              force=True)
-                    changed.append(fid)
+                try:
+                    run = client.read_flow_run(fid)
+                    if run.state is not None and not run.state.is_final():
+                        client.set_flow_run_state(fid, Crashed(message="its process died (found by the next run)"),
+                                                  force=True)
+                        changed.append(fid)
+                except Exception as e:  # noqa: BLE001 - another API / a deleted database: nothing to mark
+                    print(f"could not mark Prefect flow run {fid} Crashed: {e}")
     return changed
 
 
@@ -209,7 +217,7 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
     refs: dict[str, Any] = {"_parent_run_id": parent.run_id}
     with sigterm_raises(), parent:
         for stage in stages:
-            ref = tasks[stage](cfg, refs, force=(stage == from_stage))
+            ref = tasks[stage](cfg, refs, force=from_stage is not None)  # --from: this stage and every later one
             refs[stage] = ref
             parent.set_tags({f"mqgen.{stage}.key": getattr(ref, "key", ""),
                              f"mqgen.{stage}.run_id": getattr(ref, "mlflow_run_id", "")})

@@ -17,8 +17,8 @@ parallel (tokenize: one input shard per task).
 from __future__ import annotations
 
 import os
-import threading
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -32,7 +32,6 @@ import torch  # noqa: E402
 
 from infra.checkpoint import LoadedCheckpoint, read_checkpoint  # noqa: E402
 from infra.storage import UnsafeCheckpointError  # noqa: E402
-
 
 # --------------------------------------------------------------------------------------------- driver
 
@@ -238,12 +237,32 @@ def scratch_dir() -> str:
 # --------------------------------------------------------------------------------------------- tasks
 
 
-def run_remote(fn: Callable[[Any], Any], arg: Any, *, num_cpus: float = 0, num_gpus: float = 0) -> Any:
+def run_remote(fn: Callable[[Any], Any], arg: Any, *, num_cpus: float = 0, num_gpus: float = 0,
+               in_flight: set[Any] | None = None) -> Any:
     """``fn(arg)`` as one Ray task, waited for. For orchestration bodies (a grid's stage execution): by default
     it reserves no CPU, since the Ray Train workers and Ray tasks it starts reserve their own. No retries: the
-    caller (a Prefect task) owns them. A failure re-raises here with the original exception type."""
+    caller (a Prefect task) owns them. A failure re-raises here with the original exception type. While it
+    runs, its handle is in ``in_flight`` (for :func:`cancel_all`)."""
     init_ray()
-    return ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(fn).remote(arg))
+    ref = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(fn).remote(arg)
+    if in_flight is not None:
+        in_flight.add(ref)
+    try:
+        return ray.get(ref)
+    finally:
+        if in_flight is not None:
+            in_flight.discard(ref)
+
+
+def cancel_all(in_flight: set[Any]) -> int:
+    """Force-cancel the Ray tasks still in ``in_flight`` (their workers are killed); returns how many."""
+    refs = list(in_flight)
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True, recursive=True)
+        except Exception:  # noqa: BLE001 - already finished or gone: nothing to cancel
+            continue
+    return len(refs)
 
 
 def map_tasks(fn: Callable[[Any], Any], items: Sequence[Any], *, num_cpus: float = 1, num_gpus: float = 0,

@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from infra.tracking import TAG_KIND, Tracker
 
@@ -144,9 +143,21 @@ def _fmt(v: float | None) -> str:
 
 def write_report(comp: Comparison, out_dir: str | Path) -> dict[str, Path]:
     """Write the report folder; returns the paths of ``report.html``, ``report.md`` and each plot."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
+                                                       and not (out_dir / "report.html").is_file())):
+        raise ValueError(f"{out_dir} exists and is not an earlier report (no report.html): choose another --out; "
+                         "a report folder is replaced as a whole")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        return _write(comp, out_dir, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write(comp: Comparison, out_dir: Path, tmp: Path) -> dict[str, Path]:
     (tmp / "plots").mkdir()
     plots: dict[str, str] = {}
     missing: list[str] = []
@@ -168,7 +179,7 @@ def write_report(comp: Comparison, out_dir: str | Path) -> dict[str, Path]:
             b = pick(have, key=lambda r: r.metrics[m])
             notes.append(f"best {m}: {b.label} ({_fmt(b.metrics[m])})")
     if missing:
-        notes.append("not available in these runs: " + ", ".join(missing))
+        notes.append("no plot (the metric or tokenizer.keep_ratio missing in these runs): " + ", ".join(missing))
 
     md = [f"# mqgen comparison: {comp.title}", "", *[f"- {n}" for n in notes], "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -204,10 +215,17 @@ def log_report(tracker: Tracker, comp: Comparison, paths: dict[str, Path]) -> st
         run = tracker.pipeline_run("compare", kind="compare", name=f"compare-{len(comp.rows)}-runs",
                                    tags={"mqgen.compared_runs": ",".join(r.run_id for r in comp.rows)})
     folder = paths["html"].parent
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(folder).parent
-            run.log_artifact(p, str(Path("compare") / rel) if str(rel) != "." else "compare")
+    try:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(folder).parent
+                run.log_artifact(p, str(Path("compare") / rel) if str(rel) != "." else "compare")
+    except BaseException as e:
+        if not comp.parent_run_id:
+            from infra.tracking import exit_status
+
+            run.finish(exit_status(e))
+        raise
     if not comp.parent_run_id:
         run.finish("FINISHED")
     return run.run_id

@@ -60,7 +60,8 @@ def sigterm_raises() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is handler:  # Ray may install its own meanwhile: keep that one
+            signal.signal(signal.SIGTERM, previous)
 
 
 def owner_tag() -> str:
@@ -208,8 +209,9 @@ class StageRun:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log metrics at ``step``; a (key, step) at or before the last logged step is dropped."""
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = []
@@ -233,8 +235,8 @@ class StageRun:
 
     def log_image(self, image: Any, name: str) -> None:
         """Log a PIL image or an HxW / HxWxC uint8 array as PNG."""
-        from PIL import Image
         import numpy as np
+        from PIL import Image
 
         if not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image))

@@ -46,10 +46,17 @@ def test_end_to_end_then_cached_rerun_then_only_and_from(finished) -> None:
     assert {k: v.to_dict() for k, v in again.items()} == {k: v.to_dict() for k, v in refs.items()}
     assert sorted(p.name for p in (root / "ray").iterdir()) == ray_dirs  # no new training run
 
-    # --only runs one stage on cached inputs; --from forces a rerun from there on
+    # --only runs one stage on cached inputs; --from forces a rerun of that stage and every later one
     only = run_pipeline(cfg, only="tokenize")
     assert list(only) == ["tokenize"] and only["tokenize"] == refs["tokenize"]
     assert select_stages(from_stage="tokenize") == ["tokenize", "train_stackformer", "evaluate"]
+    evaluation_mtime = Path(refs["evaluate"].evaluation_json).stat().st_mtime_ns
+    forced = run_pipeline(cfg, from_stage="train_stackformer")
+    assert list(forced) == ["train_stackformer", "evaluate"]
+    key = refs["train_stackformer"].key
+    assert (root / "ray" / f"train_stackformer-{key}-a1").is_dir()  # trained again, as a new attempt
+    assert Path(forced["evaluate"].evaluation_json).stat().st_mtime_ns > evaluation_mtime  # evaluated again
+    assert forced["train_stackformer"].key == key and forced["evaluate"].key is not None
 
 
 def _client(root: Path):
@@ -78,6 +85,7 @@ def finished(prefect_api, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_results_are_json_references_and_the_parent_run_has_the_figures(finished) -> None:
+    import importlib
     import pickle
 
     root, _, refs = finished
@@ -90,9 +98,13 @@ def test_results_are_json_references_and_the_parent_run_has_the_figures(finished
         doc = json.loads(raw)
         assert doc["metadata"]["serializer"]["type"] == "json"
         ref = json.loads(doc["result"]) if isinstance(doc["result"], str) else doc["result"]
-        stage = ref["__class__"].split(".")[1]
-        assert ref["data"] == refs[stage].to_dict()
+        module, cls = ref["__class__"].rsplit(".", 1)
+        stage = module.split(".")[1]
+        loaded = getattr(importlib.import_module(module), cls).from_dict(ref["data"])
+        assert Path(loaded.path).is_dir() and loaded.mlflow_run_id, rec  # a reference to real output
         seen.add(stage)
+        if loaded.key == refs[stage].key and stage not in ("train_stackformer", "evaluate"):  # (--from redid those)
+            assert loaded == refs[stage]
     assert seen == set(STAGES)
     parent = _runs(root, "pipeline")[0]  # the run that computed the stages (later ones: reruns, --only)
     assert parent.data.metrics["fid"] == pytest.approx(refs["evaluate"].metrics["fid"])
@@ -127,13 +139,15 @@ def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_
     args = [f"run.root={root}", "tokenizer.max_steps=12", "tokenizer.eval_every=12", "tokenizer.checkpoint_every=12",
             "stackformer.max_steps=12", "stackformer.eval_every=12", "stackformer.checkpoint_every=12",
             "evaluate.num_samples=24", "tokenizer.keep_ratio=[0.5,0.75]"]
+    trained_before = sorted(p.name for p in (root / "ray").iterdir())
     variants = expand_grid("tiny", None, args)
     assert [v.config.tokenizer.keep_ratio for v in variants] == [0.5, 0.75]
     result = run_grid(variants, name="test-grid")
     assert result.executions["ingest"] == 1  # shared by both variants
     assert result.executions["train_evaluator"] == 1
     assert result.executions["train_tokenizer"] == 2 and result.executions["evaluate"] == 2
-    # the grid reused the finished keep_ratio=0.5 pipeline's upstream outputs (same keys) and evaluated anew
+    # the grid reused the finished pipelines' trained models (no new training run) and evaluated anew
+    assert sorted(p.name for p in (root / "ray").iterdir()) == trained_before
     assert result.refs[0]["train_stackformer"]["key"] == refs["train_stackformer"].key
     assert result.refs[0]["evaluate"]["key"] != refs["evaluate"].key
     client = Tracker(root, "mqgen").client
@@ -154,6 +168,10 @@ def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_
     assert paths["fid"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = paths["html"].read_text()
     assert "plots/fid_vs_keep_ratio.png" in html and f"{fids[0]:.4g}" in html
+    assert write_report(comp, tmp_path / "report")["html"].is_file()  # an earlier report is replaced
+    with pytest.raises(ValueError, match="not an earlier report"):
+        write_report(comp, root)  # never a folder with other things in it (here: the run root)
+    assert (root / "mlflow.db").is_file()
     log_report(Tracker(root, "mqgen"), comp, paths)
     logged = {a.path for a in client.list_artifacts(result.grid_run_id, "compare")}
     assert {"compare/report.html", "compare/report.md", "compare/plots"} <= logged
