@@ -175,9 +175,10 @@ class Tracker:
 class StageRun:
     """A handle on one MLflow run. Use as a context manager: FAILED on exception, FINISHED otherwise."""
 
-    def __init__(self, client: Any, run_id: str):
+    def __init__(self, client: Any, run_id: str, step_offset: int = 0):
         self.client = client
         self.run_id = run_id
+        self.step_offset = step_offset  # added to every logged step (a forced rerun's attempt follows the last)
         self._last_step: dict[str, int] = {}
 
     def __enter__(self) -> "StageRun":
@@ -207,12 +208,19 @@ class StageRun:
             self._last_step[key] = max((m.step for m in hist), default=-1)
         return self._last_step[key]
 
+    def max_logged_step(self) -> int:
+        """The largest step of any metric in the run (-1 when none)."""
+        keys = self.client.get_run(self.run_id).data.metrics.keys()
+        return max((self.last_step(k) for k in keys), default=-1)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        """Log metrics at ``step``; a (key, step) at or before the last logged step is dropped."""
+        """Log metrics at ``step`` (+ :attr:`step_offset`); a (key, step) at or before the last logged step of
+        that key is dropped (a resumed stage replays steps after its checkpoint)."""
         import time
 
         from mlflow.entities import Metric
 
+        step += self.step_offset
         now = int(time.time() * 1000)
         batch = []
         for k, v in metrics.items():
@@ -263,3 +271,33 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def open_training_attempt(tracker: Tracker, stage: str, key: str, out_dir: Path, *, force: bool, done: bool,
+                          success_name: str, params: Mapping[str, Any], tags: Mapping[str, Any],
+                          parent_run_id: str | None) -> tuple[StageRun, str, int]:
+    """Start (or resume) a training stage's attempt: its stage run, its Ray run name and its metric step offset.
+
+    ``<out_dir>/attempt.json`` holds the attempt number and offset. A plain rerun resumes the same attempt (same
+    Ray run name: Ray Train restores its latest checkpoint; same offset). ``force`` over a finished output starts
+    attempt N+1, which trains from scratch under a new Ray run name and logs its steps after every step already
+    in the stage's MLflow run (one run per stage key), so its curves are not dropped as duplicates.
+    """
+    from infra.storage import atomic_write_json, read_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    attempt_file = out_dir / "attempt.json"
+    state = read_json(attempt_file) if attempt_file.is_file() else {"attempt": 0}
+    if force and done:
+        state = {"attempt": int(state["attempt"]) + 1}
+        (out_dir / success_name).unlink(missing_ok=True)
+    atomic_write_json(attempt_file, state)  # before the run exists: a crash from here on resumes this attempt
+    ray_name = f"{stage}-{key}-a{state['attempt']}"
+    srun = tracker.stage_run(stage, key, params=params, tags={**tags, "mqgen.ray_run": ray_name,
+                                                              "mqgen.attempt": str(state["attempt"])},
+                             parent_run_id=parent_run_id)
+    if "step_offset" not in state:
+        state["step_offset"] = srun.max_logged_step() + 1 if state["attempt"] > 0 else 0
+        atomic_write_json(attempt_file, state)
+    srun.step_offset = int(state["step_offset"])
+    return srun, ray_name, srun.step_offset

@@ -50,7 +50,7 @@ from infra.config import (
     to_dict,
 )
 from infra.orchestration import lazy_stage_task
-from infra.storage import Ref, atomic_write_json, load_weights_ref, read_json, sha256_file, stage_dir
+from infra.storage import Ref, atomic_write_json, load_weights_ref, sha256_file, stage_dir
 from infra.tokens import TokenDataset, TokenFormatError
 from infra.training import Throughput, autocast, warmup_cosine
 from models.stackformer import (
@@ -498,6 +498,7 @@ def train_loop(lc: dict[str, Any]) -> None:
     if w.is_main:
         run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc["tracking_uri"]).stage_run(
             STAGE, lc["key"], run_id=lc["mlflow_run_id"])
+        run.step_offset = int(lc.get("metric_step_offset", 0))
         if restored is not None:
             run.set_tags({"mqgen.resumed_from_step": restored.step})
             was = restored.state.get("data", {}).get("world_size", w.world_size)
@@ -654,7 +655,7 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     from infra import ray as rayx
     from infra.checkpoint import read_checkpoint
     from infra.storage import atomic_open
-    from infra.tracking import Tracker, exit_status
+    from infra.tracking import Tracker, exit_status, open_training_attempt
 
     tokens = _tokens_ref(cfg, upstream)
     tokenizer = _tokenizer_ref(cfg, upstream)
@@ -664,32 +665,24 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     done = load_output(out_dir)
     if done is not None and not force:
         return done
-    out_dir.mkdir(parents=True, exist_ok=True)
-    attempt_file = out_dir / "attempt.json"
-    attempt = read_json(attempt_file)["attempt"] if attempt_file.is_file() else 0
-    if force and done is not None:
-        attempt += 1  # a forced rerun trains from scratch under a new Ray run name
-        (out_dir / SUCCESS).unlink()
-    atomic_write_json(attempt_file, {"attempt": attempt})
-    ray_name = f"{STAGE}-{key}-a{attempt}"
 
     s = cfg.stackformer
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         num_params = sum(t.numel() for t in new_model(p.model, p.model_config).parameters())
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
-    srun = tracker.stage_run(
-        STAGE, key,
+    srun, ray_name, step_offset = open_training_attempt(
+        tracker, STAGE, key, out_dir, force=force, done=done is not None, success_name=SUCCESS,
         params={"stackformer": to_dict(s), "seed": cfg.seed, "model": p.model, "model_config": p.model_config,
                 "num_params": num_params, "num_classes": p.num_classes, "tokens_per_image": p.seq_len,
                 "num_train": p.num_train, "num_val": p.num_val, "tokenize_key": tokens.key,
                 "tokens_checksum": tokens.checksum, "tokenizer_sha256": p.tokenizer_sha256},
         tags={"mqgen.tokenize_run_id": tokens.mlflow_run_id,
-              "mqgen.tokenizer_run_id": tokenizer.mlflow_run_id, "mqgen.ray_run": ray_name,
+              "mqgen.tokenizer_run_id": tokenizer.mlflow_run_id,
               "mqgen.num_workers": p.world_size, "mqgen.local_batch": p.local_batch,
               "mqgen.sampling": json.dumps(to_dict(cfg.evaluate.sampling), sort_keys=True)},
         parent_run_id=upstream.get("_parent_run_id"))
     lc = {"config": cfg.to_dict(), "key": key, "tracking_uri": tracker.uri, "mlflow_run_id": srun.run_id,
-          "plan": p.to_dict(), "tokenizer": tokenizer.to_dict(),
+          "metric_step_offset": step_offset, "plan": p.to_dict(), "tokenizer": tokenizer.to_dict(),
           "log_every": max(1, min(50, s.max_steps // 20)), **(_test_hooks or {})}
     try:
         result = rayx.fit(train_loop, lc, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),

@@ -18,7 +18,7 @@ import torch
 
 from infra.orchestration import lazy_stage_task
 from infra.config import PipelineConfig, from_dict, loss_config, mqvae_config, stable_hash, to_dict
-from infra.storage import Ref, atomic_write_json, read_json, sha256_file, stage_dir, load_weights_ref
+from infra.storage import Ref, atomic_write_json, sha256_file, stage_dir, load_weights_ref
 from infra.training import Throughput, autocast, warmup_cosine
 from models.losses import VQGANLoss
 from models.mqvae import MQVAE
@@ -209,6 +209,7 @@ def train_loop(lc: dict[str, Any]) -> None:
     if w.is_main:
         run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc["tracking_uri"]).stage_run(
             STAGE, lc["key"], run_id=lc["mlflow_run_id"])
+        run.step_offset = int(lc.get("metric_step_offset", 0))
         if restored is not None:
             run.set_tags({"mqgen.resumed_from_step": restored.step})
             if w.skipped_checkpoints:
@@ -309,7 +310,7 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     from infra.checkpoint import read_checkpoint
     from infra.shards import ShardSet
     from infra.storage import atomic_open
-    from infra.tracking import Tracker, exit_status
+    from infra.tracking import Tracker, exit_status, open_training_attempt
     from safetensors.torch import save_file
 
     ingest = _ingest_ref(cfg, upstream)
@@ -318,26 +319,20 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     done = load_output(out_dir)
     if done is not None and not force:
         return done
-    out_dir.mkdir(parents=True, exist_ok=True)
-    attempt_file = out_dir / "attempt.json"
-    attempt = read_json(attempt_file)["attempt"] if attempt_file.is_file() else 0
-    if force and done is not None:
-        attempt += 1  # a forced rerun trains from scratch under a new Ray run name
-        (out_dir / SUCCESS).unlink()
-    atomic_write_json(attempt_file, {"attempt": attempt})
-    ray_name = f"{STAGE}-{key}-a{attempt}"
 
     shards = ShardSet.from_output(ingest)
     model_cfg = mqvae_config(cfg)
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     parent = upstream.get("_parent_run_id")
-    srun = tracker.stage_run(STAGE, key, params={"tokenizer": to_dict(cfg.tokenizer), "seed": cfg.seed,
-                                                 "image_size": cfg.data.image_size, "channels": cfg.data.channels},
-                             tags={"mqgen.num_workers": str(cfg.ray.num_workers),
-                                   "mqgen.ingest_manifest_sha256": ingest.manifest_sha256,
-                                   "mqgen.ingest_run_id": ingest.mlflow_run_id, "mqgen.ray_run": ray_name},
-                             parent_run_id=parent)
+    srun, ray_name, step_offset = open_training_attempt(
+        tracker, STAGE, key, out_dir, force=force, done=done is not None, success_name=SUCCESS,
+        params={"tokenizer": to_dict(cfg.tokenizer), "seed": cfg.seed, "image_size": cfg.data.image_size,
+                "channels": cfg.data.channels},
+        tags={"mqgen.num_workers": str(cfg.ray.num_workers), "mqgen.ingest_manifest_sha256": ingest.manifest_sha256,
+              "mqgen.ingest_run_id": ingest.mlflow_run_id},
+        parent_run_id=parent)
     lc = {"config": cfg.to_dict(), "key": key, "tracking_uri": tracker.uri, "mlflow_run_id": srun.run_id,
+          "metric_step_offset": step_offset,
           "train_shards": [(s.path, s.num_samples) for s in shards.shards("train")],
           "val_shards": [(s.path, s.num_samples) for s in shards.shards("val")],
           "val_limit": 2048, "log_every": max(1, min(50, cfg.tokenizer.max_steps // 20)),
