@@ -6,6 +6,7 @@ grouped by the configuration that stage (and everything upstream of it) reads: o
 execution, shared by all of its variants (every variant above reads the same ingest, so ingest runs once).
 The groups of one stage run concurrently, each a Prefect task whose body is a Ray task (the local Ray
 instance, or the cluster at ``RAY_ADDRESS``); the stage's own Ray Train / Ray task work runs inside it.
+Evaluations run one at a time, so that their sampling speeds are measured on an otherwise idle machine.
 
 MLflow: one parent run (kind ``grid``), one child run per variant (kind ``pipeline``, tagged with its axis
 values, its figures logged as metrics when it finishes). A stage run that belongs to one variant hangs under
@@ -44,6 +45,9 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
 }
 PERFORMANCE_FIELDS = {"data": ("num_workers",)}
 GRID_STAGES = ("ingest", "train_tokenizer", "tokenize", "train_evaluator", "train_stackformer", "evaluate")
+# Stages whose executions run one at a time: evaluate measures sampling speed, which must not share the machine
+# with another variant's evaluation (the speeds of a grid would not be comparable).
+ONE_AT_A_TIME = frozenset({"evaluate"})
 
 
 @dataclass
@@ -167,14 +171,18 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
                     if _needs_stage(stage, c):
                         groups.setdefault(group_key(stage, c), []).append(i)
                 futures: list[tuple[list[int], Future[Any]]] = []
-                threads = max(1, (os.cpu_count() or 1) // max(1, len(groups)))
+                concurrent = 1 if stage in ONE_AT_A_TIME else len(groups)
+                threads = max(1, (os.cpu_count() or 1) // max(1, concurrent))
                 for members in groups.values():
                     first = members[0]
                     parent = runs[first].run_id if len(members) == 1 else grid_run.run_id
                     upstream = {**refs[first], "_parent_run_id": parent}
                     label = gvs[first].label if len(members) == 1 else f"shared-by-{len(members)}"
-                    config = _with_cpus(cfgs[first], len(groups)).to_dict()
-                    futures.append((members, stage_task.submit(stage, label, config, upstream, threads)))
+                    config = _with_cpus(cfgs[first], concurrent).to_dict()
+                    future = stage_task.submit(stage, label, config, upstream, threads)
+                    if stage in ONE_AT_A_TIME:
+                        future.wait()
+                    futures.append((members, future))
                 for members, fut in futures:
                     ref = fut.result()
                     for i in members:
