@@ -48,11 +48,13 @@ def _start(root: Path, prefect_url: str) -> subprocess.Popen:
 
 
 def _checkpoint_steps(root: Path) -> list[int]:
-    """Steps of the complete checkpoints on disk (one being copied in counts once its manifest is readable)."""
-    from infra.checkpoint import checkpoint_step
+    """Steps of the checkpoints Ray has registered (what a restart restores), oldest first."""
+    from tests.fixtures.ray_runs import registered_checkpoints
 
-    steps = [checkpoint_step(d) for d in (root / "ray").glob("train_tokenizer-*-a0/checkpoint_*")]
-    return sorted(s for s in steps if s is not None)
+    steps = []
+    for run_dir in (root / "ray").glob("train_tokenizer-*-a0"):
+        steps += [step for _, step in registered_checkpoints(run_dir)]
+    return sorted(steps)
 
 
 def _wait_for_step(proc: subprocess.Popen, root: Path, step: int, timeout: float = 240) -> int:
@@ -116,7 +118,7 @@ def test_sigterm_ends_runs_killed_and_after_sigkill_the_rerun_resumes_from_the_c
         _wait_for_step(second, root, steps_before[-1] + 8)
     finally:
         _reap(second)
-    on_disk = _checkpoint_steps(root)  # read after the kill: a checkpoint may have landed meanwhile
+    on_disk = _checkpoint_steps(root)  # read after the kill: one may have been registered meanwhile
     pipeline_2 = _runs(root, "pipeline")[1]
     assert pipeline_2.info.status == "RUNNING"
 

@@ -16,6 +16,7 @@ import torch
 
 from infra.config import resolve
 from infra.tracking import Tracker
+from tests.fixtures.ray_runs import registered_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -103,8 +104,7 @@ def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: P
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            done = sorted(ray_dir.glob("checkpoint_*/DONE")) if ray_dir.exists() else []
-            if len(done) >= 2:
+            if len(registered_checkpoints(ray_dir)) >= 2:  # registered with Ray, so restorable
                 break
             assert proc.poll() is None, "the stage ended before it could be killed"
             time.sleep(0.5)
@@ -116,11 +116,11 @@ def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: P
         proc.wait()
     assert not (root / "train_tokenizer" / key / "_SUCCESS.json").exists()
 
-    ckpts = sorted(p.parent for p in ray_dir.glob("checkpoint_*/DONE"))
-    steps = [json.loads((c / "manifest.json").read_text())["step"] for c in ckpts]
+    registered = registered_checkpoints(ray_dir)
+    steps = [step for _, step in registered]
     assert steps[:2] == [8, 16]
-    # bit rot in the newest checkpoint: it must be skipped and the one before it used
-    newest = ckpts[-1]
+    # bit rot in the newest checkpoint Ray will restore: it must be skipped and the one before it used
+    newest = ray_dir / registered[-1][0]
     blob = bytearray((newest / "model.safetensors").read_bytes())
     blob[-5] ^= 0xFF
     (newest / "model.safetensors").write_bytes(bytes(blob))
