@@ -321,7 +321,22 @@ def synthetic_tokens(path: Path, cfg: PipelineConfig, *, num_classes: int, num_r
     return str(path)
 
 
-class StackformerBench:
+class _StepBench:
+    """Shared timing loop of a part: ``_fetch`` the next batch, ``_step`` the trainer, check the loss."""
+
+    LOSS_KEY = "loss"
+
+    def run(self, n: int) -> list[tuple[float, float, float]]:
+        times = []
+        for _ in range(n):
+            t, logs = timed_step(self.device, self._fetch, self._step)
+            times.append(t)
+            self.step += 1
+            self.loss = _check_loss(float(logs[self.LOSS_KEY]), self.step)
+        return times
+
+
+class StackformerBench(_StepBench):
     """The Stackformer stage's model, trainer and data path built from the JSON-able ``lc``, timing its steps.
 
     Used in this process (bare) and inside the Ray worker (one worker: ``worker`` is not needed).
@@ -366,15 +381,6 @@ class StackformerBench:
 
         torch.manual_seed(derive_seed(self.cfg.seed, STAGE, "train", 0, self.step))
         return self.trainer.step(batch, self.step)
-
-    def run(self, n: int) -> list[tuple[float, float, float]]:
-        times = []
-        for _ in range(n):
-            t, logs = timed_step(self.device, self._fetch, self._step)
-            times.append(t)
-            self.step += 1
-            self.loss = _check_loss(float(logs["loss"]), self.step)
-        return times
 
     def close(self) -> None:
         self.batches.close()
@@ -463,7 +469,7 @@ def synthetic_shards(directory: Path, cfg: PipelineConfig, *, num_images: int, n
     return shards
 
 
-class TokenizerBench:
+class TokenizerBench(_StepBench):
     """The tokenizer stage's model, discriminator, trainer and data stream, built as ``train_loop`` builds them
     from the JSON-able ``lc``; timing its steps.
 
@@ -471,6 +477,8 @@ class TokenizerBench:
     :class:`infra.ray.Worker`. Every rank takes ``lc["batch"]`` images per step. :meth:`run` takes ``n``
     more steps and returns the ``(wall, CPU, data)`` seconds of each.
     """
+
+    LOSS_KEY = "total"
 
     def __init__(self, lc: dict[str, Any], device: torch.device, worker: Any = None) -> None:
         from infra.stream import TrainStream
@@ -516,15 +524,6 @@ class TokenizerBench:
 
     def _step(self, x: torch.Tensor) -> dict:
         return self.trainer.step(x, self.step)
-
-    def run(self, n: int) -> list[tuple[float, float, float]]:
-        times = []
-        for _ in range(n):
-            t, logs = timed_step(self.device, self._fetch, self._step)
-            times.append(t)
-            self.step += 1
-            self.loss = _check_loss(float(logs["total"]), self.step)
-        return times
 
     def close(self) -> None:
         self.data.close()  # type: ignore[attr-defined]
