@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 import yaml
@@ -17,20 +17,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="mqgen: MQ-VAE + Stackformer image generation as a resumable pipeline.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configurations.")
 app.add_typer(config_app, name="config")
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message is the whole story (no traceback): bad input data, refused artifacts, config."""
-    from infra.storage import UnsafeCheckpointError
-
-    errors: list[type[BaseException]] = [ConfigError, UnsafeCheckpointError]
-    for module, name in (("tasks.ingest", "IngestError"), ("infra.shards", "ShardIntegrityError"),
-                         ("infra.tokens", "TokenFormatError"), ("infra.metrics", "MetricsUnavailable")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
-
 
 PRESET_HELP = f"Preset: {', '.join(PRESETS)}."
 STAGE_HELP = f"Stage: {', '.join(STAGES)}."
@@ -48,7 +34,7 @@ def _prepare_environment(cfg: PipelineConfig) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # to the log file; the console shows errors only
 
 
 def _resolve_or_exit(preset: str, config: Optional[Path], overrides: list[str]) -> PipelineConfig:
@@ -59,6 +45,100 @@ def _resolve_or_exit(preset: str, config: Optional[Path], overrides: list[str]) 
         raise typer.Exit(2) from None
 
 
+VERBOSE_HELP = "Show Ray / Prefect / MLflow messages at INFO on the console (they always go to the log file)."
+DEBUG_HELP = "On failure, print the full traceback too (it is always in the log file)."
+
+
+def _start_logging(cfg: PipelineConfig, command: str, verbose: bool) -> None:
+    """Console and log files for this command (after Prefect is imported: it installs its console handler)."""
+    import prefect  # noqa: F401 - imported for its logging set-up, which is replaced here
+
+    from infra.console import setup_logging
+
+    if verbose:
+        os.environ["MQGEN_RAY_LOG_TO_DRIVER"] = "1"
+    setup_logging(cfg.run.root, command, verbose=verbose)
+
+
+ADVICE = {
+    "ConfigError": "fix the configuration value named above (`mqgen config show` prints the resolved config) "
+                   "and run the same command again",
+    "UnsafeCheckpointError": "a stored file failed verification and was not loaded; delete it (or the stage "
+                             "folder named above) and run again to recompute it",
+    "IngestError": "check the input data named above (data.source / data.path), then run again: images "
+                   "already ingested are reused",
+    "SourceError": "check data.source / data.path, then run again",
+    "ShardIntegrityError": "a shard is damaged; delete the ingest folder named above and run again",
+    "TokenFormatError": "the token database is damaged or from another version; rerun with --from tokenize",
+    "FileNotFoundError": "a file this stage reads is missing; rerun the stage that writes it (`mqgen run --from "
+                         "STAGE`), or check the paths in the config",
+    "MetricsUnavailable": "see the message above: the figure needs something this run lacks",
+    "InceptionWeightsMissing": "see the message above for where the Inception weights are looked for",
+}
+
+
+def _fail(e: BaseException, debug: bool) -> None:
+    """Print one paragraph about a failure (no traceback unless ``--debug``) and exit non-zero."""
+    import traceback
+
+    from flows.pipeline import StageFailed
+    from infra.console import log_path
+    from infra.errors import is_permanent
+
+    stage = e.stage if isinstance(e, StageFailed) else None
+    cause = e.cause if isinstance(e, StageFailed) else e
+    where = f"stage {stage}" if stage else "mqgen"
+    name = type(cause).__name__
+    message = str(cause).strip() or name
+    advice = next((ADVICE[k.__name__] for k in type(cause).__mro__ if k.__name__ in ADVICE), None)
+    if advice is None:
+        advice = ("the same command would fail the same way: fix the cause above first" if is_permanent(cause)
+                  else "run the same command again: finished stages are reused and training resumes from its "
+                       "last checkpoint")
+    lines = [f"error: {where} failed: {name}: {message}"]
+    if isinstance(e, StageFailed):
+        lines.append(f"  config {e.config_hash}, run root {e.root}")
+    lines.append(f"  what to do: {advice}")
+    logs = [p for p in ((e.log_file if isinstance(e, StageFailed) else None), log_path()) if p]
+    if logs:
+        run = f" and MLflow run {e.mlflow_run_id} (artifact error/)" if isinstance(e, StageFailed) and \
+            e.mlflow_run_id else ""
+        lines.append(f"  full traceback: {logs[0]}{run}" + ("" if debug else "; --debug prints it here"))
+    if debug:
+        typer.echo("".join(traceback.format_exception(cause)), err=True)
+    typer.secho("\n".join(lines), fg=typer.colors.RED, err=True)
+    raise typer.Exit(2 if name == "ConfigError" else 1)
+
+
+def _summary(cfg: PipelineConfig, refs: dict[str, Any], seconds: float | None) -> None:
+    """Where the results are: the evaluation, its pictures, the MLflow UI, the logs."""
+    from infra.console import fmt_duration, log_path
+
+    def rel(p: str | Path) -> str:
+        try:
+            return os.path.relpath(p)
+        except ValueError:
+            return str(p)
+
+    out = [f"finished {len(refs)} stage(s)" + (f" in {fmt_duration(seconds)}" if seconds is not None else "")
+           + f" (config {cfg.hash()}, run root {rel(cfg.run.root)})"]
+    ev = refs.get("evaluate")
+    if ev is not None:
+        m = ev.metrics or {}
+        figs = ", ".join(f"{label} {m[k]:.2f}" for label, k in (("FID", "fid"), ("IS", "isc_mean"),
+                         ("recon PSNR dB", "recon_psnr")) if isinstance(m.get(k), (int, float)))
+        out.append(f"  evaluation: {rel(ev.evaluation_json)}" + (f"  ({figs})" if figs else ""))
+        out.append(f"  pictures:   {rel(Path(ev.path) / 'pictures')}/")
+    if "://" not in cfg.run.root and not os.environ.get("MLFLOW_TRACKING_URI"):
+        db = Path(cfg.run.root) / "mlflow.db"
+        mlflow_cli = rel(Path(sys.executable).parent / "mlflow")
+        out.append(f"  MLflow UI:  {mlflow_cli} ui --backend-store-uri sqlite:///{db}  "
+                   "(then open http://127.0.0.1:5000)")
+    if log_path() is not None:
+        out.append(f"  logs:       {rel(Path(log_path()).parent)}/")
+    typer.echo("\n".join(out), err=True)
+
+
 @app.command()
 def run(
     overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
@@ -67,8 +147,14 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
     only: Optional[str] = typer.Option(None, "--only", help=f"Run one stage on cached inputs. {STAGE_HELP}"),
     from_stage: Optional[str] = typer.Option(None, "--from", help=f"Force a rerun from this stage. {STAGE_HELP}"),
+    as_json: bool = typer.Option(False, "--json", help="Print the stage references as JSON on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Run the pipeline (or part of it) for a configuration."""
+    import time
+
+    t0 = time.perf_counter()
     cfg = _resolve_or_exit(preset, config, overrides or [])
     _prepare_environment(cfg)  # before Prefect is imported: it reads its settings once, at import
     from flows.pipeline import StageNotImplemented, cached_refs, run_pipeline, select_stages
@@ -78,23 +164,30 @@ def run(
     except ValueError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    KNOWN_ERRORS = _known_errors()
     try:
         done = {} if from_stage else cached_refs(cfg)
         if all(s in done for s in stages):  # nothing to compute: no Prefect server, no Ray, no MLflow run
             typer.secho(f"all {len(stages)} stage(s) are done for config {cfg.hash()} (outputs verified); nothing "
                         "to run (--from STAGE forces a rerun)", err=True)
             refs = {s: done[s] for s in stages}
+            seconds = None
         else:
+            _start_logging(cfg, "run", verbose)
+            typer.echo(f"mqgen run: preset {cfg.preset}, config {cfg.hash()}, run root {cfg.run.root}", err=True)
             refs = run_pipeline(cfg, only=only, from_stage=from_stage)
+            seconds = time.perf_counter() - t0
     except StageNotImplemented as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(3) from None
-    except KNOWN_ERRORS as e:  # bad data, bad checkpoints, mismatched inputs: the message says what to do
-        typer.secho(f"error ({type(e).__name__}): {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
-    typer.echo(json.dumps({k: getattr(v, "to_dict", lambda v=v: v)() for k, v in refs.items()}, indent=2,
-                          default=str))
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one readable paragraph, the traceback in the log
+        if isinstance(e, KeyboardInterrupt):
+            typer.secho("interrupted: run the same command again to resume", fg=typer.colors.RED, err=True)
+            raise typer.Exit(130) from None
+        _fail(e, debug)
+    if as_json:
+        typer.echo(json.dumps({k: getattr(v, "to_dict", lambda v=v: v)() for k, v in refs.items()}, indent=2,
+                              default=str))
+    _summary(cfg, refs, seconds)
 
 
 @app.command()
@@ -105,6 +198,8 @@ def grid(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
     name: str = typer.Option("", "--name", help="Name of the grid's MLflow parent run."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the comparison report here."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Run an ablation grid: shared upstream stages once, the variants concurrently on Ray."""
     from infra.config import expand_grid
@@ -115,14 +210,14 @@ def grid(
         typer.secho(f"config error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     _prepare_environment(variants[0].config)
-    typer.echo(f"grid: {len(variants)} variants: " + "; ".join(v.label for v in variants))
+    _start_logging(variants[0].config, "grid", verbose)
+    typer.echo(f"grid: {len(variants)} variants: " + "; ".join(v.label for v in variants), err=True)
     from flows.grid import run_grid
 
     try:
         result = run_grid(variants, name=name)
-    except _known_errors() as e:
-        typer.secho(f"error ({type(e).__name__}): {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+    except Exception as e:  # noqa: BLE001 - one readable paragraph, the traceback in the log
+        _fail(e, debug)
     typer.echo(json.dumps({"grid_run_id": result.grid_run_id, "variants": dict(zip(result.labels,
                           result.variant_run_ids)), "executions": result.executions}, indent=2))
     if report is not None:
@@ -202,6 +297,7 @@ def serve(
                                              f"scheduled run (default: reuse every unchanged stage). {STAGE_HELP}"),
     port: int = typer.Option(4200, "--port", help="Port of the local Prefect server started when "
                                                   "PREFECT_API_URL is not set (another free one if taken)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Serve the pipeline on a cron schedule (scheduled retraining); blocks until Ctrl-C / SIGTERM.
 
@@ -215,6 +311,7 @@ def serve(
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     _prepare_environment(cfg)  # Prefect reads its settings once: every variable is set before it is imported
+    _start_logging(cfg, "serve", verbose)
     from flows import serve as serving
 
     api_url = os.environ.get("PREFECT_API_URL", "").rstrip("/")

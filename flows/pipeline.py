@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
 from infra.config import STAGES, PipelineConfig, from_dict
+from infra.console import fmt_duration, say, stage_log, stage_log_path
+
+log = logging.getLogger("mqgen")
 
 
 class StageNotImplemented(RuntimeError):
@@ -90,10 +95,9 @@ def git_commit() -> str:
 
 def _never_retry(exc: BaseException) -> bool:
     """Failures a retry cannot fix: a bad config, a refused checkpoint, inputs that do not fit together."""
-    from infra.config import ConfigError
-    from infra.storage import UnsafeCheckpointError
+    from infra.errors import is_permanent
 
-    return isinstance(exc, (ConfigError, UnsafeCheckpointError, KeyboardInterrupt))
+    return is_permanent(exc)
 
 
 def retry_unless_permanent(own_condition: Any = None) -> Any:
@@ -216,13 +220,87 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
                                         "mqgen.stages": ",".join(stages), **prefect_run_tag()})
     refs: dict[str, Any] = {"_parent_run_id": parent.run_id}
     with sigterm_raises(), parent:
-        for stage in stages:
-            ref = tasks[stage](cfg, refs, force=from_stage is not None)  # --from: this stage and every later one
+        for i, stage in enumerate(stages, 1):
+            say(f"[{i}/{len(stages)}] {stage}")
+            t0 = time.perf_counter()
+            with stage_log(stage):
+                try:
+                    ref = tasks[stage](cfg, refs, force=from_stage is not None)  # --from: this stage and later
+                except BaseException as e:
+                    raise stage_failed(stage, e, cfg, tracker, parent.run_id) from e
             refs[stage] = ref
+            say(f"  done in {fmt_duration(time.perf_counter() - t0)}: {describe_output(stage, ref)}")
             parent.set_tags({f"mqgen.{stage}.key": getattr(ref, "key", ""),
                              f"mqgen.{stage}.run_id": getattr(ref, "mlflow_run_id", "")})
         parent.log_metrics(summary_figures(refs))
     return {k: v for k, v in refs.items() if not k.startswith("_")}
+
+
+class StageFailed(RuntimeError):
+    """A stage of the pipeline failed; carries what the user needs to act on it (see ``mqgen run``'s message)."""
+
+    def __init__(self, stage: str, cause: BaseException, *, config_hash: str, root: str,
+                 log_file: str | None, mlflow_run_id: str | None):
+        super().__init__(f"stage {stage} failed: {type(cause).__name__}: {cause}")
+        self.stage, self.cause, self.config_hash, self.root = stage, cause, config_hash, root
+        self.log_file, self.mlflow_run_id = log_file, mlflow_run_id
+
+
+def stage_failed(stage: str, e: BaseException, cfg: PipelineConfig, tracker: Any, parent_run_id: str
+                 ) -> BaseException:
+    """The error a stage failure leaves the flow with: Ctrl-C / SIGTERM unchanged; anything else a
+    :class:`StageFailed` whose full traceback is in the stage's log file and on its MLflow run."""
+    import traceback
+
+    if not isinstance(e, Exception):
+        return e
+    text = "".join(traceback.format_exception(e))
+    log.error("stage %s failed:\n%s", stage, text, extra={"file_only": True})
+    run_id = None
+    try:  # the stage's own run when it got that far, else the pipeline's
+        from infra.tracking import TAG_STAGE, StageRun
+
+        run_id = tracker.find_run({TAG_STAGE: stage, "mlflow.parentRunId": parent_run_id}) or parent_run_id
+        StageRun(tracker.client, run_id).log_text(text, f"error/{stage}-traceback.txt")
+        StageRun(tracker.client, run_id).set_tags({"mqgen.error": f"{type(e).__name__}: {e}"[:4000]})
+    except Exception as err:  # noqa: BLE001 - a tracking failure must not hide the stage's error
+        log.warning("could not record the traceback on MLflow: %s", err)
+    log_file = stage_log_path(stage)
+    return StageFailed(stage, e, config_hash=cfg.hash(), root=cfg.run.root,
+                       log_file=str(log_file) if log_file else None, mlflow_run_id=run_id)
+
+
+def describe_output(stage: str, ref: Any) -> str:
+    """One line of a finished stage's key figures (the end line on the console)."""
+    m = getattr(ref, "metrics", None) or {}
+    parts: list[str] = []
+
+    def add(label: str, value: Any, fmt: str = "{:.4g}") -> None:
+        if isinstance(value, (int, float)) and value == value:
+            parts.append(f"{label} {fmt.format(value)}")
+
+    if stage == "ingest":
+        parts.append(f"{ref.num_train} train / {ref.num_val} val images, {ref.image_size}x{ref.image_size}x"
+                     f"{ref.channels}, {ref.num_classes} classes")
+    elif stage == "train_tokenizer":
+        add("val PSNR", m.get("val_psnr"), "{:.2f} dB")
+        add("val L1", m.get("val_l1"))
+        add("code usage", m.get("val_code_usage"), "{:.0%}")
+    elif stage == "tokenize":
+        parts.append(f"{ref.num_train} train / {ref.num_val} val sequences")
+        add("images/s", m.get("images_per_s"), "{:.0f}")
+    elif stage == "train_stackformer":
+        add("val bits/image", m.get("val_bits_per_image"), "{:.1f}")
+        add("val code CE", m.get("val_code_ce"), "{:.3f}")
+    elif stage == "train_evaluator":
+        add("val accuracy", getattr(ref, "val_accuracy", None), "{:.1%}")
+    elif stage == "evaluate":
+        add("FID", m.get("fid"), "{:.2f}")
+        add("IS", m.get("isc_mean"), "{:.2f}")
+        add("recon PSNR", m.get("recon_psnr"), "{:.2f} dB")
+        add("sampling images/s", m.get("sampling_images_per_s"), "{:.0f}")
+    parts.append(f"key {getattr(ref, 'key', '?')}")
+    return ", ".join(parts)
 
 
 def run_pipeline(cfg: PipelineConfig, only: str | None = None, from_stage: str | None = None) -> dict[str, Any]:

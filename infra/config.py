@@ -12,10 +12,12 @@ the allowed values. Nothing here touches the file system except :func:`load_yaml
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import itertools
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -24,10 +26,12 @@ from typing import Any, Literal
 
 import yaml
 
+from infra.errors import PermanentError
+
 STAGES: tuple[str, ...] = ("ingest", "train_tokenizer", "tokenize", "train_stackformer", "evaluate")
 
 
-class ConfigError(ValueError):
+class ConfigError(PermanentError, ValueError):
     """A configuration value is unknown, mistyped or out of range; the message names the key."""
 
 
@@ -307,6 +311,17 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _check_semantics(self)
+        # Paths are made absolute once, here, against the directory of the process that resolves the config:
+        # stage keys, stored references and every later process (Ray workers, Prefect workers, subprocesses,
+        # which run elsewhere) then see the same paths whatever directory they start in.
+        object.__setattr__(self, "run", dataclasses.replace(self.run, root=absolute_path(self.run.root)))
+        if self.data.path is not None:
+            paths = " ".join(absolute_path(p) for p in self.data.path.split()) if self.data.source == "shards" \
+                else absolute_path(self.data.path)
+            object.__setattr__(self, "data", dataclasses.replace(self.data, path=paths))
+        if self.evaluate.inception_weights is not None:
+            object.__setattr__(self, "evaluate", dataclasses.replace(
+                self.evaluate, inception_weights=absolute_path(self.evaluate.inception_weights)))
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -317,6 +332,14 @@ class PipelineConfig:
         if sections:
             d = {s: d[s] for s in sections}
         return stable_hash(d)
+
+
+def absolute_path(path: str) -> str:
+    """``path`` made absolute (``~`` expanded, ``..`` folded, symlinks kept) against the current directory;
+    URLs (``s3://...``, ``file://...``) unchanged."""
+    if "://" in path:
+        return path
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
 
 
 # --------------------------------------------------------------------------------------------- presets

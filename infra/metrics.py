@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from infra.errors import PermanentError
+
 FEATURES = "features"  # the classifier's penultimate layer (FID, KID)
 LOGITS = "logits"  # the classifier's class logits (IS)
 CLASSIFIER_FORMAT = "mqgen.classifier/1"
@@ -52,7 +54,7 @@ INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_HASH_PREFIX = "6726825d"  # sha256 prefix torch.hub checks on download
 
 
-class MetricsUnavailable(RuntimeError):
+class MetricsUnavailable(PermanentError, RuntimeError):
     """A family of metrics cannot be computed for this data or configuration; the message says why."""
 
 

@@ -16,6 +16,7 @@ parallel (tokenize: one input shard per task).
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -31,7 +32,10 @@ import ray.train  # noqa: E402
 import torch  # noqa: E402
 
 from infra.checkpoint import LoadedCheckpoint, read_checkpoint  # noqa: E402
+from infra.errors import is_permanent  # noqa: E402
 from infra.storage import UnsafeCheckpointError  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------- driver
 
@@ -48,13 +52,18 @@ def init_ray(num_cpus: int | None = None) -> None:
 def _init_ray(num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
+    # Workers' output stays in Ray's session logs (the console gets one progress line per stage, drawn from
+    # the progress files the workers write); Ray's driver-side logging goes to the Python log (the log file).
+    from infra.console import adopt_library_loggers
+
+    adopt_library_loggers()
+    quiet = {"log_to_driver": os.environ.get("MQGEN_RAY_LOG_TO_DRIVER", "0") == "1", "configure_logging": False}
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
         return
     cpus = num_cpus or os.cpu_count() or 1
-    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
-             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 1024 * 1024, **quiet)
 
 
 def train_worker_cpus(requested: int | None, num_workers: int) -> int:
@@ -79,8 +88,12 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: 
         num_to_keep: int = 2) -> FitResult:
     """Run ``train_fn`` on ``num_workers`` Ray Train workers (torch DDP: gloo on CPU, nccl on GPU).
 
-    ``name`` must be deterministic (the stage key): the same name and storage path resume the run.
-    Raises ``RuntimeError`` when training failed after ``max_failures`` restarts.
+    ``name`` must be deterministic (the stage key): the same name and storage path resume the run. A worker
+    failure restarts the worker group from its latest checkpoint up to ``max_failures`` times, except a
+    permanent one (:func:`infra.errors.is_permanent`: a missing input, a config error, a refused checkpoint),
+    which would fail the same way again: that error is raised at once, as the worker raised it, with the
+    workers' tracebacks attached as a note. A failure left after the restarts raises
+    :class:`TrainingFailed`.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -90,19 +103,53 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: 
     if "://" not in storage:
         Path(storage).mkdir(parents=True, exist_ok=True)
     resources = {"CPU": train_worker_cpus(cpus_per_worker, num_workers)}
-    trainer = TorchTrainer(
-        train_fn,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"training run {name!r} failed after {max_failures} restart(s): {result.error}")
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return FitResult(metrics=dict(result.metrics or {}), checkpoint_path=ckpt, error=None)
+    attempt = 0
+    while True:
+        # Ray's own restarts are off: this loop restarts, so that a permanent error is never repeated.
+        trainer = TorchTrainer(
+            train_fn,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=0),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            cause = _worker_cause(e)
+            if cause is not None and is_permanent(cause):
+                cause.add_note(f"Ray Train run {name!r} (storage {storage}); worker tracebacks:\n{e}")
+                raise cause from None
+            if attempt >= max_failures:
+                raise TrainingFailed(f"training run {name!r} failed after {attempt} restart(s) "
+                                     f"(ray.max_failures={max_failures}): {_first_line(cause or e)}\n{e}") from e
+            attempt += 1
+            log.warning("training run %s failed (%s); restarting from its latest checkpoint (%d/%d)", name,
+                        _first_line(cause or e), attempt, max_failures)
+            continue
+        if result.error is not None:
+            raise TrainingFailed(f"training run {name!r} failed: {result.error}")
+        ckpt = result.checkpoint.path if result.checkpoint is not None else None
+        return FitResult(metrics=dict(result.metrics or {}), checkpoint_path=ckpt, error=None)
+
+
+class TrainingFailed(RuntimeError):
+    """Ray Train failed for a reason worth a retry, and the restarts allowed were spent."""
+
+
+def _worker_cause(e: BaseException) -> BaseException | None:
+    """The exception a training worker raised (rank 0's first), or None for a controller failure."""
+    failures = getattr(e, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        exc = failures[rank]
+        cause = getattr(exc, "cause", None)  # a RayTaskError wraps the user's exception
+        return cause if isinstance(cause, BaseException) else exc
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 # --------------------------------------------------------------------------------------------- worker

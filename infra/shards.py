@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from infra.errors import PermanentError
 from infra.sources import (
     Chunk,
     Good,
@@ -68,7 +69,7 @@ _BLOCK = 512
 _EXAMPLES_PER_REASON = 5
 
 
-class ShardIntegrityError(RuntimeError):
+class ShardIntegrityError(PermanentError, RuntimeError):
     """A shard or manifest does not match what the manifest promises (missing, size, sha256, content)."""
 
 

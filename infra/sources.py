@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from infra.errors import PermanentError
+
 if TYPE_CHECKING:
     from typing import Self
 
@@ -110,7 +112,7 @@ TRUNCATED_SHARD = "truncated_shard"      # the sample the input tar was cut in (
 CORRUPT_SHARD = "corrupt_shard"          # an input that is not a readable tar (bad header, bad gzip)
 
 
-class IngestError(RuntimeError):
+class IngestError(PermanentError, RuntimeError):
     """The ingest stage cannot produce a trustworthy dataset; the message says why and what to change."""
 
 

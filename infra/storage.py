@@ -16,6 +16,8 @@ from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+from infra.errors import PermanentError
+
 CHUNK = 1 << 20
 
 
@@ -127,7 +129,7 @@ def load_weights_ref(marker: str | Path, cls: type) -> Any:
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(PermanentError, RuntimeError):
     """A checkpoint file failed verification (hash mismatch, unexpected content, pickled code)."""
 
 

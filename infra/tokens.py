@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from infra.errors import PermanentError
 from infra.storage import fsync_dir, remove_tree
 
 FORMAT = "mqgen.tokens"
@@ -60,7 +61,7 @@ REMOTE_FS_TYPES = frozenset({
 })
 
 
-class TokenFormatError(ValueError):
+class TokenFormatError(PermanentError, ValueError):
     """A token database is malformed, incomplete, or does not match what its reader expects."""
 
 

@@ -238,6 +238,9 @@ class StageRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_text(self, text: str, name: str) -> None:
+        self._log_bytes(text.encode(), name)
+
     def log_dict(self, obj: Any, name: str) -> None:
         self._log_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), name)
 

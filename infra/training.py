@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from typing import Any, Iterator
 
@@ -42,30 +41,6 @@ class Throughput:
         r = self._n / max(now - self._t, 1e-9)
         self._t, self._n = now, 0
         return r
-
-
-class ConsoleProgress:
-    """A one-line progress report for training loops inside Ray workers (stderr, no ANSI tricks).
-
-    tqdm's carriage returns are mangled by Ray's log forwarding; a line every ``every`` steps reads
-    cleanly in the driver's console and in log files.
-    """
-
-    def __init__(self, name: str, total: int, start: int = 0, every: int = 10, enabled: bool = True):
-        self.name, self.total, self.every, self.enabled = name, total, max(1, every), enabled
-        self.start_time = time.perf_counter()
-        self.start = start
-
-    def update(self, step: int, **fields: float) -> None:
-        if not self.enabled or (step % self.every and step != self.total):
-            return
-        done = step - self.start
-        elapsed = time.perf_counter() - self.start_time
-        eta = elapsed / max(done, 1) * (self.total - step)
-        parts = " ".join(f"{k}={v:.4g}" for k, v in fields.items())
-        pct = 100.0 * step / max(self.total, 1)
-        print(f"[{self.name}] step {step}/{self.total} ({pct:5.1f}%) {parts} eta {eta:5.0f}s",
-              file=sys.stderr, flush=True)
 
 
 def cycle(it_factory: Any) -> Iterator[Any]:

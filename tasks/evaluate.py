@@ -351,7 +351,7 @@ def _save_batch(path: Path, fingerprint: str, b: SampleBatch) -> None:
 def generate(model: Any, tokenizer: Any, cfg: PipelineConfig, *, key: str, num_classes: int, sampling_seed: int,
              batch_dir: Path, device: torch.device) -> tuple[SampleBatch, int]:
     """All ``evaluate.num_samples`` samples (resuming finished batches); returns them and the resumed count."""
-    from infra.training import ConsoleProgress
+    from infra.console import Progress
 
     e = cfg.evaluate
     labels = balanced_labels(e.num_samples, num_classes)
@@ -359,7 +359,7 @@ def generate(model: Any, tokenizer: Any, cfg: PipelineConfig, *, key: str, num_c
     batches: list[SampleBatch] = []
     resumed = 0
     num_batches = math.ceil(e.num_samples / e.batch_size)
-    progress = ConsoleProgress(f"{STAGE} sampling", num_batches, every=max(1, num_batches // 10))
+    progress = Progress(f"{STAGE} sampling", num_batches, unit="batches")
     warmed = False
     for index in range(num_batches):
         begin = index * e.batch_size

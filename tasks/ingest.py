@@ -374,12 +374,11 @@ class _Runner:
                             "version": INGEST_VERSION}, length=32)
 
     def run(self) -> dict[str, ChunkResult]:
-        from tqdm import tqdm
+        from infra.console import Progress
 
         recorded = self._load_done()
         self._drop_unreferenced_parts(recorded)
-        bar = tqdm(total=self.plan.num_inputs, unit="img", desc=f"ingest {self.key}", file=sys.stderr,
-                   disable=None, dynamic_ncols=True, mininterval=0.5)
+        bar = Progress(STAGE, self.plan.num_inputs, unit="images")
         try:
             if self.plan.sequential:
                 self._run_sequential(recorded, bar)
@@ -424,7 +423,7 @@ class _Runner:
                         futures[self.pool.executor.submit(pool_build_chunk, job, fp)] = job
                         continue
                 inline += 1
-                self._accept(build_chunk(job, fp, progress=bar.update), None)
+                self._accept(build_chunk(job, fp, progress=bar.advance), None)
             while futures:
                 self._collect(futures, bar, timeout=0.25)
         except BaseException:
@@ -465,7 +464,7 @@ class _Runner:
             fp = self.fingerprint(job)
             self.jobs_in_order.append(job)
             if not self._reuse(job, fp, recorded, bar):
-                self._accept(build_chunk(job, fp, progress=bar.update), None)
+                self._accept(build_chunk(job, fp, progress=bar.advance), None)
             for p in self.results[job.job_id].parts:
                 written[p.split] += p.num_samples
 
@@ -474,7 +473,7 @@ class _Runner:
         if not resumed:
             atomic_write_json(self.done_dir / f"{r.job_id}.json", r.to_json())
         elif bar is not None:
-            bar.update(r.num_inputs)
+            bar.advance(r.num_inputs)
         self.bad += r.num_skipped
         total = self.plan.num_inputs
         limit = self.cfg.data.max_bad_fraction
@@ -518,7 +517,7 @@ def _drain(queue: Any, bar: Any) -> None:
 
     while True:
         try:
-            bar.update(queue.get_nowait())
+            bar.advance(queue.get_nowait())
         except queue_mod.Empty:
             return
         except (OSError, ValueError):  # queue already closed

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -402,13 +401,11 @@ def _encode_and_write(cfg: PipelineConfig, key: str, jobs: list[ShardJob], write
     Returns the number of images encoded, the seconds until the first shard was committed, and the CPU
     seconds the shard tasks used.
     """
-    from tqdm import tqdm
-
     from infra import ray as rayx
+    from infra.console import Progress
 
     encoded, t0, first, cpu = 0, time.perf_counter(), 0.0, 0.0
-    bar = tqdm(total=num_shards, initial=num_shards - len(jobs), unit="shard", desc=f"tokenize {key}",
-               file=sys.stderr, disable=None, dynamic_ncols=True)
+    bar = Progress(STAGE, num_shards, unit="shards", start=num_shards - len(jobs))
     # ordered: shards arrive (and are committed) in key order, so every transaction is an append
     results = rayx.map_tasks(encode_shard, jobs, num_cpus=cfg.ray.cpus_per_worker or 1,
                              num_gpus=1 if cfg.ray.use_gpu else 0, ordered=True)
@@ -418,8 +415,7 @@ def _encode_and_write(cfg: PipelineConfig, key: str, jobs: list[ShardJob], write
             encoded += len(enc.labels)
             first = first or time.perf_counter() - t0
             cpu += enc.cpu_seconds
-            bar.update(1)
-            bar.set_postfix(img_s=f"{encoded / (time.perf_counter() - t0):.0f}")
+            bar.advance(1, img_s=encoded / (time.perf_counter() - t0))
     return encoded, first, cpu
 
 

@@ -220,7 +220,7 @@ def _train(cfg: PipelineConfig, upstream: dict[str, Any], ingest: Any, key: str,
     from infra.shards import ShardSet
     from infra.stream import TrainStream, iter_eval_batches
     from infra.tracking import Tracker
-    from infra.training import ConsoleProgress
+    from infra.console import Progress
 
     c = cfg.evaluate.classifier
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +245,7 @@ def _train(cfg: PipelineConfig, upstream: dict[str, Any], ingest: Any, key: str,
         net = ClassifierNet(net_cfg)
         stream = TrainStream([(s.path, s.num_samples) for s in shards.shards("train")], rank=0, world_size=1,
                              batch_size=c.batch_size, channels=ingest.channels, seed=derive_seed(cfg.seed, STAGE))
-        progress = ConsoleProgress(STAGE, c.max_steps, every=max(1, c.max_steps // 10))
+        progress = Progress(STAGE, c.max_steps)
         first_step = srun.last_step("train_loss") + 1  # a rerun under the same key logs after the old points
 
         def on_log(step: int, logs: dict[str, float]) -> None:

@@ -464,7 +464,7 @@ def train_loop(lc: dict[str, Any]) -> None:
     from infra import ray as rayx
     from infra.checkpoint import write_checkpoint
     from infra.tracking import StageRun, Tracker
-    from infra.training import ConsoleProgress
+    from infra.console import Progress
     from infra.viz import grid
 
     cfg: PipelineConfig = from_dict(PipelineConfig, lc["config"])
@@ -521,7 +521,7 @@ def train_loop(lc: dict[str, Any]) -> None:
             yield to_batch(items, w.device, conditional)
 
     record = Path(lc["record_batches"]) / f"rank{w.rank}.jsonl" if lc.get("record_batches") else None
-    progress = ConsoleProgress(STAGE, s.max_steps, start=start_step, every=lc["log_every"], enabled=w.is_main)
+    progress = Progress(STAGE, s.max_steps, start=start_step, file=lc["progress_file"], enabled=w.is_main)
     speed = Throughput()
     step = start_step
     logs: dict[str, float] = {}
@@ -654,6 +654,7 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
 
     from infra import ray as rayx
     from infra.checkpoint import read_checkpoint
+    from infra.console import watch_progress
     from infra.storage import atomic_open
     from infra.tracking import Tracker, exit_status, open_training_attempt
 
@@ -683,12 +684,14 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
         parent_run_id=upstream.get("_parent_run_id"))
     lc = {"config": cfg.to_dict(), "key": key, "tracking_uri": tracker.uri, "mlflow_run_id": srun.run_id,
           "metric_step_offset": step_offset, "plan": p.to_dict(), "tokenizer": tokenizer.to_dict(),
-          "log_every": max(1, min(50, s.max_steps // 20)), **(_test_hooks or {})}
+          "log_every": max(1, min(50, s.max_steps // 20)), "progress_file": str(out_dir / "progress.json"),
+          **(_test_hooks or {})}
     try:
-        result = rayx.fit(train_loop, lc, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
-                          num_workers=p.world_size, use_gpu=cfg.ray.use_gpu,
-                          cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures,
-                          num_to_keep=s.keep_checkpoints)
+        with watch_progress(out_dir / "progress.json", STAGE):
+            result = rayx.fit(train_loop, lc, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
+                              num_workers=p.world_size, use_gpu=cfg.ray.use_gpu,
+                              cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures,
+                              num_to_keep=s.keep_checkpoints)
     except BaseException as e:  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
         srun.finish(exit_status(e))
         raise

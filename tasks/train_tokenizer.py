@@ -172,7 +172,7 @@ def train_loop(lc: dict[str, Any]) -> None:
     from infra.checkpoint import rng_state, set_rng_state, write_checkpoint
     from infra.stream import TrainStream, iter_eval_batches
     from infra.tracking import StageRun, Tracker
-    from infra.training import ConsoleProgress
+    from infra.console import Progress
     from infra.viz import grid, mask_overlay, side_by_side
 
     cfg: PipelineConfig = from_dict(PipelineConfig, lc["config"])
@@ -214,8 +214,7 @@ def train_loop(lc: dict[str, Any]) -> None:
             run.set_tags({"mqgen.resumed_from_step": restored.step})
             if w.skipped_checkpoints:
                 run.set_tags({"mqgen.skipped_checkpoints": " | ".join(w.skipped_checkpoints)[:4000]})
-    progress = ConsoleProgress(STAGE, t.max_steps, start=start_step, every=max(1, t.max_steps // 50),
-                               enabled=w.is_main)
+    progress = Progress(STAGE, t.max_steps, start=start_step, file=lc["progress_file"], enabled=w.is_main)
     speed = Throughput()
     step = start_step
     logs: dict[str, float] = {}
@@ -308,6 +307,7 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     """Train (or resume, or reuse) the tokenizer for ``cfg`` on the ingest output in ``upstream``."""
     from infra import ray as rayx
     from infra.checkpoint import read_checkpoint
+    from infra.console import watch_progress
     from infra.shards import ShardSet
     from infra.storage import atomic_open
     from infra.tracking import Tracker, exit_status, open_training_attempt
@@ -336,12 +336,14 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
           "train_shards": [(s.path, s.num_samples) for s in shards.shards("train")],
           "val_shards": [(s.path, s.num_samples) for s in shards.shards("val")],
           "val_limit": 2048, "log_every": max(1, min(50, cfg.tokenizer.max_steps // 20)),
-          "model_config": _model_config_dict(model_cfg), **(_test_hooks or {})}
+          "model_config": _model_config_dict(model_cfg), "progress_file": str(out_dir / "progress.json"),
+          **(_test_hooks or {})}
     try:
-        result = rayx.fit(train_loop, lc, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
-                          num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                          cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures,
-                          num_to_keep=cfg.tokenizer.keep_checkpoints)
+        with watch_progress(out_dir / "progress.json", STAGE):
+            result = rayx.fit(train_loop, lc, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
+                              num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                              cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures,
+                              num_to_keep=cfg.tokenizer.keep_checkpoints)
     except BaseException as e:  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
         srun.finish(exit_status(e))
         raise
