@@ -1,0 +1,55 @@
+"""A failing stage, as a user meets it on the command line: one paragraph naming the stage, the cause and what to do,
+a non-zero exit, no traceback on the console (it is in the stage's log file and on the MLflow run; --debug
+prints it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MQGEN = Path(sys.executable).parent / "mqgen"
+
+
+def _run(cwd: Path, prefect_api: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_HOME", "RAY_ADDRESS")}
+    env["PREFECT_API_URL"] = prefect_api
+    return subprocess.run([str(MQGEN), "run", "--preset", "tiny", "data.source=image-folder", "data.path=photos",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_stage_failure_prints_one_paragraph_and_keeps_the_traceback_in_the_log(tmp_path: Path,
+                                                                                  prefect_api: str) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "broken.png").write_bytes(b"not a png")
+    out = _run(tmp_path, prefect_api)
+    assert out.returncode == 1, out.stderr[-3000:]
+    err = out.stderr
+    assert "Traceback" not in err and "Traceback" not in out.stdout, err[-3000:]
+    assert "error: stage ingest failed:" in err
+    assert str(tmp_path / "photos") in err  # the input involved, by its absolute path
+    assert "what to do:" in err
+    m = re.search(r"full traceback: (\S+\.log)", err)
+    assert m, err
+    log = Path(m.group(1))
+    assert log.parent.parent == tmp_path / "runs" / "logs" and log.name == "ingest.log"
+    assert "Traceback (most recent call last)" in log.read_text()
+    assert len(err.strip().splitlines()) < 12, err  # start lines + one paragraph, no walls of text
+
+    debug = _run(tmp_path, prefect_api, "--debug")
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr
+
+
+def test_a_config_error_exits_2_before_anything_starts(tmp_path: Path) -> None:
+    out = subprocess.run([str(MQGEN), "run", "--preset", "tiny", "tokenizer.keep_ratio=2"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "tokenizer.keep_ratio" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()
