@@ -55,6 +55,7 @@ class LiveLine:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every_pct = every_pct
         self._next_pct = 0.0
+        self._last = -1e9  # when a line of unknown progress was last printed (at most one per 10 s)
         self._shown = False
         self._lock = threading.Lock()
 
@@ -66,9 +67,12 @@ class LiveLine:
                 self.stream.flush()
                 self._shown = True
                 return
-            if pct is None or pct + 1e-9 >= self._next_pct:
+            now = time.monotonic()
+            due = now - self._last >= 10.0 if pct is None else pct + 1e-9 >= self._next_pct
+            if due:
                 self.stream.write(text + "\n")
                 self.stream.flush()
+                self._last = now
                 if pct is not None:
                     self._next_pct = (pct // self.every_pct + 1) * self.every_pct
 
@@ -87,14 +91,17 @@ def _terminal_width() -> int:
         return 120
 
 
-def progress_text(name: str, done: int, total: int, unit: str, elapsed: float, start: int = 0,
-                  fields: dict[str, float] | None = None) -> tuple[str, float]:
-    """``'  train_tokenizer  120/400 steps (30%)  loss 0.41  img/s 250  ETA 1 min 02 s'`` and the percentage."""
-    pct = 100.0 * done / max(total, 1)
+def progress_text(name: str, done: int, total: int | None, unit: str, elapsed: float, start: int = 0,
+                  fields: dict[str, float] | None = None) -> tuple[str, float | None]:
+    """``'  train_tokenizer  120/400 steps (30%)  loss 0.41  img/s 250  ETA 1 min 02 s'`` and the percentage
+    (None when the total is unknown: then the count and the rate)."""
     rate = (done - start) / elapsed if elapsed > 0 else 0.0
+    fields_text = [f"{k} {_fmt_value(v)}" for k, v in (fields or {}).items()]
+    if not total:
+        return "  ".join([f"  {name}  {done} {unit}", *fields_text, f"{rate:.4g} {unit}/s"]), None
+    pct = 100.0 * done / total
     eta = (total - done) / rate if rate > 0 else float("nan")
-    parts = [f"  {name}  {done}/{total} {unit} ({pct:.0f}%)"]
-    parts += [f"{k} {_fmt_value(v)}" for k, v in (fields or {}).items()]
+    parts = [f"  {name}  {done}/{total} {unit} ({pct:.0f}%)", *fields_text]
     parts.append(f"ETA {fmt_duration(eta)}" if eta == eta else "ETA -")
     return "  ".join(parts), pct
 
@@ -103,7 +110,7 @@ class Progress:
     """Progress of one piece of work drawn on a :class:`LiveLine` (in the process that owns the console) or
     written to a :class:`ProgressFile` (in a Ray worker); ``update`` is cheap and may be called every step."""
 
-    def __init__(self, name: str, total: int, *, unit: str = "steps", start: int = 0,
+    def __init__(self, name: str, total: int | None, *, unit: str = "steps", start: int = 0,
                  file: str | Path | None = None, enabled: bool = True, line: LiveLine | None = None):
         self.name, self.total, self.unit, self.start = name, total, unit, start
         self.enabled = enabled
@@ -119,7 +126,7 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         if self.file is not None:
             self.file.write(done=done, total=self.total, unit=self.unit, start=self.start, elapsed=elapsed,
-                            fields=fields, force=done >= self.total)
+                            fields=fields, force=bool(self.total) and done >= self.total)
         elif self.line is not None:
             text, pct = progress_text(self.name, done, self.total, self.unit, elapsed, self.start, fields)
             self.line.show(text, pct)
@@ -184,12 +191,12 @@ def watch_progress(path: str | Path, name: str, interval_s: float = 0.5) -> Iter
             if rec is None or rec.get("time") == last:
                 continue
             last = rec.get("time")
-            text, pct = progress_text(name, int(rec["done"]), int(rec["total"]), rec.get("unit", "steps"),
+            text, pct = progress_text(name, int(rec["done"]), rec.get("total"), rec.get("unit", "steps"),
                                       float(rec.get("elapsed", 0.0)), int(rec.get("start", 0)),
                                       rec.get("fields") or {})
             line.show(text, pct)
-            if pct >= logged + 5 or pct >= 100:  # the history goes to the stage's log file
-                logged = pct
+            if pct is None or pct >= logged + 5 or pct >= 100:  # the history goes to the stage's log file
+                logged = pct if pct is not None else logged
                 log.info(text.strip(), extra={"file_only": True})
 
     thread = threading.Thread(target=poll, name=f"progress-{name}", daemon=True)

@@ -99,3 +99,12 @@ def test_library_messages_go_to_the_log_file_and_only_their_errors_to_the_consol
         assert text in logged
     assert "inside the stage" in (log_dir / "ingest.log").read_text()
     assert "a warning of ours" not in (log_dir / "ingest.log").read_text()
+
+
+def test_unknown_totals_show_a_count_and_a_rate_without_flooding_a_log() -> None:
+    out = io.StringIO()
+    p = console.Progress("ingest", None, unit="images", line=console.LiveLine(out))
+    for _ in range(1000):
+        p.advance(256)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("  ingest  256 images") and "images/s" in lines[0]
