@@ -46,7 +46,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from infra.config import fullgrid_config, mqvae_config, replace, resolve, stackformer_config
+from infra.config import token_layout, fullgrid_config, mqvae_config, replace, resolve, stackformer_config
 from models.mqvae import MQVAE
 from models.stackformer import FullGridTransformer, Stackformer
 from tasks.evaluate import balanced_labels, sample_batch
@@ -70,8 +70,8 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, tuple]:
     torch.manual_seed(0)
     out = {}
     for name, cfg, model in (
-            ("stackformer", base, lambda c: Stackformer(stackformer_config(c, num_classes=args.num_classes))),
-            ("fullgrid", full, lambda c: FullGridTransformer(fullgrid_config(c, num_classes=args.num_classes)))):
+            ("stackformer", base, lambda c: Stackformer(stackformer_config(c.stackformer, token_layout(c), num_classes=args.num_classes))),
+            ("fullgrid", full, lambda c: FullGridTransformer(fullgrid_config(c.stackformer, token_layout(c), num_classes=args.num_classes)))):
         out[name] = (cfg, model(cfg).to(device).eval(), MQVAE(mqvae_config(cfg)).to(device).eval())
     return out
 

@@ -52,7 +52,9 @@ from infra.shards import ShardSet, iter_samples
 from infra.storage import sha256_file
 from infra.tokens import TokenMeta, TokenWriter
 from tasks import tokenize as tk
-from tasks.train_tokenizer import TokenizerOutput, _model_config_dict, build_model, to_model_input
+from infra.refs import TokenizeInputs, TokenizerOutput, load_tokenizer
+from models.mqvae import to_model_input
+from tasks.train_tokenizer import _model_config_dict
 
 
 def make_tokenizer(cfg, out: Path) -> TokenizerOutput:
@@ -130,8 +132,8 @@ def main() -> None:
     print(f"ingest: {ingest_out.num_train} train + {ingest_out.num_val} val images "
           f"({time.perf_counter() - t0:.1f} s, cached after the first run)", flush=True)
     tokenizer = make_tokenizer(cfg, root / "bench-tokenizer")
-    upstream = {"ingest": ingest_out, "train_tokenizer": tokenizer}
-    model = build_model(tokenizer)
+    upstream = TokenizeInputs(ingest=ingest_out, train_tokenizer=tokenizer)
+    model = load_tokenizer(tokenizer)
     shards = ShardSet.from_output(ingest_out)
     batches = stage_batches(shards, "train", args.ceiling_shards, ingest_out.image_size, ingest_out.channels)
     print(f"ceiling batches: {len(batches)} ({sum(len(b) for b in batches)} images, "

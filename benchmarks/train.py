@@ -517,7 +517,7 @@ class TokenizerBench(_StepBench):
         self.loss = float("nan")
 
     def _fetch(self) -> torch.Tensor:
-        from tasks.train_tokenizer import to_model_input
+        from models.mqvae import to_model_input
 
         images, _ = next(self.data)
         return to_model_input(images, self.device)

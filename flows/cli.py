@@ -157,7 +157,7 @@ def run(
     t0 = time.perf_counter()
     cfg = _resolve_or_exit(preset, config, overrides or [])
     _prepare_environment(cfg)  # before Prefect is imported: it reads its settings once, at import
-    from flows.pipeline import StageNotImplemented, cached_refs, run_pipeline, select_stages
+    from flows.pipeline import cached_refs, run_pipeline, select_stages
 
     try:
         stages = select_stages(only, from_stage)
@@ -169,16 +169,13 @@ def run(
         if all(s in done for s in stages):  # nothing to compute: no Prefect server, no Ray, no MLflow run
             typer.secho(f"all {len(stages)} stage(s) are done for config {cfg.hash()} (outputs verified); nothing "
                         "to run (--from STAGE forces a rerun)", err=True)
-            refs = {s: done[s] for s in stages}
+            refs = {s: done[s] for s in stages if done[s] is not None}
             seconds = None
         else:
             _start_logging(cfg, "run", verbose)
             typer.echo(f"mqgen run: preset {cfg.preset}, config {cfg.hash()}, run root {cfg.run.root}", err=True)
             refs = run_pipeline(cfg, only=only, from_stage=from_stage)
             seconds = time.perf_counter() - t0
-    except StageNotImplemented as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(3) from None
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one readable paragraph, the traceback in the log
         if isinstance(e, KeyboardInterrupt):
             typer.secho("interrupted: run the same command again to resume", fg=typer.colors.RED, err=True)
@@ -276,7 +273,7 @@ def status(
     table = Table(title=f"mqgen status: preset {cfg.preset}, config {cfg.hash()}, root {cfg.run.root}")
     for col in ("stage", "state", "key", "artifacts", "mlflow run"):
         table.add_column(col)
-    colours = {"done": "green", "not done": "yellow", "waiting": "dim", "not implemented": "red"}
+    colours = {"done": "green", "skipped": "cyan", "not done": "yellow", "waiting": "dim"}
     for row in stage_status(cfg):
         table.add_row(row["stage"], f"[{colours[row['state']]}]{row['state']}[/]", row["key"], row["path"],
                       row["run_id"])

@@ -28,6 +28,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import mark_crashed, prefect_run_tag, retry_unless_permanent, summary_figures
+from flows.stages import GRAPH, inputs_for, skip_reason
 from infra.config import ConfigError, GridVariant, PipelineConfig, from_dict, replace, stable_hash
 
 # What each stage reads from the config, cumulatively (a stage's inputs come from the stages before it). Two
@@ -44,7 +45,8 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "evaluate": ("seed", "data", "tokenizer", "stackformer", "evaluate"),
 }
 PERFORMANCE_FIELDS = {"data": ("num_workers",)}
-GRID_STAGES = ("ingest", "train_tokenizer", "tokenize", "train_evaluator", "train_stackformer", "evaluate")
+GRID_STAGES = tuple(GRAPH)
+assert set(STAGE_READS) == set(GRID_STAGES)
 # Stages whose executions run one at a time: evaluate measures sampling speed, which must not share the machine
 # with another variant's evaluation (the speeds of a grid would not be comparable).
 ONE_AT_A_TIME = frozenset({"evaluate"})
@@ -73,38 +75,30 @@ def group_key(stage: str, cfg: PipelineConfig) -> str:
     return stable_hash({"stage": stage, **picked})
 
 
-def _needs_stage(stage: str, cfg: PipelineConfig) -> bool:
-    if stage == "train_evaluator":  # only the classifier extractor has a stage of its own
-        return cfg.evaluate.extractor == "classifier"
-    return True
-
-
-def run_stage_remote(item: tuple[str, dict[str, Any], dict[str, Any], int]) -> Any:
-    """Body of one Ray task: run ``stage`` for the config dict on the upstream references, with ``threads``
-    torch threads (Ray gives a task that reserves no CPU a single one)."""
+def run_stage_remote(item: tuple[str, dict[str, Any], dict[str, Any], str, int]) -> Any:
+    """Body of one Ray task: run ``stage`` for the config dict on the outputs it reads (``refs``), with
+    ``threads`` torch threads (Ray gives a task that reserves no CPU a single one). None: nothing to do
+    (the stage is skipped for this config, e.g. no classifier for unlabelled data)."""
     import torch
 
-    from flows.pipeline import load_stage
-
-    stage, config, upstream, threads = item
+    stage, config, refs, parent_run_id, threads = item
     torch.set_num_threads(threads)
     cfg = from_dict(PipelineConfig, config)
-    module = load_stage(stage)
-    if stage == "train_evaluator":
-        try:
-            module.check_labelled(upstream["ingest"], cfg.data.source)
-        except module.ClassifierUnavailable:
-            return None  # unlabelled data: evaluate reports the classifier figures as unavailable
-    return module.run(cfg, upstream)
+    inputs = inputs_for(stage, refs)
+    if skip_reason(stage, cfg, inputs) is not None:
+        return None
+    return GRAPH[stage].module.run(cfg, inputs, parent_run_id=parent_run_id)
 
 
 _IN_FLIGHT: set[Any] = set()  # Ray handles of the stage executions running now (cancelled when the grid fails)
 
 
-def _dispatch(stage: str, label: str, config: dict[str, Any], upstream: dict[str, Any], threads: int) -> Any:
+def _dispatch(stage: str, label: str, config: dict[str, Any], refs: dict[str, Any], parent_run_id: str,
+              threads: int) -> Any:
     from infra import ray as rayx
 
-    return rayx.run_remote(run_stage_remote, (stage, config, upstream, threads), num_cpus=0, in_flight=_IN_FLIGHT)
+    return rayx.run_remote(run_stage_remote, (stage, config, refs, parent_run_id, threads), num_cpus=0,
+                           in_flight=_IN_FLIGHT)
 
 
 def _with_cpus(cfg: PipelineConfig, concurrent: int) -> PipelineConfig:
@@ -168,26 +162,24 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
             for stage in GRID_STAGES:
                 groups: dict[str, list[int]] = {}
                 for i, c in enumerate(cfgs):
-                    if _needs_stage(stage, c):
-                        groups.setdefault(group_key(stage, c), []).append(i)
+                    groups.setdefault(group_key(stage, c), []).append(i)
                 futures: list[tuple[list[int], Future[Any]]] = []
                 concurrent = 1 if stage in ONE_AT_A_TIME else len(groups)
                 threads = max(1, (os.cpu_count() or 1) // max(1, concurrent))
                 for members in groups.values():
                     first = members[0]
                     parent = runs[first].run_id if len(members) == 1 else grid_run.run_id
-                    upstream = {**refs[first], "_parent_run_id": parent}
                     label = gvs[first].label if len(members) == 1 else f"shared-by-{len(members)}"
                     config = _with_cpus(cfgs[first], concurrent).to_dict()
-                    future = stage_task.submit(stage, label, config, upstream, threads)
+                    future = stage_task.submit(stage, label, config, dict(refs[first]), parent, threads)
                     if stage in ONE_AT_A_TIME:
                         future.wait()
                     futures.append((members, future))
                 for members, fut in futures:
                     ref = fut.result()
                     for i in members:
+                        refs[i][stage] = ref  # None: skipped for this config
                         if ref is not None:
-                            refs[i][stage] = ref
                             runs[i].set_tags({f"mqgen.{stage}.key": ref.key,
                                               f"mqgen.{stage}.run_id": ref.mlflow_run_id})
                 executions[stage] = len(groups)
@@ -207,7 +199,7 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
             raise
     return {"grid_run_id": grid_run.run_id, "variant_run_ids": [r.run_id for r in runs],
             "labels": [gv.label for gv in gvs], "executions": executions,
-            "refs": [{k: v.to_dict() for k, v in r.items()} for r in refs]}
+            "refs": [{k: v.to_dict() for k, v in r.items() if v is not None} for r in refs]}
 
 
 def run_grid(variants: list[GridVariant], name: str = "") -> GridResult:

@@ -1,7 +1,8 @@
 """End-to-end pipeline: ingest -> train_tokenizer -> tokenize -> train_stackformer -> evaluate.
 
-Wiring only. Each stage lives in ``tasks/<stage>.py`` and exposes ``run(cfg, upstream, force)`` plus a
-Prefect task ``<stage>_task`` wrapping it. Every stage caches and resumes on its own (commit markers,
+Wiring only. Each stage lives in ``tasks/<stage>.py`` and exposes ``run(cfg, inputs, *, force, parent_run_id)``
+plus a Prefect task ``<stage>_task`` wrapping it; :mod:`flows.stages` holds the graph that says which outputs
+feed which stage. Every stage caches and resumes on its own (commit markers,
 checkpoints, LMDB done keys), so a rerun of a finished config skips every stage and a crashed one
 resumes where it stopped. Prefect adds retries (``run.retries``), the run history and JSON results (the
 stage references, never pickles). Importing this module starts nothing.
@@ -9,8 +10,6 @@ stage references, never pickles). Importing this module starts nothing.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import subprocess
 import time
@@ -19,18 +18,16 @@ from typing import Any
 
 from prefect import flow
 
+from flows.stages import GRAPH, cached_refs, descendants, inputs_for, skip_reason
 from infra.config import STAGES, PipelineConfig, from_dict
 from infra.console import fmt_duration, say, stage_log, stage_log_path
 
 log = logging.getLogger("mqgen")
 
 
-class StageNotImplemented(RuntimeError):
-    """The stage exists in the pipeline contract but this version of mqgen does not ship it."""
-
-
 def select_stages(only: str | None = None, from_stage: str | None = None) -> list[str]:
-    """The stages to run for ``--only`` / ``--from`` (mutually exclusive), in pipeline order."""
+    """The stages to run for ``--only`` / ``--from`` (mutually exclusive), in pipeline order. ``--from`` selects
+    the stage and every stage that reads its output, directly or not."""
     for flag, value in (("--only", only), ("--from", from_stage)):
         if value is not None and value not in STAGES:
             raise ValueError(f"{flag} {value!r} is not a stage; allowed: {', '.join(STAGES)}")
@@ -39,46 +36,26 @@ def select_stages(only: str | None = None, from_stage: str | None = None) -> lis
     if only:
         return [only]
     if from_stage:
-        return list(STAGES[STAGES.index(from_stage):])
+        later = descendants(from_stage)
+        return [s for s in STAGES if s in later]
     return list(STAGES)
 
 
-def load_stage(stage: str) -> Any:
-    if importlib.util.find_spec(f"tasks.{stage}") is None:
-        available = [s for s in STAGES if importlib.util.find_spec(f"tasks.{s}") is not None]
-        raise StageNotImplemented(f"stage {stage!r} is not implemented yet in this version of mqgen; "
-                                  f"stages available: {', '.join(available) or 'none'}")
-    return importlib.import_module(f"tasks.{stage}")
-
-
-def cached_refs(cfg: PipelineConfig) -> dict[str, Any]:
-    """The verified outputs of ``cfg``'s stages, in pipeline order, up to the first stage not done."""
-    refs: dict[str, Any] = {}
-    for stage in STAGES:
-        try:
-            module = load_stage(stage)
-        except StageNotImplemented:
-            break
-        ref = module.cached(cfg, refs)
-        if ref is None:
-            break
-        refs[stage] = ref
-    return refs
-
-
 def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
-    """Per stage: ``done`` (verified output for this config), ``not done`` (its inputs are ready: the next
-    run computes or resumes it), ``waiting`` (an upstream stage is not done) or ``not implemented``."""
-    refs = cached_refs(cfg)
+    """Per stage: ``done`` (verified output for this config), ``skipped`` (nothing to do for this config, e.g.
+    no evaluator classifier for unlabelled data), ``not done`` (its inputs are ready: the next run computes or
+    resumes it) or ``waiting`` (an output it reads is not done)."""
+    skipped: dict[str, str] = {}
+    refs = cached_refs(cfg, skipped)
     rows: list[dict[str, str]] = []
     for stage in STAGES:
         row = {"stage": stage, "state": "waiting", "key": "", "path": "", "run_id": ""}
-        if stage in refs:
+        if stage in skipped:
+            row.update(state="skipped", path=skipped[stage])
+        elif stage in refs:
             ref = refs[stage]
             row.update(state="done", key=ref.key, path=ref.path, run_id=ref.mlflow_run_id)
-        elif importlib.util.find_spec(f"tasks.{stage}") is None:
-            row["state"] = "not implemented"
-        elif len(rows) == len(refs):
+        elif all(n in refs for n in GRAPH[stage].needs):
             row["state"] = "not done"
         rows.append(row)
     return rows
@@ -114,7 +91,7 @@ def retry_unless_permanent(own_condition: Any = None) -> Any:
 
 def stage_task(stage: str, cfg: PipelineConfig, result_storage: Any = None) -> Any:
     """The stage's Prefect task with this config's retries, and its JSON results kept under the run root."""
-    base = getattr(load_stage(stage), f"{stage}_task")
+    base = GRAPH[stage].task
     retry_condition = retry_unless_permanent(base.retry_condition_fn)
     from prefect.cache_policies import CacheKeyFnPolicy
 
@@ -212,28 +189,36 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
     cfg = from_dict(PipelineConfig, config)
     stages = select_stages(only, from_stage)
     storage = _result_storage(cfg)
-    tasks = {s: stage_task(s, cfg, storage) for s in stages}  # fails before any work when a stage is missing
+    tasks = {s: stage_task(s, cfg, storage) for s in stages}
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     mark_crashed(tracker.mark_dead_runs_killed())
     parent = tracker.pipeline_run(cfg.hash(), params=cfg.to_dict(),
                                   tags={"mqgen.preset": cfg.preset, "mqgen.git_commit": git_commit(),
                                         "mqgen.stages": ",".join(stages), **prefect_run_tag()})
-    refs: dict[str, Any] = {"_parent_run_id": parent.run_id}
+    refs: dict[str, Any] = {}
     with sigterm_raises(), parent:
         for i, stage in enumerate(stages, 1):
             say(f"[{i}/{len(stages)}] {stage}")
             t0 = time.perf_counter()
             with stage_log(stage):
                 try:
-                    ref = tasks[stage](cfg, refs, force=from_stage is not None)  # --from: this stage and later
+                    if any(n not in refs for n in GRAPH[stage].needs):  # stages not selected: their cached outputs
+                        refs = {**cached_refs(cfg), **refs}
+                    inputs = inputs_for(stage, refs)
+                    why = skip_reason(stage, cfg, inputs)
+                    if why is not None:
+                        refs[stage] = None
+                        say(f"  skipped: {why}")
+                        continue
+                    ref = tasks[stage](cfg, inputs, force=from_stage is not None,  # --from: this stage and later
+                                       parent_run_id=parent.run_id)
                 except BaseException as e:
                     raise stage_failed(stage, e, cfg, tracker, parent.run_id) from e
             refs[stage] = ref
             say(f"  done in {fmt_duration(time.perf_counter() - t0)}: {describe_output(stage, ref)}")
-            parent.set_tags({f"mqgen.{stage}.key": getattr(ref, "key", ""),
-                             f"mqgen.{stage}.run_id": getattr(ref, "mlflow_run_id", "")})
+            parent.set_tags({f"mqgen.{stage}.key": ref.key, f"mqgen.{stage}.run_id": ref.mlflow_run_id})
         parent.log_metrics(summary_figures(refs))
-    return {k: v for k, v in refs.items() if not k.startswith("_")}
+    return {k: v for k, v in refs.items() if k in stages and v is not None}
 
 
 class StageFailed(RuntimeError):

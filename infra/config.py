@@ -28,7 +28,9 @@ import yaml
 
 from infra.errors import PermanentError
 
-STAGES: tuple[str, ...] = ("ingest", "train_tokenizer", "tokenize", "train_stackformer", "evaluate")
+# The pipeline's stages in the order they run (the graph itself, what reads what, is flows/stages.py).
+STAGES: tuple[str, ...] = ("ingest", "train_tokenizer", "tokenize", "train_stackformer", "train_evaluator",
+                           "evaluate")
 
 
 class ConfigError(PermanentError, ValueError):
@@ -702,29 +704,44 @@ def loss_config(cfg: PipelineConfig) -> Any:
     return LossConfig(**_pick(cfg.tokenizer, LossConfig))
 
 
-def stackformer_config(cfg: PipelineConfig, *, num_classes: int) -> Any:
-    """The ``models.stackformer.StackformerConfig`` for ``cfg``: the tokenizer fixes the vocabulary and the
-    sequence (codebook size, latent grid, kept tokens), the stackformer section the network.
+@dataclass(frozen=True)
+class TokenLayout:
+    """Vocabulary and sequence of a tokenisation: what a generator model needs to know about its tokens."""
+
+    codebook_size: int
+    grid_size: int
+    seq_len: int  # codes per image (the kept positions)
+
+
+def token_layout(cfg: PipelineConfig) -> TokenLayout:
+    """The layout the tokenizer section *asks for*, before any tokenizer exists (benchmarks, tests, planning).
+    Stages read the layout of the tokenizer they were given (``TokenizerOutput``) instead."""
+    m = mqvae_config(cfg)
+    return TokenLayout(codebook_size=m.codebook_size, grid_size=m.grid_size, seq_len=m.num_kept)
+
+
+def stackformer_config(s: StackformerSection, tokenizer: Any, *, num_classes: int) -> Any:
+    """The ``models.stackformer.StackformerConfig`` of section ``s`` on the tokens of ``tokenizer`` (anything with
+    ``codebook_size``, ``grid_size`` and ``seq_len``: a ``TokenizerOutput``), which fix the vocabulary and the
+    sequence; the section fixes the network.
 
     ``num_classes`` is the label count of the data (0 = unlabeled); the model is class-conditional only
     when ``stackformer.conditional`` is set and the data has labels.
     """
     from models.stackformer import StackformerConfig
 
-    s, tok = cfg.stackformer, mqvae_config(cfg)
-    return StackformerConfig(codebook_size=tok.codebook_size, grid_size=tok.grid_size, seq_len=tok.num_kept,
-                             num_classes=num_classes if s.conditional else 0, n_layer_code=s.n_layer_code,
-                             n_layer_pos=s.n_layer_pos, n_embd=s.n_embd, n_head=s.n_head, dropout=s.dropout,
-                             pos_loss_weight=s.pos_loss_weight)
+    return StackformerConfig(codebook_size=tokenizer.codebook_size, grid_size=tokenizer.grid_size,
+                             seq_len=tokenizer.seq_len, num_classes=num_classes if s.conditional else 0,
+                             n_layer_code=s.n_layer_code, n_layer_pos=s.n_layer_pos, n_embd=s.n_embd,
+                             n_head=s.n_head, dropout=s.dropout, pos_loss_weight=s.pos_loss_weight)
 
 
-def fullgrid_config(cfg: PipelineConfig, *, num_classes: int) -> Any:
-    """The ``models.stackformer.FullGridConfig`` of the full-grid baseline for ``cfg``: all ``G*G`` codes,
-    ``n_layer_code + n_layer_pos`` blocks of the stackformer section's width (same total depth and width)."""
+def fullgrid_config(s: StackformerSection, tokenizer: Any, *, num_classes: int) -> Any:
+    """The ``models.stackformer.FullGridConfig`` of the full-grid baseline: all ``G*G`` codes of ``tokenizer``'s
+    grid, ``n_layer_code + n_layer_pos`` blocks of the section's width (same total depth and width)."""
     from models.stackformer import FullGridConfig
 
-    s, tok = cfg.stackformer, mqvae_config(cfg)
-    return FullGridConfig(codebook_size=tok.codebook_size, grid_size=tok.grid_size,
+    return FullGridConfig(codebook_size=tokenizer.codebook_size, grid_size=tokenizer.grid_size,
                           num_classes=num_classes if s.conditional else 0,
                           n_layer=s.n_layer_code + s.n_layer_pos, n_embd=s.n_embd, n_head=s.n_head,
                           dropout=s.dropout)

@@ -58,6 +58,22 @@ class MetricsUnavailable(PermanentError, RuntimeError):
     """A family of metrics cannot be computed for this data or configuration; the message says why."""
 
 
+class ClassifierUnavailable(MetricsUnavailable):
+    """The data cannot train a classifier (no labels, or a single class)."""
+
+
+def classifier_unavailable_reason(num_classes: int, source: str) -> str | None:
+    """Why data with ``num_classes`` labels cannot train the evaluator classifier, or None when it can."""
+    if num_classes == 0:
+        return (f"data.source={source} has no labels, so no evaluator classifier can be trained and the "
+                "classifier-based FID/KID/IS are unavailable (standard-Inception FID is an opt-in: "
+                "evaluate.extractor=inception-v3-compat with evaluate.inception_weights=PATH)")
+    if num_classes == 1:
+        return (f"data.source={source} has a single class: a classifier cannot learn anything from its labels, "
+                "so the classifier-based FID/KID/IS are unavailable")
+    return None
+
+
 class InceptionWeightsMissing(FileNotFoundError):
     """``evaluate.extractor=inception-v3-compat`` without a usable weights file; the message says how to get one."""
 

@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 from infra.errors import PermanentError
 
 CHUNK = 1 << 20
+T = TypeVar("T")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -69,6 +69,29 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """A unique temporary path beside ``path`` for a writer that wants a file name (safetensors, LMDB exports);
+    on clean exit it is fsynced and renamed over ``path``, on an exception removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
@@ -89,26 +112,6 @@ def stage_dir(root: str | Path, stage: str, key: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- references
-
-
-class Ref:
-    """Mixin for frozen dataclass stage outputs: JSON round trip, nothing else.
-
-    Stage outputs are small, JSON-serialisable references (paths, hashes, counts, run ids), never
-    tensors; Prefect stores them with the JSON serializer.
-    """
-
-    def to_dict(self) -> dict[str, Any]:
-        assert is_dataclass(self)
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Any:
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-        return cls(**d)
 
 
 def load_weights_ref(marker: str | Path, cls: type) -> Any:
@@ -267,3 +270,21 @@ def file_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def cached_run(out_dir: Path, key: str, load: Callable[[], T | None], compute: Callable[[], T], *,
+               force: bool = False) -> T:
+    """A stage's cache discipline, written once: return the verified output ``load()`` finds, else take
+    ``<out_dir.parent>/.<key>.lock`` (a second process on the same key waits here), look again (the holder may
+    have finished it), and only then ``compute()``. ``force`` skips both looks."""
+    if not force:
+        hit = load()
+        if hit is not None:
+            return hit
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir.parent / f".{key}.lock"):
+        if not force:
+            hit = load()
+            if hit is not None:
+                return hit
+        return compute()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -49,3 +51,43 @@ def cycle(it_factory: Any) -> Iterator[Any]:
     while True:
         yield from it_factory(epoch)
         epoch += 1
+
+
+def export_final_weights(checkpoint_path: str, out_dir: Path, *, stage: str, key: str,
+                         model_doc: dict[str, Any], header: dict[str, str] | None = None
+                         ) -> tuple[Path, str, int]:
+    """The end of a training stage, written once: the final checkpoint's model weights -> ``model.safetensors``
+    (atomic, with stage/key/step in its header) and ``model_config.json`` beside them. Returns the weights'
+    path, their sha256 (of the file as renamed into place) and the step."""
+    from safetensors.torch import save_file
+
+    from infra.checkpoint import read_checkpoint
+    from infra.storage import atomic_target, atomic_write_json, sha256_file
+
+    final = read_checkpoint(checkpoint_path)
+    weights = out_dir / "model.safetensors"
+    with atomic_target(weights) as tmp:
+        save_file({k: v.contiguous() for k, v in final.weights["model"].items()}, str(tmp),
+                  metadata={"stage": stage, "key": key, "step": str(final.step), **(header or {})})
+        digest = sha256_file(tmp)  # hashed before the rename: never the hash of another writer's file
+    atomic_write_json(out_dir / "model_config.json", model_doc)
+    return weights, digest, final.step
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What a training loop tells its ``on_step`` callback after every optimiser step, on every rank (the seam
+    tests use to inject faults or slow training down, and to record the data order)."""
+
+    step: int
+    rank: int
+    epoch: int = 0
+    indices: tuple[int, ...] = ()  # dataset indices of the step's batch, where the loop knows them
+
+
+def purpose_seed(seed: int, what: str) -> int:
+    """A 31-bit seed from the global seed and a purpose such as ``"evaluate/sampling"`` (stable across runs and
+    machines)."""
+    from infra.config import stable_hash
+
+    return int(stable_hash({"seed": seed, "for": what}, length=8), 16) & 0x7FFFFFFF

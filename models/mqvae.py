@@ -222,6 +222,11 @@ class MaskerOutput(NamedTuple):
     scores: Tensor | None
 
 
+def to_model_input(images_u8: Tensor, device: torch.device | str) -> Tensor:
+    """uint8 images ``[B, C, H, W]`` in [0, 255] -> float model input in [-1, 1] on ``device``."""
+    return images_u8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+
+
 def positions_to_mask(positions: Tensor, num_positions: int) -> Tensor:
     """Boolean keep mask ``[B, num_positions]`` with True at ``positions`` ``[B, N]``."""
     mask = torch.zeros(positions.shape[0], num_positions, dtype=torch.bool, device=positions.device)

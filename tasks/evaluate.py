@@ -1,15 +1,15 @@
 """evaluate stage: samples from the trained model, FID/KID/IS, reconstruction metrics, speed, pictures.
 
-``run(cfg, upstream)`` is the stage (testable without Prefect); ``evaluate_task`` wraps it. It is the last
+``run(cfg, inputs)`` is the stage (testable without Prefect); ``evaluate_task`` wraps it. It is the last
 stage of the pipeline.
 
 How a run goes:
 
-1. Resolve the upstream references (``ingest``, ``train_tokenizer``, ``train_stackformer``; missing ones are
-   looked up in the run root) and the feature extractor. ``evaluate.extractor=classifier`` runs the cached
-   ``train_evaluator`` stage (a classifier trained on the data's labels; unlabelled data makes the
-   classifier-based metrics *unavailable*, reported as such). ``inception-v3-compat`` checks its weights file
-   here and fails fast, before any sampling, when it is missing.
+1. The inputs (``ingest``, ``train_tokenizer``, ``train_stackformer``, ``train_evaluator``) arrive from the
+   flow's stage graph; the feature extractor is resolved from them. ``evaluate.extractor=classifier`` uses the
+   ``train_evaluator`` stage's classifier (trained on the data's labels; for unlabelled data that stage is
+   skipped and the classifier-based metrics are *unavailable*, reported as such). ``inception-v3-compat``
+   checks its weights file here and fails fast, before any sampling, when it is missing.
 2. The stage key hashes :data:`VERSION`, the evaluate section, the seed, the weights of the model, the
    tokenizer and the extractor, and the ingest manifest (the reference set); a complete output for the key
    (``_SUCCESS.json``) is a cache hit.
@@ -45,18 +45,27 @@ from typing import Any
 import torch
 
 from infra.config import PipelineConfig, sampling_params, stable_hash, to_dict
-from infra.metrics import Extractor, InceptionWeightsMissing, MetricsUnavailable
+from infra.metrics import Extractor, classifier_unavailable_reason
 from infra.orchestration import lazy_stage_task
+from infra.refs import (
+    EvaluateInputs,
+    EvaluateOutput,
+    IngestOutput,
+    StackformerOutput,
+    TokenizerOutput,
+    load_generator,
+    load_tokenizer,
+)
 from infra.storage import (
-    Ref,
     atomic_write_bytes,
     atomic_write_json,
-    file_lock,
+    cached_run,
     read_json,
     remove_tree,
     sha256_file,
     stage_dir,
 )
+from infra.training import purpose_seed
 
 STAGE = "evaluate"
 VERSION = "1"  # bump when the code changes what a given config produces
@@ -71,78 +80,43 @@ READ_BATCH = 500  # images per PNG-decoding batch when reading the val split
 log = logging.getLogger("mqgen.evaluate")
 
 
-@dataclass(frozen=True)
-class EvaluateOutput(Ref):
-    """Reference to a complete evaluation: ``evaluation.json`` and the figures in it."""
-
-    path: str
-    key: str
-    evaluation_json: str
-    metrics: dict[str, float | None]  # every figure; None = unavailable (see evaluation.json "unavailable")
-    mlflow_run_id: str
-    extractor: str = ""  # the feature extractor behind FID/KID/IS ("" when none was available)
-    num_samples: int = 0
-
-
 # --------------------------------------------------------------------------------------------- upstream
 
 
 @dataclass(frozen=True)
 class Inputs:
-    """Everything the stage reads, resolved and checked before any work."""
+    """The stage's inputs with the feature extractor resolved and every check done, before any work."""
 
-    ingest: Any
-    tokenizer: Any
-    model: Any  # StackformerOutput
+    ingest: IngestOutput
+    tokenizer: TokenizerOutput
+    model: StackformerOutput
     extractor: Extractor | None
     extractor_unavailable: str  # why there is no extractor ("" when there is one)
     evaluator: Any  # EvaluatorOutput or None
 
 
-def _ref(stage: str, cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
-    import importlib
-
-    ref = upstream.get(stage)
-    if ref is not None:
-        return ref
-    try:
-        ref = importlib.import_module(f"tasks.{stage}").cached(cfg, upstream)
-    except RuntimeError as e:  # the stages before it are missing too
-        raise RuntimeError(f"{STAGE} needs the {stage} output for this config: run the {stage} stage first "
-                           f"(mqgen run --only {stage} ...) or the whole pipeline. ({e})") from e
-    if ref is None:
-        raise RuntimeError(f"{STAGE} needs the {stage} output for this config: run the {stage} stage first "
-                           f"(mqgen run --only {stage} ...) or the whole pipeline")
-    return ref
-
-
-def resolve_extractor(cfg: PipelineConfig, upstream: dict[str, Any], ingest: Any, *, train: bool = True
-                      ) -> tuple[Extractor | None, str, Any]:
-    """``(extractor, why unavailable, evaluator ref)`` for ``cfg.evaluate.extractor``.
+def resolve_extractor(cfg: PipelineConfig, inputs: EvaluateInputs) -> tuple[Extractor | None, str]:
+    """``(extractor, why unavailable)`` for ``cfg.evaluate.extractor``.
 
     ``inception-v3-compat`` raises :class:`~infra.metrics.InceptionWeightsMissing` at once without weights.
-    ``classifier`` uses ``upstream["train_evaluator"]`` or runs that (cached) stage (``train=False``: only
-    looks it up; a missing output then gives ``(None, "", None)``).
+    ``classifier`` uses the ``train_evaluator`` input; without one the classifier figures are unavailable
+    (unlabelled data), or the stage was not run (a ``ValueError`` naming it).
     """
     from infra import metrics
-    from tasks import train_evaluator
 
     e = cfg.evaluate
     if e.extractor == metrics.INCEPTION:
-        return metrics.inception_extractor(e.inception_weights, e.inception_download and train), "", None
-    try:
-        train_evaluator.check_labelled(ingest, cfg.data.source)
-    except MetricsUnavailable as err:
-        return None, str(err), None
-    ev = upstream.get("train_evaluator")
+        return metrics.inception_extractor(e.inception_weights, e.inception_download), ""
+    why = classifier_unavailable_reason(inputs.ingest.num_classes, cfg.data.source)
+    if why:
+        return None, why
+    ev = inputs.train_evaluator
     if ev is None:
-        ev = train_evaluator.run(cfg, {**upstream, "ingest": ingest}) if train else train_evaluator.cached(
-            cfg, {**upstream, "ingest": ingest})
-    if ev is None:
-        return None, "", None
+        raise ValueError(f"{STAGE} with evaluate.extractor=classifier needs the train_evaluator output: run that "
+                         "stage first (mqgen run --only train_evaluator ...) or the whole pipeline")
     ext = metrics.classifier_extractor(ev.extractor_name, ev.weights, ev.sha256, source=ev.source or cfg.data.source,
                                        val_accuracy=ev.val_accuracy)
-    return ext, "", ev
+    return ext, ""
 
 
 def stage_key(cfg: PipelineConfig, inputs: Inputs) -> str:
@@ -170,44 +144,30 @@ def load_output(out_dir: Path) -> EvaluateOutput | None:
     return ref
 
 
-def _inputs(cfg: PipelineConfig, upstream: dict[str, Any], train: bool = True) -> Inputs:
-    ingest = _ref("ingest", cfg, upstream)
-    up = {**upstream, "ingest": ingest}
-    tokenizer = _ref("train_tokenizer", cfg, up)
-    up["train_tokenizer"] = tokenizer
-    model = _ref("train_stackformer", cfg, up)
-    check_compatible(model, tokenizer, tokenizer_config(tokenizer))
-    extractor, why, evaluator = resolve_extractor(cfg, up, ingest, train=train)
-    return Inputs(ingest, tokenizer, model, extractor, why, evaluator)
+def _resolve(cfg: PipelineConfig, inputs: EvaluateInputs) -> Inputs:
+    model, tokenizer = inputs.train_stackformer, inputs.train_tokenizer
+    check_compatible(model, tokenizer)
+    extractor, why = resolve_extractor(cfg, inputs)
+    return Inputs(inputs.ingest, tokenizer, model, extractor, why, inputs.train_evaluator)
 
 
-def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> EvaluateOutput | None:
-    """The complete output for ``cfg`` if it exists (no computation), else None."""
+def cached(cfg: PipelineConfig, inputs: EvaluateInputs) -> EvaluateOutput | None:
+    """The complete output for ``cfg`` on ``inputs`` if it exists (no computation), else None."""
     try:
-        inputs = _inputs(cfg, upstream, train=False)
-    except (RuntimeError, InceptionWeightsMissing):
+        resolved = _resolve(cfg, inputs)
+    except (ValueError, FileNotFoundError):  # mismatched models, no evaluator yet, no Inception weights
         return None
-    if inputs.extractor is None and not inputs.extractor_unavailable:
-        return None  # the evaluator is not trained yet
-    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, inputs)))
+    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, resolved)))
 
 
-def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False) -> EvaluateOutput:
+def run(cfg: PipelineConfig, inputs: EvaluateInputs, *, force: bool = False, parent_run_id: str | None = None
+        ) -> EvaluateOutput:
     """Evaluate the trained model of ``cfg`` (or reuse a complete evaluation); see the module docstring."""
-    inputs = _inputs(cfg, upstream)  # fails fast: missing stages, mismatched models, missing Inception weights
-    key = stage_key(cfg, inputs)
+    resolved = _resolve(cfg, inputs)  # fails fast: mismatched models, missing evaluator or Inception weights
+    key = stage_key(cfg, resolved)
     out_dir = stage_dir(cfg.run.root, STAGE, key)
-    if not force:
-        done = load_output(out_dir)
-        if done is not None:
-            return done
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_dir.parent / f".{key}.lock"):
-        if not force:
-            done = load_output(out_dir)  # another process may have finished it while we waited
-            if done is not None:
-                return done
-        return _evaluate(cfg, upstream, inputs, key, out_dir, force)
+    return cached_run(out_dir, key, lambda: load_output(out_dir),
+                      lambda: _evaluate(cfg, parent_run_id, resolved, key, out_dir, force), force=force)
 
 
 __getattr__ = lazy_stage_task(__name__, "evaluate_task", run, name=STAGE)
@@ -225,9 +185,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_compatible(model_ref: Any, tokenizer_ref: Any, tok_cfg: Any) -> None:
+def check_compatible(model_ref: StackformerOutput, tokenizer_ref: TokenizerOutput) -> None:
     """Raise ``ValueError`` when the generator's tokens cannot be decoded by the tokenizer."""
-    mc = model_ref.model_config
+    mc, tok_cfg = model_ref.model_config, tokenizer_ref.mqvae_config
     if model_ref.tokenizer_sha256 and model_ref.tokenizer_sha256 != tokenizer_ref.sha256:
         raise ValueError(f"{STAGE}: the {model_ref.model} model was trained on tokens of the tokenizer with weights "
                          f"sha256 {model_ref.tokenizer_sha256[:12]}, but the train_tokenizer output is "
@@ -237,7 +197,7 @@ def check_compatible(model_ref: Any, tokenizer_ref: Any, tok_cfg: Any) -> None:
         problems.append(f"codebook_size {mc['codebook_size']} vs {tok_cfg.codebook_size}")
     if mc["grid_size"] != tok_cfg.grid_size:
         problems.append(f"grid_size {mc['grid_size']} vs {tok_cfg.grid_size}")
-    seq_len = mc["seq_len"] if model_ref.model == "stackformer" else mc["grid_size"] ** 2
+    seq_len = model_ref.tokens_per_image
     if model_ref.model == "fullgrid" and tok_cfg.num_kept != tok_cfg.num_positions:
         problems.append(f"the full-grid model needs a keep_ratio=1.0 tokenizer (it keeps {tok_cfg.num_kept} of "
                         f"{tok_cfg.num_positions} positions)")
@@ -245,18 +205,6 @@ def check_compatible(model_ref: Any, tokenizer_ref: Any, tok_cfg: Any) -> None:
         problems.append(f"tokens per image {seq_len} vs {tok_cfg.num_kept}")
     if problems:
         raise ValueError(f"{STAGE}: the {model_ref.model} model does not match the tokenizer: {'; '.join(problems)}")
-
-
-def tokenizer_config(tokenizer_ref: Any) -> Any:
-    """The ``MQVAEConfig`` of a train_tokenizer output (no weights loaded)."""
-    from models.mqvae import MQVAEConfig
-
-    return MQVAEConfig(**tokenizer_ref.model_config)
-
-
-def tokens_per_image(model_ref: Any) -> int:
-    mc = model_ref.model_config
-    return int(mc["seq_len"] if model_ref.model == "stackformer" else mc["grid_size"] ** 2)
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -560,14 +508,11 @@ def _definitions(ext: Extractor | None, *, n: int, n_ref: int, n_recon: int, mod
     }
 
 
-def _evaluate(cfg: PipelineConfig, upstream: dict[str, Any], inputs: Inputs, key: str, out_dir: Path,
+def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, key: str, out_dir: Path,
               force: bool) -> EvaluateOutput:
     from infra import metrics as mx
     from infra.shards import ShardSet
     from infra.tracking import Tracker
-    from tasks import train_evaluator
-    from tasks import train_stackformer as ts
-    from tasks import train_tokenizer as tt
 
     e = cfg.evaluate
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -581,7 +526,7 @@ def _evaluate(cfg: PipelineConfig, upstream: dict[str, Any], inputs: Inputs, key
     ext = inputs.extractor
     ext_name = ext.name if ext is not None else ""
     model_ref, tok_ref, ingest = inputs.model, inputs.tokenizer, inputs.ingest
-    sampling_seed = train_evaluator.derive_seed(cfg.seed, f"{STAGE}/sampling")
+    sampling_seed = purpose_seed(cfg.seed, f"{STAGE}/sampling")
 
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     params = {"evaluate": to_dict(e), "seed": cfg.seed, "sampling_seed": sampling_seed, "extractor": ext_name or "none",
@@ -591,11 +536,11 @@ def _evaluate(cfg: PipelineConfig, upstream: dict[str, Any], inputs: Inputs, key
             "mqgen.tokenizer_run_id": tok_ref.mlflow_run_id}
     if ext is not None:
         tags["mqgen.extractor_sha256"] = ext.weights_sha256
-    srun = tracker.stage_run(STAGE, key, params=params, tags=tags, parent_run_id=upstream.get("_parent_run_id"))
+    srun = tracker.stage_run(STAGE, key, params=params, tags=tags, parent_run_id=parent_run_id)
     with srun:
         t_start = time.perf_counter()
-        tokenizer = tt.build_model(tok_ref, device)
-        model = ts.build_model(model_ref, device)
+        tokenizer = load_tokenizer(tok_ref, device)
+        model = load_generator(model_ref, device)
         num_classes = int(model_ref.model_config.get("num_classes", 0))
         shards = ShardSet.from_output(ingest)
         class_names = shards.classes
@@ -636,7 +581,7 @@ def _evaluate(cfg: PipelineConfig, upstream: dict[str, Any], inputs: Inputs, key
         else:
             unavailable["sample_raster_share"] = "not applicable: the full-grid model samples in raster order"
         n = samples.images.shape[0]
-        values["tokens_per_image"] = float(tokens_per_image(model_ref))
+        values["tokens_per_image"] = float(model_ref.tokens_per_image)
         values["sampling_seconds"] = samples.sample_seconds
         values["decode_seconds"] = samples.decode_seconds
         values["sampling_images_per_s"] = n / max(samples.sample_seconds, 1e-9)

@@ -68,8 +68,8 @@ from infra.sources import (
     TarChunk,
     source_from_config,
 )
+from infra.refs import IngestInputs, IngestOutput
 from infra.storage import (
-    Ref,
     atomic_write_bytes,
     atomic_write_json,
     file_lock,
@@ -91,35 +91,19 @@ MAX_EXAMPLES = 20  # skipped/ignored examples kept per reason in the manifest
 log = logging.getLogger("mqgen.ingest")
 
 
-@dataclass(frozen=True)
-class IngestOutput(Ref):
-    """Reference to a complete ingest output (what downstream stages receive)."""
-
-    path: str  # the stage directory holding the shards and manifest.json
-    key: str
-    manifest_sha256: str
-    num_train: int
-    num_val: int
-    num_classes: int  # 0 when unlabelled
-    image_size: int
-    channels: int
-    mlflow_run_id: str
-
-
 def stage_key(cfg: PipelineConfig) -> str:
     """Short stable hash of what determines the output: data section (minus performance fields, local
     paths made absolute), seed and :data:`INGEST_VERSION`."""
-    data = {k: v for k, v in to_dict(cfg.data).items() if k not in PERFORMANCE_FIELDS}
-    if data.get("path") and "://" not in data["path"] and data["source"] != "shards":
-        data["path"] = os.path.abspath(os.path.expanduser(data["path"]))
+    data = {k: v for k, v in to_dict(cfg.data).items() if k not in PERFORMANCE_FIELDS}  # paths: absolute
     return stable_hash({"stage": STAGE, "version": INGEST_VERSION, "seed": cfg.seed, "data": data})
 
 
-def run(cfg: PipelineConfig, upstream: dict[str, Any] | None = None, force: bool = False) -> IngestOutput:
+def run(cfg: PipelineConfig, inputs: IngestInputs | None = None, *, force: bool = False,
+        parent_run_id: str | None = None) -> IngestOutput:
     """Ingest ``cfg.data`` into ``<cfg.run.root>/ingest/<key>/``; a cache hit returns at once.
 
-    ``upstream`` holds no inputs for this first stage; its ``_parent_run_id`` (set by the pipeline flow)
-    makes the stage's MLflow run a child of the pipeline run. ``force=True`` rebuilds from scratch and replaces
+    The first stage has no inputs but the config. ``parent_run_id`` (set by the pipeline flow) makes the
+    stage's MLflow run a child of the pipeline run. ``force=True`` rebuilds from scratch and replaces
     the previous output atomically once the new one is complete. Raises :class:`IngestError` (bad or
     missing data, with a message naming the path or config key) and lets other errors through.
 
@@ -141,7 +125,7 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any] | None = None, force: bool
             hit = _cached(out, key)  # another process may have finished it while we waited
             if hit is not None:
                 return hit
-        return _ingest(cfg, root, key, out, force, (upstream or {}).get("_parent_run_id"))
+        return _ingest(cfg, root, key, out, force, parent_run_id)
 
 
 def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
@@ -169,7 +153,7 @@ def _local_root(root: str) -> Path:
     return Path(root).expanduser()
 
 
-def cached(cfg: PipelineConfig, upstream: dict[str, Any] | None = None) -> IngestOutput | None:
+def cached(cfg: PipelineConfig, inputs: IngestInputs | None = None) -> IngestOutput | None:
     """The complete, verified ingest output for ``cfg`` if there is one (no work done otherwise)."""
     key = stage_key(cfg)
     return _cached(stage_dir(_local_root(cfg.run.root), STAGE, key), key)

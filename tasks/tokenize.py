@@ -1,10 +1,10 @@
 """tokenize stage: every train/val image -> its MQ-VAE tokens (kept codes, raster positions, label) in LMDB.
 
-``run(cfg, upstream)`` is the stage (testable without Prefect); ``tokenize_task`` wraps it.
+``run(cfg, inputs)`` is the stage (testable without Prefect); ``tokenize_task`` wraps it.
 
 How a run goes:
 
-1. Resolve the upstream references (trained tokenizer, ingest output); the stage key hashes
+1. The inputs (trained tokenizer, ingest output) arrive from the flow's stage graph; the stage key hashes
    :data:`VERSION`, the tokenizer weights' sha256 and the ingest manifest's sha256. A complete output for
    the key (``_SUCCESS.json`` whose databases verify) is a cache hit.
 2. Take ``<run.root>/tokenize/.<key>.lock`` (a second run of the same key waits, then hits the cache) and
@@ -29,7 +29,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,10 @@ import torch
 
 from infra.config import PipelineConfig, stable_hash
 from infra.orchestration import lazy_stage_task
-from infra.storage import Ref, atomic_write_json, file_lock, read_json, remove_tree, sha256_file, stage_dir
+from infra.refs import IngestOutput, TokenizeInputs, TokenizeOutput, TokenizerOutput, load_tokenizer
+from infra.storage import atomic_write_json, cached_run, read_json, remove_tree, sha256_file, stage_dir
 from infra.tokens import DEFAULT_MAP_SIZE, TokenFormatError, TokenMeta, TokenWriter, read_meta
-from tasks.train_tokenizer import TokenizerOutput, build_model, to_model_input
+from models.mqvae import to_model_input
 
 STAGE = "tokenize"
 VERSION = "1"  # bump when the records written for a given tokenizer and input change
@@ -50,25 +51,6 @@ ENCODE_BATCH_SIZE = 256  # images per encoder forward; part of the output contra
 # differ in the last bit between batch sizes), so changing it means bumping VERSION
 
 log = logging.getLogger("mqgen.tokenize")
-
-
-@dataclass(frozen=True)
-class TokenizeOutput(Ref):
-    """Reference to the token databases of one (tokenizer, ingest output) pair."""
-
-    path: str  # stage directory: train.lmdb/, val.lmdb/, _SUCCESS.json
-    key: str
-    num_train: int
-    num_val: int
-    train_db: str
-    val_db: str
-    metadata: dict[str, dict[str, Any]]  # split -> TokenMeta fields
-    checksum: str  # sha256 of "train <records_sha256>\nval <records_sha256>\n"
-    mlflow_run_id: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def db(self, split: str) -> str:
-        return {"train": self.train_db, "val": self.val_db}[split]
 
 
 # --------------------------------------------------------------------------------------------- worker
@@ -114,7 +96,7 @@ def _worker_model(tokenizer: TokenizerOutput, device: torch.device) -> torch.nn.
     key = (tokenizer.weights, tokenizer.sha256, str(device))
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = build_model(tokenizer, device)
+        _MODEL_CACHE[key] = load_tokenizer(tokenizer, device)
     return _MODEL_CACHE[key]
 
 
@@ -241,15 +223,11 @@ def stage_key(tokenizer_sha256: str, ingest_manifest_sha256: str) -> str:
                         "ingest": ingest_manifest_sha256})
 
 
-def split_meta(split: str, tokenizer: TokenizerOutput, ingest: Any, shards: list[tuple[int, int]]) -> TokenMeta:
+def split_meta(split: str, tokenizer: TokenizerOutput, ingest: IngestOutput, shards: list[tuple[int, int]]
+               ) -> TokenMeta:
     """The metadata a split's database is created with (completion fields unset)."""
-    from models.mqvae import MQVAEConfig
-
-    mc = dict(tokenizer.model_config)
-    mc["ch_mult"], mc["attn_resolutions"] = tuple(mc["ch_mult"]), tuple(mc["attn_resolutions"])
-    model_cfg = MQVAEConfig(**mc)
-    return TokenMeta(split=split, codebook_size=model_cfg.codebook_size, grid_size=model_cfg.grid_size,
-                     seq_len=model_cfg.num_kept, keep_ratio=model_cfg.keep_ratio, num_classes=ingest.num_classes,
+    return TokenMeta(split=split, codebook_size=tokenizer.codebook_size, grid_size=tokenizer.grid_size,
+                     seq_len=tokenizer.seq_len, keep_ratio=tokenizer.keep_ratio, num_classes=ingest.num_classes,
                      tokenizer_sha256=tokenizer.sha256, source_sha256=ingest.manifest_sha256, shards=tuple(shards))
 
 
@@ -271,32 +249,21 @@ def load_output(out_dir: Path) -> TokenizeOutput | None:
     return ref
 
 
-def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> TokenizeOutput | None:
-    """The complete output for ``cfg`` if it exists (no computation), else None."""
-    tokenizer, ingest = _upstream(cfg, upstream)
-    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(tokenizer.sha256, ingest.manifest_sha256)))
+def cached(cfg: PipelineConfig, inputs: TokenizeInputs) -> TokenizeOutput | None:
+    """The complete output for ``inputs`` if it exists (no computation), else None."""
+    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(inputs.train_tokenizer.sha256,
+                                                                inputs.ingest.manifest_sha256)))
 
 
-def _upstream(cfg: PipelineConfig, upstream: dict[str, Any]) -> tuple[TokenizerOutput, Any]:
-    from tasks import ingest as ingest_stage
-    from tasks import train_tokenizer
-
-    ingest = upstream.get("ingest") or ingest_stage.cached(cfg)
-    if ingest is None:
-        raise RuntimeError("tokenize needs the ingest output for this config: run the ingest stage first "
-                           "(mqgen run --only ingest ...) or the whole pipeline")
-    tokenizer = upstream.get("train_tokenizer") or train_tokenizer.cached(cfg, {**upstream, "ingest": ingest})
-    if tokenizer is None:
-        raise RuntimeError("tokenize needs the trained tokenizer for this config: run the train_tokenizer stage "
-                           "first (mqgen run --only train_tokenizer ...) or the whole pipeline")
-    mc = tokenizer.model_config
-    if (mc["resolution"], mc["in_channels"]) != (ingest.image_size, ingest.channels):
-        raise ValueError(f"the tokenizer takes {mc['resolution']}px images with {mc['in_channels']} channel(s) but "
+def check_inputs(inputs: TokenizeInputs) -> None:
+    """Raise ``ValueError`` when the tokenizer cannot encode the ingested images."""
+    tok, ingest = inputs.train_tokenizer.mqvae_config, inputs.ingest
+    if (tok.resolution, tok.in_channels) != (ingest.image_size, ingest.channels):
+        raise ValueError(f"the tokenizer takes {tok.resolution}px images with {tok.in_channels} channel(s) but "
                          f"the ingest output {ingest.path} holds {ingest.image_size}px with {ingest.channels}")
-    return tokenizer, ingest
 
 
-def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False, *,
+def run(cfg: PipelineConfig, inputs: TokenizeInputs, *, force: bool = False, parent_run_id: str | None = None,
         map_size: int = DEFAULT_MAP_SIZE) -> TokenizeOutput:
     """Tokenize (or resume, or reuse) every train/val image of the ingest output with the trained tokenizer.
 
@@ -305,28 +272,22 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False, *,
     """
     if "://" in str(cfg.run.root):
         raise ValueError(f"run.root={cfg.run.root!r}: tokenize writes LMDB databases, which need a local disk")
-    tokenizer, ingest = _upstream(cfg, upstream)
+    check_inputs(inputs)
+    tokenizer, ingest = inputs.train_tokenizer, inputs.ingest
     key = stage_key(tokenizer.sha256, ingest.manifest_sha256)
     out_dir = stage_dir(cfg.run.root, STAGE, key)
-    if not force:
-        hit = load_output(out_dir)
-        if hit is not None:
-            log.info("tokenize %s: cache hit, %s", key, out_dir)
-            return hit
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_dir.parent / f".{key}.lock"):
+
+    def compute() -> TokenizeOutput:
         if force:
             remove_tree(out_dir)
-        else:
-            hit = load_output(out_dir)  # another process may have finished it while we waited
-            if hit is not None:
-                return hit
         (out_dir / SUCCESS).unlink(missing_ok=True)
-        return _tokenize(cfg, upstream, key, out_dir, tokenizer, ingest, map_size)
+        return _tokenize(cfg, parent_run_id, key, out_dir, tokenizer, ingest, map_size)
+
+    return cached_run(out_dir, key, lambda: load_output(out_dir), compute, force=force)
 
 
-def _tokenize(cfg: PipelineConfig, upstream: dict[str, Any], key: str, out_dir: Path, tokenizer: TokenizerOutput,
-              ingest: Any, map_size: int) -> TokenizeOutput:
+def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir: Path, tokenizer: TokenizerOutput,
+              ingest: IngestOutput, map_size: int) -> TokenizeOutput:
     from infra.shards import ShardSet
     from infra.tracking import Tracker
 
@@ -345,7 +306,7 @@ def _tokenize(cfg: PipelineConfig, upstream: dict[str, Any], key: str, out_dir: 
             "mqgen.use_gpu": cfg.ray.use_gpu, "mqgen.cpus_per_task": cfg.ray.cpus_per_worker or 1}
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
-    with tracker.stage_run(STAGE, key, params=params, tags=tags, parent_run_id=upstream.get("_parent_run_id")) as sr:
+    with tracker.stage_run(STAGE, key, params=params, tags=tags, parent_run_id=parent_run_id) as sr:
         with contextlib.ExitStack() as stack:
             writers = {split: stack.enter_context(TokenWriter(out_dir / f"{split}.lmdb", metas[split],
                                                               map_size=map_size)) for split in SPLITS}

@@ -10,8 +10,9 @@ Output: ``<run.root>/train_evaluator/<key>/{model.safetensors, val_per_class.jso
 hashes :data:`VERSION`, the ingest manifest's sha256, the seed and ``evaluate.classifier``. A complete output
 is a cache hit. Training takes a minute or two on a CPU and is not checkpointed: a killed run starts over.
 
-Unlabelled data (``num_classes == 0``) cannot train a classifier: :func:`run` raises
-:class:`ClassifierUnavailable` at once, and ``evaluate`` reports the classifier-based metrics as unavailable.
+Unlabelled data (``num_classes == 0``) cannot train a classifier: the flow skips the stage
+(:func:`skip_reason`), :func:`run` raises :class:`ClassifierUnavailable` if called anyway, and ``evaluate``
+reports the classifier-based metrics as unavailable.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,16 @@ from infra.config import PipelineConfig, stable_hash, to_dict
 from infra.metrics import (
     ClassifierNet,
     ClassifierNetConfig,
-    MetricsUnavailable,
+    ClassifierUnavailable,
+    classifier_unavailable_reason,
     extractor_name,
-    load_classifier,
     save_classifier,
     to_classifier_input,
 )
 from infra.orchestration import lazy_stage_task
-from infra.storage import Ref, atomic_write_json, file_lock, load_weights_ref, stage_dir
+from infra.training import purpose_seed
+from infra.refs import EvaluatorInputs, EvaluatorOutput
+from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
 
 STAGE = "train_evaluator"
 VERSION = "1"  # bump when the training code changes what a given config produces
@@ -48,37 +50,7 @@ WEIGHTS = "model.safetensors"
 log = logging.getLogger("mqgen.train_evaluator")
 
 
-class ClassifierUnavailable(MetricsUnavailable):
-    """The data cannot train a classifier (no labels, or a single class)."""
-
-
-@dataclass(frozen=True)
-class EvaluatorOutput(Ref):
-    """Reference to a trained evaluator classifier."""
-
-    path: str
-    key: str
-    weights: str  # model.safetensors (architecture + classes in its header)
-    sha256: str
-    extractor_name: str  # torch-fidelity registry name, e.g. "classifier-fashion-mnist"
-    num_classes: int
-    val_accuracy: float  # top-1 accuracy on the first ``num_val`` val images
-    image_size: int
-    channels: int
-    mlflow_run_id: str
-    source: str = ""  # data.source it was trained on
-    step: int = 0
-    num_val: int = 0
-    classes: list[str] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------------------------- training
-
-
-def derive_seed(seed: int, what: str) -> int:
-    """A 31-bit seed from the global seed and a purpose (stable across runs and machines)."""
-    return int(stable_hash({"seed": seed, "for": what}, length=8), 16) & 0x7FFFFFFF
 
 
 def train_steps(net: ClassifierNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, max_steps: int,
@@ -164,59 +136,37 @@ def load_output(out_dir: Path) -> EvaluatorOutput | None:
     return load_weights_ref(out_dir / SUCCESS, EvaluatorOutput)
 
 
-def _ingest_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
-    from tasks import ingest as ingest_stage
-
-    ref = upstream.get("ingest") or ingest_stage.cached(cfg)
-    if ref is None:
-        raise RuntimeError(f"{STAGE} needs the ingest output for this config: run the ingest stage first "
-                           "(mqgen run --only ingest ...) or run the whole pipeline")
-    return ref
+def skip_reason(cfg: PipelineConfig, inputs: EvaluatorInputs) -> str | None:
+    """Why this stage has nothing to do for ``cfg`` (its output is then None), or None when it applies."""
+    if cfg.evaluate.extractor != "classifier":
+        return f"not used: evaluate.extractor={cfg.evaluate.extractor}"
+    return classifier_unavailable_reason(inputs.ingest.num_classes, cfg.data.source)
 
 
-def check_labelled(ingest: Any, source: str) -> None:
-    """Raise :class:`ClassifierUnavailable` when the ingested data cannot train a classifier."""
-    if ingest.num_classes == 0:
-        raise ClassifierUnavailable(
-            f"data.source={source} has no labels, so no evaluator classifier can be trained and the "
-            "classifier-based FID/KID/IS are unavailable (standard-Inception FID is an opt-in: "
-            "evaluate.extractor=inception-v3-compat with evaluate.inception_weights=PATH)")
-    if ingest.num_classes == 1:
-        raise ClassifierUnavailable(f"data.source={source} has a single class: a classifier cannot learn "
-                                    "anything from its labels, so the classifier-based FID/KID/IS are unavailable")
-
-
-def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> EvaluatorOutput | None:
+def cached(cfg: PipelineConfig, inputs: EvaluatorInputs) -> EvaluatorOutput | None:
     """The complete output for ``cfg`` if it exists (None otherwise, also for unlabelled data)."""
-    ingest = _ingest_ref(cfg, upstream)
-    if ingest.num_classes < 2:
+    if inputs.ingest.num_classes < 2:
         return None
-    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, ingest.manifest_sha256)))
+    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, inputs.ingest.manifest_sha256)))
 
 
-def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False) -> EvaluatorOutput:
-    """Train (or reuse) the evaluator classifier for ``cfg`` on the ingest output in ``upstream``.
+def run(cfg: PipelineConfig, inputs: EvaluatorInputs, *, force: bool = False, parent_run_id: str | None = None
+        ) -> EvaluatorOutput:
+    """Train (or reuse) the evaluator classifier for ``cfg`` on the ingest output in ``inputs``.
 
     Raises :class:`ClassifierUnavailable` at once for unlabelled or single-class data.
     """
-    ingest = _ingest_ref(cfg, upstream)
-    check_labelled(ingest, cfg.data.source)
+    ingest = inputs.ingest
+    why = classifier_unavailable_reason(ingest.num_classes, cfg.data.source)
+    if why:
+        raise ClassifierUnavailable(why)
     key = stage_key(cfg, ingest.manifest_sha256)
     out_dir = stage_dir(cfg.run.root, STAGE, key)
-    if not force:
-        done = load_output(out_dir)
-        if done is not None:
-            return done
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_dir.parent / f".{key}.lock"):
-        if not force:
-            done = load_output(out_dir)  # another process may have finished it while we waited
-            if done is not None:
-                return done
-        return _train(cfg, upstream, ingest, key, out_dir)
+    return cached_run(out_dir, key, lambda: load_output(out_dir),
+                      lambda: _train(cfg, parent_run_id, ingest, key, out_dir), force=force)
 
 
-def _train(cfg: PipelineConfig, upstream: dict[str, Any], ingest: Any, key: str, out_dir: Path) -> EvaluatorOutput:
+def _train(cfg: PipelineConfig, parent_run_id: str | None, ingest: Any, key: str, out_dir: Path) -> EvaluatorOutput:
     from infra.shards import ShardSet
     from infra.stream import TrainStream, iter_eval_batches
     from infra.tracking import Tracker
@@ -238,13 +188,13 @@ def _train(cfg: PipelineConfig, upstream: dict[str, Any], ingest: Any, key: str,
                                                  "image_size": ingest.image_size, "channels": ingest.channels},
                              tags={"mqgen.ingest_manifest_sha256": ingest.manifest_sha256,
                                    "mqgen.ingest_run_id": ingest.mlflow_run_id},
-                             parent_run_id=upstream.get("_parent_run_id"))
+                             parent_run_id=parent_run_id)
     with srun:
         t0 = time.perf_counter()
-        torch.manual_seed(derive_seed(cfg.seed, STAGE))
+        torch.manual_seed(purpose_seed(cfg.seed, STAGE))
         net = ClassifierNet(net_cfg)
         stream = TrainStream([(s.path, s.num_samples) for s in shards.shards("train")], rank=0, world_size=1,
-                             batch_size=c.batch_size, channels=ingest.channels, seed=derive_seed(cfg.seed, STAGE))
+                             batch_size=c.batch_size, channels=ingest.channels, seed=purpose_seed(cfg.seed, STAGE))
         progress = Progress(STAGE, c.max_steps)
         first_step = srun.last_step("train_loss") + 1  # a rerun under the same key logs after the old points
 
@@ -287,12 +237,6 @@ def _train(cfg: PipelineConfig, upstream: dict[str, Any], ingest: Any, key: str,
     log.info("%s %s: %s, val accuracy %.4f on %d images, %.0f s -> %s", STAGE, key, name, val["val_accuracy"],
              val["num_val"], train_seconds, out_dir)
     return ref
-
-
-def build_model(ref: EvaluatorOutput, device: torch.device | str = "cpu") -> ClassifierNet:
-    """The eval-mode classifier of ``ref`` (sha256 verified, safetensors: no pickle)."""
-    net, _ = load_classifier(ref.weights, expected_sha256=ref.sha256)
-    return net.to(device)
 
 
 __getattr__ = lazy_stage_task(__name__, "train_evaluator_task", run, name=STAGE)

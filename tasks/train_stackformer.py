@@ -30,9 +30,9 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from infra.config import (
     PipelineConfig,
-    from_dict,
     fullgrid_config,
     mqvae_config,
     sampling_params,
@@ -50,15 +49,21 @@ from infra.config import (
     to_dict,
 )
 from infra.orchestration import lazy_stage_task
-from infra.storage import Ref, atomic_write_json, load_weights_ref, sha256_file, stage_dir
+from infra.refs import (
+    StackformerInputs,
+    StackformerOutput,
+    TokenizeOutput,
+    TokenizerOutput,
+    load_tokenizer,
+    new_generator,
+)
+from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
 from infra.tokens import TokenDataset, TokenFormatError
-from infra.training import Throughput, autocast, warmup_cosine
+from infra.training import StepEvent, Throughput, autocast, warmup_cosine
 from models.stackformer import (
-    FullGridConfig,
     FullGridTransformer,
     SamplingParams,
     Stackformer,
-    StackformerConfig,
     sort_by_position,
 )
 from models.transformer import param_groups
@@ -70,47 +75,9 @@ ADAMW_BETAS = (0.9, 0.95)  # spec section 6 (released configs)
 TransformerModel = Stackformer | FullGridTransformer
 
 
-@dataclass(frozen=True)
-class StackformerOutput(Ref):
-    """Reference to a trained Stackformer or full-grid baseline: weights (safetensors) + what rebuilds it."""
-
-    path: str  # stage directory
-    key: str
-    weights: str  # <path>/model.safetensors (final weights)
-    sha256: str  # of the weights file
-    step: int  # optimiser steps taken
-    model: str  # "stackformer" | "fullgrid"
-    model_config: dict[str, Any]  # fields of StackformerConfig / FullGridConfig
-    metrics: dict[str, float] = field(default_factory=dict)  # last reported train and val figures
-    mlflow_run_id: str = ""
-    tokenizer_sha256: str = ""  # the MQ-VAE whose tokens the model was trained on (decodes its samples)
-    num_classes: int = 0  # 0 = unconditional
-
-
-# --------------------------------------------------------------------------------------------- models
-
-
 def new_model(kind: str, model_config: dict[str, Any]) -> TransformerModel:
     """A freshly initialised model of ``kind`` from its config fields (draws from the global torch RNG)."""
-    if kind == "stackformer":
-        return Stackformer(StackformerConfig(**model_config))
-    if kind == "fullgrid":
-        return FullGridTransformer(FullGridConfig(**model_config))
-    raise ValueError(f"unknown model kind {kind!r}; allowed: 'stackformer', 'fullgrid'")
-
-
-def build_model(ref: StackformerOutput, device: torch.device | str = "cpu") -> TransformerModel:
-    """Rebuild the trained model from its reference (sha256 verified first, strict load), in eval mode."""
-    from safetensors.torch import load_file
-
-    from infra.storage import UnsafeCheckpointError
-
-    actual = sha256_file(ref.weights)
-    if actual != ref.sha256:
-        raise UnsafeCheckpointError(f"{ref.weights}: sha256 {actual[:12]} != reference {ref.sha256[:12]}")
-    model = new_model(ref.model, ref.model_config)
-    model.load_state_dict(load_file(ref.weights), strict=True)
-    return model.to(device).eval()
+    return new_generator(kind, model_config)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -405,7 +372,7 @@ class TrainPlan:
         return asdict(self)
 
 
-def plan(cfg: PipelineConfig, tokens: Any, tokenizer: Any) -> TrainPlan:
+def plan(cfg: PipelineConfig, tokens: TokenizeOutput, tokenizer: TokenizerOutput) -> TrainPlan:
     """Check the token databases against the model ``cfg`` describes and size the run; raises before training.
 
     :class:`~infra.tokens.TokenFormatError` names every field (codebook size, grid, sequence length) where a
@@ -446,11 +413,13 @@ def plan(cfg: PipelineConfig, tokens: Any, tokenizer: Any) -> TrainPlan:
         raise ValueError(f"{STAGE}: the train split has {train.num_records} records, {per_worker} per "
                          f"worker: fewer than one batch of {local_batch}; lower stackformer.batch_size or "
                          "ray.num_workers")
+    # The vocabulary and the sequence come from the tokenizer that made the tokens (checked against the
+    # databases above), the network from the stackformer section.
     build = stackformer_config if s.model == "stackformer" else fullgrid_config
-    model_cfg = build(cfg, num_classes=train.num_classes)
+    model_cfg = build(s, tokenizer, num_classes=train.num_classes)
     return TrainPlan(model=s.model, model_config=asdict(model_cfg), num_classes=model_cfg.num_classes,
-                     data_num_classes=train.num_classes, codebook_size=tok.codebook_size,
-                     grid_size=tok.grid_size, seq_len=seq_len, tokenizer_sha256=train.tokenizer_sha256,
+                     data_num_classes=train.num_classes, codebook_size=tokenizer.codebook_size,
+                     grid_size=tokenizer.grid_size, seq_len=tokenizer.seq_len, tokenizer_sha256=train.tokenizer_sha256,
                      train_db=tokens.db("train"), val_db=tokens.db("val"), num_train=train.num_records,
                      num_val=val.num_records, world_size=world, local_batch=local_batch,
                      steps_per_epoch=per_worker // local_batch)
@@ -459,17 +428,41 @@ def plan(cfg: PipelineConfig, tokens: Any, tokenizer: Any) -> TrainPlan:
 # --------------------------------------------------------------------------------------------- Ray loop
 
 
-def train_loop(lc: dict[str, Any]) -> None:
-    """``train_loop_per_worker``: everything it needs arrives in the JSON-able dict ``lc``."""
+@dataclass(frozen=True, kw_only=True)
+class StackformerLoop:
+    """Everything a Ray Train worker of this stage needs, built and checked once by :func:`run` (Ray pickles it
+    to the workers as it is; ``to_dict`` is for the record)."""
+
+    cfg: PipelineConfig
+    plan: TrainPlan
+    tokenizer: TokenizerOutput  # decodes the samples logged at each evaluation
+    key: str
+    tracking_uri: str
+    mlflow_run_id: str
+    metric_step_offset: int
+    progress_file: str
+    log_every: int = 20
+    on_step: Callable[[StepEvent], None] | None = None  # called after every step on every rank (tests)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cfg": self.cfg.to_dict(), "plan": self.plan.to_dict(), "tokenizer": self.tokenizer.to_dict(),
+                "key": self.key, "tracking_uri": self.tracking_uri, "mlflow_run_id": self.mlflow_run_id,
+                "metric_step_offset": self.metric_step_offset, "progress_file": self.progress_file,
+                "log_every": self.log_every}
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker``: everything it needs arrives as one :class:`StackformerLoop` (``config["loop"]``)."""
     from infra import ray as rayx
     from infra.checkpoint import write_checkpoint
     from infra.tracking import StageRun, Tracker
     from infra.console import Progress
     from infra.viz import grid
 
-    cfg: PipelineConfig = from_dict(PipelineConfig, lc["config"])
+    lc: StackformerLoop = config["loop"]
+    cfg = lc.cfg
     s = cfg.stackformer
-    p = TrainPlan(**lc["plan"])
+    p = lc.plan
     w = rayx.worker()
     if w.world_size != p.world_size:
         raise RuntimeError(f"{STAGE}: planned for {p.world_size} workers, running on {w.world_size}")
@@ -496,9 +489,9 @@ def train_loop(lc: dict[str, Any]) -> None:
     decoder = None
     code_params, pos_params = sampling_params(cfg.evaluate.sampling)
     if w.is_main:
-        run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc["tracking_uri"]).stage_run(
-            STAGE, lc["key"], run_id=lc["mlflow_run_id"])
-        run.step_offset = int(lc.get("metric_step_offset", 0))
+        run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc.tracking_uri).stage_run(
+            STAGE, lc.key, run_id=lc.mlflow_run_id)
+        run.step_offset = lc.metric_step_offset
         if restored is not None:
             run.set_tags({"mqgen.resumed_from_step": restored.step})
             was = restored.state.get("data", {}).get("world_size", w.world_size)
@@ -508,10 +501,7 @@ def train_loop(lc: dict[str, Any]) -> None:
                 run.set_tags({"mqgen.skipped_checkpoints": " | ".join(w.skipped_checkpoints)[:4000]})
         val_ds = p.open("val")
         if s.num_eval_samples:
-            from tasks.train_tokenizer import TokenizerOutput
-            from tasks.train_tokenizer import build_model as build_tokenizer
-
-            decoder = build_tokenizer(TokenizerOutput.from_dict(lc["tokenizer"]), w.device)
+            decoder = load_tokenizer(lc.tokenizer, w.device)
     num_val = p.num_val if s.num_eval_records is None else min(p.num_val, s.num_eval_records)
 
     def val_batches() -> Iterator[Batch]:
@@ -520,8 +510,7 @@ def train_loop(lc: dict[str, Any]) -> None:
         for items in loader:
             yield to_batch(items, w.device, conditional)
 
-    record = Path(lc["record_batches"]) / f"rank{w.rank}.jsonl" if lc.get("record_batches") else None
-    progress = Progress(STAGE, s.max_steps, start=start_step, file=lc["progress_file"], enabled=w.is_main)
+    progress = Progress(STAGE, s.max_steps, start=start_step, file=lc.progress_file, enabled=w.is_main)
     speed = Throughput()
     step = start_step
     logs: dict[str, float] = {}
@@ -534,10 +523,7 @@ def train_loop(lc: dict[str, Any]) -> None:
         raw = trainer.step(batch, step)
         step += 1
         speed.add(batch.codes.numel() * w.world_size)
-        if record is not None:
-            with open(record, "a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "indices": batch.index.tolist()}) + "\n")
-        is_log = step % lc["log_every"] == 0 or step == s.max_steps
+        is_log = step % lc.log_every == 0 or step == s.max_steps
         is_eval = step % s.eval_every == 0 or step == s.max_steps
         is_ckpt = step % s.checkpoint_every == 0 or step == s.max_steps
         if is_log or is_ckpt:
@@ -581,14 +567,13 @@ def train_loop(lc: dict[str, Any]) -> None:
                                   "data": {"epoch": epoch_next, "batch_in_epoch": batch_next,
                                            "steps_per_epoch": data.steps_per_epoch,
                                            "local_batch": p.local_batch, "world_size": w.world_size}},
-                                 meta={"stage": STAGE, "key": lc["key"], "model": p.model,
+                                 meta={"stage": STAGE, "key": lc.key, "model": p.model,
                                        "model_config": p.model_config})
             w.report(metrics, checkpoint_dir=ckpt_dir)
         if is_eval or is_ckpt:
             speed = Throughput()  # tokens/s measures training steps, not evaluation or checkpointing
-        if w.is_main and lc.get("fail_at_step") == step and not Path(lc["fail_marker"]).exists():
-            Path(lc["fail_marker"]).write_text(str(step))  # fault injection for the tests: fail once
-            raise RuntimeError(f"injected failure at step {step}")
+        if lc.on_step is not None:
+            lc.on_step(StepEvent(step=step, rank=w.rank, epoch=epoch, indices=tuple(batch.index.tolist())))
     batches.close()  # releases the loader (and its worker processes, if any)
     divergence = w.weight_divergence(model)  # a collective: every rank calls it
     if w.is_main and run is not None:
@@ -609,70 +594,39 @@ def load_output(out_dir: Path) -> StackformerOutput | None:
     return load_weights_ref(out_dir / SUCCESS, StackformerOutput)
 
 
-def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> StackformerOutput | None:
-    """The complete output for ``cfg`` if it exists (no computation), else None."""
-    tokens = _tokens_ref(cfg, upstream, required=False)
-    if tokens is None:
-        return None
-    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, tokens)))
+def cached(cfg: PipelineConfig, inputs: StackformerInputs) -> StackformerOutput | None:
+    """The complete output for ``cfg`` on ``inputs`` if it exists (no computation), else None."""
+    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, inputs.tokenize)))
 
 
-def _tokens_ref(cfg: PipelineConfig, upstream: dict[str, Any], required: bool = True) -> Any:
-    from tasks import tokenize
-
-    advice = "run the tokenize stage first (mqgen run --only tokenize ...) or the whole pipeline"
-    ref = upstream.get("tokenize")
-    if ref is None:
-        try:
-            ref = tokenize.cached(cfg, upstream)
-        except RuntimeError as e:  # the stages before tokenize are missing too
-            raise RuntimeError(f"{STAGE} needs the tokenize output for this config; {advice}. ({e})") from e
-    if ref is None and required:
-        raise RuntimeError(f"{STAGE} needs the tokenize output for this config: {advice}")
-    return ref
-
-
-def _tokenizer_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
-    from tasks import train_tokenizer
-
-    ref = upstream.get("train_tokenizer") or train_tokenizer.cached(cfg, upstream)
-    if ref is None:
-        raise RuntimeError(f"{STAGE} needs the trained tokenizer for this config (it decodes the samples): "
-                           "run the train_tokenizer stage first (mqgen run --only train_tokenizer ...) or "
-                           "the whole pipeline")
-    return ref
-
-
-def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
-        _test_hooks: dict[str, Any] | None = None) -> StackformerOutput:
+def run(cfg: PipelineConfig, inputs: StackformerInputs, *, force: bool = False, parent_run_id: str | None = None,
+        on_step: Callable[[StepEvent], None] | None = None) -> StackformerOutput:
     """Train (or resume, or reuse) the Stackformer / full-grid baseline for ``cfg`` on the tokenize output.
 
-    ``upstream`` holds the references of the stages before (``tokenize``, ``train_tokenizer``); missing ones
-    are looked up in the run root. ``force=True`` trains from scratch under a new Ray run name.
+    ``force=True`` trains from scratch under a new Ray run name. ``on_step(event)`` runs in every training
+    worker after every step (a seam for tests: faults, recording the data order).
     """
-    from safetensors.torch import save_file
-
-    from infra import ray as rayx
-    from infra.checkpoint import read_checkpoint
-    from infra.console import watch_progress
-    from infra.storage import atomic_open
-    from infra.tracking import Tracker, exit_status, open_training_attempt
-
-    tokens = _tokens_ref(cfg, upstream)
-    tokenizer = _tokenizer_ref(cfg, upstream)
-    p = plan(cfg, tokens, tokenizer)  # every data/model check happens before any training
-    key = stage_key(cfg, tokens)
+    p = plan(cfg, inputs.tokenize, inputs.train_tokenizer)  # every data/model check happens before any training
+    key = stage_key(cfg, inputs.tokenize)
     out_dir = stage_dir(cfg.run.root, STAGE, key)
-    done = load_output(out_dir)
-    if done is not None and not force:
-        return done
+    return cached_run(out_dir, key, lambda: load_output(out_dir),
+                      lambda: _train(cfg, inputs, p, key, out_dir, force, parent_run_id, on_step), force=force)
 
+
+def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: str, out_dir: Path, force: bool,
+           parent_run_id: str | None, on_step: Callable[[StepEvent], None] | None) -> StackformerOutput:
+    from infra import ray as rayx
+    from infra.console import watch_progress
+    from infra.tracking import Tracker, exit_status, open_training_attempt
+    from infra.training import export_final_weights
+
+    tokens, tokenizer = inputs.tokenize, inputs.train_tokenizer
     s = cfg.stackformer
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         num_params = sum(t.numel() for t in new_model(p.model, p.model_config).parameters())
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     srun, ray_name, step_offset = open_training_attempt(
-        tracker, STAGE, key, out_dir, force=force, done=done is not None, success_name=SUCCESS,
+        tracker, STAGE, key, out_dir, force=force, done=load_output(out_dir) is not None, success_name=SUCCESS,
         params={"stackformer": to_dict(s), "seed": cfg.seed, "model": p.model, "model_config": p.model_config,
                 "num_params": num_params, "num_classes": p.num_classes, "tokens_per_image": p.seq_len,
                 "num_train": p.num_train, "num_val": p.num_val, "tokenize_key": tokens.key,
@@ -681,37 +635,30 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
               "mqgen.tokenizer_run_id": tokenizer.mlflow_run_id,
               "mqgen.num_workers": p.world_size, "mqgen.local_batch": p.local_batch,
               "mqgen.sampling": json.dumps(to_dict(cfg.evaluate.sampling), sort_keys=True)},
-        parent_run_id=upstream.get("_parent_run_id"))
-    lc = {"config": cfg.to_dict(), "key": key, "tracking_uri": tracker.uri, "mlflow_run_id": srun.run_id,
-          "metric_step_offset": step_offset, "plan": p.to_dict(), "tokenizer": tokenizer.to_dict(),
-          "log_every": max(1, min(50, s.max_steps // 20)), "progress_file": str(out_dir / "progress.json"),
-          **(_test_hooks or {})}
+        parent_run_id=parent_run_id)
+    loop = StackformerLoop(cfg=cfg, plan=p, tokenizer=tokenizer, key=key, tracking_uri=tracker.uri,
+                           mlflow_run_id=srun.run_id, metric_step_offset=step_offset,
+                           log_every=max(1, min(50, s.max_steps // 20)),
+                           progress_file=str(out_dir / "progress.json"), on_step=on_step)
     try:
         with watch_progress(out_dir / "progress.json", STAGE):
-            result = rayx.fit(train_loop, lc, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
+            result = rayx.fit(train_loop, {"loop": loop}, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
                               num_workers=p.world_size, use_gpu=cfg.ray.use_gpu,
                               cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures,
                               num_to_keep=s.keep_checkpoints)
+        if result.checkpoint_path is None:
+            raise RuntimeError(f"{STAGE}: training reported no checkpoint")
+        model_doc = {"model": p.model, "model_config": p.model_config}
+        weights, digest, step = export_final_weights(result.checkpoint_path, out_dir, stage=STAGE, key=key,
+                                                     model_doc=model_doc, header={"model": p.model})
     except BaseException as e:  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
         srun.finish(exit_status(e))
         raise
-    if result.checkpoint_path is None:
-        srun.finish("FAILED")
-        raise RuntimeError(f"{STAGE}: training reported no checkpoint")
-    final = read_checkpoint(result.checkpoint_path)
-    weights_path = out_dir / "model.safetensors"
-    tmp = out_dir / ".model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in final.weights["model"].items()}, str(tmp),
-              metadata={"stage": STAGE, "key": key, "step": str(final.step), "model": p.model})
-    tmp.replace(weights_path)
-    with atomic_open(out_dir / "model_config.json", "w") as f:  # type: ignore[call-overload]
-        json.dump({"model": p.model, "model_config": p.model_config}, f, indent=2)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights_path),
-                            sha256=sha256_file(weights_path), step=final.step, model=p.model,
-                            model_config=p.model_config, metrics=metrics, mlflow_run_id=srun.run_id,
+    ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
+                            model=p.model, model_config=p.model_config, metrics=metrics, mlflow_run_id=srun.run_id,
                             tokenizer_sha256=p.tokenizer_sha256, num_classes=p.num_classes)
-    srun.log_artifact(weights_path, "model")
+    srun.log_artifact(weights, "model")
     srun.log_artifact(out_dir / "model_config.json", "model")
     srun.log_dict(cfg.to_dict(), "config.json")
     srun.set_tags({"mqgen.weights_sha256": ref.sha256})

@@ -1,6 +1,6 @@
 """train_tokenizer stage: MQ-VAE trained with Ray Train, checkpointed, resumable, tracked in MLflow.
 
-``run(cfg, upstream)`` is the stage (testable without Prefect); ``train_tokenizer_task`` wraps it.
+``run(cfg, inputs)`` is the stage (testable without Prefect); ``train_tokenizer_task`` wraps it.
 The Ray Train loop (:func:`train_loop`) runs on every worker: it streams the ingest shards for its
 rank, trains MQ-VAE and the PatchGAN discriminator, validates, and reports verified checkpoints.
 """
@@ -8,38 +8,48 @@ rank, trains MQ-VAE and the PatchGAN discriminator, validates, and reports verif
 from __future__ import annotations
 
 import contextlib
-import json
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
+from infra.config import PipelineConfig, loss_config, mqvae_config, stable_hash, to_dict
 from infra.orchestration import lazy_stage_task
-from infra.config import PipelineConfig, from_dict, loss_config, mqvae_config, stable_hash, to_dict
-from infra.storage import Ref, atomic_write_json, sha256_file, stage_dir, load_weights_ref
-from infra.training import Throughput, autocast, warmup_cosine
-from models.losses import VQGANLoss
-from models.mqvae import MQVAE
+from infra.refs import TokenizerInputs, TokenizerOutput
+from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
+from infra.training import StepEvent, Throughput, autocast, warmup_cosine
+from models.losses import LossConfig, VQGANLoss
+from models.mqvae import MQVAE, MQVAEConfig, to_model_input
 
 STAGE = "train_tokenizer"
 VERSION = "1"  # bump when the training code changes what a given config produces
 SUCCESS = "_SUCCESS.json"
 
 
-@dataclass(frozen=True)
-class TokenizerOutput(Ref):
-    """Reference to a trained MQ-VAE: weights (safetensors) + the model config needed to rebuild it."""
+@dataclass(frozen=True, kw_only=True)
+class TokenizerLoop:
+    """Everything a Ray Train worker of this stage needs, built and validated once by :func:`run` (Ray pickles
+    it to the workers as it is; ``to_dict`` is for the record)."""
 
-    path: str
+    cfg: PipelineConfig
+    model_config: MQVAEConfig
+    loss_config: LossConfig
     key: str
-    weights: str
-    sha256: str
-    step: int
-    model_config: dict[str, Any]
-    metrics: dict[str, float] = field(default_factory=dict)
-    mlflow_run_id: str = ""
+    tracking_uri: str
+    mlflow_run_id: str
+    metric_step_offset: int
+    train_shards: tuple[tuple[str, int], ...]
+    val_shards: tuple[tuple[str, int], ...]
+    progress_file: str
+    val_limit: int = 2048
+    log_every: int = 20
+    on_step: Callable[[StepEvent], None] | None = None  # called after every step (tests inject faults here)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "on_step"}
+        return to_dict({**d, "cfg": self.cfg.to_dict(), "model_config": asdict(self.model_config),
+                        "loss_config": asdict(self.loss_config)})
 
 
 # --------------------------------------------------------------------------------------------- one step
@@ -124,10 +134,6 @@ class TokenizerTrainer:
         self.opt_d.load_state_dict(state["opt_d"])
 
 
-def to_model_input(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images_u8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-
-
 @torch.no_grad()
 def validate(model: MQVAE, batches: Iterable[torch.Tensor], device: torch.device) -> tuple[dict[str, float], dict]:
     """Validation figures over ``batches`` of uint8 images, plus tensors for the picture grids.
@@ -166,8 +172,8 @@ def validate(model: MQVAE, batches: Iterable[torch.Tensor], device: torch.device
 # --------------------------------------------------------------------------------------------- Ray loop
 
 
-def train_loop(lc: dict[str, Any]) -> None:
-    """``train_loop_per_worker``: everything it needs arrives in the JSON-able dict ``lc``."""
+def train_loop(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker``: everything it needs arrives as one :class:`TokenizerLoop` (``config["loop"]``)."""
     from infra import ray as rayx
     from infra.checkpoint import rng_state, set_rng_state, write_checkpoint
     from infra.stream import TrainStream, iter_eval_batches
@@ -175,12 +181,13 @@ def train_loop(lc: dict[str, Any]) -> None:
     from infra.console import Progress
     from infra.viz import grid, mask_overlay, side_by_side
 
-    cfg: PipelineConfig = from_dict(PipelineConfig, lc["config"])
+    lc: TokenizerLoop = config["loop"]
+    cfg = lc.cfg
     t = cfg.tokenizer
     w = rayx.worker()
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-    model = MQVAE(mqvae_config(cfg)).to(w.device)
-    loss = VQGANLoss(loss_config(cfg), in_channels=cfg.data.channels).to(w.device)
+    model = MQVAE(lc.model_config).to(w.device)
+    loss = VQGANLoss(lc.loss_config, in_channels=lc.model_config.in_channels).to(w.device)
     model.set_codebook_sync(w.all_reduce_sum, w.broadcast_from_rank0)
 
     restored = w.restore()
@@ -202,19 +209,19 @@ def train_loop(lc: dict[str, Any]) -> None:
         if w.is_main:
             set_rng_state(restored.state["rng"])
 
-    stream = TrainStream([tuple(s) for s in lc["train_shards"]], rank=w.rank, world_size=w.world_size,
+    stream = TrainStream(list(lc.train_shards), rank=w.rank, world_size=w.world_size,
                          batch_size=local_batch, channels=cfg.data.channels, seed=cfg.seed,
                          start_sample=start_step * local_batch)
     run: StageRun | None = None
     if w.is_main:
-        run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc["tracking_uri"]).stage_run(
-            STAGE, lc["key"], run_id=lc["mlflow_run_id"])
-        run.step_offset = int(lc.get("metric_step_offset", 0))
+        run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc.tracking_uri).stage_run(
+            STAGE, lc.key, run_id=lc.mlflow_run_id)
+        run.step_offset = lc.metric_step_offset
         if restored is not None:
             run.set_tags({"mqgen.resumed_from_step": restored.step})
             if w.skipped_checkpoints:
                 run.set_tags({"mqgen.skipped_checkpoints": " | ".join(w.skipped_checkpoints)[:4000]})
-    progress = Progress(STAGE, t.max_steps, start=start_step, file=lc["progress_file"], enabled=w.is_main)
+    progress = Progress(STAGE, t.max_steps, start=start_step, file=lc.progress_file, enabled=w.is_main)
     speed = Throughput()
     step = start_step
     logs: dict[str, float] = {}
@@ -222,8 +229,7 @@ def train_loop(lc: dict[str, Any]) -> None:
     grid_size = model.cfg.grid_size
 
     def val_batches() -> Iterable[torch.Tensor]:
-        for images, _, _ in iter_eval_batches([tuple(s) for s in lc["val_shards"]], 256, cfg.data.channels,
-                                              limit=lc["val_limit"]):
+        for images, _, _ in iter_eval_batches(list(lc.val_shards), 256, cfg.data.channels, limit=lc.val_limit):
             yield images
 
     while step < t.max_steps:
@@ -232,7 +238,7 @@ def train_loop(lc: dict[str, Any]) -> None:
         logs = trainer.step(x, step)
         step += 1
         speed.add(x.shape[0] * w.world_size)
-        if w.is_main and (step % lc["log_every"] == 0 or step == t.max_steps):
+        if w.is_main and (step % lc.log_every == 0 or step == t.max_steps):
             rate = speed.rate()
             assert run is not None
             run.log_metrics({**{f"train_{k}": v for k, v in logs.items()}, "images_per_s": rate}, step=step)
@@ -259,13 +265,10 @@ def train_loop(lc: dict[str, Any]) -> None:
                                                   "discriminator": loss.discriminator.state_dict()},
                                  {"trainer": trainer.state_dict(), "rng": rng_state(),
                                   "samples_per_rank": stream.consumed},
-                                 meta={"stage": STAGE, "key": lc["key"], "model_config": lc["model_config"]})
+                                 meta={"stage": STAGE, "key": lc.key, "model_config": _model_config_dict(lc.model_config)})
             w.report(metrics, checkpoint_dir=ckpt_dir)
-        if lc.get("fail_at_step") == step and not Path(lc["fail_marker"]).exists():
-            Path(lc["fail_marker"]).write_text(str(step))  # fault injection for the tests: fail once
-            raise RuntimeError(f"injected failure at step {step}")
-        if lc.get("sleep_after_step"):
-            time.sleep(lc["sleep_after_step"])
+        if lc.on_step is not None:
+            lc.on_step(StepEvent(step=step, rank=w.rank))
     w.sync_buffers(model)
     w.sync_buffers(loss.discriminator)
     divergence = max(w.weight_divergence(model), w.weight_divergence(loss.discriminator))  # collectives
@@ -287,82 +290,67 @@ def load_output(out_dir: Path) -> TokenizerOutput | None:
     return load_weights_ref(out_dir / SUCCESS, TokenizerOutput)
 
 
-def cached(cfg: PipelineConfig, upstream: dict[str, Any]) -> TokenizerOutput | None:
-    ingest = _ingest_ref(cfg, upstream)
-    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, ingest.manifest_sha256)))
+def cached(cfg: PipelineConfig, inputs: TokenizerInputs) -> TokenizerOutput | None:
+    """The complete, verified output for ``cfg`` on ``inputs`` if it exists (no computation), else None."""
+    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, inputs.ingest.manifest_sha256)))
 
 
-def _ingest_ref(cfg: PipelineConfig, upstream: dict[str, Any]) -> Any:
-    from tasks import ingest as ingest_stage
+def run(cfg: PipelineConfig, inputs: TokenizerInputs, *, force: bool = False, parent_run_id: str | None = None,
+        on_step: Callable[[StepEvent], None] | None = None) -> TokenizerOutput:
+    """Train (or resume, or reuse) the tokenizer for ``cfg`` on the ingest output in ``inputs``.
 
-    ref = upstream.get("ingest") or ingest_stage.cached(cfg)
-    if ref is None:
-        raise RuntimeError("train_tokenizer needs the ingest output for this config: run the ingest stage first "
-                           "(mqgen run --only ingest ...) or run the whole pipeline")
-    return ref
+    ``on_step(event)`` runs in every training worker after every step (a seam for tests: faults, slowdowns).
+    """
+    key = stage_key(cfg, inputs.ingest.manifest_sha256)
+    out_dir = stage_dir(cfg.run.root, STAGE, key)
+    return cached_run(out_dir, key, lambda: load_output(out_dir),
+                      lambda: _train(cfg, inputs, key, out_dir, force, parent_run_id, on_step), force=force)
 
 
-def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
-        _test_hooks: dict[str, Any] | None = None) -> TokenizerOutput:
-    """Train (or resume, or reuse) the tokenizer for ``cfg`` on the ingest output in ``upstream``."""
+def _train(cfg: PipelineConfig, inputs: TokenizerInputs, key: str, out_dir: Path, force: bool,
+           parent_run_id: str | None, on_step: Callable[[StepEvent], None] | None) -> TokenizerOutput:
     from infra import ray as rayx
-    from infra.checkpoint import read_checkpoint
     from infra.console import watch_progress
     from infra.shards import ShardSet
-    from infra.storage import atomic_open
     from infra.tracking import Tracker, exit_status, open_training_attempt
-    from safetensors.torch import save_file
+    from infra.training import export_final_weights
 
-    ingest = _ingest_ref(cfg, upstream)
-    key = stage_key(cfg, ingest.manifest_sha256)
-    out_dir = stage_dir(cfg.run.root, STAGE, key)
-    done = load_output(out_dir)
-    if done is not None and not force:
-        return done
-
+    ingest = inputs.ingest
     shards = ShardSet.from_output(ingest)
     model_cfg = mqvae_config(cfg)
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
-    parent = upstream.get("_parent_run_id")
     srun, ray_name, step_offset = open_training_attempt(
-        tracker, STAGE, key, out_dir, force=force, done=done is not None, success_name=SUCCESS,
+        tracker, STAGE, key, out_dir, force=force, done=load_output(out_dir) is not None, success_name=SUCCESS,
         params={"tokenizer": to_dict(cfg.tokenizer), "seed": cfg.seed, "image_size": cfg.data.image_size,
                 "channels": cfg.data.channels},
         tags={"mqgen.num_workers": str(cfg.ray.num_workers), "mqgen.ingest_manifest_sha256": ingest.manifest_sha256,
               "mqgen.ingest_run_id": ingest.mlflow_run_id},
-        parent_run_id=parent)
-    lc = {"config": cfg.to_dict(), "key": key, "tracking_uri": tracker.uri, "mlflow_run_id": srun.run_id,
-          "metric_step_offset": step_offset,
-          "train_shards": [(s.path, s.num_samples) for s in shards.shards("train")],
-          "val_shards": [(s.path, s.num_samples) for s in shards.shards("val")],
-          "val_limit": 2048, "log_every": max(1, min(50, cfg.tokenizer.max_steps // 20)),
-          "model_config": _model_config_dict(model_cfg), "progress_file": str(out_dir / "progress.json"),
-          **(_test_hooks or {})}
+        parent_run_id=parent_run_id)
+    loop = TokenizerLoop(
+        cfg=cfg, model_config=model_cfg, loss_config=loss_config(cfg), key=key, tracking_uri=tracker.uri,
+        mlflow_run_id=srun.run_id, metric_step_offset=step_offset,
+        train_shards=tuple((s.path, s.num_samples) for s in shards.shards("train")),
+        val_shards=tuple((s.path, s.num_samples) for s in shards.shards("val")),
+        log_every=max(1, min(50, cfg.tokenizer.max_steps // 20)), progress_file=str(out_dir / "progress.json"),
+        on_step=on_step)
     try:
         with watch_progress(out_dir / "progress.json", STAGE):
-            result = rayx.fit(train_loop, lc, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
+            result = rayx.fit(train_loop, {"loop": loop}, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
                               num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                               cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures,
                               num_to_keep=cfg.tokenizer.keep_checkpoints)
+        if result.checkpoint_path is None:
+            raise RuntimeError(f"{STAGE}: training reported no checkpoint")
+        model_doc = _model_config_dict(model_cfg)
+        weights, digest, step = export_final_weights(result.checkpoint_path, out_dir, stage=STAGE, key=key,
+                                                     model_doc=model_doc)
     except BaseException as e:  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
         srun.finish(exit_status(e))
         raise
-    if result.checkpoint_path is None:
-        srun.finish("FAILED")
-        raise RuntimeError(f"{STAGE}: training reported no checkpoint")
-    final = read_checkpoint(result.checkpoint_path)
-    weights_path = out_dir / "model.safetensors"
-    tmp = out_dir / ".model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in final.weights["model"].items()}, str(tmp),
-              metadata={"stage": STAGE, "key": key, "step": str(final.step)})
-    tmp.replace(weights_path)
-    with atomic_open(out_dir / "model_config.json", "w") as f:  # type: ignore[call-overload]
-        json.dump(_model_config_dict(model_cfg), f, indent=2)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    ref = TokenizerOutput(path=str(out_dir), key=key, weights=str(weights_path), sha256=sha256_file(weights_path),
-                          step=final.step, model_config=_model_config_dict(model_cfg), metrics=metrics,
-                          mlflow_run_id=srun.run_id)
-    srun.log_artifact(weights_path, "model")
+    ref = TokenizerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
+                          model_config=model_doc, metrics=metrics, mlflow_run_id=srun.run_id)
+    srun.log_artifact(weights, "model")
     srun.log_artifact(out_dir / "model_config.json", "model")
     srun.log_dict(cfg.to_dict(), "config.json")
     srun.set_tags({"mqgen.weights_sha256": ref.sha256})
@@ -371,29 +359,9 @@ def run(cfg: PipelineConfig, upstream: dict[str, Any], force: bool = False,
     return ref
 
 
-def _model_config_dict(model_cfg: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
+def _model_config_dict(model_cfg: MQVAEConfig) -> dict[str, Any]:
     d = asdict(model_cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def build_model(ref: TokenizerOutput, device: torch.device | str = "cpu") -> MQVAE:
-    """Rebuild the trained MQ-VAE from its reference, verifying the weights' sha256 first."""
-    from safetensors.torch import load_file
-
-    from infra.storage import UnsafeCheckpointError
-    from models.mqvae import MQVAEConfig
-
-    actual = sha256_file(ref.weights)
-    if actual != ref.sha256:
-        raise UnsafeCheckpointError(f"{ref.weights}: sha256 {actual[:12]} != reference {ref.sha256[:12]}")
-    mc = dict(ref.model_config)
-    mc["ch_mult"] = tuple(mc["ch_mult"])
-    mc["attn_resolutions"] = tuple(mc["attn_resolutions"])
-    model = MQVAE(MQVAEConfig(**mc))
-    model.load_state_dict(load_file(ref.weights), strict=True)
-    return model.to(device).eval()
 
 
 __getattr__ = lazy_stage_task(__name__, "train_tokenizer_task", run, name=STAGE)

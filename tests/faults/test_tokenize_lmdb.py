@@ -76,8 +76,7 @@ KILLED_RUN = textwrap.dedent("""
     from infra.config import PipelineConfig, from_dict
     from infra.tokens import TokenWriter
     from tasks import tokenize as tk
-    from tasks.ingest import IngestOutput
-    from tasks.train_tokenizer import TokenizerOutput
+    from infra.refs import IngestOutput, TokenizeInputs, TokenizerOutput
 
     spec = json.loads(sys.argv[1])
     write_shard = TokenWriter.write_shard
@@ -87,8 +86,8 @@ KILLED_RUN = textwrap.dedent("""
         time.sleep(0.25)
 
     TokenWriter.write_shard = slow_write_shard
-    tk.run(from_dict(PipelineConfig, spec["cfg"]), {"ingest": IngestOutput.from_dict(spec["ingest"]),
-           "train_tokenizer": TokenizerOutput.from_dict(spec["tokenizer"])})
+    tk.run(from_dict(PipelineConfig, spec["cfg"]), TokenizeInputs(ingest=IngestOutput.from_dict(spec["ingest"]),
+           train_tokenizer=TokenizerOutput.from_dict(spec["tokenizer"])))
     print("FINISHED")
 """)
 

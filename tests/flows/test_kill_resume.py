@@ -35,8 +35,10 @@ def _start(root: Path, prefect_url: str) -> subprocess.Popen:
         from flows.pipeline import run_pipeline
         from infra.config import resolve
 
-        def slow_train_tokenizer(cfg, upstream, force=False):
-            return tt.run(cfg, upstream, force, _test_hooks={{"sleep_after_step": 0.3}})
+        from tests.fixtures.hooks import SlowDown
+
+        def slow_train_tokenizer(cfg, inputs, force=False, parent_run_id=None):
+            return tt.run(cfg, inputs, force=force, parent_run_id=parent_run_id, on_step=SlowDown(0.3))
 
         tt.train_tokenizer_task = task(slow_train_tokenizer, name="train_tokenizer", cache_policy=NO_CACHE)
         run_pipeline(resolve("tiny", overrides={json.dumps([f"run.root={root}", *OVERRIDES])}))
@@ -92,7 +94,6 @@ def test_sigterm_ends_runs_killed_and_after_sigkill_the_rerun_resumes_from_the_c
 
     from flows.pipeline import run_pipeline
     from infra.tracking import Tracker
-    from tasks import train_tokenizer
 
     root = tmp_path / "run"
     root.mkdir()
@@ -142,4 +143,6 @@ def test_sigterm_ends_runs_killed_and_after_sigkill_the_rerun_resumes_from_the_c
     with get_client(sync_client=True) as prefect:
         flow_run = prefect.read_flow_run(killed.data.tags["mqgen.prefect_flow_run_id"])
     assert flow_run.state.type.value == "CRASHED"
-    assert train_tokenizer.cached(cfg, {}) == ref
+    from flows.stages import cached_refs
+
+    assert cached_refs(cfg)["train_tokenizer"] == ref

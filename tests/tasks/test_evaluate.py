@@ -20,8 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from infra.config import fullgrid_config, resolve
+from flows.stages import MissingInput, cached_refs, inputs_for
+from infra.config import fullgrid_config, resolve, token_layout
 from infra.metrics import InceptionWeightsMissing
+from infra.refs import load_generator, load_tokenizer
 from infra.storage import read_json, sha256_file
 from infra.tracking import Tracker
 from tasks import evaluate
@@ -53,21 +55,22 @@ def _cfg(root: Path, *extra: str):
 def trained(tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: Path, ray_cluster: str  # noqa: F811
             ) -> dict[str, Any]:
     """A tiny pipeline: real ingest, tokenize and train_stackformer stages on a random-init tokenizer."""
-    from tasks import ingest, tokenize, train_stackformer
+    from tasks import ingest, tokenize, train_evaluator, train_stackformer
 
     root = tmp_path_factory.mktemp("evaluate")
     shutil.copyfile(mlflow_db_template, root / "mlflow.db")  # skip the schema migrations
     cfg = _cfg(root)
     up: dict[str, Any] = {"ingest": ingest.run(cfg)}
     up["train_tokenizer"] = make_tokenizer(cfg)
-    up["tokenize"] = tokenize.run(cfg, up)
-    up["train_stackformer"] = train_stackformer.run(cfg, up)
+    up["tokenize"] = tokenize.run(cfg, inputs_for("tokenize", up))
+    up["train_stackformer"] = train_stackformer.run(cfg, inputs_for("train_stackformer", up))
+    up["train_evaluator"] = train_evaluator.run(cfg, inputs_for("train_evaluator", up))
     return {"root": root, "cfg": cfg, "upstream": up}
 
 
 @pytest.fixture(scope="module")
 def evaluated(trained: dict[str, Any]) -> evaluate.EvaluateOutput:
-    return evaluate.run(trained["cfg"], trained["upstream"])
+    return evaluate.run(trained["cfg"], inputs_for("evaluate", trained["upstream"]))
 
 
 def _png(path: Path) -> Image.Image:
@@ -137,7 +140,7 @@ def test_evaluation_of_a_tiny_trained_pipeline_writes_a_complete_evaluation_json
     assert len(client.list_artifacts(run.info.run_id, "pictures")) == len(expected)
     from tasks import train_evaluator
 
-    ev = train_evaluator.cached(cfg, up)
+    ev = train_evaluator.cached(cfg, inputs_for("train_evaluator", up))
     assert ev is not None and ev.extractor_name == "classifier-digits" and ev.num_classes == 10
     assert client.get_run(ev.mlflow_run_id).data.metrics["val_accuracy"] == pytest.approx(ev.val_accuracy)
     # the reference statistics are cached under the run root, named by the set's hash and the weights
@@ -149,11 +152,9 @@ def test_a_complete_evaluation_is_a_cache_hit(trained: dict[str, Any], evaluated
     import time
 
     t0 = time.perf_counter()
-    again = evaluate.run(trained["cfg"], trained["upstream"])
+    again = evaluate.run(trained["cfg"], inputs_for("evaluate", trained["upstream"]))
     assert again == evaluated and time.perf_counter() - t0 < 10
-    # upstream outputs are found in the run root when the caller does not pass them (the hand-made
-    # tokenizer is not in the run root, so it is passed)
-    assert evaluate.cached(trained["cfg"], {"train_tokenizer": trained["upstream"]["train_tokenizer"]}) == evaluated
+    assert evaluate.cached(trained["cfg"], inputs_for("evaluate", trained["upstream"])) == evaluated
 
 
 def test_a_killed_evaluation_resumes_at_the_next_sample_batch(trained: dict[str, Any], monkeypatch) -> None:
@@ -169,19 +170,17 @@ def test_a_killed_evaluation_resumes_at_the_next_sample_batch(trained: dict[str,
 
     monkeypatch.setattr(evaluate, "sample_batch", dies_on_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.run(cfg, trained["upstream"])
+        evaluate.run(cfg, inputs_for("evaluate", trained["upstream"]))
     monkeypatch.setattr(evaluate, "sample_batch", real)
-    out = evaluate.run(cfg, trained["upstream"])
+    out = evaluate.run(cfg, inputs_for("evaluate", trained["upstream"]))
     report = read_json(out.evaluation_json)
     assert report["sampling"]["resumed_batches"] == 1
     # the resumed samples are exactly those an uninterrupted run draws: batch b from seed sampling + b
     from safetensors.torch import load_file
 
-    from tasks import train_stackformer, train_tokenizer
-
     up = trained["upstream"]
-    model = train_stackformer.build_model(up["train_stackformer"])
-    tok = train_tokenizer.build_model(up["train_tokenizer"])
+    model = load_generator(up["train_stackformer"])
+    tok = load_tokenizer(up["train_tokenizer"])
     images = load_file(str(Path(out.path) / "samples.safetensors"))["images"]
     seed = report["seeds"]["sampling"]
     for b in (0, 1):
@@ -198,14 +197,14 @@ def test_inception_opt_in_without_weights_fails_before_sampling(trained: dict[st
                f"evaluate.inception_weights={tmp_path / 'missing.pth'}")
     before = set((Path(trained["root"]) / "evaluate").iterdir())
     with pytest.raises(InceptionWeightsMissing, match="evaluate.inception_weights=.*missing.pth does not exist"):
-        evaluate.run(cfg, trained["upstream"])
+        evaluate.run(cfg, inputs_for("evaluate", trained["upstream"]))
     assert set((Path(trained["root"]) / "evaluate").iterdir()) == before  # nothing sampled, nothing written
 
 
 def test_missing_upstream_stages_are_named(make_run_root) -> None:
     root = make_run_root("empty")
-    with pytest.raises(RuntimeError, match="needs the ingest output.*run the ingest stage first"):
-        evaluate.run(_cfg(root), {})
+    with pytest.raises(MissingInput, match="needs the ingest output.*run the ingest stage first"):
+        inputs_for("evaluate", cached_refs(_cfg(root)))
 
 
 def test_full_grid_baseline_on_unlabelled_data_reports_the_same_figures_and_classifier_metrics_unavailable(
@@ -213,9 +212,9 @@ def test_full_grid_baseline_on_unlabelled_data_reports_the_same_figures_and_clas
     """Hand-built: random-init keep_ratio=1.0 tokenizer and unconditional full-grid model on a flat image folder."""
     from safetensors.torch import save_file
 
+    from infra.refs import EvaluateInputs, EvaluatorInputs, StackformerOutput
     from models.stackformer import FullGridTransformer
     from tasks import ingest, train_evaluator
-    from tasks.train_stackformer import StackformerOutput
 
     root = make_run_root("unlabelled")
     folder = root.parent / "images"
@@ -227,10 +226,11 @@ def test_full_grid_baseline_on_unlabelled_data_reports_the_same_figures_and_clas
                "evaluate.num_recon_images=16")
     ing = ingest.run(cfg)
     assert ing.num_classes == 0
+    assert "has no labels" in train_evaluator.skip_reason(cfg, EvaluatorInputs(ingest=ing))  # the flow skips it
     with pytest.raises(train_evaluator.ClassifierUnavailable, match="has no labels"):
-        train_evaluator.run(cfg, {"ingest": ing})
+        train_evaluator.run(cfg, EvaluatorInputs(ingest=ing))
     tok = make_tokenizer(cfg)
-    mc = fullgrid_config(cfg, num_classes=0)
+    mc = fullgrid_config(cfg.stackformer, token_layout(cfg), num_classes=0)
     torch.manual_seed(0)
     weights = root / "fullgrid" / "model.safetensors"
     weights.parent.mkdir()
@@ -238,7 +238,7 @@ def test_full_grid_baseline_on_unlabelled_data_reports_the_same_figures_and_clas
     model = StackformerOutput(path=str(weights.parent), key="hand-built", weights=str(weights),
                               sha256=sha256_file(weights), step=0, model="fullgrid", model_config=asdict(mc),
                               tokenizer_sha256=tok.sha256, num_classes=0)
-    out = evaluate.run(cfg, {"ingest": ing, "train_tokenizer": tok, "train_stackformer": model})
+    out = evaluate.run(cfg, EvaluateInputs(ingest=ing, train_tokenizer=tok, train_stackformer=model))
     report = read_json(out.evaluation_json)
     assert report["extractor"] is None and out.extractor == ""
     m, why = report["metrics"], report["unavailable"]

@@ -201,19 +201,26 @@ def test_mlflow_run_has_counts_throughput_and_artifacts(stage: dict[str, Any]) -
 
 
 def test_upstream_outputs_are_found_in_the_run_root(stage: dict[str, Any]) -> None:
-    """``mqgen run --only tokenize``: no references passed, the cached ingest and tokenizer outputs are used."""
+    """``mqgen run --only tokenize``: the stage graph finds the cached ingest and tokenizer outputs."""
+    from flows.stages import cached_refs, inputs_for
+
     out = stage["out"]
-    for found in (tk.cached(stage["cfg"], {}), tk.run(stage["cfg"], {})):
+    refs = cached_refs(stage["cfg"])
+    assert (refs["tokenize"].path, refs["tokenize"].checksum) == (out.path, out.checksum)
+    inputs = inputs_for("tokenize", {k: v for k, v in refs.items() if k != "tokenize"})
+    for found in (tk.cached(stage["cfg"], inputs), tk.run(stage["cfg"], inputs)):
         assert found is not None
         assert (found.path, found.checksum, found.metadata) == (out.path, out.checksum, out.metadata)
 
 
 def test_missing_upstream_names_the_stage_to_run(stage: dict[str, Any], tmp_path: Path) -> None:
+    from flows.stages import MissingInput, cached_refs, inputs_for
+
     cfg = tiny_config(tmp_path)
-    with pytest.raises(RuntimeError, match="run the ingest stage first"):
-        tk.run(cfg, {})
-    with pytest.raises(RuntimeError, match="run the train_tokenizer stage first"):
-        tk.run(cfg, {"ingest": stage["ingest"]})
+    with pytest.raises(MissingInput, match="run the ingest stage first"):
+        inputs_for("tokenize", cached_refs(cfg))
+    with pytest.raises(MissingInput, match="run the train_tokenizer stage first"):
+        inputs_for("tokenize", {"ingest": stage["ingest"]})
 
 
 # --------------------------------------------------------------------------------------------- reader

@@ -25,11 +25,14 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from infra.config import ConfigError, fullgrid_config, resolve, stackformer_config
+from flows.stages import MissingInput, inputs_for
+from infra.config import ConfigError, fullgrid_config, resolve, stackformer_config, token_layout
+from infra.refs import TokenizeInputs, TokenizerInputs, load_generator, load_tokenizer
 from infra.tokens import TokenDataset, TokenFormatError, iter_records, read_meta, record_dtype
 from infra.tracking import Tracker
 from models.stackformer import FullGridTransformer, SamplingParams, Stackformer
 from tasks import train_stackformer as ts
+from tests.fixtures.hooks import FailOnce, RecordBatches
 from tests.fixtures.tokenize_data import make_tokenizer, ray_cluster  # noqa: F401
 
 CPU = torch.device("cpu")
@@ -68,11 +71,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: Path, r
     shutil.copyfile(mlflow_db_template, root / "mlflow.db")  # skip the schema migrations
     cfg = _cfg(root)
     ing = ingest.run(cfg)
-    tok = train_tokenizer.run(cfg, {"ingest": ing})
-    tokens = tokenize.run(cfg, {"ingest": ing, "train_tokenizer": tok})
+    tok = train_tokenizer.run(cfg, TokenizerInputs(ingest=ing))
+    tokens = tokenize.run(cfg, TokenizeInputs(ingest=ing, train_tokenizer=tok))
     full_cfg = _fullgrid_cfg(root)
     full_tok = make_tokenizer(full_cfg)
-    full_tokens = tokenize.run(full_cfg, {"ingest": ing, "train_tokenizer": full_tok})
+    full_tokens = tokenize.run(full_cfg, TokenizeInputs(ingest=ing, train_tokenizer=full_tok))
     return {"root": root, "cfg": cfg, "ingest": ing, "upstream": {"ingest": ing, "train_tokenizer": tok,
                                                                  "tokenize": tokens},
             "full_cfg": full_cfg, "full_upstream": {"ingest": ing, "train_tokenizer": full_tok,
@@ -118,8 +121,7 @@ def test_stackformer_learns_resumes_in_order_and_logs(inputs: dict[str, Any], tm
     tokens = upstream["tokenize"]
     marker, record = tmp_path / "failed-once", tmp_path / "batches"
     record.mkdir()
-    ref = ts.run(cfg, upstream, _test_hooks={"fail_at_step": FAIL_AT, "fail_marker": str(marker),
-                                             "record_batches": str(record)})
+    ref = ts.run(cfg, inputs_for(ts.STAGE, upstream), on_step=FailOnce(FAIL_AT, marker, then=RecordBatches(record)))
     assert marker.read_text() == str(FAIL_AT), "the injected failure did not happen"
     assert ref.step == MAX_STEPS and ref.model == "stackformer"
     assert ref.num_classes == inputs["ingest"].num_classes == 10  # class-conditional: the digits have labels
@@ -170,14 +172,12 @@ def test_stackformer_learns_resumes_in_order_and_logs(inputs: dict[str, Any], tm
 
     # a second call is a cache hit
     t0 = time.perf_counter()
-    assert ts.run(cfg, upstream) == ref
+    assert ts.run(cfg, inputs_for(ts.STAGE, upstream)) == ref
     assert time.perf_counter() - t0 < 10
-    assert ts.cached(cfg, upstream) == ref
+    assert ts.cached(cfg, inputs_for(ts.STAGE, upstream)) == ref
 
     # the weights rebuild into a working class-conditional sampler whose tokens the tokenizer decodes
-    from tasks.train_tokenizer import build_model as build_tokenizer
-
-    model = ts.build_model(ref)
+    model = load_generator(ref)
     assert isinstance(model, Stackformer) and not model.training
     codes, positions, labels, _ = ts.sample_sequences(
         model, 4, num_classes=ref.num_classes, code_params=SamplingParams(), pos_params=SamplingParams(),
@@ -185,7 +185,7 @@ def test_stackformer_learns_resumes_in_order_and_logs(inputs: dict[str, Any], tm
     assert labels is not None and labels.tolist() == [0, 1, 2, 3]
     assert (positions.diff(dim=1) > 0).all()
     with torch.no_grad():
-        images = build_tokenizer(upstream["train_tokenizer"]).decode(codes, positions)
+        images = load_tokenizer(upstream["train_tokenizer"]).decode(codes, positions)
     assert images.shape == (4, 1, 16, 16)
 
 
@@ -194,7 +194,7 @@ def test_fullgrid_baseline_trains_through_the_same_stage(inputs: dict[str, Any])
     root = inputs["root"]
     cfg = _fullgrid_cfg(root, "ray.num_workers=1", "stackformer.max_steps=12", "stackformer.eval_every=12",
                         "stackformer.checkpoint_every=12")
-    ref = ts.run(cfg, inputs["full_upstream"])
+    ref = ts.run(cfg, inputs_for(ts.STAGE, inputs["full_upstream"]))
     assert ref.model == "fullgrid" and ref.step == 12
     s = cfg.stackformer
     assert ref.model_config["n_layer"] == s.n_layer_code + s.n_layer_pos
@@ -203,7 +203,7 @@ def test_fullgrid_baseline_trains_through_the_same_stage(inputs: dict[str, Any])
     assert ref.metrics["val_bits_per_image"] == pytest.approx(ref.metrics["val_code_ce"] * 64 / math.log(2),
                                                               rel=1e-6)
     assert "val_pos_ce" not in ref.metrics and "val_sample_raster_share" not in ref.metrics
-    model = ts.build_model(ref)
+    model = load_generator(ref)
     assert isinstance(model, FullGridTransformer) and model.config.seq_len == 64
     client = Tracker(root, "mqgen").client
     samples = [a.path for a in client.list_artifacts(ref.mlflow_run_id, "samples")]
@@ -233,7 +233,7 @@ def test_reader_model_mismatch_fails_before_training(inputs: dict[str, Any], tmp
     monkeypatch.setattr(rayx, "fit", no_training)
     cfg = _cfg(tmp_path, *overrides)
     with pytest.raises(TokenFormatError, match=message):
-        ts.run(cfg, inputs["upstream"])
+        ts.run(cfg, inputs_for(ts.STAGE, inputs["upstream"]))
     assert not (tmp_path / ts.STAGE).exists()
 
 
@@ -246,13 +246,13 @@ def test_wrong_tokenizer_or_batch_layout_fails_before_training(inputs: dict[str,
     cfg = _cfg(tmp_path)
     other = make_tokenizer(cfg, seed=1)
     with pytest.raises(ValueError, match="made by the tokenizer with weights sha256"):
-        ts.run(cfg, {**inputs["upstream"], "train_tokenizer": other})
+        ts.run(cfg, inputs_for(ts.STAGE, {**inputs["upstream"], "train_tokenizer": other}))
     with pytest.raises(ValueError, match=r"stackformer.batch_size=15 must be divisible by ray.num_workers=2"):
-        ts.run(_cfg(tmp_path, "stackformer.batch_size=15"), inputs["upstream"])
+        ts.run(_cfg(tmp_path, "stackformer.batch_size=15"), inputs_for(ts.STAGE, inputs["upstream"]))
     with pytest.raises(ValueError, match=r"256 records, 128 per worker: fewer than one batch of 256"):
-        ts.run(_cfg(tmp_path, "stackformer.batch_size=512"), inputs["upstream"])
-    with pytest.raises(RuntimeError, match="run the tokenize stage first"):
-        ts.run(cfg, {"ingest": inputs["ingest"], "train_tokenizer": other})
+        ts.run(_cfg(tmp_path, "stackformer.batch_size=512"), inputs_for(ts.STAGE, inputs["upstream"]))
+    with pytest.raises(MissingInput, match="run the tokenize stage first"):  # the graph names the missing stage
+        inputs_for(ts.STAGE, {"ingest": inputs["ingest"], "train_tokenizer": other})
 
 
 @pytest.mark.slow
@@ -282,7 +282,7 @@ def test_class_conditional_model_overfit_on_two_classes_samples_each_class() -> 
     torch.manual_seed(0)
     cfg = resolve("tiny", overrides=["stackformer.lr=0.01", "stackformer.warmup_steps=10",
                                      "stackformer.max_steps=150"])
-    mc = stackformer_config(cfg, num_classes=2)
+    mc = stackformer_config(cfg.stackformer, token_layout(cfg), num_classes=2)
     model = ts.new_model("stackformer", asdict(mc))
     g = torch.Generator().manual_seed(1)
     cells = mc.grid_size ** 2
@@ -309,12 +309,12 @@ def test_class_conditional_model_overfit_on_two_classes_samples_each_class() -> 
 def test_baseline_and_stackformer_come_from_one_config_and_train_with_one_trainer() -> None:
     base = resolve("tiny", overrides=["tokenizer.keep_ratio=1.0"])
     full_cfg = resolve("tiny", overrides=["tokenizer.keep_ratio=1.0", "stackformer.model=fullgrid"])
-    sf, fg = stackformer_config(base, num_classes=10), fullgrid_config(full_cfg, num_classes=10)
+    sf, fg = stackformer_config(base.stackformer, token_layout(base), num_classes=10), fullgrid_config(full_cfg.stackformer, token_layout(full_cfg), num_classes=10)
     assert fg.n_layer == sf.n_layer_code + sf.n_layer_pos and (fg.n_embd, fg.n_head) == (sf.n_embd, sf.n_head)
     assert (fg.codebook_size, fg.grid_size, fg.num_classes) == (sf.codebook_size, sf.grid_size, 10)
     assert fg.seq_len == sf.seq_len
     no_labels = resolve("tiny", overrides=["stackformer.conditional=false"])
-    assert stackformer_config(no_labels, num_classes=10).num_classes == 0
+    assert stackformer_config(no_labels.stackformer, token_layout(no_labels), num_classes=10).num_classes == 0
 
     g = torch.Generator().manual_seed(0)
     cells = sf.grid_size ** 2
@@ -339,7 +339,7 @@ def test_baseline_and_stackformer_come_from_one_config_and_train_with_one_traine
 def test_validation_figures_are_per_token_and_per_image() -> None:
     torch.manual_seed(0)
     cfg = resolve("tiny")
-    model = ts.new_model("stackformer", asdict(stackformer_config(cfg, num_classes=0)))
+    model = ts.new_model("stackformer", asdict(stackformer_config(cfg.stackformer, token_layout(cfg), num_classes=0)))
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 32, (6, 32), generator=g)
     positions = torch.stack([torch.randperm(64, generator=g)[:32].sort().values for _ in range(6)])

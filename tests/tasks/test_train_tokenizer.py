@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from infra.config import resolve
+from infra.refs import TokenizerInputs, load_tokenizer
 from infra.tracking import Tracker
+from tests.fixtures.hooks import FailOnce
 from tests.fixtures.ray_runs import registered_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -35,7 +37,7 @@ def ingested(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("tok")
     cfg = _cfg(root)
-    return root, ingest.run(cfg, {})
+    return root, ingest.run(cfg)
 
 
 def _history(root: Path, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -49,8 +51,7 @@ def test_two_workers_train_recover_from_a_failure_and_stay_in_sync(ingested, tmp
     root, ing = ingested
     cfg = _cfg(root, "ray.max_failures=1")
     marker = tmp_path / "failed-once"
-    ref = train_tokenizer.run(cfg, {"ingest": ing},
-                              _test_hooks={"fail_at_step": 12, "fail_marker": str(marker)})
+    ref = train_tokenizer.run(cfg, TokenizerInputs(ingest=ing), on_step=FailOnce(12, marker))
     assert marker.read_text() == "12", "the injected failure did not happen"
     assert ref.step == 24
     assert Path(ref.weights).is_file()
@@ -72,11 +73,11 @@ def test_two_workers_train_recover_from_a_failure_and_stay_in_sync(ingested, tmp
 
     # a second call is a cache hit: same reference, no new training
     t0 = time.time()
-    again = train_tokenizer.run(cfg, {"ingest": ing})
+    again = train_tokenizer.run(cfg, TokenizerInputs(ingest=ing))
     assert again == ref and time.time() - t0 < 10
 
     # the weights rebuild into a working tokenizer
-    model = train_tokenizer.build_model(ref)
+    model = load_tokenizer(ref)
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     seq = model.encode(x)
     assert seq.codes.shape == (2, round(0.5 * 64))
@@ -90,12 +91,14 @@ def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: P
     script = textwrap.dedent(f"""
         import json, sys
         from infra.config import resolve
+        from infra.refs import TokenizerInputs
         from tasks import ingest, train_tokenizer
+        from tests.fixtures.hooks import SlowDown
         cfg = resolve("tiny", overrides={json.dumps([f"run.root={root}", "ray.num_workers=2",
                       "tokenizer.max_steps=24", "tokenizer.eval_every=8", "tokenizer.checkpoint_every=8",
                       "tokenizer.keep_checkpoints=3", "tokenizer.lr=0.0003"])})
-        ing = ingest.run(cfg, {{}})
-        train_tokenizer.run(cfg, {{"ingest": ing}}, _test_hooks={{"sleep_after_step": 0.4}})
+        ing = ingest.run(cfg)
+        train_tokenizer.run(cfg, TokenizerInputs(ingest=ing), on_step=SlowDown(0.4))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -125,7 +128,7 @@ def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: P
     blob[-5] ^= 0xFF
     (newest / "model.safetensors").write_bytes(bytes(blob))
 
-    ref = train_tokenizer.run(cfg, {"ingest": ing})
+    ref = train_tokenizer.run(cfg, TokenizerInputs(ingest=ing))
     assert ref.step == 24
     client = Tracker(root, "mqgen").client
     tags = client.get_run(ref.mlflow_run_id).data.tags

@@ -1,0 +1,258 @@
+"""The stage contract: what each stage receives (``<Stage>Inputs``) and what it leaves (``<Stage>Output``).
+
+A stage never looks for its own upstream and never imports another stage: ``flows/pipeline.py`` holds the stage
+graph, resolves every input reference and calls ``run(cfg, inputs, *, force=False)``. References are small,
+frozen and JSON-serialisable (paths, hashes, counts, run ids, model configs), never tensors; Prefect stores
+them with its JSON serializer and every stage writes its own as ``_SUCCESS.json``.
+
+Facts derived from an upstream output are read from its reference (``TokenizerOutput.mqvae_config``,
+``.seq_len``, ``.grid_size``, ``.codebook_size``, ``.keep_ratio``), not recomputed from the pipeline config: the
+reference says what was *trained*, the config only what was asked for.
+
+The loaders at the end rebuild a trained model from its reference after verifying the weights' sha256.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.mqvae import MQVAE, MQVAEConfig
+    from models.stackformer import FullGridTransformer, Stackformer
+
+
+class Ref:
+    """Mixin for frozen dataclass stage references: a JSON round trip, nothing else."""
+
+    def to_dict(self) -> dict[str, Any]:
+        assert is_dataclass(self)
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True)
+class IngestOutput(Ref):
+    """Reference to a complete ingest output (what downstream stages receive)."""
+
+    path: str  # the stage directory holding the shards and manifest.json
+    key: str
+    manifest_sha256: str
+    num_train: int
+    num_val: int
+    num_classes: int  # 0 when unlabelled
+    image_size: int
+    channels: int
+    mlflow_run_id: str
+
+
+@dataclass(frozen=True)
+class TokenizerOutput(Ref):
+    """Reference to a trained MQ-VAE: weights (safetensors) + the model config needed to rebuild it."""
+
+    path: str
+    key: str
+    weights: str
+    sha256: str
+    step: int
+    model_config: dict[str, Any]  # fields of models.mqvae.MQVAEConfig
+    metrics: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str = ""
+
+    @cached_property
+    def mqvae_config(self) -> MQVAEConfig:
+        """The trained model's config (validated once, when first read)."""
+        from models.mqvae import MQVAEConfig
+
+        mc = dict(self.model_config)
+        mc["ch_mult"] = tuple(mc["ch_mult"])
+        mc["attn_resolutions"] = tuple(mc["attn_resolutions"])
+        return MQVAEConfig(**mc)
+
+    @property
+    def grid_size(self) -> int:
+        return self.mqvae_config.grid_size
+
+    @property
+    def seq_len(self) -> int:
+        """Codes per image: the kept positions."""
+        return self.mqvae_config.num_kept
+
+    @property
+    def codebook_size(self) -> int:
+        return self.mqvae_config.codebook_size
+
+    @property
+    def keep_ratio(self) -> float:
+        return self.mqvae_config.keep_ratio
+
+
+@dataclass(frozen=True)
+class TokenizeOutput(Ref):
+    """Reference to the token databases of one (tokenizer, ingest output) pair."""
+
+    path: str  # stage directory: train.lmdb/, val.lmdb/, _SUCCESS.json
+    key: str
+    num_train: int
+    num_val: int
+    train_db: str
+    val_db: str
+    metadata: dict[str, dict[str, Any]]  # split -> TokenMeta fields
+    checksum: str  # sha256 of "train <records_sha256>\nval <records_sha256>\n"
+    mlflow_run_id: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def db(self, split: str) -> str:
+        return {"train": self.train_db, "val": self.val_db}[split]
+
+
+@dataclass(frozen=True)
+class EvaluatorOutput(Ref):
+    """Reference to a trained evaluator classifier (the feature extractor of the classifier FID/KID/IS)."""
+
+    path: str
+    key: str
+    weights: str  # model.safetensors (architecture + classes in its header)
+    sha256: str
+    extractor_name: str  # torch-fidelity registry name, e.g. "classifier-fashion-mnist"
+    num_classes: int
+    val_accuracy: float  # top-1 accuracy on the first ``num_val`` val images
+    image_size: int
+    channels: int
+    mlflow_run_id: str
+    source: str = ""  # data.source it was trained on
+    step: int = 0
+    num_val: int = 0
+    classes: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StackformerOutput(Ref):
+    """Reference to a trained Stackformer or full-grid baseline: weights (safetensors) + what rebuilds it."""
+
+    path: str  # stage directory
+    key: str
+    weights: str  # <path>/model.safetensors (final weights)
+    sha256: str  # of the weights file
+    step: int  # optimiser steps taken
+    model: str  # "stackformer" | "fullgrid"
+    model_config: dict[str, Any]  # fields of StackformerConfig / FullGridConfig
+    metrics: dict[str, float] = field(default_factory=dict)  # last reported train and val figures
+    mlflow_run_id: str = ""
+    tokenizer_sha256: str = ""  # the MQ-VAE whose tokens the model was trained on (decodes its samples)
+    num_classes: int = 0  # 0 = unconditional
+
+    @property
+    def tokens_per_image(self) -> int:
+        mc = self.model_config
+        return int(mc["seq_len"] if self.model == "stackformer" else mc["grid_size"] ** 2)
+
+
+@dataclass(frozen=True)
+class EvaluateOutput(Ref):
+    """Reference to a complete evaluation: ``evaluation.json`` and the figures in it."""
+
+    path: str
+    key: str
+    evaluation_json: str
+    metrics: dict[str, float | None]  # every figure; None = unavailable (see evaluation.json "unavailable")
+    mlflow_run_id: str
+    extractor: str = ""  # the feature extractor behind FID/KID/IS ("" when none was available)
+    num_samples: int = 0
+
+
+# --------------------------------------------------------------------------------------------- inputs
+# One class per stage; each field is named after the stage whose output it holds (the flow fills them from
+# its stage graph), so ``<Stage>Inputs(**{name: refs[name] for name in GRAPH[stage]})`` builds one.
+
+
+@dataclass(frozen=True)
+class IngestInputs(Ref):
+    """ingest reads only the config (its data section)."""
+
+
+@dataclass(frozen=True)
+class TokenizerInputs(Ref):
+    ingest: IngestOutput
+
+
+@dataclass(frozen=True)
+class TokenizeInputs(Ref):
+    ingest: IngestOutput
+    train_tokenizer: TokenizerOutput
+
+
+@dataclass(frozen=True)
+class EvaluatorInputs(Ref):
+    ingest: IngestOutput
+
+
+@dataclass(frozen=True)
+class StackformerInputs(Ref):
+    tokenize: TokenizeOutput
+    train_tokenizer: TokenizerOutput  # decodes the samples logged during training
+
+
+@dataclass(frozen=True)
+class EvaluateInputs(Ref):
+    ingest: IngestOutput  # the reference images
+    train_tokenizer: TokenizerOutput
+    train_stackformer: StackformerOutput
+    train_evaluator: EvaluatorOutput | None = None  # None: no classifier (another extractor, or unlabelled data)
+
+
+# --------------------------------------------------------------------------------------------- loaders
+
+
+def _verified(weights: str, sha256: str) -> str:
+    from infra.storage import UnsafeCheckpointError, sha256_file
+
+    actual = sha256_file(weights)
+    if actual != sha256:
+        raise UnsafeCheckpointError(f"{weights}: sha256 {actual[:12]} != reference {sha256[:12]}")
+    return weights
+
+
+def load_tokenizer(ref: TokenizerOutput, device: torch.device | str = "cpu") -> MQVAE:
+    """The trained MQ-VAE of ``ref`` (weights verified against its sha256, strict load), in eval mode."""
+    from safetensors.torch import load_file
+
+    from models.mqvae import MQVAE
+
+    model = MQVAE(ref.mqvae_config)
+    model.load_state_dict(load_file(_verified(ref.weights, ref.sha256)), strict=True)
+    return model.to(device).eval()
+
+
+def new_generator(kind: str, model_config: dict[str, Any]) -> Stackformer | FullGridTransformer:
+    """A freshly initialised generator of ``kind`` from its config fields (draws from the global torch RNG)."""
+    from models.stackformer import FullGridConfig, FullGridTransformer, Stackformer, StackformerConfig
+
+    if kind == "stackformer":
+        return Stackformer(StackformerConfig(**model_config))
+    if kind == "fullgrid":
+        return FullGridTransformer(FullGridConfig(**model_config))
+    raise ValueError(f"unknown model kind {kind!r}; allowed: 'stackformer', 'fullgrid'")
+
+
+def load_generator(ref: StackformerOutput, device: torch.device | str = "cpu") -> Stackformer | FullGridTransformer:
+    """The trained Stackformer / full-grid model of ``ref`` (sha256 verified, strict load), in eval mode."""
+    from safetensors.torch import load_file
+
+    model = new_generator(ref.model, ref.model_config)
+    model.load_state_dict(load_file(_verified(ref.weights, ref.sha256)), strict=True)
+    return model.to(device).eval()
