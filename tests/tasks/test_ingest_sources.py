@@ -191,7 +191,7 @@ def test_cli_runs_ingest_alone_on_an_image_folder(tmp_path: Path, mlflow_db_temp
     shutil.copyfile(mlflow_db_template, root / "mlflow.db")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     mqgen = Path(sys.executable).parent / "mqgen"
-    proc = subprocess.run([str(mqgen), "run", "--only", "ingest", "--preset", "tiny", "data.source=image-folder",
+    proc = subprocess.run([str(mqgen), "run", "--json", "--only", "ingest", "--preset", "tiny", "data.source=image-folder",
                            f"data.path={src}", f"run.root={root}"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
