@@ -1,0 +1,34 @@
+"""Stage keys name users' existing outputs: a change of code layout must not change them. These values were
+computed by the code before the stage contract (``infra/refs.py``, ``flows/stages.py``) moved things around; a
+deliberate change of what a stage computes bumps that stage's ``VERSION`` and updates this table."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+import pytest
+
+from flows.stages import GRAPH
+from infra.config import resolve
+
+EXPECTED = {
+    "tiny": {"ingest": "6e013cc3aaa5", "train_tokenizer": "c656bc718b68", "tokenize": "d6a282d01903",
+             "train_evaluator": "eaba06dd509d", "train_stackformer": "29c17108cabb", "evaluate": "735e9c4cca5f"},
+    "fmnist": {"ingest": "6dc8d3e3c8a0", "train_tokenizer": "d7d7121fa5e4", "tokenize": "d6a282d01903",
+               "train_evaluator": "5a61bc3657e7", "train_stackformer": "377285275d0a", "evaluate": "9649e060d64c"},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED))
+def test_stage_keys_of_the_presets_are_unchanged(preset: str, tmp_path) -> None:
+    cfg = resolve(preset, overrides=[f"run.root={tmp_path}"])  # the root is not part of any key
+    m = "a" * 64
+    tokens = NS(checksum="b" * 64, key="c" * 12)
+    resolved = NS(model=NS(sha256="d" * 64), tokenizer=NS(sha256="e" * 64), extractor=NS(weights_sha256="f" * 64),
+                  ingest=NS(manifest_sha256=m))
+    mod = {name: stage.module for name, stage in GRAPH.items()}
+    keys = {"ingest": mod["ingest"].stage_key(cfg), "train_tokenizer": mod["train_tokenizer"].stage_key(cfg, m),
+            "tokenize": mod["tokenize"].stage_key("e" * 64, m), "train_evaluator": mod["train_evaluator"].stage_key(cfg, m),
+            "train_stackformer": mod["train_stackformer"].stage_key(cfg, tokens),
+            "evaluate": mod["evaluate"].stage_key(cfg, resolved)}
+    assert keys == EXPECTED[preset]
