@@ -673,11 +673,19 @@ def _check_semantics(cfg: PipelineConfig) -> None:
                           "must be >= 0")
     if e.extractor not in ("classifier", "inception-v3-compat"):
         raise ConfigError(f"evaluate.extractor={e.extractor!r}; allowed: 'classifier', 'inception-v3-compat'")
-    for build in (mqvae_config, loss_config):  # the model's own validation, reported under its section
-        try:
-            build(cfg)
-        except ValueError as err:
-            raise ConfigError(f"tokenizer: {err}") from err
+    # The model's and the loss's own validation, reported under their section; the configs built here are the
+    # ones the stages use (built and validated once per resolution, never rebuilt from a dict on the way).
+    from models.losses import LossConfig
+    from models.mqvae import MQVAEConfig
+
+    try:
+        kw = _pick(cfg.tokenizer, MQVAEConfig)
+        kw["ch_mult"] = tuple(kw["ch_mult"])
+        kw["attn_resolutions"] = tuple(kw["attn_resolutions"])
+        object.__setattr__(cfg, "_mqvae", MQVAEConfig(in_channels=d.channels, resolution=d.image_size, **kw))
+        object.__setattr__(cfg, "_loss", LossConfig(**_pick(cfg.tokenizer, LossConfig)))
+    except ValueError as err:
+        raise ConfigError(f"tokenizer: {err}") from err
 
 
 # --------------------------------------------------------------------------------------------- model configs
@@ -689,19 +697,14 @@ def _pick(section: Any, target: type) -> dict[str, Any]:
 
 
 def mqvae_config(cfg: PipelineConfig) -> Any:
-    """The ``models.mqvae.MQVAEConfig`` described by the pipeline config (data gives size and channels)."""
-    from models.mqvae import MQVAEConfig
-
-    kw = _pick(cfg.tokenizer, MQVAEConfig)
-    kw["ch_mult"] = tuple(kw["ch_mult"])
-    kw["attn_resolutions"] = tuple(kw["attn_resolutions"])
-    return MQVAEConfig(in_channels=cfg.data.channels, resolution=cfg.data.image_size, **kw)
+    """The ``models.mqvae.MQVAEConfig`` described by the pipeline config (data gives size and channels), built
+    and validated when the config was."""
+    return cfg._mqvae  # type: ignore[attr-defined]
 
 
 def loss_config(cfg: PipelineConfig) -> Any:
-    from models.losses import LossConfig
-
-    return LossConfig(**_pick(cfg.tokenizer, LossConfig))
+    """The ``models.losses.LossConfig`` of the tokenizer section, built and validated when the config was."""
+    return cfg._loss  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ import logging
 import multiprocessing
 import os
 import platform
-import sys
 import threading
 import time
 import zlib
@@ -40,10 +39,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import PIL
 from PIL import Image
 
 from infra.config import PipelineConfig, stable_hash, to_dict
 from infra.orchestration import lazy_stage_task
+from infra.refs import IngestInputs, IngestOutput
 from infra.shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -68,7 +70,6 @@ from infra.sources import (
     TarChunk,
     source_from_config,
 )
-from infra.refs import IngestInputs, IngestOutput
 from infra.storage import (
     atomic_write_bytes,
     atomic_write_json,
@@ -656,8 +657,8 @@ def _finalize(cfg: PipelineConfig, key: str, plan: Plan, jobs: list[ChunkJob],
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
         "workers": workers,
-        "software": {"python": platform.python_version(), "numpy": _version("numpy"),
-                     "pillow": _version("PIL"), "zlib": zlib.ZLIB_RUNTIME_VERSION},
+        "software": {"python": platform.python_version(), "numpy": np.__version__,
+                     "pillow": PIL.__version__, "zlib": zlib.ZLIB_RUNTIME_VERSION},
     }
     remove_tree(build / "parts")
     remove_tree(build / "done")
@@ -665,6 +666,4 @@ def _finalize(cfg: PipelineConfig, key: str, plan: Plan, jobs: list[ChunkJob],
     return manifest
 
 
-def _version(module: str) -> str:
-    return getattr(sys.modules.get(module) or __import__(module), "__version__", "?")
 
