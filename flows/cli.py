@@ -222,7 +222,7 @@ def grid(
 
 
 def _compare(cfg: PipelineConfig, grid_run_id: Optional[str], run_ids: list[str], out: Path) -> None:
-    from infra.report import NothingToCompare, collect, log_report, write_report
+    from flows.report import NothingToCompare, collect, log_report, write_report
     from infra.tracking import Tracker
 
     tracker = Tracker(cfg.run.root, cfg.run.experiment)

@@ -1,8 +1,10 @@
-"""Image-quality metrics: the evaluator classifier, its torch-fidelity registration, FID/IS/KID, L1/PSNR/SSIM.
+"""Image-quality metrics with I/O: the evaluator classifier's weights files, its torch-fidelity registration,
+FID/IS/KID. The network itself is :mod:`models.classifier`; the pure pixel and code-usage math (L1, PSNR, SSIM,
+perplexity) is :mod:`models.metrics`.
 
 Two feature extractors can back FID, KID and IS (see ``docs/benchmarks.md`` and the ``evaluate`` stage):
 
-* ``classifier-<data>`` (the default): :class:`ClassifierNet`, a small CNN trained on the ingested train labels
+* ``classifier-<data>`` (the default): :class:`models.classifier.ClassifierNet`, a small CNN trained on the ingested train labels
   by the ``train_evaluator`` stage and registered with torch-fidelity as a ``FeatureExtractorBase`` under a
   name that says what it is (``classifier-fashion-mnist``). FID and KID read its penultimate layer (the
   global-average-pooled last conv block), IS its logits. These numbers are *not* Inception numbers and are
@@ -36,11 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
 
 from infra.errors import PermanentError
+from models.classifier import ClassifierNet, ClassifierNetConfig, to_classifier_input
 
 FEATURES = "features"  # the classifier's penultimate layer (FID, KID)
 LOGITS = "logits"  # the classifier's class logits (IS)
@@ -79,85 +80,6 @@ class InceptionWeightsMissing(FileNotFoundError):
 
 
 # --------------------------------------------------------------------------------------------- classifier
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClassifierNetConfig:
-    """Architecture of the evaluator classifier (stored in its weights file)."""
-
-    in_channels: int  # 1 (grey) or 3 (RGB), as ingested
-    image_size: int  # square side the network is trained at (the ingested image size)
-    num_classes: int
-    width: int = 32  # channels of the first block; the penultimate features have 4 * width dimensions
-
-    def __post_init__(self) -> None:
-        if self.in_channels not in (1, 3):
-            raise ValueError(f"ClassifierNetConfig: in_channels must be 1 or 3, got {self.in_channels}")
-        if self.image_size < 4:
-            raise ValueError(f"ClassifierNetConfig: image_size must be >= 4, got {self.image_size}")
-        if self.num_classes < 2:
-            raise ValueError(f"ClassifierNetConfig: num_classes must be >= 2, got {self.num_classes}")
-        if self.width < 1:
-            raise ValueError(f"ClassifierNetConfig: width must be >= 1, got {self.width}")
-
-    @property
-    def feature_dim(self) -> int:
-        return 4 * self.width
-
-
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class ClassifierNet(nn.Module):
-    """A small VGG-style CNN: three conv blocks (2x max-pooling after the first two), global average pooling,
-    a linear head.
-
-    ``forward`` takes images in [-1, 1], ``[B, in_channels, image_size, image_size]``, and returns
-    ``(features [B, 4 * width], logits [B, num_classes])``; ``features`` is the penultimate layer.
-    """
-
-    def __init__(self, cfg: ClassifierNetConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        w = cfg.width
-        self.body = nn.Sequential(
-            _conv_block(cfg.in_channels, w), nn.MaxPool2d(2),
-            _conv_block(w, 2 * w), nn.MaxPool2d(2),
-            _conv_block(2 * w, 4 * w),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.drop = nn.Dropout(0.2)
-        self.head = nn.Linear(4 * w, cfg.num_classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.body(x)
-        return features, self.head(self.drop(features))
-
-
-def to_classifier_input(images: torch.Tensor, cfg: ClassifierNetConfig) -> torch.Tensor:
-    """uint8 ``[B, 1 or 3, H, W]`` -> float ``[B, in_channels, image_size, image_size]`` in [-1, 1].
-
-    Three equal channels (grey replicated for torch-fidelity) become one exactly; other RGB goes to grey
-    with the ITU-R 601 luma weights (as PIL's ``convert("L")`` used by ingest); grey goes to RGB by
-    replication. Other sizes are resized bilinearly (antialiased).
-    """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected uint8 images [B, 1 or 3, H, W], got {images.dtype} {tuple(images.shape)}")
-    x = images
-    if cfg.in_channels == 1 and x.shape[1] == 3:
-        if torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]):
-            x = x[:, :1].float()
-        else:
-            luma = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
-            x = (x.float() * luma).sum(1, keepdim=True)
-    elif cfg.in_channels == 3 and x.shape[1] == 1:
-        x = x.float().expand(-1, 3, -1, -1)
-    else:
-        x = x.float()
-    if x.shape[-2:] != (cfg.image_size, cfg.image_size):
-        x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False,
-                          antialias=True)
-    return x / 127.5 - 1.0
 
 
 def save_classifier(net: ClassifierNet, path: str | Path, meta: dict[str, Any] | None = None) -> str:
@@ -516,60 +438,6 @@ def compute_metrics(images: torch.Tensor | Dataset, extractor: Extractor, *, ref
 
 
 # --------------------------------------------------------------------------------------------- pixels
-
-
-def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-
-
-def l1_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean absolute pixel error per image, pixels in [0, 1] (uint8 inputs are scaled by 1/255)."""
-    return (_to_unit(x) - _to_unit(y)).abs().flatten(1).mean(1)
-
-
-def psnr_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image, peak 1 on [0, 1] pixels (MSE floored at 1e-10: identical images give 100 dB)."""
-    mse = (_to_unit(x) - _to_unit(y)).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(1.0 / mse)
-
-
-def ssim_per_image(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """SSIM per image (Wang et al. 2004): Gaussian window 11 / sigma 1.5, K1 0.01, K2 0.03, range [0, 1].
-
-    Computed per channel over the 'valid' window positions and averaged; the window shrinks (odd) for images
-    smaller than it.
-    """
-    a, b = _to_unit(x), _to_unit(y)
-    if a.shape != b.shape or a.dim() != 4:
-        raise ValueError(f"SSIM needs two equal [B, C, H, W] batches, got {tuple(a.shape)} and {tuple(b.shape)}")
-    c = a.shape[1]
-    win = min(window, a.shape[-1], a.shape[-2])
-    win -= 1 - win % 2
-    coords = torch.arange(win, dtype=torch.float32) - (win - 1) / 2
-    g = torch.exp(-coords.pow(2) / (2 * sigma * sigma))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(c, 1, win, win).to(a.device)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=c)
-
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a.pow(2)
-    var_b = blur(b * b) - mu_b.pow(2)
-    cov = blur(a * b) - mu_a * mu_b
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a.pow(2) + mu_b.pow(2) + c1) * (var_a + var_b + c2))
-    return ssim_map.flatten(1).mean(1)
-
-
-def code_stats(counts: torch.Tensor) -> dict[str, float]:
-    """Perplexity (exp of the entropy) and used fraction of a code-count histogram ``[K]``."""
-    counts = counts.double()
-    total = float(counts.sum())
-    if total <= 0:
-        return {"perplexity": 0.0, "usage": 0.0}
-    p = counts[counts > 0] / total
-    return {"perplexity": float(torch.exp(-(p * p.log()).sum())), "usage": float((counts > 0).double().mean())}
 
 
 def finite_or_none(value: float | None) -> float | None:

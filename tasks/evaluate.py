@@ -66,6 +66,7 @@ from infra.storage import (
     stage_dir,
 )
 from infra.training import purpose_seed
+from models.metrics import code_stats
 
 STAGE = "evaluate"
 VERSION = "1"  # bump when the code changes what a given config produces
@@ -365,7 +366,7 @@ def reference_hash(ingest: Any, num_images: int) -> str:
 def reconstruct(tokenizer: Any, images: torch.Tensor, batch_size: int, device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
     """Eval-mode reconstructions (uint8), keep masks, code counts and pixel metrics of uint8 ``images``."""
-    from infra.metrics import l1_per_image, psnr_per_image, ssim_per_image
+    from models.metrics import l1_per_image, psnr_per_image, ssim_per_image
     from infra.viz import to_uint8
 
     k = tokenizer.cfg.codebook_size
@@ -568,14 +569,14 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
             inputs_u8, _ = read_split(shards, REFERENCE_SPLIT, n_recon, ingest.channels)
             recons, keep_mask, val_counts, pix = reconstruct(tokenizer, inputs_u8, e.batch_size, device)
             values.update(pix)
-            values.update({f"val_code_{k}": v for k, v in mx.code_stats(val_counts).items()})
+            values.update({f"val_code_{k}": v for k, v in code_stats(val_counts).items()})
         else:
             for k in ("recon_l1", "recon_psnr", "recon_ssim", "val_code_perplexity", "val_code_usage", "rfid"):
                 unavailable[k] = f"the {REFERENCE_SPLIT} split has {num_val} images (reconstructions need >= 2)"
         del tokenizer
         k = tok_ref.model_config["codebook_size"]
         sample_counts = torch.bincount(samples.codes.flatten(), minlength=k).double()
-        values.update({f"sample_code_{name}": v for name, v in mx.code_stats(sample_counts).items()})
+        values.update({f"sample_code_{name}": v for name, v in code_stats(sample_counts).items()})
         if model_ref.model == "stackformer":
             values["sample_raster_share"] = samples.raster_share
         else:

@@ -41,6 +41,7 @@ from infra.orchestration import lazy_stage_task
 from infra.refs import IngestOutput, TokenizeInputs, TokenizeOutput, TokenizerOutput, load_tokenizer
 from infra.storage import atomic_write_json, cached_run, read_json, remove_tree, sha256_file, stage_dir
 from infra.tokens import DEFAULT_MAP_SIZE, TokenFormatError, TokenMeta, TokenWriter, read_meta
+from models.metrics import code_stats
 from models.mqvae import to_model_input
 
 STAGE = "tokenize"
@@ -328,8 +329,7 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
         finals = {split: meta for split, (meta, _) in finished.items()}
         scans = {split: scan for split, (_, scan) in finished.items()}
         checksum = hashlib.sha256("".join(f"{s} {finals[s].records_sha256}\n" for s in SPLITS).encode()).hexdigest()
-        train_codes = scans["train"].code_counts
-        p = train_codes[train_codes > 0] / max(1, train_codes.sum())
+        usage = code_stats(torch.from_numpy(np.asarray(scans["train"].code_counts, dtype=np.float64)))
         metrics = {"num_train": finals["train"].num_records, "num_val": finals["val"].num_records,
                    "num_shards": num_shards, "shards_encoded": len(jobs), "shards_resumed": num_shards - len(jobs),
                    "images_encoded": encoded_images, "seconds": time.perf_counter() - t_start,
@@ -337,8 +337,7 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
                    "first_shard_s": first_result_s,  # worker start-up (imports, model) + one shard
                    "worker_cpu_s": worker_cpu_s,  # CPU time of the shard tasks (not the workers' start-up)
                    "db_bytes": sum(_db_bytes(out_dir / f"{s}.lmdb") for s in SPLITS), "map_grows": map_grows,
-                   "train_code_usage": float((train_codes > 0).mean()),
-                   "train_code_perplexity": float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0}
+                   "train_code_usage": usage["usage"], "train_code_perplexity": usage["perplexity"]}
         sr.log_metrics(metrics, step=sr.last_step("num_train") + 1)  # a forced rerun logs at the next step
         metadata = {s: finals[s].to_dict() for s in SPLITS}
         sr.log_dict(metadata, "tokens/metadata.json")

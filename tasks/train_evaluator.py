@@ -1,6 +1,6 @@
 """train_evaluator stage: the classifier behind the default FID/KID/IS (``evaluate.extractor=classifier``).
 
-A small CNN (:class:`infra.metrics.ClassifierNet`) is trained in-process on the ingested train shards' labels
+A small CNN (:class:`models.classifier.ClassifierNet`) is trained in-process on the ingested train shards' labels
 for ``evaluate.classifier.max_steps`` steps, its held-out accuracy is measured on the val split and logged,
 and its weights are written as safetensors (architecture in the header). The ``evaluate`` stage registers it
 with torch-fidelity under :attr:`EvaluatorOutput.extractor_name` (``classifier-fashion-mnist`` for the
@@ -29,14 +29,12 @@ import torch.nn.functional as F
 
 from infra.config import PipelineConfig, stable_hash, to_dict
 from infra.metrics import (
-    ClassifierNet,
-    ClassifierNetConfig,
     ClassifierUnavailable,
     classifier_unavailable_reason,
     extractor_name,
     save_classifier,
-    to_classifier_input,
 )
+from models.classifier import ClassifierNet, ClassifierNetConfig, to_classifier_input
 from infra.orchestration import lazy_stage_task
 from infra.training import purpose_seed
 from infra.refs import EvaluatorInputs, EvaluatorOutput

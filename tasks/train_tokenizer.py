@@ -20,6 +20,7 @@ from infra.refs import TokenizerInputs, TokenizerOutput
 from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
 from infra.training import StepEvent, Throughput, autocast, warmup_cosine
 from models.losses import LossConfig, VQGANLoss
+from models.metrics import code_stats, psnr_per_image
 from models.mqvae import MQVAE, MQVAEConfig, to_model_input
 
 STAGE = "train_tokenizer"
@@ -152,8 +153,7 @@ def validate(model: MQVAE, batches: Iterable[torch.Tensor], device: torch.device
         out = model(x, update_codebook=False)
         recon = out.reconstruction.float().clamp(-1, 1)
         l1_sum += float((x - recon).abs().flatten(1).mean(1).sum())
-        mse = ((x - recon) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        psnr_sum += float((10 * torch.log10(1.0 / mse)).sum())
+        psnr_sum += float(psnr_per_image((x + 1) / 2, (recon + 1) / 2).sum())
         counts += torch.bincount(out.codes.flatten().cpu(), minlength=k).double()
         n += x.shape[0]
         if not first:
@@ -161,11 +161,10 @@ def validate(model: MQVAE, batches: Iterable[torch.Tensor], device: torch.device
     model.train()
     if n == 0:
         raise ValueError("validation set is empty")
-    p = counts / counts.sum()
-    perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-    used = float((counts > 0).double().mean())
-    return ({"val_l1": l1_sum / n, "val_psnr": psnr_sum / n, "val_perplexity": perplexity,
-             "val_code_usage": used, "val_dead_code_fraction": 1.0 - used, "val_images": float(n)},
+    usage = code_stats(counts)
+    return ({"val_l1": l1_sum / n, "val_psnr": psnr_sum / n, "val_perplexity": usage["perplexity"],
+             "val_code_usage": usage["usage"], "val_dead_code_fraction": 1.0 - usage["usage"],
+             "val_images": float(n)},
             {**first, "counts": counts})
 
 

@@ -138,7 +138,7 @@ def test_changing_a_tokenizer_field_reruns_exactly_the_downstream_stages(finishe
 def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_figures(finished, tmp_path) -> None:
     from flows.grid import run_grid
     from infra.config import expand_grid
-    from infra.report import collect, log_report, write_report
+    from flows.report import collect, log_report, write_report
     from infra.tracking import Tracker
 
     root, _, refs = finished

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from infra import metrics as mx
+from models import metrics as pm
 from infra.config import ConfigError, resolve
 from tasks.train_evaluator import evaluate_accuracy, train_steps
 
@@ -247,14 +248,14 @@ def test_pixel_metrics() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (4, 1, 16, 16), generator=g, dtype=torch.uint8)
     smooth = F.interpolate(torch.rand(4, 3, 4, 4, generator=g), size=(24, 24), mode="bilinear")
-    assert torch.allclose(mx.ssim_per_image(smooth, smooth), torch.ones(4), atol=1e-5)
-    assert (mx.ssim_per_image(smooth, smooth * 0.5 + 0.25) < 0.9).all()
-    assert (mx.ssim_per_image(x, x) > 0.9999).all()
-    assert torch.allclose(mx.l1_per_image(x, x), torch.zeros(4))
-    assert torch.allclose(mx.l1_per_image(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)), torch.ones(1))
-    assert torch.allclose(mx.psnr_per_image(torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.1)),
+    assert torch.allclose(pm.ssim_per_image(smooth, smooth), torch.ones(4), atol=1e-5)
+    assert (pm.ssim_per_image(smooth, smooth * 0.5 + 0.25) < 0.9).all()
+    assert (pm.ssim_per_image(x, x) > 0.9999).all()
+    assert torch.allclose(pm.l1_per_image(x, x), torch.zeros(4))
+    assert torch.allclose(pm.l1_per_image(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)), torch.ones(1))
+    assert torch.allclose(pm.psnr_per_image(torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.1)),
                           torch.tensor([20.0]))
-    assert mx.code_stats(torch.tensor([5.0, 5.0, 0.0, 0.0])) == pytest.approx({"perplexity": 2.0, "usage": 0.5})
+    assert pm.code_stats(torch.tensor([5.0, 5.0, 0.0, 0.0])) == pytest.approx({"perplexity": 2.0, "usage": 0.5})
 
 
 @pytest.mark.gpu
