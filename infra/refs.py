@@ -227,15 +227,19 @@ def _verified(weights: str, sha256: str) -> str:
     return weights
 
 
-def load_tokenizer(ref: TokenizerOutput, device: torch.device | str = "cpu") -> MQVAE:
-    """The trained MQ-VAE of ``ref`` (weights verified against its sha256, strict load), in eval mode."""
+def _loaded(model: Any, weights: str, sha256: str, device: torch.device | str) -> Any:
+    """``model`` with the verified weights loaded strictly, on ``device``, in eval mode."""
     from safetensors.torch import load_file
 
+    model.load_state_dict(load_file(_verified(weights, sha256)), strict=True)
+    return model.to(device).eval()
+
+
+def load_tokenizer(ref: TokenizerOutput, device: torch.device | str = "cpu") -> MQVAE:
+    """The trained MQ-VAE of ``ref`` (weights verified against its sha256, strict load), in eval mode."""
     from models.mqvae import MQVAE
 
-    model = MQVAE(ref.mqvae_config)
-    model.load_state_dict(load_file(_verified(ref.weights, ref.sha256)), strict=True)
-    return model.to(device).eval()
+    return _loaded(MQVAE(ref.mqvae_config), ref.weights, ref.sha256, device)
 
 
 def new_generator(kind: str, model_config: dict[str, Any]) -> Stackformer | FullGridTransformer:
@@ -251,8 +255,4 @@ def new_generator(kind: str, model_config: dict[str, Any]) -> Stackformer | Full
 
 def load_generator(ref: StackformerOutput, device: torch.device | str = "cpu") -> Stackformer | FullGridTransformer:
     """The trained Stackformer / full-grid model of ``ref`` (sha256 verified, strict load), in eval mode."""
-    from safetensors.torch import load_file
-
-    model = new_generator(ref.model, ref.model_config)
-    model.load_state_dict(load_file(_verified(ref.weights, ref.sha256)), strict=True)
-    return model.to(device).eval()
+    return _loaded(new_generator(ref.model, ref.model_config), ref.weights, ref.sha256, device)

@@ -53,37 +53,28 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
 
     On an exception the temporary file is removed and ``path`` is left as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f  # type: ignore[misc]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_target(path, sync=False) as tmp, open(tmp, mode) as f:
+        yield f  # type: ignore[misc]
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
-def atomic_target(path: str | Path) -> Iterator[Path]:
+def atomic_target(path: str | Path, *, sync: bool = True) -> Iterator[Path]:
     """A unique temporary path beside ``path`` for a writer that wants a file name (safetensors, LMDB exports);
-    on clean exit it is fsynced and renamed over ``path``, on an exception removed."""
+    on clean exit it is fsynced (``sync``) and renamed over ``path``, on an exception removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
