@@ -87,7 +87,7 @@ def main() -> None:
     if root.exists() and any(root.iterdir()):
         raise SystemExit(f"{root} is not empty: the benchmark needs a fresh run root")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    cli = ["run", "--preset", args.preset, f"run.root={root}", *args.overrides]
+    cli = ["run", "--json", "--preset", args.preset, f"run.root={root}", *args.overrides]
     load_before = os.getloadavg()
     log(f"pipeline benchmark: mqgen {' '.join(cli)}")
     wall, _ = run_cli(cli, env)

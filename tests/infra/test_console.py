@@ -9,6 +9,8 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
+import pytest
+
 from infra import console
 
 
@@ -65,6 +67,7 @@ def test_progress_written_by_another_process_is_drawn_by_the_watcher(tmp_path: P
     assert console.ProgressFile.read(path)["done"] == 20
 
 
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs")  # no flow run here
 def test_library_messages_go_to_the_log_file_and_only_their_errors_to_the_console(tmp_path: Path,
                                                                                    monkeypatch) -> None:
     err = io.StringIO()
