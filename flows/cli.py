@@ -115,10 +115,12 @@ def _summary(cfg: PipelineConfig, refs: dict[str, Any], seconds: float | None) -
     from infra.console import fmt_duration, log_path
 
     def rel(p: str | Path) -> str:
+        """Relative to the current directory when inside it, else absolute."""
         try:
-            return os.path.relpath(p)
+            r = os.path.relpath(p)
         except ValueError:
             return str(p)
+        return str(p) if r.startswith("..") else r
 
     out = [f"finished {len(refs)} stage(s)" + (f" in {fmt_duration(seconds)}" if seconds is not None else "")
            + f" (config {cfg.hash()}, run root {rel(cfg.run.root)})"]
