@@ -70,19 +70,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _never_retry(exc: BaseException) -> bool:
-    """Failures a retry cannot fix: a bad config, a refused checkpoint, inputs that do not fit together."""
-    from infra.errors import is_permanent
-
-    return is_permanent(exc)
-
-
 def retry_unless_permanent(own_condition: Any = None) -> Any:
-    """A Prefect retry condition: never for a permanent failure (:func:`_never_retry`), else ``own_condition``."""
+    """A Prefect retry condition: never for a permanent failure (:func:`infra.errors.is_permanent`: bad config,
+    bad data, a refused checkpoint, inputs that do not fit together), else ``own_condition``."""
+    from infra.errors import is_permanent
 
     def retry_condition(task: Any, task_run: Any, state: Any) -> bool:
         exc = state.result(raise_on_failure=False)
-        if isinstance(exc, BaseException) and _never_retry(exc):
+        if isinstance(exc, BaseException) and is_permanent(exc):
             return False
         return own_condition(task, task_run, state) if own_condition else True
 

@@ -129,19 +129,8 @@ def run(cfg: PipelineConfig, inputs: IngestInputs | None = None, *, force: bool 
         return _ingest(cfg, root, key, out, force, parent_run_id)
 
 
-def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry transient failures (a killed worker, I/O), never bad data."""
-    try:
-        state.result()
-    except IngestError:
-        return False
-    except Exception:  # noqa: BLE001 - anything else may be transient: let Prefect retry
-        return True
-    return True
-
-
-__getattr__ = lazy_stage_task(__name__, "ingest_task", run, name=STAGE, retries=1, retry_delay_seconds=5,
-                              retry_condition_fn=_retry_unless_bad_data)
+# Retries (run.retries) and the rule that bad data never retries (infra.errors) come from flows/pipeline.py.
+__getattr__ = lazy_stage_task(__name__, "ingest_task", run, name=STAGE)
 
 
 # --------------------------------------------------------------------------------------------- cache

@@ -403,12 +403,5 @@ def _log_usage_plots(sr: Any, scans: dict[str, Any], meta: TokenMeta) -> None:
     sr.log_image(image, "tokens/kept_cells.png")
 
 
-def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry transient failures (a killed worker, I/O), never bad inputs."""
-    from infra.shards import ShardIntegrityError
-
-    return not isinstance(state.result(raise_on_failure=False), (TokenFormatError, ShardIntegrityError))
-
-
-__getattr__ = lazy_stage_task(__name__, "tokenize_task", run, name=STAGE, retries=1, retry_delay_seconds=5,
-                              retry_condition_fn=_retry_unless_bad_data)
+# Retries (run.retries) and the rule that bad data never retries (infra.errors) come from flows/pipeline.py.
+__getattr__ = lazy_stage_task(__name__, "tokenize_task", run, name=STAGE)

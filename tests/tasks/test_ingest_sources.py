@@ -202,15 +202,18 @@ def test_cli_runs_ingest_alone_on_an_image_folder(tmp_path: Path, mlflow_db_temp
     assert printed["ingest"]["num_classes"] == 2
 
 
-def test_prefect_task_retries_transient_failures_but_not_bad_data() -> None:
+def test_prefect_task_retries_transient_failures_but_not_bad_data(run_root: Path) -> None:
     from prefect.states import Failed
 
-    from tasks.ingest import IngestError, _retry_unless_bad_data, ingest_task
+    from flows.pipeline import stage_task
+    from tasks.ingest import IngestError
 
-    assert ingest_task.name == "ingest" and ingest_task.retries == 1 and ingest_task.fn is run
-    assert _retry_unless_bad_data(ingest_task, None, Failed(data=RuntimeError("worker process died")))
-    assert not _retry_unless_bad_data(ingest_task, None, Failed(data=IngestError("3 of 4 inputs are bad")))
-    assert not _retry_unless_bad_data(ingest_task, None, Failed(data=SourceError("data.path missing")))
+    task = stage_task("ingest", config(run_root, "run.retries=2"))
+    assert task.name == "ingest" and task.retries == 2 and task.fn is run
+    retry = task.retry_condition_fn
+    assert retry(task, None, Failed(data=RuntimeError("worker process died")))
+    assert not retry(task, None, Failed(data=IngestError("3 of 4 inputs are bad")))
+    assert not retry(task, None, Failed(data=SourceError("data.path missing")))
 
 
 def test_shards_roll_over_at_the_byte_limit(run_root: Path) -> None:
