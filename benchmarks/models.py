@@ -64,7 +64,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from infra.config import PipelineConfig, loss_config, mqvae_config, replace, resolve
+from infra.config import PipelineConfig, replace, resolve
 from models.losses import VQGANLoss
 from models.mqvae import MQVAE
 from models.stackformer import (
@@ -165,7 +165,7 @@ def step_fn(trainer: TokenizerTrainer, x: torch.Tensor, first_step: int) -> Call
 
 
 def bench_mqvae(args: argparse.Namespace, base: PipelineConfig, device: torch.device) -> dict:
-    keep = base.tokenizer.keep_ratio
+    keep = base.tokenizer.model.keep_ratio
     batch = args.batch or base.tokenizer.batch_size
     if keep == 1.0:
         raise SystemExit(f"preset {args.preset} has keep_ratio 1.0: nothing to compare")
@@ -181,17 +181,17 @@ def bench_mqvae(args: argparse.Namespace, base: PipelineConfig, device: torch.de
         cfg = replace(base, tokenizer=over)
         t = cfg.tokenizer
         torch.manual_seed(0)
-        model = MQVAE(mqvae_config(cfg)).to(device)
-        loss = VQGANLoss(loss_config(cfg), in_channels=cfg.data.channels).to(device)
-        if not loss.is_gan_active(t.disc_start):
+        model = MQVAE(cfg.tokenizer.model).to(device)
+        loss = VQGANLoss(cfg.tokenizer.loss, in_channels=cfg.data.channels).to(device)
+        if not loss.is_gan_active(t.loss.disc_start):
             raise SystemExit("the GAN never becomes active with this preset (disc_factor 0?)")
         trainer = TokenizerTrainer(model, loss, lr=t.lr, warmup_steps=t.warmup_steps,
-                                   max_steps=max(t.max_steps, t.disc_start + 1000), device=device,
+                                   max_steps=max(t.max_steps, t.loss.disc_start + 1000), device=device,
                                    grad_accum=t.grad_accum)
         params[name] = sum(p.numel() for p in model.parameters())
-        fns[name] = step_fn(trainer, x, t.disc_start)
+        fns[name] = step_fn(trainer, x, t.loss.disc_start)
     log(f"[mqvae] TokenizerTrainer.step, preset {args.preset} ({base.data.image_size}px, "
-        f"{base.data.channels} ch, grid {mqvae_config(base).grid_size}), batch {batch}, GAN active; "
+        f"{base.data.channels} ch, grid {base.tokenizer.model.grid_size}), batch {batch}, GAN active; "
         f"{args.warmup} warm-up + {args.mqvae_rounds} rounds x {args.mqvae_steps} steps per variant")
     for fn in fns.values():
         for _ in range(args.warmup):
@@ -234,7 +234,7 @@ def stackformer(args: argparse.Namespace, base: PipelineConfig, grid: int, keep:
                 device: torch.device) -> Stackformer:
     s = base.stackformer
     torch.manual_seed(0)
-    cfg = StackformerConfig(codebook_size=base.tokenizer.codebook_size, grid_size=grid,
+    cfg = StackformerConfig(codebook_size=base.tokenizer.model.codebook_size, grid_size=grid,
                             seq_len=round(keep * grid * grid), num_classes=args.num_classes,
                             n_layer_code=s.n_layer_code, n_layer_pos=s.n_layer_pos, n_embd=s.n_embd,
                             n_head=s.n_head, dropout=s.dropout)
@@ -245,7 +245,7 @@ def fullgrid(args: argparse.Namespace, base: PipelineConfig, grid: int, device: 
              ) -> FullGridTransformer:
     s = base.stackformer
     torch.manual_seed(0)
-    cfg = FullGridConfig(codebook_size=base.tokenizer.codebook_size, grid_size=grid,
+    cfg = FullGridConfig(codebook_size=base.tokenizer.model.codebook_size, grid_size=grid,
                          num_classes=args.num_classes, n_layer=s.n_layer_code + s.n_layer_pos,
                          n_embd=s.n_embd, n_head=s.n_head, dropout=s.dropout)
     return perturbed(FullGridTransformer(cfg), 2, device)

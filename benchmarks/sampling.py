@@ -46,7 +46,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from infra.config import token_layout, fullgrid_config, mqvae_config, replace, resolve, stackformer_config
+from infra.config import token_layout, fullgrid_config, replace, resolve, stackformer_config
 from models.mqvae import MQVAE
 from models.stackformer import FullGridTransformer, Stackformer
 from tasks.evaluate import balanced_labels, sample_batch
@@ -72,7 +72,7 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, tuple]:
     for name, cfg, model in (
             ("stackformer", base, lambda c: Stackformer(stackformer_config(c.stackformer, token_layout(c), num_classes=args.num_classes))),
             ("fullgrid", full, lambda c: FullGridTransformer(fullgrid_config(c.stackformer, token_layout(c), num_classes=args.num_classes)))):
-        out[name] = (cfg, model(cfg).to(device).eval(), MQVAE(mqvae_config(cfg)).to(device).eval())
+        out[name] = (cfg, model(cfg).to(device).eval(), MQVAE(cfg.tokenizer.model).to(device).eval())
     return out
 
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "layers": (mc.n_layer_code + mc.n_layer_pos) if name == "stackformer" else mc.n_layer,
                       "n_embd": mc.n_embd, "codebook_size": mc.codebook_size, "num_classes": mc.num_classes,
                       "params": sum(t.numel() for t in model.parameters()),
-                      "tokenizer_keep_ratio": cfg.tokenizer.keep_ratio,
+                      "tokenizer_keep_ratio": cfg.tokenizer.model.keep_ratio,
                       "image_size": cfg.data.image_size}
     log(f"evaluate sampling benchmark: torch {torch.__version__}, {device} ({dev_name}), "
         f"{torch.get_num_threads()} threads, load average {load_start}; preset {args.preset}, batch {B}, "

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infra.config import mqvae_config, resolve
+from infra.config import resolve
 from infra.shards import ShardSet, iter_samples
 from infra.storage import sha256_file
 from infra.tokens import TokenMeta, TokenWriter
@@ -63,7 +63,7 @@ def make_tokenizer(cfg, out: Path) -> TokenizerOutput:
     from models.mqvae import MQVAE
 
     torch.manual_seed(0)
-    model_cfg = mqvae_config(cfg)
+    model_cfg = cfg.tokenizer.model
     model = MQVAE(model_cfg).eval()
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"

@@ -90,7 +90,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from infra.config import PRESETS, PipelineConfig, from_dict, loss_config, mqvae_config, resolve
+from infra.config import PRESETS, PipelineConfig, from_dict, resolve
 
 H200_BF16_DENSE_TFLOPS = 989.0
 STACKFORMER_RAY_OVERHEAD_TARGET = 0.10
@@ -300,7 +300,7 @@ def synthetic_tokens(path: Path, cfg: PipelineConfig, *, num_classes: int, num_r
     """A complete token database of ``num_records`` random records shaped for ``cfg``'s tokenizer."""
     from infra.tokens import TokenMeta, TokenWriter
 
-    tok = mqvae_config(cfg)
+    tok = cfg.tokenizer.model
     cells = tok.grid_size ** 2
     seq_len = cells if cfg.stackformer.model == "fullgrid" else tok.num_kept
     rng = np.random.default_rng(seed)
@@ -399,7 +399,7 @@ def bench_stackformer(args: argparse.Namespace) -> dict[str, Any]:
         db = synthetic_tokens(work / "train.lmdb", cfg, num_classes=num_classes, num_records=records)
         lc = {"bench": "stackformer", "config": cfg.to_dict(), "db": db, "warmup": args.warmup,
               "steps": args.steps, "rounds": args.rounds, "threads": args.threads}
-        tok = mqvae_config(cfg)
+        tok = cfg.tokenizer.model
         log(f"stackformer ({cfg.stackformer.model}): preset {preset}, batch {cfg.stackformer.batch_size}, "
             f"{num_classes} classes, K={tok.codebook_size}, grid {tok.grid_size}, device {device}, "
             f"{args.warmup} warm-up + {args.rounds} x {args.steps} timed steps per side")
@@ -493,9 +493,9 @@ class TokenizerBench(_StepBench):
         self.device = device
         rank, world_size = (worker.rank, worker.world_size) if worker is not None else (0, 1)
         torch.manual_seed(self.cfg.seed)
-        self.model = MQVAE(mqvae_config(self.cfg)).to(device)
-        loss = VQGANLoss(loss_config(self.cfg), in_channels=self.cfg.data.channels).to(device)
-        self.step = t.disc_start  # from here on the GAN is active: every step is the full GAN step
+        self.model = MQVAE(self.cfg.tokenizer.model).to(device)
+        loss = VQGANLoss(self.cfg.tokenizer.loss, in_channels=self.cfg.data.channels).to(device)
+        self.step = t.loss.disc_start  # from here on the GAN is active: every step is the full GAN step
         if not loss.is_gan_active(self.step):
             raise SystemExit("the GAN never becomes active with this config (tokenizer.disc_factor 0?)")
         ddp_model = None
@@ -505,7 +505,7 @@ class TokenizerBench(_StepBench):
             ddp_model = worker.prepare_model(self.model) if world_size > 1 else None
             sync_disc = worker.average_gradients
         self.trainer = TokenizerTrainer(self.model, loss, lr=t.lr, warmup_steps=t.warmup_steps,
-                                        max_steps=max(t.max_steps, t.disc_start + 10_000), device=device,
+                                        max_steps=max(t.max_steps, t.loss.disc_start + 10_000), device=device,
                                         ddp_model=ddp_model, grad_accum=t.grad_accum, sync_disc_grads=sync_disc)
         torch.manual_seed(self.cfg.seed * 1000 + rank + self.step)  # the stage's per-rank randomness
         stream = TrainStream([tuple(s) for s in lc["shards"]], rank=rank, world_size=world_size,
@@ -540,7 +540,7 @@ def bench_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
         shards = synthetic_shards(work / "shards", cfg, num_images=max(16 * batch, 256))
         lc = {"bench": "tokenizer", "config": cfg.to_dict(), "shards": shards, "batch": batch,
               "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "threads": args.threads}
-        tok = mqvae_config(cfg)
+        tok = cfg.tokenizer.model
         log(f"tokenizer: preset {preset}, {cfg.data.image_size} px x {cfg.data.channels} ch, batch {batch} per "
             f"process, grid {tok.grid_size}, keep {tok.keep_ratio:g}, K={tok.codebook_size}, device {device}, "
             f"{args.warmup} warm-up + {args.rounds} x {args.steps} timed steps per side and run; "
@@ -551,7 +551,7 @@ def bench_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
         bare = TokenizerBench(lc, device)
         bare.run(args.warmup)
         log(f"  MQ-VAE {bare.num_params / 1e6:.2f}M params, discriminator {bare.disc_params / 1e6:.2f}M, "
-            f"GAN active from step {t.disc_start} (timed steps start there)")
+            f"GAN active from step {t.loss.disc_start} (timed steps start there)")
         workers = [w for w in args.tokenizer_workers if w * args.threads <= (os.cpu_count() or 1)]
         if args.ray and workers != args.tokenizer_workers:
             log(f"  skipping {sorted(set(args.tokenizer_workers) - set(workers))} workers: more CPUs than "
@@ -568,7 +568,7 @@ def bench_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
             "grid": tok.grid_size, "keep_ratio": tok.keep_ratio, "codebook_size": tok.codebook_size,
             "batch_per_process": batch, "threads": args.threads,
             "dtype": "bf16-autocast" if device.type == "cuda" else "fp32", "num_params": bare.num_params,
-            "disc_params": bare.disc_params, "gan_active": True, "first_timed_step": t.disc_start + args.warmup,
+            "disc_params": bare.disc_params, "gan_active": True, "first_timed_step": t.loss.disc_start + args.warmup,
             "rounds": args.rounds, "steps_per_round": args.steps, **rounds_out("bare", all_bare),
             "bare_images_per_s": batch / bare_s, "final_loss": bare.loss}
         keys: dict[str, Any] = {"tokenizer_images_per_s": out["bare_images_per_s"]}

@@ -63,7 +63,7 @@ class GridResult:
 
 def group_key(stage: str, cfg: PipelineConfig) -> str:
     """Identity of ``stage``'s execution for ``cfg``: equal for variants that can share it."""
-    d = cfg.to_dict()
+    d = cfg.flat_dict()
     picked: dict[str, Any] = {}
     for path in STAGE_READS[stage]:
         value: Any = d
@@ -135,7 +135,7 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
         for k, v in gv.axes.items():
             if v not in axes[k]:
                 axes[k].append(v)
-    grid_hash = stable_hash([c.to_dict() for c in cfgs])
+    grid_hash = stable_hash([c.flat_dict() for c in cfgs])
     from infra import ray as rayx
 
     rayx.init_ray()  # first, in the flow's thread: Ray's processes die with the thread that started them
@@ -146,7 +146,7 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
                                             **{f"grid.axis.{k}": json.dumps(v) for k, v in axes.items()}},
                                     tags={"mqgen.grid.axes": json.dumps(list(axes)), "mqgen.preset": cfgs[0].preset,
                                           **prefect_run_tag()})
-    runs = [tracker.pipeline_run(c.hash(), params=c.to_dict(), parent_run_id=grid_run.run_id,
+    runs = [tracker.pipeline_run(c.hash(), params=c.flat_dict(), parent_run_id=grid_run.run_id,
                                  name=f"variant-{gv.label}",
                                  tags={"mqgen.preset": c.preset, "mqgen.grid_run_id": grid_run.run_id,
                                        "mqgen.variant": gv.label,

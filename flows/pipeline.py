@@ -187,7 +187,7 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
     tasks = {s: stage_task(s, cfg, storage) for s in stages}
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     mark_crashed(tracker.mark_dead_runs_killed())
-    parent = tracker.pipeline_run(cfg.hash(), params=cfg.to_dict(),
+    parent = tracker.pipeline_run(cfg.hash(), params=cfg.flat_dict(),
                                   tags={"mqgen.preset": cfg.preset, "mqgen.git_commit": git_commit(),
                                         "mqgen.stages": ",".join(stages), **prefect_run_tag()})
     refs: dict[str, Any] = {}

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import yaml
 
 from infra.errors import PermanentError
+from models.losses import LossConfig
+from models.mqvae import MQVAEConfig
 
 # The pipeline's stages in the order they run (the graph itself, what reads what, is flows/stages.py).
 STAGES: tuple[str, ...] = ("ingest", "train_tokenizer", "tokenize", "train_stackformer", "train_evaluator",
@@ -99,41 +101,24 @@ class DataConfig:
                                           "path or a scheme fsspec knows (file, s3, gs, http, ...)")
 
 
+# The model fields the data section fixes (the tokenizer takes the image geometry of the data it trains on).
+GEOMETRY: dict[str, str] = {"in_channels": "data.channels", "resolution": "data.image_size"}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TokenizerConfig:
-    """MQ-VAE architecture (see ``models.mqvae.MQVAEConfig``) plus its training schedule.
+    """The tokenizer section (``train_tokenizer``): the MQ-VAE as ``models.mqvae`` defines it (``model``), its
+    losses as ``models.losses`` defines them (``loss``) and the training schedule.
 
-    The defaults are the embedded default (``fmnist`` preset), sized to train in minutes on a 2-core CPU;
-    the ``paper-*`` presets carry the released architecture.
+    The model and loss defaults are the models' own (the released architecture); the presets set only what
+    differs (see :data:`PRESETS`). ``in_channels`` and ``resolution`` of the model follow ``data.channels`` and
+    ``data.image_size``. The flat keys of the section before it nested (``tokenizer.keep_ratio``) stay
+    aliases of the nested ones (``tokenizer.model.keep_ratio``); :meth:`flat` is that flat view, which the
+    stage keys and the MLflow parameters use.
     """
 
-    # architecture
-    ch: int = 16
-    ch_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 1
-    dec_num_res_blocks: int = 1
-    attn_resolutions: tuple[int, ...] = ()
-    z_channels: int = 32
-    codebook_size: int = 256
-    codebook_dim: int = 32
-    keep_ratio: float = 0.5  # fraction of latent positions kept and quantized (mask_ratio = 1 - keep_ratio)
-    scorer: Literal["learned", "random"] = "learned"
-    demask_layers: int = 2
-    demask_mask_init: float = 0.02
-    demask_key_mask: Literal["soft", "hard"] = "soft"
-    demask_renormalize: bool = False
-    norm_groups: int = 8
-    dropout: float = 0.0
-    beta: float = 0.25
-    ema_decay: float = 0.99
-    # losses
-    l1_weight: float = 1.0
-    perceptual_weight: float = 0.0  # needs LPIPS weights, which do not ship offline
-    disc_start: int = 250
-    disc_weight: float = 0.75
-    disc_weight_max: float = 1.0
-    disc_layers: int = 2
-    disc_ndf: int = 16
+    model: MQVAEConfig = field(default_factory=MQVAEConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     # optimisation
     batch_size: int = 32
     max_steps: int = 400
@@ -143,6 +128,32 @@ class TokenizerConfig:
     eval_every: int = 200
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+
+    def flat(self) -> dict[str, Any]:
+        """The section as one flat mapping in the alias spelling (``keep_ratio``, ``disc_start``, ``lr``):
+        the identity of the section in stage keys and MLflow parameters, unchanged since the section nested.
+        Loss fields the flat section never had appear only when they differ from the value they always had."""
+        out: dict[str, Any] = {}
+        for f in fields(MQVAEConfig):
+            if f.name not in GEOMETRY:
+                out[f.name] = to_dict(getattr(self.model, f.name))
+        for f in fields(LossConfig):
+            value = getattr(self.loss, f.name)
+            if _FLAT_HIDDEN.get(f.name, object()) != value:
+                out[f.name] = value
+        for f in fields(self):
+            if f.name not in ("model", "loss"):
+                out[f.name] = to_dict(getattr(self, f.name))
+        return out
+
+
+# Flat spelling -> nested path inside the tokenizer section (``keep_ratio`` -> ``model.keep_ratio``).
+TOKENIZER_ALIASES: dict[str, str] = {
+    **{f.name: f"model.{f.name}" for f in fields(MQVAEConfig) if f.name not in GEOMETRY},
+    **{f.name: f"loss.{f.name}" for f in fields(LossConfig)},
+}
+# Loss fields the flat section did not have, and the value they had.
+_FLAT_HIDDEN: dict[str, Any] = {"disc_factor": 1.0, "codebook_weight": 1.0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -326,11 +337,21 @@ class PipelineConfig:
                 self.evaluate, inception_weights=absolute_path(self.evaluate.inception_weights)))
 
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        """The config as nested plain data (what ``config show`` prints and :func:`from_dict` reads back); the
+        tokenizer model's geometry is left out: it is the data section's (:data:`GEOMETRY`)."""
+        d = to_dict(self)
+        for name in GEOMETRY:
+            del d["tokenizer"]["model"][name]
+        return d
+
+    def flat_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the tokenizer section in its flat spelling (:meth:`TokenizerConfig.flat`): the
+        identity of a config (hashes, stage keys, MLflow parameters), unchanged since the section nested."""
+        return {**self.to_dict(), "tokenizer": self.tokenizer.flat()}
 
     def hash(self, *sections: str) -> str:
         """Short sha256 of the whole config or of the named sections (stable across runs)."""
-        d = self.to_dict()
+        d = self.flat_dict()
         if sections:
             d = {s: d[s] for s in sections}
         return stable_hash(d)
@@ -348,33 +369,41 @@ def absolute_path(path: str) -> str:
 
 
 def _preset_fmnist() -> dict[str, Any]:
-    return {}  # the section defaults are the embedded default (Fashion-MNIST, 32x32, 1 channel)
+    # The data, stackformer and evaluate defaults are the embedded default (Fashion-MNIST, 32x32, 1 channel);
+    # the tokenizer's model and loss defaults are the released architecture, scaled down here to train in
+    # minutes on a 2-core CPU.
+    return {"tokenizer": {
+        "model": {"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "dec_num_res_blocks": 1,
+                  "attn_resolutions": [], "z_channels": 32, "codebook_size": 256, "codebook_dim": 32,
+                  "keep_ratio": 0.5, "demask_layers": 2, "norm_groups": 8},
+        "loss": {"disc_start": 250, "disc_layers": 2, "disc_ndf": 16},
+    }}
 
 
 def _preset_tiny() -> dict[str, Any]:
-    return {
+    d = _preset_fmnist()
+    _deep_merge(d, {
         "data": {"image_size": 16, "max_images": 256, "shard_max_count": 64, "num_workers": 1},
         "tokenizer": {
-            "ch": 16, "ch_mult": [1, 2], "attn_resolutions": [], "z_channels": 16, "codebook_size": 32,
-            "codebook_dim": 16, "demask_layers": 2, "norm_groups": 8, "disc_start": 20, "disc_layers": 1,
-            "disc_ndf": 8, "batch_size": 16, "max_steps": 30, "warmup_steps": 5, "eval_every": 10,
-            "checkpoint_every": 10,
+            "model": {"ch_mult": [1, 2], "z_channels": 16, "codebook_size": 32, "codebook_dim": 16},
+            "loss": {"disc_start": 20, "disc_layers": 1, "disc_ndf": 8},
+            "batch_size": 16, "max_steps": 30, "warmup_steps": 5, "eval_every": 10, "checkpoint_every": 10,
         },
         "stackformer": {
             "n_layer_code": 2, "n_layer_pos": 2, "n_embd": 32, "n_head": 2, "dropout": 0.0, "batch_size": 16,
             "max_steps": 40, "warmup_steps": 5, "eval_every": 20, "checkpoint_every": 20,
         },
         "evaluate": {"num_samples": 64, "batch_size": 32, "classifier": {"max_steps": 40, "width": 8}},
-    }
+    })
+    return d
 
 
 def _paper(ch_mult: list[int], attn: int, keep_ratio: float) -> dict[str, Any]:
+    # The model and loss defaults are the released f16 architecture; f8 differs in depth, attention and mask.
     return {
         "data": {"source": "image-folder", "image_size": 256, "channels": 3},
         "tokenizer": {
-            "ch": 128, "ch_mult": ch_mult, "num_res_blocks": 2, "dec_num_res_blocks": 3,
-            "attn_resolutions": [attn], "z_channels": 256, "codebook_size": 1024, "codebook_dim": 256,
-            "keep_ratio": keep_ratio, "demask_layers": 8, "disc_start": 0, "disc_layers": 3, "disc_ndf": 64,
+            "model": {"ch_mult": ch_mult, "attn_resolutions": [attn], "keep_ratio": keep_ratio},
             "batch_size": 30, "lr": 1.08e-3, "max_steps": 500_000, "eval_every": 5000, "checkpoint_every": 5000,
         },
         "stackformer": {
@@ -411,10 +440,10 @@ def resolve(preset: str = "fmnist", file: str | Path | None = None, overrides: l
         doc = load_yaml(file)
         if "preset" in doc and doc["preset"] != preset:
             raise ConfigError(f"config file {file} sets preset={doc['preset']!r}; pass it with --preset instead")
-        _deep_merge(merged, doc)
+        _deep_merge(merged, _nested(doc, str(file)))
     for item in overrides or []:
         key, value = parse_override(item)
-        _set_dotted(merged, key, value)
+        _set_dotted(merged, canonical_key(key), value)
     merged["preset"] = preset
     return from_dict(PipelineConfig, merged)
 
@@ -479,7 +508,7 @@ def _grid_value_text(v: Any) -> str:
 def _is_list_field(key: str) -> bool:
     """Whether the dotted config key names a list-valued field (unknown keys: False; resolve() reports them)."""
     cls: Any = PipelineConfig
-    for part in key.split("."):
+    for part in canonical_key(key).split("."):
         if not is_dataclass(cls):
             return False
         hints = typing.get_type_hints(cls)
@@ -532,6 +561,39 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+def canonical_key(key: str) -> str:
+    """A dotted key in its nested spelling: ``tokenizer.keep_ratio`` -> ``tokenizer.model.keep_ratio``."""
+    section, _, rest = key.partition(".")
+    head, _, tail = rest.partition(".")
+    if section == "tokenizer" and head in TOKENIZER_ALIASES:
+        return f"tokenizer.{TOKENIZER_ALIASES[head]}" + (f".{tail}" if tail else "")
+    return key
+
+
+def _nested(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    """``doc`` (a config document) with the flat tokenizer keys moved to their nested places."""
+    tok = doc.get("tokenizer")
+    if not isinstance(tok, dict) or not any(k in TOKENIZER_ALIASES for k in tok):
+        return doc
+    return {**doc, "tokenizer": _nest_tokenizer(tok, where)}
+
+
+def _nest_tokenizer(tok: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tok.items() if k not in TOKENIZER_ALIASES}
+    for k, v in tok.items():
+        if k not in TOKENIZER_ALIASES:
+            continue
+        sub, name = TOKENIZER_ALIASES[k].split(".")
+        target = out.setdefault(sub, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{where}: tokenizer.{sub} must be a mapping, got {target!r}")
+        if name in target and target[name] != v:
+            raise ConfigError(f"{where}: tokenizer.{k}={v!r} and tokenizer.{sub}.{name}={target[name]!r} name one "
+                              "value twice; keep one")
+        target[name] = v
+    return out
+
+
 def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
@@ -547,26 +609,56 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, checking keys and types; errors name the dotted key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    if cls is TokenizerConfig:
+        data = _nest_tokenizer(data, "config")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls) if f.init}
     for k in data:
         if k not in known:
-            close = difflib.get_close_matches(str(k), list(known), n=1)
+            spellings = [*known, *(TOKENIZER_ALIASES if cls is TokenizerConfig else ())]
+            close = difflib.get_close_matches(str(k), spellings, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown key {prefix}{k}{hint}; allowed keys: {', '.join(known)}")
+            also = " (and every key of model and loss by its own name)" if cls is TokenizerConfig else ""
+            raise ConfigError(f"unknown key {prefix}{k}{hint}; allowed keys: {', '.join(known)}{also}")
+    if cls is PipelineConfig:
+        data = _with_geometry(data)
     kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
+        # The models' own validation: name the dotted key of the field the message starts with.
+        msg, name = str(e), str(e).split(" ", 1)[0].split("=", 1)[0]
+        if name in known:
+            where = f" ({prefix}{name} follows {GEOMETRY[name]})" if cls is MQVAEConfig and name in GEOMETRY else ""
+            raise ConfigError(f"{prefix}{msg}{where}") from e
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+
+
+def _with_geometry(data: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline document with the data section built and its geometry written into the tokenizer's model
+    (which validates against it); a model geometry given explicitly must agree with the data's."""
+    section = _coerce(DataConfig, data.get("data"), "data")
+    tok = _nest_tokenizer(data.get("tokenizer") or {}, "config")
+    if not isinstance(tok, dict):
+        return data  # from_dict reports the bad section
+    model = dict(tok.get("model") or {})
+    for name, source in GEOMETRY.items():
+        value = getattr(section, source.split(".", 1)[1])
+        if name in model and model[name] != value:
+            raise ConfigError(f"tokenizer.model.{name}={model[name]!r} differs from {source}={value!r}: the tokenizer "
+                              f"takes the image geometry of its data; set {source} instead")
+        model[name] = value
+    return {**data, "data": section, "tokenizer": {**tok, "model": model}}
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if is_dataclass(tp):
+        if isinstance(value, tp):
+            return value  # built already (and validated)
         return from_dict(tp, value if value is not None else {}, key + ".")
     if origin is Literal:
         for a in args:
@@ -600,6 +692,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}={value!r} must be a number")
     if tp is str:
         if isinstance(value, str):
@@ -626,7 +723,7 @@ def stable_hash(obj: Any, length: int = 12) -> str:
 def replace(cfg: PipelineConfig, **sections: Any) -> PipelineConfig:
     """``replace(cfg, tokenizer={"keep_ratio": 0.75})``: a validated copy with some fields changed."""
     d = cfg.to_dict()
-    _deep_merge(d, sections)
+    _deep_merge(d, _nested(sections, "replace()"))
     return from_dict(PipelineConfig, d)
 
 
@@ -641,23 +738,16 @@ def _check_range(key: str, value: float, lo: float, hi: float, lo_open: bool = F
 
 
 def _check_semantics(cfg: PipelineConfig) -> None:
+    """Checks across sections (each section validated itself when it was built: the tokenizer's model and loss
+    by ``models.mqvae`` and ``models.losses``, once per resolution)."""
     d, t, s, e = cfg.data, cfg.tokenizer, cfg.stackformer, cfg.evaluate
-    _check_range("tokenizer.keep_ratio", t.keep_ratio, 0.0, 1.0, lo_open=True)
     _check_range("data.val_fraction", d.val_fraction, 0.0, 0.5)
     _check_range("data.max_bad_fraction", d.max_bad_fraction, 0.0, 1.0)
-    factor = 2 ** (len(t.ch_mult) - 1)
-    if d.image_size % factor:
-        raise ConfigError(f"data.image_size={d.image_size} must be divisible by the downsampling factor "
-                          f"{factor} (2 ** (len(tokenizer.ch_mult) - 1))")
-    grid = d.image_size // factor
-    kept = round(t.keep_ratio * grid * grid)
-    if kept < 1:
-        raise ConfigError(f"tokenizer.keep_ratio={t.keep_ratio} keeps no position of the {grid}x{grid} grid")
-    if t.codebook_size > 65535:
-        raise ConfigError(f"tokenizer.codebook_size={t.codebook_size} must be <= 65535 (uint16 codes)")
+    if t.model.codebook_size > 65535:
+        raise ConfigError(f"tokenizer.codebook_size={t.model.codebook_size} must be <= 65535 (uint16 codes)")
     if s.n_embd % s.n_head:
         raise ConfigError(f"stackformer.n_embd={s.n_embd} must be divisible by stackformer.n_head={s.n_head}")
-    if s.model == "fullgrid" and t.keep_ratio != 1.0:
+    if s.model == "fullgrid" and t.model.keep_ratio != 1.0:
         raise ConfigError("stackformer.model=fullgrid models the whole grid: set tokenizer.keep_ratio=1.0")
     for name, value in (("data.image_size", d.image_size), ("data.shard_max_count", d.shard_max_count),
                         ("data.num_workers", d.num_workers), ("tokenizer.batch_size", t.batch_size),
@@ -673,38 +763,12 @@ def _check_semantics(cfg: PipelineConfig) -> None:
                           "must be >= 0")
     if e.extractor not in ("classifier", "inception-v3-compat"):
         raise ConfigError(f"evaluate.extractor={e.extractor!r}; allowed: 'classifier', 'inception-v3-compat'")
-    # The model's and the loss's own validation, reported under their section; the configs built here are the
-    # ones the stages use (built and validated once per resolution, never rebuilt from a dict on the way).
-    from models.losses import LossConfig
-    from models.mqvae import MQVAEConfig
-
-    try:
-        kw = _pick(cfg.tokenizer, MQVAEConfig)
-        kw["ch_mult"] = tuple(kw["ch_mult"])
-        kw["attn_resolutions"] = tuple(kw["attn_resolutions"])
-        object.__setattr__(cfg, "_mqvae", MQVAEConfig(in_channels=d.channels, resolution=d.image_size, **kw))
-        object.__setattr__(cfg, "_loss", LossConfig(**_pick(cfg.tokenizer, LossConfig)))
-    except ValueError as err:
-        raise ConfigError(f"tokenizer: {err}") from err
+    if (t.model.in_channels, t.model.resolution) != (d.channels, d.image_size):  # built by hand, not by from_dict
+        raise ConfigError(f"tokenizer.model has {t.model.in_channels} channels at {t.model.resolution}px, the data "
+                          f"{d.channels} at {d.image_size}px; build configs with resolve() or from_dict()")
 
 
 # --------------------------------------------------------------------------------------------- model configs
-
-
-def _pick(section: Any, target: type) -> dict[str, Any]:
-    names = {f.name for f in fields(target)}
-    return {k: v for k, v in to_dict(section).items() if k in names}
-
-
-def mqvae_config(cfg: PipelineConfig) -> Any:
-    """The ``models.mqvae.MQVAEConfig`` described by the pipeline config (data gives size and channels), built
-    and validated when the config was."""
-    return cfg._mqvae  # type: ignore[attr-defined]
-
-
-def loss_config(cfg: PipelineConfig) -> Any:
-    """The ``models.losses.LossConfig`` of the tokenizer section, built and validated when the config was."""
-    return cfg._loss  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -719,7 +783,7 @@ class TokenLayout:
 def token_layout(cfg: PipelineConfig) -> TokenLayout:
     """The layout the tokenizer section *asks for*, before any tokenizer exists (benchmarks, tests, planning).
     Stages read the layout of the tokenizer they were given (``TokenizerOutput``) instead."""
-    m = mqvae_config(cfg)
+    m = cfg.tokenizer.model
     return TokenLayout(codebook_size=m.codebook_size, grid_size=m.grid_size, seq_len=m.num_kept)
 
 

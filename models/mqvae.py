@@ -35,6 +35,9 @@ _KEY_MASKS = get_args(KeyMask)
 class MQVAEConfig:
     """Architecture of the MQ-VAE; validated on construction (``ValueError`` naming the field).
 
+    The defaults are the released f16 configuration (256 px RGB, 16x16 grid, keep 75 %, 8 de-mask layers);
+    the pipeline's presets set only what differs from them.
+
     Attributes:
         in_channels: image channels.
         resolution: image height = width, in pixels.
@@ -59,19 +62,19 @@ class MQVAEConfig:
         ema_decay: EMA decay of the codebook.
     """
 
-    in_channels: int
-    resolution: int
-    ch: int
-    ch_mult: tuple[int, ...]
-    num_res_blocks: int
-    dec_num_res_blocks: int
-    attn_resolutions: tuple[int, ...]
-    z_channels: int
-    codebook_size: int
-    codebook_dim: int
-    keep_ratio: float
+    in_channels: int = 3
+    resolution: int = 256
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    dec_num_res_blocks: int = 3
+    attn_resolutions: tuple[int, ...] = (16,)
+    z_channels: int = 256
+    codebook_size: int = 1024
+    codebook_dim: int = 256
+    keep_ratio: float = 0.75
     scorer: Scorer = "learned"
-    demask_layers: int
+    demask_layers: int = 8
     demask_mask_init: float = 0.02
     demask_key_mask: KeyMask = "soft"
     demask_renormalize: bool = False

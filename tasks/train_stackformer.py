@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from infra.config import (
     PipelineConfig,
     fullgrid_config,
-    mqvae_config,
     sampling_params,
     stable_hash,
     stackformer_config,
@@ -379,7 +378,7 @@ def plan(cfg: PipelineConfig, tokens: TokenizeOutput, tokenizer: TokenizerOutput
     database differs from the model; ``ValueError`` covers the tokenizer and the batch layout.
     """
     s = cfg.stackformer
-    tok = mqvae_config(cfg)
+    tok = cfg.tokenizer.model
     seq_len = tok.grid_size ** 2 if s.model == "fullgrid" else tok.num_kept
     metas = {}
     for split in ("train", "val"):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from infra.config import PipelineConfig, loss_config, mqvae_config, stable_hash, to_dict
+from infra.config import PipelineConfig, stable_hash, to_dict
 from infra.orchestration import lazy_stage_task
 from infra.refs import TokenizerInputs, TokenizerOutput
 from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
@@ -279,7 +279,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def stage_key(cfg: PipelineConfig, ingest_manifest_sha256: str) -> str:
-    return stable_hash({"stage": STAGE, "version": VERSION, "tokenizer": to_dict(cfg.tokenizer),
+    return stable_hash({"stage": STAGE, "version": VERSION, "tokenizer": cfg.tokenizer.flat(),
                         "image_size": cfg.data.image_size, "channels": cfg.data.channels, "seed": cfg.seed,
                         "ingest": ingest_manifest_sha256})
 
@@ -316,17 +316,17 @@ def _train(cfg: PipelineConfig, inputs: TokenizerInputs, key: str, out_dir: Path
 
     ingest = inputs.ingest
     shards = ShardSet.from_output(ingest)
-    model_cfg = mqvae_config(cfg)
+    model_cfg = cfg.tokenizer.model
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     srun, ray_name, step_offset = open_training_attempt(
         tracker, STAGE, key, out_dir, force=force, done=load_output(out_dir) is not None, success_name=SUCCESS,
-        params={"tokenizer": to_dict(cfg.tokenizer), "seed": cfg.seed, "image_size": cfg.data.image_size,
+        params={"tokenizer": cfg.tokenizer.flat(), "seed": cfg.seed, "image_size": cfg.data.image_size,
                 "channels": cfg.data.channels},
         tags={"mqgen.num_workers": str(cfg.ray.num_workers), "mqgen.ingest_manifest_sha256": ingest.manifest_sha256,
               "mqgen.ingest_run_id": ingest.mlflow_run_id},
         parent_run_id=parent_run_id)
     loop = TokenizerLoop(
-        cfg=cfg, model_config=model_cfg, loss_config=loss_config(cfg), key=key, tracking_uri=tracker.uri,
+        cfg=cfg, model_config=model_cfg, loss_config=cfg.tokenizer.loss, key=key, tracking_uri=tracker.uri,
         mlflow_run_id=srun.run_id, metric_step_offset=step_offset,
         train_shards=tuple((s.path, s.num_samples) for s in shards.shards("train")),
         val_shards=tuple((s.path, s.num_samples) for s in shards.shards("val")),

@@ -49,11 +49,16 @@ def test_the_graph_holds_every_stage_module_once_in_run_order() -> None:
     assert "train_evaluator" in GRAPH["evaluate"].needs  # every model trained is a stage
 
 
-def test_the_model_config_is_built_once_per_resolution_and_travels_as_is() -> None:
-    from infra.config import mqvae_config, resolve
+def test_the_model_config_is_built_once_per_resolution_and_travels_as_is(monkeypatch) -> None:
+    from infra.config import resolve
+    from models.mqvae import MQVAEConfig
 
+    built = []
+    original = MQVAEConfig.__post_init__
+    monkeypatch.setattr(MQVAEConfig, "__post_init__", lambda self: (built.append(self), original(self))[1])
     cfg = resolve("tiny", overrides=["tokenizer.keep_ratio=0.75"])
-    m = mqvae_config(cfg)
-    assert m is mqvae_config(cfg) and m.keep_ratio == 0.75 and m.num_kept == 48
-    shipped = pickle.loads(pickle.dumps(cfg))  # what a Ray worker receives
-    assert mqvae_config(shipped) == m
+    assert len(built) == 1 and built[0] is cfg.tokenizer.model  # one construction, one validation
+    m = cfg.tokenizer.model
+    assert m.keep_ratio == 0.75 and m.num_kept == 48 and (m.in_channels, m.resolution) == (1, 16)
+    shipped = pickle.loads(pickle.dumps(cfg))  # what a Ray worker receives: not rebuilt, not re-validated
+    assert shipped.tokenizer.model == m and len(built) == 1

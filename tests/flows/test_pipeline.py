@@ -147,7 +147,7 @@ def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_
             "evaluate.num_samples=24", "tokenizer.keep_ratio=[0.5,0.75]"]
     trained_before = sorted(p.name for p in (root / "ray").iterdir())
     variants = expand_grid("tiny", None, args)
-    assert [v.config.tokenizer.keep_ratio for v in variants] == [0.5, 0.75]
+    assert [v.config.tokenizer.model.keep_ratio for v in variants] == [0.5, 0.75]
     result = run_grid(variants, name="test-grid")
     assert result.executions["ingest"] == 1  # shared by both variants
     assert result.executions["train_evaluator"] == 1

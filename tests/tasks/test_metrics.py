@@ -262,7 +262,7 @@ def test_pixel_metrics() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_metrics_match_the_cpu_and_training_sampling_decoding_run_on_the_device(tmp_path: Path,
                                                                                          monkeypatch) -> None:
-    from infra.config import mqvae_config, resolve, stackformer_config, token_layout
+    from infra.config import resolve, stackformer_config, token_layout
     from models.mqvae import MQVAE
     from models.stackformer import Stackformer
     from tasks import evaluate
@@ -298,7 +298,7 @@ def test_on_cuda_metrics_match_the_cpu_and_training_sampling_decoding_run_on_the
     # the stage's sampling, decoding, reconstruction and classification on the device
     cfg = resolve("tiny")
     model = Stackformer(stackformer_config(cfg.stackformer, token_layout(cfg), num_classes=10)).to(dev).eval()
-    tok = MQVAE(mqvae_config(cfg)).to(dev).eval()
+    tok = MQVAE(cfg.tokenizer.model).to(dev).eval()
     lab = torch.arange(16) % 10
     b1, b2 = (evaluate.sample_batch(model, tok, 16, lab, cfg, torch.Generator(device=dev).manual_seed(3), dev)
               for _ in range(2))
