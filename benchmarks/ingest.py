@@ -12,7 +12,7 @@ Two cases:
 For each case and round:
 
 - Ceiling: the same images decoded and encoded in this one process without writing: the source's own
-  planning (IDX decompression / folder walk and split) plus ``infra.sources.iter_chunk`` over every chunk
+  planning (IDX decompression / folder walk and split) plus ``tasks.ingest.sources.iter_chunk`` over every chunk
   (decode, mode conversion, pad/crop/resize, PNG encoding), results discarded.
 - Stage: ``tasks.ingest.run(force=True)`` end to end with ``data.num_workers=--workers`` processes:
   planning, parallel decode/encode, tar writing with sha256, done records, the sample grid, the manifest,
@@ -83,7 +83,7 @@ def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
 def ceiling(cfg, download_dir: Path) -> tuple[int, float, float]:
     """Images, seconds and CPU seconds to plan, decode and encode everything in this process, writing
     nothing."""
-    from infra.sources import Good, ImageSpec, PlanContext, iter_chunk, source_from_config
+    from tasks.ingest.sources import Good, ImageSpec, PlanContext, iter_chunk, source_from_config
 
     d = cfg.data
     spec = ImageSpec.from_data(d)

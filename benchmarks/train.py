@@ -30,8 +30,8 @@ Not a timed test: it measures and prints, then prints one JSON line last. Figure
 
 ``tokenizer`` (``tasks.train_tokenizer``):
 
-1. Data: synthetic ingest shards (``infra.shards.ShardWriter``, the ingest stage's tar writer, PNGs from
-   ``infra.sources.encode_png``) at the preset's image size and channels: smooth random images (random
+1. Data: synthetic ingest shards (``tasks.ingest.writer.ShardWriter``, the ingest stage's tar writer, PNGs from
+   ``tasks.ingest.sources.encode_png``) at the preset's image size and channels: smooth random images (random
    low-resolution pixels, bilinear upscaling, light noise, so PNG decoding costs about what it costs on
    photos) with random labels, in 4 shards.
 2. The timed step is the stage's (``train_loop``): the next batch of :class:`infra.stream.TrainStream`
@@ -446,8 +446,8 @@ def synthetic_shards(directory: Path, cfg: PipelineConfig, *, num_images: int, n
     train shards (random labels 0-9); returns ``(path, samples)`` per shard, as the stage passes them."""
     from PIL import Image
 
-    from infra.shards import ShardWriter
-    from infra.sources import encode_png
+    from tasks.ingest.writer import ShardWriter
+    from tasks.ingest.sources import encode_png
 
     size, channels = cfg.data.image_size, cfg.data.channels
     rng = np.random.default_rng(seed)

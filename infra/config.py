@@ -27,8 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from infra.errors import PermanentError
-from models.losses import LossConfig
-from models.mqvae import MQVAEConfig
+from models.configs import LossConfig, MQVAEConfig
 
 # The pipeline's stages in the order they run (the graph itself, what reads what, is flows/stages.py).
 STAGES: tuple[str, ...] = ("ingest", "train_tokenizer", "tokenize", "train_stackformer", "train_evaluator",

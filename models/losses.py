@@ -8,54 +8,12 @@ loaded outside ``models/``) to use ``perceptual_weight > 0``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True, kw_only=True)
-class LossConfig:
-    """Loss weights and discriminator settings (defaults follow the reference except perceptual_weight).
-
-    Attributes:
-        l1_weight: weight of mean |x - x_hat|.
-        perceptual_weight: weight of the perceptual distance; 0 by default because no LPIPS/VGG weights ship.
-        disc_start: first step (inclusive) at which the GAN terms are active.
-        disc_weight: multiplier of the adaptive generator weight.
-        disc_weight_max: upper clamp of the adaptive generator weight (after multiplying by disc_weight).
-        disc_factor: multiplier of both GAN terms once active.
-        disc_layers: number of stride-2 conv layers of the PatchGAN discriminator.
-        disc_ndf: width of the first discriminator layer.
-        codebook_weight: weight of the quantizer loss.
-    """
-
-    l1_weight: float = 1.0
-    perceptual_weight: float = 0.0
-    disc_start: int = 0
-    disc_weight: float = 0.75
-    disc_weight_max: float = 1.0
-    disc_factor: float = 1.0
-    disc_layers: int = 3
-    disc_ndf: int = 64
-    codebook_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in (
-            "l1_weight",
-            "perceptual_weight",
-            "disc_start",
-            "disc_weight",
-            "disc_weight_max",
-            "disc_factor",
-            "codebook_weight",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("disc_layers", "disc_ndf"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+from models.configs import LossConfig  # noqa: F401  (the loss's config, re-exported)
 
 
 class NLayerDiscriminator(nn.Module):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from infra.shards import ShardSet
-from infra.sources import BadInput, ImageSpec, SourceError, decode_image, read_idx, to_target_mode
+from tasks.ingest.sources import BadInput, ImageSpec, SourceError, decode_image, read_idx, to_target_mode
 from tasks.ingest import IngestError, run, stage_key
 from tests.fixtures.ingest_data import config, encode, gradient, png16, truncated, write, write_idx
 

@@ -117,8 +117,8 @@ def test_stray_partials_and_unrecorded_parts_are_ignored(run_root: Path) -> None
 
 
 def test_a_writer_that_fails_mid_chunk_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from infra import shards
-    from infra.sources import ArrayChunk, Good, ImageSpec
+    from tasks.ingest import writer as shards
+    from tasks.ingest.sources import ArrayChunk, Good, ImageSpec
 
     def broken(chunk, spec):  # two good samples, then the decoder blows up
         yield Good("train", "train_00000000", b"\x89PNG fake", 1)

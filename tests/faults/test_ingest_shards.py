@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from infra.shards import ShardIntegrityError, ShardSet, iter_samples
-from infra.sources import (
+from tasks.ingest.sources import (
     Good,
     ImageSpec,
     InputDamage,

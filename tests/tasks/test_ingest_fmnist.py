@@ -15,7 +15,7 @@ import pytest
 
 from infra.refs import IngestOutput
 from infra.shards import MANIFEST_NAME, ShardIntegrityError, ShardSet, iter_samples, read_shard
-from infra.sources import read_idx
+from tasks.ingest.sources import read_idx
 from infra.storage import sha256_file
 from tasks.ingest import run, stage_key
 from tests.fixtures.ingest_data import FMNIST_DIR, config

@@ -17,7 +17,7 @@ import pytest
 
 from infra.config import ConfigError
 from infra.shards import ShardSet, read_shard
-from infra.sources import DOWNLOADS, SourceError, download_verified
+from tasks.ingest.sources import DOWNLOADS, SourceError, download_verified
 from tasks.ingest import run
 from tests.fixtures.ingest_data import config, encode, gradient, solid, write, write_mnist_like
 
@@ -164,7 +164,7 @@ def test_download_checks_sha256_and_renames_only_verified_files(tmp_path: Path) 
 
 def test_fashion_mnist_downloads_when_no_local_copy_exists(make_run_root, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from infra import sources
+    from tasks.ingest import sources
 
     mirror = tmp_path / "mirror"
     write_mnist_like(mirror, gz=True)

@@ -7,7 +7,7 @@ Output: ``<run.root>/ingest/<key>/{train,val}-%06d.tar`` (members ``<key>.png``,
 How a run goes:
 
 1. Take ``<run.root>/ingest/.<key>.lock`` (a second ingest of the same key waits, then hits the cache).
-2. Plan the source (:mod:`infra.sources`): deterministic chunks, each at most one shard's worth of inputs
+2. Plan the source (:mod:`tasks.ingest.sources`): deterministic chunks, each at most one shard's worth of inputs
    (IDX files are decompressed as the chunks are handed out). Meanwhile the MLflow run is opened and the
    worker processes start, both in the background.
 3. Build the chunks in ``<run.root>/ingest/.<key>.build/`` with ``data.num_workers`` processes: this one
@@ -50,25 +50,9 @@ from infra.shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     SAMPLES_GRID_NAME,
-    ChunkJob,
-    ChunkResult,
     ShardIntegrityError,
-    build_chunk,
     check_shards,
     load_manifest,
-    pool_build_chunk,
-    pool_init,
-    sample_grid,
-)
-from infra.sources import (
-    SPLITS,
-    ImageSpec,
-    IngestError,
-    Plan,
-    PlanContext,
-    SourceError,
-    TarChunk,
-    source_from_config,
 )
 from infra.storage import (
     atomic_write_bytes,
@@ -81,6 +65,17 @@ from infra.storage import (
     sha256_file,
     stage_dir,
 )
+from tasks.ingest.sources import (
+    SPLITS,
+    ImageSpec,
+    IngestError,
+    Plan,
+    PlanContext,
+    SourceError,
+    TarChunk,
+    source_from_config,
+)
+from tasks.ingest.writer import ChunkJob, ChunkResult, build_chunk, pool_build_chunk, pool_init, sample_grid
 
 __all__ = ["INGEST_VERSION", "IngestError", "IngestOutput", "SourceError", "run", "stage_key"]
 
@@ -301,7 +296,7 @@ class _WorkerPool:
 
     def __init__(self, num_workers: int):
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["infra.shards"])
+        ctx.set_forkserver_preload(["tasks.ingest.writer"])
         self.num_workers = num_workers
         self.queue = ctx.Queue()
         self.executor = ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=pool_init,
