@@ -621,7 +621,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"unknown key {prefix}{k}{hint}; allowed keys: {', '.join(known)}{also}")
     if cls is PipelineConfig:
         data = _with_geometry(data)
-    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    # The tokenizer's model and loss report errors under the flat spelling users write (tokenizer.keep_ratio).
+    flat = cls is TokenizerConfig and prefix == "tokenizer."
+    kwargs = {k: _coerce(hints[k], v, "tokenizer" if flat and k in ("model", "loss") else f"{prefix}{k}")
+              for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -629,9 +632,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     except (TypeError, ValueError) as e:
         # The models' own validation: name the dotted key of the field the message starts with.
         msg, name = str(e), str(e).split(" ", 1)[0].split("=", 1)[0]
+        if cls is MQVAEConfig and name in GEOMETRY:  # the model's image geometry is the data section's
+            raise ConfigError(GEOMETRY[name] + msg[len(name):]) from e
         if name in known:
-            where = f" ({prefix}{name} follows {GEOMETRY[name]})" if cls is MQVAEConfig and name in GEOMETRY else ""
-            raise ConfigError(f"{prefix}{msg}{where}") from e
+            raise ConfigError(f"{prefix}{msg}") from e
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
 
 

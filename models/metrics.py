@@ -51,11 +51,17 @@ def ssim_per_image(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: fl
     return ssim_map.flatten(1).mean(1)
 
 
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """``exp(entropy)`` of a code-count histogram ``[K]`` (0 for an empty one), in the histogram's float dtype
+    (``float32`` for integer counts); differentiable-free, usable inside a model's forward."""
+    counts = counts if counts.is_floating_point() else counts.float()
+    total = counts.sum()
+    p = counts / total.clamp_min(1e-12)
+    entropy = -torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p)).sum()
+    return torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
+
+
 def code_stats(counts: torch.Tensor) -> dict[str, float]:
     """Perplexity (exp of the entropy) and used fraction of a code-count histogram ``[K]``."""
     counts = counts.double()
-    total = float(counts.sum())
-    if total <= 0:
-        return {"perplexity": 0.0, "usage": 0.0}
-    p = counts[counts > 0] / total
-    return {"perplexity": float(torch.exp(-(p * p.log()).sum())), "usage": float((counts > 0).double().mean())}
+    return {"perplexity": float(perplexity(counts)), "usage": float((counts > 0).double().mean())}

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.metrics import perplexity
+
 SyncFn = Callable[[Tensor], Tensor]
 
 # Rows of the [rows, num_codes] distance matrix computed at once; bounds peak memory of the search.
@@ -150,13 +152,11 @@ class EMAVectorQuantizer(nn.Module):
         flat32 = flat.float()
         loss = self.beta * F.mse_loss(flat32, zq.detach()) + F.mse_loss(zq, flat32.detach())
         quantized = flat + (zq.to(flat.dtype) - flat).detach()
-        probs = usage.float() / flat.shape[0]
-        perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         return QuantizerOutput(
             quantized=quantized.view_as(z),
             indices=indices.view(z.shape[:-1]),
             loss=loss,
-            perplexity=perplexity,
+            perplexity=perplexity(usage),
             usage=usage,
         )
 

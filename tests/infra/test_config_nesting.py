@@ -79,18 +79,19 @@ def test_the_model_geometry_follows_the_data_section() -> None:
     assert (cfg.tokenizer.model.resolution, cfg.tokenizer.model.in_channels) == (32, 3)
     with pytest.raises(ConfigError, match=r"tokenizer\.model\.resolution=64 differs from data\.image_size=16"):
         resolve("tiny", overrides=["tokenizer.model.resolution=64"])
-    with pytest.raises(ConfigError, match=r"resolution \(17\) must be divisible.*follows data\.image_size"):
+    with pytest.raises(ConfigError, match=r"^data\.image_size \(17\) must be divisible by the downsample factor 2"):
         resolve("tiny", overrides=["data.image_size=17"])
 
 
 @pytest.mark.parametrize("override, key", [
-    ("tokenizer.keep_ratio=1.5", r"tokenizer\.model\.keep_ratio"),
-    ("tokenizer.keep_ratio=0.001", r"tokenizer\.model\.keep_ratio"),
-    ("tokenizer.norm_groups=5", r"tokenizer\.model\.norm_groups"),
-    ("tokenizer.disc_layers=0", r"tokenizer\.loss\.disc_layers"),
+    ("tokenizer.keep_ratio=1.5", r"^tokenizer\.keep_ratio .*must be in \(0, 1\]"),
+    ("tokenizer.model.keep_ratio=0.001", r"^tokenizer\.keep_ratio 0\.001 keeps .* = 0 positions"),
+    ("tokenizer.norm_groups=5", r"^tokenizer\.norm_groups=5 does not divide"),
+    ("tokenizer.disc_layers=0", r"^tokenizer\.disc_layers must be >= 1"),
     ("tokenizer.codebook_size=70000", r"tokenizer\.codebook_size"),
     ("tokenizer.keep_ratoi=0.5", r"did you mean tokenizer\.keep_ratio"),
-    ("tokenizer.model.scorer=best", r"tokenizer\.model\.scorer='best' is not allowed"),
+    ("tokenizer.model.scorer=best", r"^tokenizer\.scorer='best' is not allowed"),
+    ("tokenizer.ch_mult=[1,x]", r"^tokenizer\.ch_mult\[1\]='x' must be an integer"),
 ])
 def test_errors_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
