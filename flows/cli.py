@@ -160,6 +160,7 @@ def run(
     cfg = _resolve_or_exit(preset, config, overrides or [])
     _prepare_environment(cfg)  # before Prefect is imported: it reads its settings once, at import
     from flows.pipeline import cached_refs, run_pipeline, select_stages
+    from infra.orchestration import start_local_api
 
     try:
         stages = select_stages(only, from_stage)
@@ -176,6 +177,7 @@ def run(
         else:
             _start_logging(cfg, "run", verbose)
             typer.echo(f"mqgen run: preset {cfg.preset}, config {cfg.hash()}, run root {cfg.run.root}", err=True)
+            start_local_api()
             refs = run_pipeline(cfg, only=only, from_stage=from_stage)
             seconds = time.perf_counter() - t0
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one readable paragraph, the traceback in the log
@@ -212,8 +214,10 @@ def grid(
     _start_logging(variants[0].config, "grid", verbose)
     typer.echo(f"grid: {len(variants)} variants: " + "; ".join(v.label for v in variants), err=True)
     from flows.grid import run_grid
+    from infra.orchestration import start_local_api
 
     try:
+        start_local_api()
         result = run_grid(variants, name=name)
     except Exception as e:  # noqa: BLE001 - one readable paragraph, the traceback in the log
         _fail(e, debug)

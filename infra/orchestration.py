@@ -36,3 +36,25 @@ def lazy_stage_task(module: str, attr: str, fn: Callable[..., Any], *, name: str
         return built
 
     return __getattr__
+
+
+def start_local_api() -> None:
+    """Start this process's temporary Prefect API server now, holding a lock in ``PREFECT_HOME``.
+
+    Two ``mqgen`` processes on one run root share ``<run.root>/.prefect/prefect.db``; started at once, both
+    would create and migrate that SQLite database together (and one fail). Under the lock the second waits
+    until the first server is up, then starts its own on the migrated database. Prefect's flows then reuse
+    the server started here. A no-op when ``PREFECT_API_URL`` names a server.
+    """
+    import os
+    from pathlib import Path
+
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_HOME
+
+    from infra.storage import file_lock
+
+    with file_lock(Path(PREFECT_HOME.value()) / ".mqgen-start.lock", what="Prefect's local database"):
+        SubprocessASGIServer().start()

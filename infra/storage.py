@@ -242,19 +242,55 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
         remove_tree(old)
 
 
-@contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock (``flock``) on ``path`` while the block runs; waits for other holders.
+def lock_holder_text() -> str:
+    """Who takes a lock, as written into the lock file: host, pid, start time and the command line."""
+    import socket
+    import sys
+    import time
 
-    The lock dies with its process, so a killed holder never leaves a stale lock behind.
+    cmd = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200]
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": cmd})
+
+
+def describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"process {h['pid']} on {h['host']} (since {h['since']}: {h['command']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, what: str = "") -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``path`` while the block runs; waits for other holders,
+    saying who holds it (``what`` names the work it guards in that message).
+
+    The holder writes who it is into the lock file, for the message a waiter prints. The lock dies with its
+    process, so a killed holder never leaves a stale lock behind.
     """
     import fcntl
+    import logging
+    import time
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = describe_holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            log = logging.getLogger("mqgen.lock")
+            log.warning("waiting for %s: %s holds it", what or path, holder)
+            t0 = time.monotonic()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log.warning("%s: free after %.0f s; going on", what or path, time.monotonic() - t0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, lock_holder_text().encode(), 0)
+        except OSError:
+            pass  # the message is a courtesy; the lock holds without it
         try:
             yield
         finally:
@@ -273,7 +309,7 @@ def cached_run(out_dir: Path, key: str, load: Callable[[], T | None], compute: C
         if hit is not None:
             return hit
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_dir.parent / f".{key}.lock"):
+    with file_lock(out_dir.parent / f".{key}.lock", what=f"{out_dir.parent.name} {key} (its result is reused)"):
         if not force:
             hit = load()
             if hit is not None:

@@ -101,8 +101,18 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri or tracking_uri_for(root)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
+        if self.uri.startswith("sqlite:///"):
+            # Two processes on a fresh root would create and migrate the same SQLite file at once (alembic:
+            # "Online migration expected to match one row"); the first access happens under a lock beside it.
+            from infra.storage import file_lock
+
+            db = Path(self.uri[len("sqlite:///"):])
+            with file_lock(db.parent / f".{db.name}.lock", what="the MLflow database"):
+                self.client = MlflowClient(tracking_uri=self.uri)
+                exp = self.client.get_experiment_by_name(experiment)
+        else:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             artifact_location = None
             if self.uri.startswith("sqlite:///") and "://" not in str(root):

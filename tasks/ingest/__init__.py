@@ -116,7 +116,7 @@ def run(cfg: PipelineConfig, inputs: IngestInputs | None = None, *, force: bool 
             log.info("ingest %s: cache hit, %s", key, out)
             return hit
     out.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out.parent / f".{key}.lock"):
+    with file_lock(out.parent / f".{key}.lock", what=f"ingest {key} (its result is reused)"):
         if not force:
             hit = _cached(out, key)  # another process may have finished it while we waited
             if hit is not None:

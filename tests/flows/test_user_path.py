@@ -1,12 +1,16 @@
 """The pipeline the way a user runs it: the installed ``mqgen`` command in a subprocess, from a fresh working
-directory, with the default relative run root (``./runs``), then a cached rerun from another directory."""
+directory, with the default relative run root (``./runs``); meanwhile a second run of the same config from another
+directory (a manual run beside a scheduled one) and a run of another config on the same fresh root; then a cached
+rerun."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,15 +44,53 @@ def _describe(proc: subprocess.CompletedProcess[str]) -> str:
             f"--- stderr (tail) ---\n{_tail(proc.stderr)}")
 
 
+def _start(cwd: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(MQGEN), "run", "--preset", "tiny", *args], cwd=cwd, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def _wait(proc: subprocess.Popen[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _stage_runs(db: Path) -> list[tuple[str, str, str]]:
+    """(stage, stage key, status) of every MLflow stage run in the SQLite store."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        return c.execute("select s.value, k.value, r.status from runs r "
+                         "join tags s on s.run_uuid = r.run_uuid and s.key = 'mqgen.stage' "
+                         "join tags k on k.run_uuid = r.run_uuid and k.key = 'mqgen.stage_key'").fetchall()
+
+
 def test_mqgen_run_with_the_default_relative_root_then_cached_from_another_directory(tmp_path: Path) -> None:
     assert MQGEN.is_file(), f"{MQGEN} is missing: install the project (make setup)"
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d in (a, b, c):
+        d.mkdir()
 
-    # 1. a fresh directory, no run.root override: everything lands in ./runs
-    first = _mqgen(a, timeout=900)
+    # 1. a fresh directory, no run.root override: everything lands in ./runs. 3 s later, while its MLflow and
+    # Prefect databases are being created: the same config from another directory (it must wait for each stage
+    # and reuse it) and another config on the same root (it must not wait for the first one's stages).
+    first_p = _start(a)
+    time.sleep(3)
+    same_p = _start(b, "run.root=../a/runs")
+    other_p = _start(c, "run.root=../a/runs", "seed=1", "--only", "ingest")
+    first, same, other = _wait(first_p, 900), _wait(same_p, 900), _wait(other_p, 900)
     assert first.returncode == 0, f"mqgen run --preset tiny failed in a fresh directory:\n{_describe(first)}"
+    assert same.returncode == 0, f"the same run started beside it failed:\n{_describe(same)}"
+    assert other.returncode == 0, f"another config started beside it on the same root failed:\n{_describe(other)}"
+    assert re.search(rf"waiting for train_tokenizer \w+ \(its result is reused\): process {first_p.pid} ",
+                     same.stderr), f"the second run did not say whose training it waited for:\n{_describe(same)}"
+    runs = _stage_runs(a / "runs" / "mlflow.db")
+    assert all(status == "FINISHED" for _, _, status in runs), runs
+    assert len(runs) == len({(stage, key) for stage, key, _ in runs}), f"a stage ran twice: {sorted(runs)}"
+    assert sorted(stage for stage, _, _ in runs).count("ingest") == 2 and len(runs) == 7, sorted(runs)
     evaluations = sorted((a / "runs" / "evaluate").glob("*/evaluation.json"))
     assert len(evaluations) == 1, (f"expected one runs/evaluate/<key>/evaluation.json under {a}, found "
                                    f"{[str(p) for p in evaluations]}\n{_describe(first)}")
