@@ -16,8 +16,10 @@ parallel (tokenize: one input shard per task).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 import torch  # noqa: E402
 
-from infra.checkpoint import LoadedCheckpoint, read_checkpoint  # noqa: E402
+from infra.checkpoint import MANIFEST, LoadedCheckpoint, read_checkpoint  # noqa: E402
 from infra.errors import is_permanent  # noqa: E402
 from infra.storage import UnsafeCheckpointError  # noqa: E402
 
@@ -251,9 +253,15 @@ class Worker:
                                     + " (delete the run's checkpoint directory to start over)")
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-        """Report metrics from every rank; rank 0 may attach a checkpoint directory (persisted by Ray)."""
+        """Report metrics from every rank; rank 0 may attach a checkpoint directory (one of
+        :func:`scratch_dir`), which Ray copies to the run's storage before this returns and which is then
+        removed."""
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and self.is_main else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        try:
+            ray.train.report(metrics, checkpoint=ckpt)
+        finally:
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def worker() -> Worker:
@@ -261,7 +269,9 @@ def worker() -> Worker:
 
 
 def _sibling_checkpoints(latest: Any) -> list[Any]:
-    """All checkpoints stored beside ``latest`` (same run), newest first; ``latest`` always first."""
+    """All checkpoints stored beside ``latest`` (same run): ``latest`` first, then the others by the step their
+    manifest records, highest first (Ray names them from local wall-clock time, which a DST or time-zone change
+    between two runs reorders). Those without a readable manifest come last; verification refuses them."""
     import pyarrow.fs as pafs
 
     fs = latest.filesystem
@@ -270,15 +280,44 @@ def _sibling_checkpoints(latest: Any) -> list[Any]:
         infos = fs.get_file_info(pafs.FileSelector(parent, recursive=False))
     except OSError:
         return [latest]
-    names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                    and os.path.basename(i.path).startswith("checkpoint_")), reverse=True)
-    others = [ray.train.Checkpoint(path=p, filesystem=fs) for p in names if p.rstrip("/") != latest.path.rstrip("/")]
-    return [latest, *others]
+    paths = [i.path for i in infos if i.type == pafs.FileType.Directory
+             and os.path.basename(i.path).startswith("checkpoint_") and i.path.rstrip("/") != latest.path.rstrip("/")]
+    return [latest, *(ray.train.Checkpoint(path=p, filesystem=fs)
+                      for p in sorted(paths, key=lambda p: _manifest_step(fs, p), reverse=True))]
+
+
+def _manifest_step(fs: Any, path: str) -> int:
+    """The step in ``<path>/manifest.json`` (see ``infra.checkpoint``), -1 when it cannot be read."""
+    try:
+        with fs.open_input_stream(f"{path.rstrip('/')}/{MANIFEST}") as f:
+            return int(json.loads(f.read(1 << 20))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+SCRATCH_PREFIX = "mqgen-ckpt-"
 
 
 def scratch_dir() -> str:
-    """A fresh local temporary directory for staging a checkpoint before reporting it."""
-    return tempfile.mkdtemp(prefix="mqgen-ckpt-")
+    """A fresh local temporary directory for staging one checkpoint before :meth:`Worker.report` (which
+    removes it). Directories that a dead process of this host left behind (killed between writing and
+    reporting) are removed first."""
+    tmp = Path(tempfile.gettempdir())
+    for old in tmp.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = old.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------------------------- tasks
