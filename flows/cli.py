@@ -279,12 +279,13 @@ def status(
     table = Table(title=f"mqgen status: preset {cfg.preset}, config {cfg.hash()}, root {cfg.run.root}")
     for col in ("stage", "state", "key", "artifacts", "mlflow run"):
         table.add_column(col)
-    colours = {"done": "green", "skipped": "cyan", "not done": "yellow", "waiting": "dim"}
+    colours = {"done": "green", "skipped": "cyan", "damaged": "red", "not done": "yellow", "waiting": "dim"}
     for row in stage_status(cfg):
         table.add_row(row["stage"], f"[{colours[row['state']]}]{row['state']}[/]", row["key"], row["path"],
                       row["run_id"])
     Console().print(table)
-    typer.echo("A stage that is 'not done' resumes from its checkpoints / done keys on the next `mqgen run`.")
+    typer.echo("A stage that is 'not done' resumes from its checkpoints / done keys on the next `mqgen run`; a "
+               "'damaged' output is moved aside (kept as .<key>.damaged-<time>) and built again.")
 
 
 @app.command()

@@ -43,15 +43,19 @@ def select_stages(only: str | None = None, from_stage: str | None = None) -> lis
 
 def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
     """Per stage: ``done`` (verified output for this config), ``skipped`` (nothing to do for this config, e.g.
-    no evaluator classifier for unlabelled data), ``not done`` (its inputs are ready: the next run computes or
-    resumes it) or ``waiting`` (an output it reads is not done)."""
+    no evaluator classifier for unlabelled data), ``damaged`` (an output is there but does not verify: the next
+    run sets it aside and builds it again; ``path`` says what is wrong), ``not done`` (its inputs are ready: the
+    next run computes or resumes it) or ``waiting`` (an output it reads is not done)."""
     skipped: dict[str, str] = {}
-    refs = cached_refs(cfg, skipped)
+    damaged: dict[str, str] = {}
+    refs = cached_refs(cfg, skipped, damaged)
     rows: list[dict[str, str]] = []
     for stage in STAGES:
         row = {"stage": stage, "state": "waiting", "key": "", "path": "", "run_id": ""}
         if stage in skipped:
             row.update(state="skipped", path=skipped[stage])
+        elif stage in damaged:
+            row.update(state="damaged", path=damaged[stage])
         elif stage in refs:
             ref = refs[stage]
             row.update(state="done", key=ref.key, path=ref.path, run_id=ref.mlflow_run_id)

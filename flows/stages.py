@@ -29,6 +29,7 @@ from infra.refs import (
     TokenizeInputs,
     TokenizerInputs,
 )
+from infra.storage import DamagedOutput
 from tasks import evaluate, ingest, tokenize, train_evaluator, train_stackformer, train_tokenizer
 
 
@@ -89,9 +90,12 @@ def skip_reason(stage: str, cfg: PipelineConfig, inputs: Any) -> str | None:
     return spec.skip(cfg, inputs) if spec.skip is not None else None
 
 
-def cached_refs(cfg: PipelineConfig, skipped: dict[str, str] | None = None) -> dict[str, Any]:
+def cached_refs(cfg: PipelineConfig, skipped: dict[str, str] | None = None,
+                damaged: dict[str, str] | None = None) -> dict[str, Any]:
     """The verified outputs of ``cfg``'s stages that exist, in graph order (a stage counts only when all it
-    reads exists too); a skipped stage maps to None (its reason goes to ``skipped``). No work is done."""
+    reads exists too); a skipped stage maps to None (its reason goes to ``skipped``); a damaged output counts as
+    missing (what is wrong goes to ``damaged``: the next run sets it aside and builds it again). No work is
+    done."""
     refs: dict[str, Any] = {}
     for name in GRAPH:
         try:
@@ -104,7 +108,12 @@ def cached_refs(cfg: PipelineConfig, skipped: dict[str, str] | None = None) -> d
             if skipped is not None:
                 skipped[name] = why
             continue
-        ref = GRAPH[name].module.cached(cfg, inputs)
+        try:
+            ref = GRAPH[name].module.cached(cfg, inputs)
+        except DamagedOutput as e:
+            if damaged is not None:
+                damaged[name] = f"{e.out_dir}: {e.reason}"
+            continue
         if ref is not None:
             refs[name] = ref
     return refs

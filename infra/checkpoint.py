@@ -19,9 +19,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from infra.storage import UnsafeCheckpointError, atomic_write_bytes, atomic_write_json, load_state_file, sha256_file
+from infra.storage import (
+    UnsafeCheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_state_file,
+    save_tensors,
+    sha256_file,
+)
 
 DONE = "DONE"
 MANIFEST = "manifest.json"
@@ -46,11 +53,7 @@ def write_checkpoint(directory: str | Path, step: int, weights: Mapping[str, Map
     hashes: dict[str, str] = {}
     for name, sd in weights.items():
         fname = f"{name}.safetensors"
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-        tmp = d / f".{fname}.tmp"
-        save_file(tensors, str(tmp), metadata={"module": name, "step": str(step)})
-        tmp.replace(d / fname)
-        hashes[fname] = sha256_file(d / fname)
+        hashes[fname] = save_tensors(d / fname, sd, {"module": name, "step": str(step)})
     from infra.storage import save_state_file
 
     hashes[STATE] = save_state_file(d / STATE, dict(state))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 import threading
 from collections.abc import Callable
@@ -86,18 +85,11 @@ def save_classifier(net: ClassifierNet, path: str | Path, meta: dict[str, Any] |
     """Write ``net`` as safetensors (architecture and ``meta`` in the header), atomically; returns its sha256."""
     from dataclasses import asdict
 
-    from safetensors.torch import save_file
+    from infra.storage import save_tensors
 
-    from infra.storage import sha256_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": CLASSIFIER_FORMAT, "config": json.dumps(asdict(net.cfg), sort_keys=True),
               "meta": json.dumps(meta or {}, sort_keys=True, default=str)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=header)
-    os.replace(tmp, path)
-    return sha256_file(path)
+    return save_tensors(path, net.state_dict(), header)
 
 
 def load_classifier(path: str | Path, expected_sha256: str | None = None) -> tuple[ClassifierNet, dict[str, Any]]:

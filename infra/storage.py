@@ -92,6 +92,35 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def tensors_bytes(tensors: Any, metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file of ``tensors`` (name -> tensor) as bytes, identical for identical inputs in every
+    process: safetensors writes its ``__metadata__`` entries in hash-map order, which changes from one process
+    to the next (the same weights exported twice would hash differently and change every downstream stage
+    key); here they are sorted."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return data
+    n = int.from_bytes(data[:8], "little")
+    text = data[8:8 + n].decode("utf-8")
+    body = text.rstrip(" ")
+    header = json.loads(body)
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    ordered = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    if len(ordered.encode()) != len(body.encode()):
+        raise RuntimeError("safetensors header could not be put in a stable order (unexpected formatting)")
+    return data[:8] + (ordered + text[len(body):]).encode() + data[8 + n:]
+
+
+def save_tensors(path: str | Path, tensors: Any, metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` as a safetensors file at ``path`` durably (temporary name, fsync, rename, directory
+    fsync) with stable bytes (:func:`tensors_bytes`); returns the sha256 of exactly what was written."""
+    data = tensors_bytes(tensors, metadata)
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
+
+
 def read_json(path: str | Path) -> Any:
     with open(path, "rb") as f:
         return json.loads(f.read())
@@ -105,19 +134,58 @@ def stage_dir(root: str | Path, stage: str, key: str) -> Path:
 # --------------------------------------------------------------------------------------------- references
 
 
-def load_weights_ref(marker: str | Path, cls: type) -> Any:
-    """A stage reference (``cls``, with ``weights`` and ``sha256`` fields) read from its success marker,
-    or None when the marker is missing or unreadable, or the weights file is gone or altered."""
+class DamagedOutput(Exception):
+    """A stage output whose commit marker exists but which does not verify (unreadable marker, a file gone,
+    truncated or altered). Not an error of the run: the stage sets it aside and builds it again."""
+
+    def __init__(self, out_dir: str | Path, reason: str):
+        super().__init__(f"{out_dir}: {reason}")
+        self.out_dir = Path(out_dir)
+        self.reason = reason
+
+
+def read_marker(marker: str | Path, cls: type, field: str | None = None) -> Any:
+    """The stage reference ``cls`` stored in the commit marker ``marker`` (under ``field`` when given); None
+    when there is no marker; :class:`DamagedOutput` when the marker is there but unreadable."""
     marker = Path(marker)
     if not marker.is_file():
         return None
     try:
-        ref = cls.from_dict(read_json(marker))
-    except (ValueError, TypeError, KeyError):
+        doc = read_json(marker)
+        return cls.from_dict(doc[field] if field else doc)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DamagedOutput(marker.parent, f"{marker.name} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def load_weights_ref(marker: str | Path, cls: type) -> Any:
+    """A stage reference (``cls``, with ``weights`` and ``sha256`` fields) read from its success marker; None
+    when there is no marker; :class:`DamagedOutput` when the marker is unreadable or the weights file is gone
+    or altered."""
+    ref = read_marker(marker, cls)
+    if ref is None:
         return None
-    if not Path(ref.weights).is_file() or sha256_file(ref.weights) != ref.sha256:
-        return None
+    weights = Path(ref.weights)
+    if not weights.is_file():
+        raise DamagedOutput(Path(marker).parent, f"{weights.name} is missing")
+    if sha256_file(weights) != ref.sha256:
+        raise DamagedOutput(Path(marker).parent, f"{weights.name} does not match the sha256 in {Path(marker).name}")
     return ref
+
+
+def set_aside(out_dir: str | Path) -> Path:
+    """Move a damaged output out of the way (``<stage>/.<key>.damaged-<UTC time>``, kept for inspection, never
+    deleted) so that the stage builds it again; returns where it went."""
+    import time
+
+    out_dir = Path(out_dir)
+    target = out_dir.parent / f".{out_dir.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    n = 0
+    while target.exists():
+        n += 1
+        target = target.with_name(f"{target.name.split('+')[0]}+{n}")
+    os.replace(out_dir, target)
+    fsync_dir(out_dir.parent)
+    return target
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -196,6 +264,7 @@ def partial_open(path: str | Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -303,15 +372,30 @@ def cached_run(out_dir: Path, key: str, load: Callable[[], T | None], compute: C
                force: bool = False) -> T:
     """A stage's cache discipline, written once: return the verified output ``load()`` finds, else take
     ``<out_dir.parent>/.<key>.lock`` (a second process on the same key waits here), look again (the holder may
-    have finished it), and only then ``compute()``. ``force`` skips both looks."""
+    have finished it), and only then ``compute()``. ``force`` skips both looks. An output ``load()`` finds
+    damaged (:class:`DamagedOutput`) is set aside under the lock and built again."""
     if not force:
-        hit = load()
-        if hit is not None:
-            return hit
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_dir.parent / f".{key}.lock", what=f"{out_dir.parent.name} {key} (its result is reused)"):
-        if not force:
+        with contextlib.suppress(DamagedOutput):  # looked at again under the lock
             hit = load()
             if hit is not None:
                 return hit
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir.parent / f".{key}.lock", what=f"{out_dir.parent.name} {key} (its result is reused)"):
+        if not force:
+            try:
+                hit = load()
+            except DamagedOutput as e:
+                rebuild_damaged(e)
+            else:
+                if hit is not None:
+                    return hit
         return compute()
+
+
+def rebuild_damaged(e: DamagedOutput) -> None:
+    """Set a damaged output aside, saying so (the caller holds the stage key's lock and builds it again)."""
+    import logging
+
+    where = set_aside(e.out_dir)
+    logging.getLogger("mqgen.storage").warning("%s/%s is damaged (%s): moved to %s and built again",
+                                               e.out_dir.parent.name, e.out_dir.name, e.reason, where.name)

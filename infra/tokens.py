@@ -662,7 +662,16 @@ class TokenDataset(Dataset):
             env = self._environment()
             with env.begin() as txn:
                 values = [txn.get(k) for k in keys]
-        return [self._decode(k, v) for k, v in zip(keys, values)]
+        items = [self._decode(k, v) for k, v in zip(keys, values)]
+        # a record altered after the database was verified must not index an embedding table out of range
+        try:
+            check_tokens(np.stack([it["codes"].numpy() for it in items]),
+                         np.stack([it["positions"].numpy() for it in items]), codebook_size=self.meta.codebook_size,
+                         num_positions=self.meta.num_positions, where=str(self.path))
+        except TokenFormatError as e:
+            raise TokenFormatError(f"{e} (batch keys {keys[0].decode()}..{keys[-1].decode()}; the database was "
+                                   "altered after it was written: delete it and rerun the tokenize stage)") from None
+        return items
 
     def _decode(self, key: bytes, value: bytes | None) -> dict[str, torch.Tensor]:
         if value is None:

@@ -59,17 +59,14 @@ def export_final_weights(checkpoint_path: str, out_dir: Path, *, stage: str, key
     """The end of a training stage, written once: the final checkpoint's model weights -> ``model.safetensors``
     (atomic, with stage/key/step in its header) and ``model_config.json`` beside them. Returns the weights'
     path, their sha256 (of the file as renamed into place) and the step."""
-    from safetensors.torch import save_file
-
     from infra.checkpoint import read_checkpoint
-    from infra.storage import atomic_target, atomic_write_json, sha256_file
+    from infra.storage import atomic_write_json, save_tensors
 
     final = read_checkpoint(checkpoint_path)
     weights = out_dir / "model.safetensors"
-    with atomic_target(weights) as tmp:
-        save_file({k: v.contiguous() for k, v in final.weights["model"].items()}, str(tmp),
-                  metadata={"stage": stage, "key": key, "step": str(final.step), **(header or {})})
-        digest = sha256_file(tmp)  # hashed before the rename: never the hash of another writer's file
+    # the hash of the bytes written (never of another writer's file), stable across processes
+    digest = save_tensors(weights, final.weights["model"],
+                          {"stage": stage, "key": key, "step": str(final.step), **(header or {})})
     atomic_write_json(out_dir / "model_config.json", model_doc)
     return weights, digest, final.step
 

@@ -32,7 +32,6 @@ never called an Inception figure unless the extractor is ``inception-v3-compat``
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -57,11 +56,14 @@ from infra.refs import (
     load_tokenizer,
 )
 from infra.storage import (
+    DamagedOutput,
     atomic_write_bytes,
     atomic_write_json,
     cached_run,
     read_json,
+    read_marker,
     remove_tree,
+    save_tensors,
     sha256_file,
     stage_dir,
 )
@@ -129,19 +131,22 @@ def stage_key(cfg: PipelineConfig, inputs: Inputs) -> str:
 
 
 def load_output(out_dir: Path) -> EvaluateOutput | None:
-    """The stage output if ``out_dir`` holds a complete result whose files are intact; None otherwise."""
-    marker = out_dir / SUCCESS
-    if not marker.is_file():
+    """The stage output if ``out_dir`` holds a complete result whose files are intact; None without a commit
+    marker; :class:`~infra.storage.DamagedOutput` when the marker is unreadable or a listed file is gone or
+    altered."""
+    ref = read_marker(out_dir / SUCCESS, EvaluateOutput, "output")
+    if ref is None:
         return None
     try:
-        done = read_json(marker)
-        ref = EvaluateOutput.from_dict(done["output"])
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError):
-        return None
-    for name, digest in done.get("files", {}).items():
+        files = read_json(out_dir / SUCCESS).get("files", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise DamagedOutput(out_dir, f"{SUCCESS} is unreadable ({e})") from None
+    for name, digest in files.items():
         p = out_dir / name
-        if not p.is_file() or sha256_file(p) != digest:
-            return None
+        if not p.is_file():
+            raise DamagedOutput(out_dir, f"{name} is missing")
+        if sha256_file(p) != digest:
+            raise DamagedOutput(out_dir, f"{name} does not match the sha256 in {SUCCESS}")
     return ref
 
 
@@ -285,16 +290,9 @@ def _load_batch(path: Path, fingerprint: str, n: int) -> SampleBatch | None:
 
 
 def _save_batch(path: Path, fingerprint: str, b: SampleBatch) -> None:
-    import os
-
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"images": b.images.contiguous(), "codes": b.codes.contiguous(), "positions": b.positions.contiguous(),
-               "labels": b.labels.contiguous()}, str(tmp),
-              metadata={"fingerprint": fingerprint, "raster_share": repr(b.raster_share),
-                        "sample_seconds": repr(b.sample_seconds), "decode_seconds": repr(b.decode_seconds)})
-    os.replace(tmp, path)
+    save_tensors(path, {"images": b.images, "codes": b.codes, "positions": b.positions, "labels": b.labels},
+                 {"fingerprint": fingerprint, "raster_share": repr(b.raster_share),
+                  "sample_seconds": repr(b.sample_seconds), "decode_seconds": repr(b.decode_seconds)})
 
 
 def generate(model: Any, tokenizer: Any, cfg: PipelineConfig, *, key: str, num_classes: int, sampling_seed: int,
@@ -366,8 +364,8 @@ def reference_hash(ingest: Any, num_images: int) -> str:
 def reconstruct(tokenizer: Any, images: torch.Tensor, batch_size: int, device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
     """Eval-mode reconstructions (uint8), keep masks, code counts and pixel metrics of uint8 ``images``."""
-    from models.metrics import l1_per_image, psnr_per_image, ssim_per_image
     from infra.viz import to_uint8
+    from models.metrics import l1_per_image, psnr_per_image, ssim_per_image
 
     k = tokenizer.cfg.codebook_size
     counts = torch.zeros(k, dtype=torch.float64)
@@ -685,17 +683,9 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
 
 def _write_samples(out_dir: Path, s: SampleBatch, cfg: PipelineConfig, model_ref: Any, tok_ref: Any,
                    sampling_seed: int, num_classes: int) -> str:
-    import os
-
-    from safetensors.torch import save_file
-
     path = out_dir / SAMPLES
-    tmp = out_dir / f".{SAMPLES}.tmp"
-    save_file({"images": s.images.contiguous(), "labels": s.labels.contiguous(), "codes": s.codes.contiguous(),
-               "positions": s.positions.contiguous()}, str(tmp),
-              metadata={"format": "mqgen.samples/1", "model_sha256": model_ref.sha256})
-    os.replace(tmp, path)
-    digest = sha256_file(path)
+    digest = save_tensors(path, {"images": s.images, "labels": s.labels, "codes": s.codes, "positions": s.positions},
+                          {"format": "mqgen.samples/1", "model_sha256": model_ref.sha256})
     atomic_write_json(out_dir / SAMPLES_MANIFEST, {
         "format": "mqgen.samples/1", "file": SAMPLES, "sha256": digest, "num_images": int(s.images.shape[0]),
         "tensors": {"images": f"uint8 {list(s.images.shape)} (N, C, H, W)",

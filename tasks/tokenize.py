@@ -39,8 +39,17 @@ import torch
 from infra.config import PipelineConfig, stable_hash
 from infra.orchestration import lazy_stage_task
 from infra.refs import IngestOutput, TokenizeInputs, TokenizeOutput, TokenizerOutput, load_tokenizer
-from infra.storage import atomic_write_json, cached_run, read_json, remove_tree, sha256_file, stage_dir
-from infra.tokens import DEFAULT_MAP_SIZE, TokenFormatError, TokenMeta, TokenWriter, read_meta
+from infra.storage import (
+    DamagedOutput,
+    atomic_write_json,
+    cached_run,
+    read_json,
+    read_marker,
+    remove_tree,
+    sha256_file,
+    stage_dir,
+)
+from infra.tokens import DEFAULT_MAP_SIZE, TokenFormatError, TokenMeta, TokenWriter, read_meta, verify
 from models.metrics import code_stats
 from models.mqvae import to_model_input
 
@@ -232,21 +241,44 @@ def split_meta(split: str, tokenizer: TokenizerOutput, ingest: IngestOutput, sha
                      tokenizer_sha256=tokenizer.sha256, source_sha256=ingest.manifest_sha256, shards=tuple(shards))
 
 
+VERIFIED = ".verified.json"  # size and mtime of each database file when it last verified in full
+
+
+def _db_stamp(db: str | Path) -> list[int]:
+    st = (Path(db) / "data.mdb").stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def load_output(out_dir: Path) -> TokenizeOutput | None:
-    """The stage output if ``out_dir`` holds a complete one whose databases match it; None otherwise."""
-    marker = out_dir / SUCCESS
-    if not marker.is_file():
+    """The stage output if ``out_dir`` holds a complete one whose databases match it; None without a commit
+    marker; :class:`~infra.storage.DamagedOutput` when a database is missing, incomplete, altered or does not
+    match the marker.
+
+    A database whose file changed since it last verified (size or modification time; records deleted or
+    rewritten by hand) is verified in full again: every record checked and hashed against the metadata.
+    """
+    ref = read_marker(out_dir / SUCCESS, TokenizeOutput)
+    if ref is None:
         return None
-    ref = TokenizeOutput.from_dict(read_json(marker))
+    stamps_file = out_dir / VERIFIED
+    try:
+        stamps = read_json(stamps_file) if stamps_file.is_file() else {}
+    except (OSError, ValueError):
+        stamps = {}
+    fresh = {}
     for split in SPLITS:
+        db = ref.db(split)
         try:
-            meta = read_meta(ref.db(split))
+            stamp = _db_stamp(db)
+            meta = read_meta(db) if stamps.get(split) == stamp else verify(db)[0]
         except (OSError, TokenFormatError) as e:
-            log.warning("tokenize %s: %s is unusable (%s); recomputing", ref.key, ref.db(split), e)
-            return None
+            raise DamagedOutput(out_dir, f"{Path(db).name}: {e}") from None
         if not meta.complete or meta.to_dict() != ref.metadata[split]:
-            log.warning("tokenize %s: %s does not match %s; recomputing", ref.key, ref.db(split), marker)
-            return None
+            raise DamagedOutput(out_dir, f"{Path(db).name} does not match {SUCCESS}")
+        fresh[split] = stamp
+    if fresh != stamps:
+        with contextlib.suppress(OSError):
+            atomic_write_json(stamps_file, fresh)
     return ref
 
 
@@ -348,6 +380,7 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
                              num_val=finals["val"].num_records, train_db=str((out_dir / "train.lmdb").resolve()),
                              val_db=str((out_dir / "val.lmdb").resolve()), metadata=metadata, checksum=checksum,
                              mlflow_run_id=sr.run_id, metrics={k: float(v) for k, v in metrics.items()})
+        atomic_write_json(out_dir / VERIFIED, {s: _db_stamp(out_dir / f"{s}.lmdb") for s in SPLITS})  # just scanned
         atomic_write_json(out_dir / SUCCESS, ref.to_dict())  # the commit marker: last
         log.info("tokenize %s: %d train + %d val records (%d shards encoded, %d resumed), %.0f images/s -> %s", key,
                  ref.num_train, ref.num_val, len(jobs), num_shards - len(jobs), metrics["images_per_s"], out_dir)

@@ -55,9 +55,10 @@ from infra.shards import (
     load_manifest,
 )
 from infra.storage import (
+    DamagedOutput,
     atomic_write_bytes,
     atomic_write_json,
-    file_lock,
+    cached_run,
     read_json,
     remove_partials,
     remove_tree,
@@ -110,18 +111,8 @@ def run(cfg: PipelineConfig, inputs: IngestInputs | None = None, *, force: bool 
     root = _local_root(cfg.run.root)
     key = stage_key(cfg)
     out = stage_dir(root, STAGE, key)
-    if not force:
-        hit = _cached(out, key)
-        if hit is not None:
-            log.info("ingest %s: cache hit, %s", key, out)
-            return hit
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out.parent / f".{key}.lock", what=f"ingest {key} (its result is reused)"):
-        if not force:
-            hit = _cached(out, key)  # another process may have finished it while we waited
-            if hit is not None:
-                return hit
-        return _ingest(cfg, root, key, out, force, parent_run_id)
+    return cached_run(out, key, lambda: _cached(out, key), lambda: _ingest(cfg, root, key, out, force, parent_run_id),
+                      force=force)
 
 
 # Retries (run.retries) and the rule that bad data never retries (infra.errors) come from flows/pipeline.py.
@@ -145,20 +136,19 @@ def cached(cfg: PipelineConfig, inputs: IngestInputs | None = None) -> IngestOut
 
 
 def _cached(out: Path, key: str) -> IngestOutput | None:
-    if not out.exists():
+    """The verified output in ``out``; None without a manifest; :class:`DamagedOutput` when the manifest or a
+    shard does not verify."""
+    if not (out / MANIFEST_NAME).exists():
         return None
     try:
         m = load_manifest(out)
     except ShardIntegrityError as e:
-        log.warning("ingest %s: %s; rebuilding", key, e)
-        return None
+        raise DamagedOutput(out, str(e)) from None
     if m.get("key") != key:
-        log.warning("ingest %s: %s holds key %r; rebuilding", key, out, m.get("key"))
-        return None
+        raise DamagedOutput(out, f"its manifest holds key {m.get('key')!r}")
     problems = check_shards(out, m)
     if problems:
-        log.warning("ingest %s: output damaged (%s); rebuilding", key, "; ".join(problems[:3]))
-        return None
+        raise DamagedOutput(out, "; ".join(problems[:3]))
     return _output(out, m)
 
 
