@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-import numpy as np
 import pytest
 
 from flows.pipeline import stage_status
