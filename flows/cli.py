@@ -12,6 +12,7 @@ import typer
 import yaml
 
 from infra.config import PRESETS, STAGES, ConfigError, PipelineConfig, resolve
+from infra.secrets import redact_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="mqgen: MQ-VAE + Stackformer image generation as a resumable pipeline.")
@@ -41,7 +42,7 @@ def _resolve_or_exit(preset: str, config: Optional[Path], overrides: list[str]) 
     try:
         return resolve(preset, config, overrides)
     except ConfigError as e:
-        typer.secho(f"config error: {e}", fg=typer.colors.RED, err=True)
+        typer.secho(redact_text(f"config error: {e}"), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
 
@@ -105,8 +106,8 @@ def _fail(e: BaseException, debug: bool) -> None:
             e.mlflow_run_id else ""
         lines.append(f"  full traceback: {logs[0]}{run}" + ("" if debug else "; --debug prints it here"))
     if debug:
-        typer.echo("".join(traceback.format_exception(cause)), err=True)
-    typer.secho("\n".join(lines), fg=typer.colors.RED, err=True)
+        typer.echo(redact_text("".join(traceback.format_exception(cause))), err=True)
+    typer.secho(redact_text("\n".join(lines)), fg=typer.colors.RED, err=True)
     raise typer.Exit(2 if name == "ConfigError" else 1)
 
 
@@ -176,7 +177,8 @@ def run(
             seconds = None
         else:
             _start_logging(cfg, "run", verbose)
-            typer.echo(f"mqgen run: preset {cfg.preset}, config {cfg.hash()}, run root {cfg.run.root}", err=True)
+            typer.echo(redact_text(f"mqgen run: preset {cfg.preset}, config {cfg.hash()}, run root {cfg.run.root}"),
+                       err=True)
             start_local_api()
             refs = run_pipeline(cfg, only=only, from_stage=from_stage)
             seconds = time.perf_counter() - t0
@@ -208,7 +210,7 @@ def grid(
     try:
         variants = expand_grid(preset, config, args)
     except ConfigError as e:
-        typer.secho(f"config error: {e}", fg=typer.colors.RED, err=True)
+        typer.secho(redact_text(f"config error: {e}"), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     _prepare_environment(variants[0].config)
     _start_logging(variants[0].config, "grid", verbose)

@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.pipeline import mark_crashed, prefect_run_tag, retry_unless_permanent, summary_figures
 from flows.stages import GRAPH, inputs_for, skip_reason
 from infra.config import ConfigError, GridVariant, PipelineConfig, from_dict, replace, stable_hash
+from infra.secrets import keep_private, private_value
 
 # What each stage reads from the config, cumulatively (a stage's inputs come from the stages before it). Two
 # variants that agree on these sections share the stage's execution; the stage's own key still decides what
@@ -128,7 +129,7 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
     from infra.tracking import Tracker, sigterm_raises
 
     gvs = [GridVariant(axes=v["axes"], overrides=list(v["overrides"]), config=from_dict(PipelineConfig, v["config"]))
-           for v in variants]
+           for v in private_value(variants)]
     cfgs = _absolute_root(gvs)
     axes: dict[str, list[Any]] = {k: [] for k in gvs[0].axes}
     for gv in gvs:
@@ -207,7 +208,7 @@ def run_grid(variants: list[GridVariant], name: str = "") -> GridResult:
     if not variants:
         raise ConfigError("the grid has no variants")
     payload = [{"axes": v.axes, "overrides": v.overrides, "config": v.config.to_dict()} for v in variants]
-    out = grid_flow(payload, name=name)
+    out = grid_flow(keep_private(payload), name=name)  # Prefect records it redacted when it holds credentials
     return GridResult(grid_run_id=out["grid_run_id"], variant_run_ids=out["variant_run_ids"], labels=out["labels"],
                       refs=out["refs"], executions=out["executions"])
 

@@ -21,6 +21,7 @@ from prefect import flow
 from flows.stages import GRAPH, cached_refs, descendants, inputs_for, skip_reason
 from infra.config import STAGES, PipelineConfig, from_dict
 from infra.console import fmt_duration, say, stage_log, stage_log_path
+from infra.secrets import keep_private, private_value
 
 log = logging.getLogger("mqgen")
 
@@ -174,7 +175,7 @@ def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
     params = flow_run.parameters or {}
-    cfg = params.get("config") or {}
+    cfg = private_value(params.get("config") or {})
     return f"{cfg.get('preset', 'config')}-{from_dict(PipelineConfig, cfg).hash() if cfg else 'default'}"
 
 
@@ -185,7 +186,7 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
     deployment's parameters). One MLflow parent run; each selected stage as a Prefect task, in order."""
     from infra.tracking import Tracker, sigterm_raises
 
-    cfg = from_dict(PipelineConfig, config)
+    cfg = from_dict(PipelineConfig, private_value(config))
     stages = select_stages(only, from_stage)
     storage = _result_storage(cfg)
     tasks = {s: stage_task(s, cfg, storage) for s in stages}
@@ -289,4 +290,5 @@ def describe_output(stage: str, ref: Any) -> str:
 
 def run_pipeline(cfg: PipelineConfig, only: str | None = None, from_stage: str | None = None) -> dict[str, Any]:
     """Run the selected stages as a Prefect flow (ephemeral API unless ``PREFECT_API_URL`` is set)."""
-    return pipeline_flow(cfg.to_dict(), only=only, from_stage=from_stage)
+    # a data.path or run.root with credentials: Prefect records the redacted config, the flow reads the real one
+    return pipeline_flow(keep_private(cfg.to_dict()), only=only, from_stage=from_stage)

@@ -146,6 +146,14 @@ def build_deployment(cfg: PipelineConfig, cron: str, *, timezone: str | None = N
 
     from flows.pipeline import pipeline_flow
 
+    from infra.config import ConfigError
+    from infra.secrets import has_secret
+
+    if has_secret(cfg.to_dict()):
+        raise ConfigError("the config holds a credential in a URL (data.path or run.root: user:password@ or a "
+                          "signed query string); a deployment stores its parameters on the Prefect server, so "
+                          "give the credentials through the environment of the worker instead (AWS_* variables, "
+                          "GOOGLE_APPLICATION_CREDENTIALS, an fsspec config file)")
     parameters: dict[str, Any] = {"config": cfg.to_dict()}
     if from_stage:
         parameters["from_stage"] = from_stage

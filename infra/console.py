@@ -277,6 +277,23 @@ def adopt_library_loggers() -> None:
 _FILE_FORMAT = "%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s"
 
 
+class _Redacting(logging.Formatter):
+    """Formats with ``inner``, then replaces the credentials of every URL in the line (and its traceback)."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        from infra.secrets import redact_text
+
+        return redact_text(self.inner.format(record))
+
+
+def _file_formatter() -> logging.Formatter:
+    return _Redacting(logging.Formatter(_FILE_FORMAT))
+
+
 def log_path() -> Path | None:
     """The log file of this process (set by :func:`setup_logging`), or None."""
     return _LOG_DIR / "mqgen.log" if _LOG_DIR is not None else None
@@ -295,7 +312,7 @@ def stage_log(stage: str) -> Iterator[None]:
         yield
         return
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(_FILE_FORMAT))
+    handler.setFormatter(_file_formatter())
     rootlog = logging.getLogger()
     rootlog.addHandler(handler)
     try:
@@ -320,7 +337,8 @@ def setup_logging(root: str, command: str, *, verbose: bool = False) -> Path | N
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     rootlog.setLevel(logging.INFO)
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _OneLine())
+    console.setFormatter(_Redacting(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose
+                                    else _OneLine()))
     console.addFilter(_ConsoleFilter(logging.WARNING, logging.INFO if verbose else logging.ERROR))
     rootlog.addHandler(console)
     _LOG_DIR = None
@@ -329,6 +347,6 @@ def setup_logging(root: str, command: str, *, verbose: bool = False) -> Path | N
         _LOG_DIR = Path(root) / "logs" / f"{stamp}-{command}-{os.getpid()}"
         _LOG_DIR.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(_LOG_DIR / "mqgen.log", encoding="utf-8")
-        fh.setFormatter(logging.Formatter(_FILE_FORMAT))
+        fh.setFormatter(_file_formatter())
         rootlog.addHandler(fh)
     return _LOG_DIR

@@ -317,7 +317,9 @@ def lock_holder_text() -> str:
     import sys
     import time
 
-    cmd = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200]
+    from infra.secrets import redact_text
+
+    cmd = redact_text(" ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)))[:200]
     return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                        "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": cmd})
 

@@ -22,6 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from infra.secrets import redact, redact_text
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
@@ -154,7 +156,8 @@ class Tracker:
         all_tags = {TAG_KIND: kind, "mqgen.config_hash": config_hash, TAG_PID: owner_tag(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name or f"{kind}-{config_hash}", tags=all_tags)
+        run = self.client.create_run(self.experiment_id, run_name=name or f"{kind}-{config_hash}",
+                                     tags={k: redact_text(str(v)) for k, v in all_tags.items()})
         sr = StageRun(self.client, run.info.run_id)
         if params:
             sr.log_params(params)
@@ -170,12 +173,13 @@ class Tracker:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=f"{stage}-{stage_key}", tags=all_tags)
+            run = self.client.create_run(self.experiment_id, run_name=f"{stage}-{stage_key}",
+                                         tags={k: redact_text(str(v)) for k, v in all_tags.items()})
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
             for k, v in all_tags.items():
-                self.client.set_tag(run_id, k, v)
+                self.client.set_tag(run_id, k, redact_text(str(v)))
         sr = StageRun(self.client, run_id)
         if params:
             sr.log_params(params)
@@ -204,7 +208,7 @@ class StageRun:
         """Log params; a param already logged with the same value is skipped (resume-safe)."""
         existing = self.client.get_run(self.run_id).data.params
         for k, v in flatten(params).items():
-            sv = str(v)[:6000]
+            sv = redact_text(str(v))[:6000]
             if k in existing:
                 if existing[k] != sv:
                     raise ValueError(f"MLflow run {self.run_id}: param {k} was {existing[k]!r}, now {sv!r}; "
@@ -243,16 +247,16 @@ class StageRun:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            self.client.set_tag(self.run_id, k, redact_text(str(v)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
-        self._log_bytes(text.encode(), name)
+        self._log_bytes(redact_text(text).encode(), name)
 
     def log_dict(self, obj: Any, name: str) -> None:
-        self._log_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), name)
+        self._log_bytes(json.dumps(redact(obj), indent=2, sort_keys=True, default=str).encode(), name)
 
     def log_image(self, image: Any, name: str) -> None:
         """Log a PIL image or an HxW / HxWxC uint8 array as PNG."""

@@ -46,6 +46,7 @@ from PIL import Image
 from infra.config import PipelineConfig, stable_hash, to_dict
 from infra.orchestration import lazy_stage_task
 from infra.refs import IngestInputs, IngestOutput
+from infra.secrets import redact
 from infra.shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -636,6 +637,7 @@ def _finalize(cfg: PipelineConfig, key: str, plan: Plan, jobs: list[ChunkJob],
     }
     remove_tree(build / "parts")
     remove_tree(build / "done")
+    manifest = redact(manifest)  # shard URLs, examples of skipped inputs: never their credentials
     atomic_write_json(build / MANIFEST_NAME, manifest)  # the commit marker: last
     return manifest
 

@@ -1016,6 +1016,10 @@ _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def _expand_one(item: str) -> list[str]:
+    if item.lower().startswith(("http://", "https://")):
+        # one URL, read as given: '?' starts a query (a signed URL's signature), not a glob, and a URL signed
+        # for GET refuses the HEAD an existence check would send; a missing shard fails when it is read
+        return [item]
     if "://" in item:
         import fsspec
 
