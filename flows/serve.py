@@ -145,7 +145,6 @@ def build_deployment(cfg: PipelineConfig, cron: str, *, timezone: str | None = N
     from prefect.types.entrypoint import EntrypointType
 
     from flows.pipeline import pipeline_flow
-
     from infra.config import ConfigError
     from infra.secrets import has_secret
 
