@@ -66,14 +66,64 @@ def sigterm_raises() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+TAG_LEASE = "mqgen.lease"  # the owner's lease file under <run.root>/.owners (see owner_lease)
+_LEASES: dict[str, tuple[int, str]] = {}  # run root -> (open fd holding the flock, lease file), this process
+
+
 def owner_tag() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _owner_alive(owner: str) -> bool:
+def owner_lease(root: str | Path) -> str | None:
+    """This process's lease under ``<root>/.owners/``: a file it holds an exclusive ``flock`` on for as long as
+    it lives (the kernel drops it when the process dies, however it dies). Another process tells a dead owner
+    from a live one by trying that lock, whatever host name the owner had: after a container restart the
+    host name changes but the lease is free. None for a remote root."""
+    import fcntl
+    import uuid
+
+    if "://" in str(root):
+        return None
+    key = str(Path(root).resolve())
+    if key not in _LEASES or _LEASES[key][1].split("-")[-2] != str(os.getpid()):  # new, or a forked child
+        directory = Path(key) / ".owners"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.lease"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _LEASES[key] = (fd, str(path))
+    return _LEASES[key][1]
+
+
+def _lease_alive(path: str) -> bool | None:
+    """Whether the lease file's owner still holds it; None when the file is not here to tell."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock this call took
+    with contextlib.suppress(OSError):
+        os.unlink(path)  # its owner is gone: the lease is spent
+    return False
+
+
+def _owner_alive(owner: str, lease: str | None = None) -> bool:
+    if lease:
+        alive = _lease_alive(lease)
+        if alive is not None:
+            return alive
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
-        return True  # another machine's process: cannot tell, leave its run alone
+        return True  # another machine's process without a lease we can see: cannot tell, leave its run alone
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -103,6 +153,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri or tracking_uri_for(root)
+        self.root = None if "://" in str(root) else str(root)
         if self.uri.startswith("sqlite:///"):
             # Two processes on a fresh root would create and migrate the same SQLite file at once (alembic:
             # "Online migration expected to match one row"); the first access happens under a lock beside it.
@@ -129,6 +180,11 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
 
+    def _owner_tags(self) -> dict[str, str]:
+        """Who owns a run this process opens: ``host:pid`` and, for a local root, its lease file."""
+        lease = owner_lease(self.root) if self.root is not None else None
+        return {TAG_PID: owner_tag(), **({TAG_LEASE: lease} if lease else {})}
+
     def find_run(self, tags: Mapping[str, str]) -> str | None:
         flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         runs = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=1,
@@ -136,13 +192,15 @@ class Tracker:
         return runs[0].info.run_id if runs else None
 
     def mark_dead_runs_killed(self) -> dict[str, dict[str, str]]:
-        """Runs left RUNNING by a process of this host that no longer exists (SIGKILL, power loss) end KILLED.
-        Returns their ids and tags. Stage runs need no such care: the next attempt re-attaches to them by key."""
+        """Runs (pipeline, grid and stage runs) left RUNNING by a process that no longer exists (SIGKILL, power
+        loss, a container restart) end KILLED: its lease is free (:func:`owner_lease`), or, without a lease, it
+        was a process of this host that is gone. Returns their ids and tags. A stage run found here is
+        re-attached (RUNNING again) by the next attempt of its stage key."""
         dead: dict[str, dict[str, str]] = {}
         for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                            max_results=1000):
             owner = run.data.tags.get(TAG_PID)
-            if owner and not _owner_alive(owner):
+            if owner and not _owner_alive(owner, run.data.tags.get(TAG_LEASE)):
                 self.client.set_tag(run.info.run_id, "mqgen.ended_by", "owner process gone")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 dead[run.info.run_id] = dict(run.data.tags)
@@ -153,7 +211,7 @@ class Tracker:
                      kind: str = "pipeline", name: str | None = None) -> "StageRun":
         """A new parent run for one pipeline execution (stage runs attach to it as children). A grid makes one
         with ``kind="grid"`` and one ``kind="pipeline"`` run per variant under it (``parent_run_id``)."""
-        all_tags = {TAG_KIND: kind, "mqgen.config_hash": config_hash, TAG_PID: owner_tag(), **(tags or {})}
+        all_tags = {TAG_KIND: kind, "mqgen.config_hash": config_hash, **self._owner_tags(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name or f"{kind}-{config_hash}",
@@ -169,7 +227,7 @@ class Tracker:
         """Open (or re-attach to) the run of ``stage`` for ``stage_key``."""
         if run_id is None:
             run_id = self.find_run({TAG_STAGE: stage, TAG_KEY: stage_key})
-        all_tags = {TAG_STAGE: stage, TAG_KEY: stage_key, TAG_KIND: "stage", **(tags or {})}
+        all_tags = {TAG_STAGE: stage, TAG_KEY: stage_key, TAG_KIND: "stage", **self._owner_tags(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id is None:

@@ -1,0 +1,62 @@
+"""No MLflow run stays RUNNING after its process died: pipeline and stage runs carry their owner's lease (a file
+the owner holds a lock on for its lifetime), so the next run closes them as KILLED, also when the owner had
+another host name (a container restarted), and never closes the run of a process that is still alive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from infra.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[2]
+OWNER = """
+import socket, sys, time
+if sys.argv[3] != "-":
+    socket.gethostname = lambda: sys.argv[3]  # the host name the container had before it restarted
+from infra.tracking import Tracker
+t = Tracker(sys.argv[1])
+run = t.stage_run("train_tokenizer", "k1") if sys.argv[2] == "stage" else t.pipeline_run("cfg")
+print(run.run_id, flush=True)
+time.sleep(600)
+"""
+
+
+def _owner(root: Path, kind: str, host: str = "-") -> tuple[subprocess.Popen[str], str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-c", OWNER, str(root), kind, host], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE)
+    return proc, proc.stdout.readline().strip()
+
+
+def _status(t: Tracker, run_id: str) -> str:
+    return t.client.get_run(run_id).info.status
+
+
+def test_a_killed_owners_stage_run_is_closed_and_a_live_ones_is_not(run_root: Path) -> None:
+    proc, run_id = _owner(run_root, "stage")
+    try:
+        t = Tracker(run_root)
+        assert t.mark_dead_runs_killed() == {} and _status(t, run_id) == "RUNNING"  # its owner is alive
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        dead = t.mark_dead_runs_killed()
+        assert list(dead) == [run_id] and dead[run_id]["mqgen.stage"] == "train_tokenizer"
+        assert _status(t, run_id) == "KILLED"
+        assert t.client.get_run(run_id).data.tags["mqgen.ended_by"] == "owner process gone"
+    finally:
+        proc.kill()
+
+
+def test_a_run_of_a_restarted_container_is_closed(run_root: Path) -> None:
+    proc, run_id = _owner(run_root, "pipeline", host="container-before-restart")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    t = Tracker(run_root)
+    tags = t.client.get_run(run_id).data.tags
+    assert tags["mqgen.pid"].startswith("container-before-restart:")  # not this host: only the lease can tell
+    assert list(t.mark_dead_runs_killed()) == [run_id] and _status(t, run_id) == "KILLED"
+    assert not Path(tags["mqgen.lease"]).exists()  # a spent lease is removed
