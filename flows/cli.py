@@ -75,7 +75,11 @@ ADVICE = {
                          "STAGE`), or check the paths in the config",
     "MetricsUnavailable": "see the message above: the figure needs something this run lacks",
     "InceptionWeightsMissing": "see the message above for where the Inception weights are looked for",
+    "NoSpaceLeft": "free disk space as the message above says, then run the same command again (exit code 3)",
 }
+# Exit codes of `mqgen run` / `mqgen grid` (docs/reliability.md): 0 done, 1 a stage failed, 2 a bad config or
+# command line, 3 a full disk, 130 interrupted (Ctrl-C / SIGTERM).
+EXIT_CODES = {"ConfigError": 2, "NoSpaceLeft": 3}
 
 
 def _fail(e: BaseException, debug: bool) -> None:
@@ -108,7 +112,7 @@ def _fail(e: BaseException, debug: bool) -> None:
     if debug:
         typer.echo(redact_text("".join(traceback.format_exception(cause))), err=True)
     typer.secho(redact_text("\n".join(lines)), fg=typer.colors.RED, err=True)
-    raise typer.Exit(2 if name == "ConfigError" else 1)
+    raise typer.Exit(EXIT_CODES.get(name, 1))
 
 
 def _summary(cfg: PipelineConfig, refs: dict[str, Any], seconds: float | None) -> None:

@@ -21,6 +21,7 @@ from prefect import flow
 from flows.stages import GRAPH, cached_refs, descendants, inputs_for, skip_reason
 from infra.config import STAGES, PipelineConfig, from_dict
 from infra.console import fmt_duration, say, stage_log, stage_log_path
+from infra.errors import NoSpaceLeft, is_no_space, no_space_message
 from infra.secrets import keep_private, private_value
 
 log = logging.getLogger("mqgen")
@@ -213,7 +214,7 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
                     ref = tasks[stage](cfg, inputs, force=from_stage is not None,  # --from: this stage and later
                                        parent_run_id=parent.run_id)
                 except BaseException as e:
-                    raise stage_failed(stage, e, cfg, tracker, parent.run_id) from e
+                    raise stage_failed(stage, e, cfg, tracker, parent.run_id, refs) from e
             refs[stage] = ref
             say(f"  done in {fmt_duration(time.perf_counter() - t0)}: {describe_output(stage, ref)}")
             parent.set_tags({f"mqgen.{stage}.key": ref.key, f"mqgen.{stage}.run_id": ref.mlflow_run_id})
@@ -231,14 +232,51 @@ class StageFailed(RuntimeError):
         self.log_file, self.mlflow_run_id = log_file, mlflow_run_id
 
 
-def stage_failed(stage: str, e: BaseException, cfg: PipelineConfig, tracker: Any, parent_run_id: str
-                 ) -> BaseException:
+def _written_path(e: BaseException, cfg: PipelineConfig, stage: str) -> str:
+    """The file an ``OSError`` in ``e``'s chain names, else the stage's folder."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, NoSpaceLeft) and seen.path:
+            return seen.path
+        if isinstance(seen, OSError) and seen.filename:
+            return str(seen.filename)
+        seen = seen.__cause__ or seen.__context__
+    return str(Path(cfg.run.root) / stage)
+
+
+def disk_need(stage: str, cfg: PipelineConfig, refs: dict[str, Any]) -> int | None:
+    """About how many bytes ``stage`` writes for ``cfg`` (None where it cannot tell before it runs)."""
+    d = cfg.data
+    if stage == "ingest":
+        n = 2 * d.max_images if d.max_images else {"fashion-mnist": 70_000, "mnist": 70_000, "digits": 1797}.get(d.source)
+        return n * (d.image_size ** 2 * d.channels // 2 + 1536) if n else None  # PNG + tar headers per image
+    if stage == "tokenize" and refs.get("ingest") is not None:
+        ing, tok = refs["ingest"], refs.get("train_tokenizer")
+        seq = tok.seq_len if tok is not None else cfg.tokenizer.model.num_kept
+        return (ing.num_train + ing.num_val) * (4 * seq + 4) * 3  # records, LMDB pages, the compacted copy
+    ckpts = sorted((Path(cfg.run.root) / "ray").glob(f"{stage}-*/checkpoint_*"))
+    if ckpts:  # training: the kept checkpoints plus the one being written and the exported weights
+        size = max(sum(f.stat().st_size for f in c.rglob("*") if f.is_file()) for c in ckpts)
+        keep = cfg.tokenizer.keep_checkpoints if stage == "train_tokenizer" else 2
+        return size * (keep + 2)
+    return None
+
+
+def stage_failed(stage: str, e: BaseException, cfg: PipelineConfig, tracker: Any, parent_run_id: str,
+                 refs: dict[str, Any] | None = None) -> BaseException:
     """The error a stage failure leaves the flow with: Ctrl-C / SIGTERM unchanged; anything else a
-    :class:`StageFailed` whose full traceback is in the stage's log file and on its MLflow run."""
+    :class:`StageFailed` whose full traceback is in the stage's log file and on its MLflow run. A full file
+    system becomes :class:`~infra.errors.NoSpaceLeft` (where, what is free, about what the stage needs)."""
     import traceback
 
     if not isinstance(e, Exception):
         return e
+    if is_no_space(e):
+        try:
+            need = disk_need(stage, cfg, refs or {})
+            raise NoSpaceLeft(no_space_message(_written_path(e, cfg, stage), need)) from e
+        except NoSpaceLeft as full:
+            e = full
     text = "".join(traceback.format_exception(e))
     log.error("stage %s failed:\n%s", stage, text, extra={"file_only": True})
     run_id = None

@@ -20,5 +20,81 @@ _DETERMINISTIC = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Perm
 
 
 def is_permanent(exc: BaseException) -> bool:
-    """Whether retrying the work that raised ``exc`` would fail the same way (Ctrl-C / SIGTERM included)."""
-    return isinstance(exc, (PermanentError, KeyboardInterrupt, *_DETERMINISTIC))
+    """Whether retrying the work that raised ``exc`` would fail the same way (Ctrl-C / SIGTERM included; a full
+    file system too: a retry would fill it up again)."""
+    return isinstance(exc, (PermanentError, KeyboardInterrupt, *_DETERMINISTIC)) or is_no_space(exc)
+
+
+class NoSpaceLeft(PermanentError, OSError):
+    """A file system filled up (ENOSPC / EDQUOT). Not retried (it would fill up again); the message names the
+    file system, what is free there and, where the stage can tell, about how much it needs. Everything already
+    finished is kept: after space is freed, the same command resumes. ``path``: where the write failed."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+def looks_full(path: str, error: BaseException) -> NoSpaceLeft | None:
+    """A :class:`NoSpaceLeft` for ``error`` when the file system of ``path`` has (almost) nothing free: for
+    libraries that report a full disk as a plain I/O error (LMDB says ``Input/output error``), else None."""
+    import os
+    import shutil
+
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe.rstrip("/")) or "/"
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return None
+    if free > 4 << 20:
+        return None
+    return NoSpaceLeft(no_space_message(path), path=path)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full file system: an ``OSError`` with ENOSPC
+    or EDQUOT, or an LMDB error saying so (LMDB reports errno only in its message)."""
+    import errno
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, NoSpaceLeft):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if type(e).__module__ == "lmdb" and ("No space left" in str(e) or "Disk quota" in str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def no_space_message(path: str, need_bytes: int | None = None) -> str:
+    """``no space left on <mount> (<path>): <free> free[, the stage needs about <N>]; ...``."""
+    import os
+    import shutil
+
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe.rstrip("/")) or "/"
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = None
+    mount = probe
+    while mount != "/" and not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    parts = [f"no space left on {mount} (writing under {path})"]
+    parts.append(f"{_gb(free)} free" if free is not None else "free space unknown")
+    if need_bytes:
+        parts.append(f"this stage needs about {_gb(need_bytes)} more")
+    return ": ".join(parts[:2]) + (f", {parts[2]}" if len(parts) > 2 else "") + (
+        "; free space there (or point run.root at a larger disk) and run the same command again: finished work "
+        "is kept and the stage resumes")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -24,6 +24,7 @@ import bisect
 import dataclasses
 import hashlib
 import json
+import logging
 import operator
 import os
 import re
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from infra.errors import PermanentError
+from infra.errors import PermanentError, is_no_space, looks_full
 from infra.storage import fsync_dir, remove_tree
 
 FORMAT = "mqgen.tokens"
@@ -48,6 +49,7 @@ META_KEY = b"!meta"
 DONE_PREFIX = b"!done/"
 RECORD_KEY_BYTES = 15  # b"%06d/%08d"
 DEFAULT_MAP_SIZE = 64 << 20  # initial map; it doubles whenever a shard does not fit
+log = logging.getLogger("mqgen.tokens")
 MAX_MAP_SIZE = 1 << 40
 MAX_SHARD = 999_999
 MAX_INDEX = 99_999_999
@@ -472,7 +474,16 @@ class TokenWriter:
                                     records_sha256=scan.records_sha256,
                                     encoder_devices=tuple(sorted({d.get("device", "") for d in done.values()} - {""})))
         self._write(lambda txn: txn.put(META_KEY, final.to_json()))
-        self._compact()
+        try:
+            self._compact()
+        except (OSError, lmdb.Error) as e:
+            if not (is_no_space(e) or looks_full(str(self.path), e) is not None):
+                raise
+            # the database is complete as it is; compaction only saves space, and needs a full copy's worth
+            remove_tree(self._compact_dir)
+            self.close()
+            log.warning("%s: not compacted (no space for the compacted copy beside it: %s); it is complete and "
+                        "readable as it is", self.path, e)
         return final, scan
 
     @property
@@ -494,7 +505,8 @@ class TokenWriter:
         remove_tree(tmp)
 
     def _write(self, fn: Callable[[lmdb.Transaction], None]) -> None:
-        """Run ``fn`` in one write transaction; on a full map abort, double the map and run it again."""
+        """Run ``fn`` in one write transaction; on a full map abort, double the map and run it again. A full file
+        system (which LMDB reports as an I/O error) raises :class:`~infra.errors.NoSpaceLeft`."""
         while True:
             try:
                 with self.env.begin(write=True) as txn:
@@ -506,6 +518,11 @@ class TokenWriter:
                     raise
                 self.env.set_mapsize(new_size)  # no transaction is open here: the failed one was aborted
                 self.map_grows += 1
+            except lmdb.Error as e:
+                full = looks_full(str(self.path), e)
+                if full is not None:
+                    raise full from e
+                raise
 
 
 def _delete_prefix(cursor: lmdb.Cursor, prefix: bytes) -> None:

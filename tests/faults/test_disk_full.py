@@ -1,0 +1,73 @@
+"""A full disk: the stage stops with a "no space left on <file system>" message and exit code 3, is not retried,
+leaves every finished output as it was, and the same command resumes once there is space. The file system that
+fills up is a real, small tmpfs mounted over the stage's folder (CI runs as root; elsewhere the test is skipped
+and says why)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.refs import TokenizeInputs
+from infra.storage import sha256_file
+from tasks import tokenize as tk
+from tests.fixtures import tokenize_data as fx
+
+ray_cluster = fx.ray_cluster  # the session's shared Ray instance (the in-process rerun uses it)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Any:
+    """Mount a tmpfs of ``size`` over a folder; remount it larger; unmounted at the end."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        opts = f"size={size}" if path not in mounted else f"remount,size={size}"
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True,
+                              text=True, check=False)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root, as in CI): {proc.stderr.strip()}")
+        if path not in mounted:
+            mounted.append(path)
+        return path
+
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount(8), as in CI")
+    yield mount
+    for p in reversed(mounted):
+        subprocess.run(["umount", "-l", str(p)], check=False)
+
+
+@pytest.mark.slow  # a real `mqgen` process
+def test_a_full_disk_stops_tokenize_clearly_and_the_rerun_resumes(small_fs, run_root: Path) -> None:
+    cfg = fx.tiny_config(run_root, 64, 8)
+    ingest = fx.make_ingest(cfg)
+    tokenizer = fx.make_tokenizer(cfg, ingest=ingest)  # a finished train_tokenizer output for this config
+    before = {p: sha256_file(p) for p in run_root.rglob("*") if p.is_file() and p.suffix in (".tar", ".json",
+                                                                                           ".safetensors")}
+    small_fs(run_root / "tokenize", "48k")
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME",
+                                                           "RAY_ADDRESS")}
+    overrides = [f"run.root={run_root}", "data.source=digits", "data.max_images=64", "data.shard_max_count=8",
+                 "data.min_shards=1", "run.retries=2", "run.retry_delay_s=0"]
+    proc = subprocess.run([str(Path(sys.executable).parent / "mqgen"), "run", "--only", "tokenize", "--preset", "tiny",
+                           *overrides], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert f"no space left on {run_root / 'tokenize'}" in proc.stderr, proc.stderr[-3000:]
+    assert "this stage needs about" in proc.stderr and "run the same command again" in proc.stderr
+    logs = "".join(p.read_text() for p in (run_root / "logs").rglob("mqgen.log"))
+    assert "Retrying" not in proc.stderr + logs and "retry" not in logs.lower().replace("run.retries", "")
+    assert {p: sha256_file(p) for p in before} == before  # nothing finished was touched
+
+    small_fs(run_root / "tokenize", "16m")  # space freed: the same work resumes and finishes
+    out = tk.run(cfg, TokenizeInputs(ingest=ingest, train_tokenizer=tokenizer))
+    assert out.num_train + out.num_val == ingest.num_train + ingest.num_val
+    assert tk.cached(cfg, TokenizeInputs(ingest=ingest, train_tokenizer=tokenizer)) == out
