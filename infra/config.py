@@ -67,6 +67,9 @@ class DataConfig:
     fit: Literal["auto", "crop", "pad"] = "auto"
     alpha_background: Literal["white", "black"] = "white"  # transparent pixels are composited onto this
     max_input_bytes: int = 64 * 1024 * 1024  # larger input files / tar members are skipped unread
+    # memory one image may take to decode and convert (estimated from its header before any pixel is decoded);
+    # a larger one is skipped as too_large: a small file can hold a huge image (a decompression bomb)
+    max_decode_mb: int = 256
     min_shards: int = 16  # split a split into at least this many shards (>= 256 samples each) when it can
     png_compress_level: int = 1  # zlib level of the stored PNGs (0-9: bigger files <-> slower ingest)
 
@@ -75,6 +78,8 @@ class DataConfig:
             raise ConfigError(f"data.max_images={self.max_images} must be >= 1 (or null for all images)")
         if self.shard_max_bytes < 64 * 1024:
             raise ConfigError(f"data.shard_max_bytes={self.shard_max_bytes} must be >= 65536")
+        if self.max_decode_mb < 1:
+            raise ConfigError(f"data.max_decode_mb={self.max_decode_mb} must be >= 1")
         if self.max_input_bytes < 1:
             raise ConfigError(f"data.max_input_bytes={self.max_input_bytes} must be >= 1")
         if self.min_shards < 1:
@@ -144,6 +149,11 @@ class TokenizerConfig:
             if f.name not in ("model", "loss"):
                 out[f.name] = to_dict(getattr(self, f.name))
         return out
+
+
+# Fields added after users had outputs, with their default: hashes and stage keys include one only when it differs
+# from that default, so adding a field never changes the key of an existing output.
+ADDED_FIELDS: dict[str, Any] = {"data.max_decode_mb": 256}
 
 
 # Flat spelling -> nested path inside the tokenizer section (``keep_ratio`` -> ``model.keep_ratio``).
@@ -349,8 +359,13 @@ class PipelineConfig:
         return {**self.to_dict(), "tokenizer": self.tokenizer.flat()}
 
     def hash(self, *sections: str) -> str:
-        """Short sha256 of the whole config or of the named sections (stable across runs)."""
+        """Short sha256 of the whole config or of the named sections (stable across runs and across versions
+        of mqgen: a field added later counts only when it differs from its default, see :data:`ADDED_FIELDS`)."""
         d = self.flat_dict()
+        for dotted, default in ADDED_FIELDS.items():
+            section, name = dotted.split(".")
+            if d[section].get(name) == default:
+                d[section] = {k: v for k, v in d[section].items() if k != name}
         if sections:
             d = {s: d[s] for s in sections}
         return stable_hash(d)

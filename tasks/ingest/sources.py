@@ -186,11 +186,31 @@ class ImageSpec:
     alpha_background: str = "white"
     max_input_bytes: int = 64 * 1024 * 1024
     png_compress_level: int = 1
+    max_decode_bytes: int = 256 << 20
 
     @classmethod
     def from_data(cls, data: Any) -> ImageSpec:
         return cls(size=data.image_size, channels=data.channels, alpha_background=data.alpha_background,
-                   max_input_bytes=data.max_input_bytes, png_compress_level=data.png_compress_level)
+                   max_input_bytes=data.max_input_bytes, png_compress_level=data.png_compress_level,
+                   max_decode_bytes=data.max_decode_mb << 20)
+
+
+# Bytes per pixel of a decoded Pillow image, by mode.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+               "I": 4, "F": 4, "RGB": 3, "YCbCr": 3, "HSV": 3, "LAB": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4}
+
+
+def decode_cost(width: int, height: int, mode: str, has_transparency: bool = False) -> int:
+    """Peak bytes :func:`decode_image` takes for a ``width x height`` image in Pillow ``mode``: the decoded
+    pixels plus the copies its conversion to 8-bit grey/RGB makes (alpha compositing makes three RGBA-sized
+    ones)."""
+    px = width * height
+    cost = px * _MODE_BYTES.get(mode, 4)
+    if mode in _ALPHA_MODES or (mode == "P" and has_transparency):
+        return cost + px * (4 + 4 + 4 + 3)
+    if mode in _SIXTEEN_BIT_MODES:
+        return cost + px * 3  # a 16-bit copy and the 8-bit result (converted in bands of rows)
+    return cost + px * 3
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -218,6 +238,10 @@ def decode_image(data: bytes, spec: ImageSpec, fit: str) -> np.ndarray:
         if img.format in ("JPEG", "MPO") and min(w, h) >= 4 * spec.size:
             # decode at 1/2, 1/4 or 1/8 scale while staying >= 2x the target (as Image.thumbnail does)
             img.draft(img.mode, (2 * spec.size, 2 * spec.size))
+        cost = decode_cost(*img.size, img.mode, "transparency" in img.info)
+        if cost > spec.max_decode_bytes:
+            raise BadInput(TOO_LARGE, f"{img.size[0]}x{img.size[1]} {img.mode} takes about {cost >> 20} MB to "
+                                      f"decode > data.max_decode_mb={spec.max_decode_bytes >> 20}")
         img.load()
         if img.getexif().get(0x0112, 1) in (2, 3, 4, 5, 6, 7, 8):  # EXIF orientation: upright it
             img = ImageOps.exif_transpose(img)
@@ -245,9 +269,12 @@ def to_target_mode(img: Image.Image, spec: ImageSpec) -> Image.Image:
     """
     mode = img.mode
     if mode in _SIXTEEN_BIT_MODES:
-        a = np.asarray(img).astype(np.int64)
-        a = np.clip(a, 0, 65535)
-        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+        a = np.asarray(img)
+        out = np.empty(a.shape, np.uint8)
+        for r in range(0, a.shape[0], 256):  # in bands of rows: no full-size wide temporaries
+            band = np.clip(a[r:r + 256], 0, 65535).astype(np.uint32)
+            out[r:r + 256] = (band * 255 + 32767) // 65535
+        img = Image.fromarray(out, "L")
     elif mode == "1":
         img = img.convert("L")
     elif mode == "P":
