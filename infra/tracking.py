@@ -224,10 +224,12 @@ class Tracker:
     def stage_run(self, stage: str, stage_key: str, params: Mapping[str, Any] | None = None,
                   tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
                   run_id: str | None = None) -> "StageRun":
-        """Open (or re-attach to) the run of ``stage`` for ``stage_key``."""
+        """Open (or re-attach to) the run of ``stage`` for ``stage_key``; with ``run_id`` (a training worker
+        attaching to its driver's run) the run's owner stays the driver."""
+        owner = self._owner_tags() if run_id is None else {}
         if run_id is None:
             run_id = self.find_run({TAG_STAGE: stage, TAG_KEY: stage_key})
-        all_tags = {TAG_STAGE: stage, TAG_KEY: stage_key, TAG_KIND: "stage", **self._owner_tags(), **(tags or {})}
+        all_tags = {TAG_STAGE: stage, TAG_KEY: stage_key, TAG_KIND: "stage", **owner, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id is None:
@@ -244,14 +246,110 @@ class Tracker:
         return sr
 
 
+class _MetricSender:
+    """Sends metric batches to a tracking *server* from a background thread, so that training never waits on
+    MLflow: while the server is unreachable the points wait here (at most :attr:`MAX_PENDING`, the oldest
+    dropped beyond and counted) and are back-filled when it answers again. The gap is logged and recorded on the
+    run as tags (``mqgen.mlflow_gap_s``, ``mqgen.mlflow_backfilled``, ``mqgen.mlflow_lost``)."""
+
+    RETRY_S = 2.0
+    MAX_PENDING = 500_000
+    CHUNK = 1000  # MLflow's log_batch limit for metrics
+
+    def __init__(self, client: Any, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.pending: list[Any] = []
+        self.cond = threading.Condition()
+        self.sending = 0
+        self.down_since: float | None = None
+        self.gap_s = 0.0
+        self.backfilled = 0
+        self.lost = 0
+        self.thread = threading.Thread(target=self._loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True)
+        self.thread.start()
+
+    def put(self, batch: list[Any]) -> None:
+        with self.cond:
+            self.pending.extend(batch)
+            overflow = len(self.pending) - self.MAX_PENDING
+            if overflow > 0:
+                del self.pending[:overflow]
+                self.lost += overflow
+            self.cond.notify_all()
+
+    def _loop(self) -> None:
+        import logging
+        import time
+
+        log = logging.getLogger("mqgen.tracking")
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: bool(self.pending))
+                batch = self.pending[:self.CHUNK]
+                self.sending = len(batch)
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as e:  # noqa: BLE001 - unreachable (or refusing): keep the points, try again
+                with self.cond:
+                    self.sending = 0
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning("MLflow is unreachable (%s: %s); training goes on and its metrics are sent when it "
+                                "answers again", type(e).__name__, str(e)[:200])
+                time.sleep(self.RETRY_S)
+                continue
+            with self.cond:
+                del self.pending[:len(batch)]
+                self.sending = 0
+                if self.down_since is not None:
+                    self.backfilled += len(batch)
+                    if not self.pending:
+                        gap = time.monotonic() - self.down_since
+                        self.gap_s += gap
+                        self.down_since = None
+                        log.warning("MLflow answers again after %.0f s: %d metric points back-filled%s", gap,
+                                    self.backfilled, f", {self.lost} lost" if self.lost else "")
+                self.cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every point is sent (True) or ``timeout`` seconds passed (False)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.pending and not self.sending, timeout=timeout)
+
+
 class StageRun:
-    """A handle on one MLflow run. Use as a context manager: FAILED on exception, FINISHED otherwise."""
+    """A handle on one MLflow run. Use as a context manager: FAILED on exception, FINISHED otherwise.
+
+    With a tracking server (``MLFLOW_TRACKING_URI=http...``) metrics go through a background sender that rides
+    out the server's outages (:class:`_MetricSender`); with the local SQLite store they are written at once."""
+
+    FLUSH_TIMEOUT_S = 120.0
 
     def __init__(self, client: Any, run_id: str, step_offset: int = 0):
         self.client = client
         self.run_id = run_id
         self.step_offset = step_offset  # added to every logged step (a forced rerun's attempt follows the last)
         self._last_step: dict[str, int] = {}
+        uri = str(getattr(client, "tracking_uri", "") or "")
+        self._sender = _MetricSender(client, run_id) if uri.startswith(("http://", "https://")) else None
+
+    def flush(self) -> None:
+        """Send every metric point still waiting (a training loop calls this before it returns); says what could
+        not be sent and records the outage on the run."""
+        import logging
+
+        s = self._sender
+        if s is None:
+            return
+        sent = s.flush(self.FLUSH_TIMEOUT_S)
+        if not sent:
+            logging.getLogger("mqgen.tracking").warning(
+                "MLflow run %s: %d metric points could not be sent (the server did not answer for %.0f s)",
+                self.run_id, len(s.pending), self.FLUSH_TIMEOUT_S)
+        if s.gap_s or s.backfilled or s.lost or not sent:
+            with contextlib.suppress(Exception):
+                self.set_tags({"mqgen.mlflow_gap_s": round(s.gap_s, 1), "mqgen.mlflow_backfilled": s.backfilled,
+                               "mqgen.mlflow_lost": s.lost + (0 if sent else len(s.pending))})
 
     def __enter__(self) -> "StageRun":
         return self
@@ -260,6 +358,7 @@ class StageRun:
         self.finish(exit_status(exc if exc is not None else (exc_type() if exc_type else None)))
 
     def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
         self.client.set_terminated(self.run_id, status=status)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -276,7 +375,12 @@ class StageRun:
 
     def last_step(self, key: str) -> int:
         if key not in self._last_step:
-            hist = self.client.get_metric_history(self.run_id, key)
+            try:
+                hist = self.client.get_metric_history(self.run_id, key)
+            except Exception:  # noqa: BLE001 - a server outage: nothing known to skip (the sender keeps the points)
+                if self._sender is None:
+                    raise
+                hist = []
             self._last_step[key] = max((m.step for m in hist), default=-1)
         return self._last_step[key]
 
@@ -300,7 +404,9 @@ class StageRun:
                 continue
             batch.append(Metric(k, float(v), now, step))
             self._last_step[k] = step
-        if batch:
+        if batch and self._sender is not None:
+            self._sender.put(batch)
+        elif batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:

@@ -577,6 +577,7 @@ def train_loop(config: dict[str, Any]) -> None:
     divergence = w.weight_divergence(model)  # a collective: every rank calls it
     if w.is_main and run is not None:
         run.log_metrics({"final_step": step, "rank_weight_divergence": divergence}, step=step)
+        run.flush()  # metrics waiting for an unreachable tracking server: sent before the worker goes
 
 
 # --------------------------------------------------------------------------------------------- stage

@@ -273,6 +273,7 @@ def train_loop(config: dict[str, Any]) -> None:
     divergence = max(w.weight_divergence(model), w.weight_divergence(loss.discriminator))  # collectives
     if w.is_main and run is not None:
         run.log_metrics({"final_step": step, "rank_weight_divergence": divergence}, step=step)
+        run.flush()  # metrics waiting for an unreachable tracking server: sent before the worker goes
 
 
 # --------------------------------------------------------------------------------------------- stage
