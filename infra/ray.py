@@ -105,12 +105,20 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: 
     if "://" not in storage:
         Path(storage).mkdir(parents=True, exist_ok=True)
     resources = {"CPU": train_worker_cpus(cpus_per_worker, num_workers)}
+    run_dir = f"{storage.rstrip('/')}/{name}"
+
+    def entry(config: dict[str, Any]) -> None:  # tells Worker.restore where the run's checkpoints are stored
+        import infra.ray as this  # this function travels by value: set the worker's module, not a copy
+
+        this._RUN_DIR = config[_RUN_DIR_KEY]
+        train_fn({k: v for k, v in config.items() if k != _RUN_DIR_KEY})
+
     attempt = 0
     while True:
         # Ray's own restarts are off: this loop restarts, so that a permanent error is never repeated.
         trainer = TorchTrainer(
-            train_fn,
-            train_loop_config=loop_config,
+            entry,
+            train_loop_config={**loop_config, _RUN_DIR_KEY: run_dir},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=0),
                                  checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
@@ -155,6 +163,10 @@ def _first_line(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------- worker
+
+
+_RUN_DIR_KEY = "__mqgen_run_dir__"
+_RUN_DIR: str | None = None  # in a training worker: <storage>/<run name>, where the run's checkpoints are
 
 
 class Worker:
@@ -233,12 +245,15 @@ class Worker:
             torch.distributed.barrier()
 
     def restore(self) -> LoadedCheckpoint | None:
-        """The newest reported checkpoint that verifies (DONE marker, sha256), or None to start fresh.
+        """The newest stored checkpoint that verifies (DONE marker, sha256), or None to start fresh.
 
-        Ray returns its latest reported checkpoint; when that one fails verification (killed during
-        a write, bit rot, tampering) the older ones kept beside it are tried, newest first. The
-        reasons for every skipped checkpoint are kept in ``skipped_checkpoints``.
+        The run's folder is searched first (:meth:`_restore_from_storage`); then Ray's latest reported checkpoint
+        and the older ones kept beside it, newest first. The reasons for every skipped checkpoint are kept in
+        ``skipped_checkpoints``.
         """
+        stored = self._restore_from_storage()
+        if stored is not None:
+            return stored
         latest = ray.train.get_checkpoint()
         if latest is None:
             return None
@@ -251,6 +266,22 @@ class Worker:
                     self.skipped_checkpoints.append(str(e))
         raise UnsafeCheckpointError("no valid checkpoint among " + "; ".join(self.skipped_checkpoints)
                                     + " (delete the run's checkpoint directory to start over)")
+
+    def _restore_from_storage(self) -> LoadedCheckpoint | None:
+        """The newest checkpoint (by its manifest's step) in the run's own folder that verifies, or None.
+
+        Ray's record of its checkpoints lags behind the reports: after a rank is SIGKILLed it offers an older
+        checkpoint than the newest one stored, or none at all, and the run would redo steps it had finished."""
+        from infra.checkpoint import latest_valid
+
+        if _RUN_DIR is None or "://" in _RUN_DIR or not Path(_RUN_DIR).is_dir():
+            return None
+        dirs = sorted(Path(_RUN_DIR).glob("checkpoint_*"))
+        if not dirs:
+            return None
+        loaded, skipped = latest_valid(dirs)
+        self.skipped_checkpoints.extend(skipped)
+        return loaded
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         """Report metrics from every rank; rank 0 may attach a checkpoint directory (one of

@@ -17,7 +17,7 @@ import torch
 from infra.config import resolve
 from infra.refs import TokenizerInputs, load_tokenizer
 from infra.tracking import Tracker
-from tests.fixtures.hooks import FailOnce
+from tests.fixtures.hooks import FailOnce, KillOnce
 from tests.fixtures.ray_runs import registered_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -45,14 +45,14 @@ def _history(root: Path, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
-def test_two_workers_train_recover_from_a_failure_and_stay_in_sync(ingested, tmp_path: Path) -> None:
+def test_two_workers_recover_from_a_sigkilled_rank_and_stay_in_sync(ingested, tmp_path: Path) -> None:
     from tasks import train_tokenizer
 
     root, ing = ingested
     cfg = _cfg(root, "ray.max_failures=1")
-    marker = tmp_path / "failed-once"
-    ref = train_tokenizer.run(cfg, TokenizerInputs(ingest=ing), on_step=FailOnce(12, marker))
-    assert marker.read_text() == "12", "the injected failure did not happen"
+    marker = tmp_path / "killed-once"
+    ref = train_tokenizer.run(cfg, TokenizerInputs(ingest=ing), on_step=KillOnce(12, marker, rank=1))
+    assert marker.read_text().split()[0] == "12", "the injected kill did not happen"
     assert ref.step == 24
     assert Path(ref.weights).is_file()
 
@@ -81,6 +81,22 @@ def test_two_workers_train_recover_from_a_failure_and_stay_in_sync(ingested, tmp
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     seq = model.encode(x)
     assert seq.codes.shape == (2, round(0.5 * 64))
+
+
+def test_without_restarts_a_killed_rank_fails_the_stage_and_its_run(ingested, tmp_path: Path) -> None:
+    from infra.ray import TrainingFailed
+    from tasks import train_tokenizer
+
+    root, ing = ingested
+    cfg = _cfg(root, "ray.max_failures=0", "seed=7", "tokenizer.max_steps=8")
+    with pytest.raises(TrainingFailed):
+        train_tokenizer.run(cfg, TokenizerInputs(ingest=ing), on_step=KillOnce(2, tmp_path / "killed", rank=1))
+    out = Path(root) / "train_tokenizer" / train_tokenizer.stage_key(cfg, ing.manifest_sha256)
+    assert not (out / train_tokenizer.SUCCESS).exists()
+    client = Tracker(root, "mqgen").client
+    [run] = client.search_runs([client.get_experiment_by_name("mqgen").experiment_id],
+                               filter_string=f"tags.`mqgen.stage_key` = '{out.name}'")
+    assert run.info.status == "FAILED"
 
 
 def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: Path) -> None:
