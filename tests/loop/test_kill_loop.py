@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 MQGEN = Path(sys.executable).parent / "mqgen"
