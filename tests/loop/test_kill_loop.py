@@ -83,7 +83,8 @@ def test_killed_again_and_again_the_pipeline_still_finishes_with_the_same_result
 
     status = subprocess.run([str(MQGEN), "status", "--preset", "tiny", f"run.root={looped}"], env=_env(),
                             capture_output=True, text=True, timeout=300, check=False)
-    assert status.returncode == 0 and "damaged" not in status.stdout and "not done" not in status.stdout, status.stdout
+    states = [line.split("│")[2].strip() for line in status.stdout.splitlines() if line.count("│") >= 5]
+    assert status.returncode == 0 and states == ["done"] * 6, status.stdout
     from flows.stages import GRAPH, cached_refs
     from infra.config import resolve
 
