@@ -21,7 +21,7 @@ from prefect import flow
 from flows.stages import GRAPH, cached_refs, descendants, inputs_for, skip_reason
 from infra.config import STAGES, PipelineConfig, from_dict
 from infra.console import fmt_duration, say, stage_log, stage_log_path
-from infra.errors import NoSpaceLeft, is_no_space, no_space_message
+from infra.errors import NoSpaceLeft, exception_chain, is_no_space, no_space_message
 from infra.secrets import keep_private, private_value
 
 log = logging.getLogger("mqgen")
@@ -234,13 +234,11 @@ class StageFailed(RuntimeError):
 
 def _written_path(e: BaseException, cfg: PipelineConfig, stage: str) -> str:
     """The file an ``OSError`` in ``e``'s chain names, else the stage's folder."""
-    seen: BaseException | None = e
-    while seen is not None:
+    for seen in exception_chain(e):
         if isinstance(seen, NoSpaceLeft) and seen.path:
             return seen.path
         if isinstance(seen, OSError) and seen.filename:
             return str(seen.filename)
-        seen = seen.__cause__ or seen.__context__
     return str(Path(cfg.run.root) / stage)
 
 

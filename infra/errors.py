@@ -8,6 +8,8 @@ count as permanent too; anything else (a lost worker, a timeout, a crashed proce
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class PermanentError(Exception):
     """Base of mqgen's errors that a retry cannot fix; the message says what to do instead."""
@@ -35,9 +37,18 @@ class NoSpaceLeft(PermanentError, OSError):
         self.path = path
 
 
-def looks_full(path: str, error: BaseException) -> NoSpaceLeft | None:
-    """A :class:`NoSpaceLeft` for ``error`` when the file system of ``path`` has (almost) nothing free: for
-    libraries that report a full disk as a plain I/O error (LMDB says ``Input/output error``), else None."""
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _free_space(path: str) -> tuple[str, int | None]:
+    """The mount point holding ``path`` (or its nearest existing parent) and the bytes free there."""
     import os
     import shutil
 
@@ -45,10 +56,20 @@ def looks_full(path: str, error: BaseException) -> NoSpaceLeft | None:
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe.rstrip("/")) or "/"
     try:
-        free = shutil.disk_usage(probe).free
+        free: int | None = shutil.disk_usage(probe).free
     except OSError:
-        return None
-    if free > 4 << 20:
+        free = None
+    mount = probe
+    while mount != "/" and not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    return mount, free
+
+
+def looks_full(path: str, error: BaseException) -> NoSpaceLeft | None:
+    """A :class:`NoSpaceLeft` for ``error`` when the file system of ``path`` has (almost) nothing free: for
+    libraries that report a full disk as a plain I/O error (LMDB says ``Input/output error``), else None."""
+    _, free = _free_space(path)
+    if free is None or free > 4 << 20:
         return None
     return NoSpaceLeft(no_space_message(path), path=path)
 
@@ -58,42 +79,23 @@ def is_no_space(exc: BaseException) -> bool:
     or EDQUOT, or an LMDB error saying so (LMDB reports errno only in its message)."""
     import errno
 
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in exception_chain(exc):
         if isinstance(e, NoSpaceLeft):
             return True
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if type(e).__module__ == "lmdb" and ("No space left" in str(e) or "Disk quota" in str(e)):
             return True
-        e = e.__cause__ or e.__context__
     return False
 
 
 def no_space_message(path: str, need_bytes: int | None = None) -> str:
-    """``no space left on <mount> (<path>): <free> free[, the stage needs about <N>]; ...``."""
-    import os
-    import shutil
-
-    probe = path
-    while probe and not os.path.exists(probe):
-        probe = os.path.dirname(probe.rstrip("/")) or "/"
-    try:
-        free = shutil.disk_usage(probe).free
-    except OSError:
-        free = None
-    mount = probe
-    while mount != "/" and not os.path.ismount(mount):
-        mount = os.path.dirname(mount)
-    parts = [f"no space left on {mount} (writing under {path})"]
-    parts.append(f"{_gb(free)} free" if free is not None else "free space unknown")
-    if need_bytes:
-        parts.append(f"this stage needs about {_gb(need_bytes)} more")
-    return ": ".join(parts[:2]) + (f", {parts[2]}" if len(parts) > 2 else "") + (
-        "; free space there (or point run.root at a larger disk) and run the same command again: finished work "
-        "is kept and the stage resumes")
+    """``no space left on <mount> (writing under <path>): <free> free[, this stage needs about <N> more]; ...``."""
+    mount, free = _free_space(path)
+    need = f", this stage needs about {_gb(need_bytes)} more" if need_bytes else ""
+    return (f"no space left on {mount} (writing under {path}): "
+            f"{_gb(free) + ' free' if free is not None else 'free space unknown'}{need}; free space there (or point "
+            "run.root at a larger disk) and run the same command again: finished work is kept and the stage resumes")
 
 
 def _gb(n: int) -> str:

@@ -16,7 +16,7 @@ Two feature extractors can back FID, KID and IS (see ``docs/benchmarks.md`` and 
 
 The reference set's features are cached under ``<run.root>/fidelity_cache`` as safetensors, named by the
 reference set's hash and the extractor weights' sha256 (:meth:`Reference.cache_name`). torch-fidelity's own
-cache is not used: it stores pickles and reads them with ``torch.load(weights_only=False)``. mqgen uses its
+cache is not used: it stores pickles and unpickles them without restriction. mqgen uses its
 extractors and its metric math only, so FID/KID/IS are the numbers ``calculate_metrics`` gives. Every load mqgen
 does itself is safe (safetensors, or ``weights_only=True``).
 

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from infra.checkpoint import MANIFEST, LoadedCheckpoint, read_checkpoint  # noqa: E402
 from infra.errors import is_permanent  # noqa: E402
-from infra.storage import UnsafeCheckpointError  # noqa: E402
+from infra.storage import UnsafeCheckpointError, pid_alive  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -336,19 +336,9 @@ def scratch_dir() -> str:
     tmp = Path(tempfile.gettempdir())
     for old in tmp.glob(f"{SCRATCH_PREFIX}*-*"):
         pid = old.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------------------------- tasks

@@ -311,6 +311,17 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
         remove_tree(old)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def lock_holder_text() -> str:
     """Who takes a lock, as written into the lock file: host, pid, start time and the command line."""
     import socket

@@ -679,27 +679,26 @@ class TokenDataset(Dataset):
             env = self._environment()
             with env.begin() as txn:
                 values = [txn.get(k) for k in keys]
-        items = [self._decode(k, v) for k, v in zip(keys, values)]
+        recs = np.frombuffer(b"".join(self._decode(k, v) for k, v in zip(keys, values)), dtype=self._dtype)
         # a record altered after the database was verified must not index an embedding table out of range
         try:
-            check_tokens(np.stack([it["codes"].numpy() for it in items]),
-                         np.stack([it["positions"].numpy() for it in items]), codebook_size=self.meta.codebook_size,
+            check_tokens(recs["codes"], recs["positions"], codebook_size=self.meta.codebook_size,
                          num_positions=self.meta.num_positions, where=str(self.path))
         except TokenFormatError as e:
             raise TokenFormatError(f"{e} (batch keys {keys[0].decode()}..{keys[-1].decode()}; the database was "
                                    "altered after it was written: delete it and rerun the tokenize stage)") from None
-        return items
+        codes, positions = recs["codes"].astype(np.int64), recs["positions"].astype(np.int64)
+        return [{"codes": torch.from_numpy(codes[i]), "positions": torch.from_numpy(positions[i]),
+                 "label": torch.tensor(int(recs["label"][i]), dtype=torch.long)} for i in range(len(recs))]
 
-    def _decode(self, key: bytes, value: bytes | None) -> dict[str, torch.Tensor]:
+    def _decode(self, key: bytes, value: bytes | None) -> bytes:
+        """``value`` when it is one whole record (:class:`TokenFormatError` naming ``key`` otherwise)."""
         if value is None:
             raise TokenFormatError(f"{self.path}: record {key.decode()} is listed in the metadata but missing")
         if len(value) != self.meta.record_size:
             raise TokenFormatError(f"{self.path}: record {key.decode()} has {len(value)} bytes, expected "
                                    f"{self.meta.record_size}")
-        rec = np.frombuffer(value, dtype=self._dtype)[0]
-        return {"codes": torch.from_numpy(rec["codes"].astype(np.int64)),
-                "positions": torch.from_numpy(rec["positions"].astype(np.int64)),
-                "label": torch.tensor(int(rec["label"]), dtype=torch.long)}
+        return value
 
     def _environment(self) -> lmdb.Environment:
         pid = os.getpid()

@@ -67,7 +67,7 @@ def sigterm_raises() -> Iterator[None]:
 
 
 TAG_LEASE = "mqgen.lease"  # the owner's lease file under <run.root>/.owners (see owner_lease)
-_LEASES: dict[str, tuple[int, str]] = {}  # run root -> (open fd holding the flock, lease file), this process
+_LEASES: dict[str, tuple[int, str]] = {}  # run root -> (pid that holds it, lease file); the fd stays open
 
 
 def owner_tag() -> str:
@@ -85,13 +85,13 @@ def owner_lease(root: str | Path) -> str | None:
     if "://" in str(root):
         return None
     key = str(Path(root).resolve())
-    if key not in _LEASES or _LEASES[key][1].split("-")[-2] != str(os.getpid()):  # new, or a forked child
+    if key not in _LEASES or _LEASES[key][0] != os.getpid():  # new, or a forked child's own
         directory = Path(key) / ".owners"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.lease"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        _LEASES[key] = (fd, str(path))
+        _LEASES[key] = (os.getpid(), str(path))
     return _LEASES[key][1]
 
 
@@ -124,13 +124,9 @@ def _owner_alive(owner: str, lease: str | None = None) -> bool:
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True  # another machine's process without a lease we can see: cannot tell, leave its run alone
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from infra.storage import pid_alive
+
+    return pid_alive(int(pid))
 
 
 def tracking_uri_for(root: str | Path) -> str:
@@ -330,8 +326,8 @@ class StageRun:
         self.run_id = run_id
         self.step_offset = step_offset  # added to every logged step (a forced rerun's attempt follows the last)
         self._last_step: dict[str, int] = {}
-        uri = str(getattr(client, "tracking_uri", "") or "")
-        self._sender = _MetricSender(client, run_id) if uri.startswith(("http://", "https://")) else None
+        self._remote = str(getattr(client, "tracking_uri", "") or "").startswith(("http://", "https://"))
+        self._sender: _MetricSender | None = None  # started by the first metrics sent to a tracking server
 
     def flush(self) -> None:
         """Send every metric point still waiting (a training loop calls this before it returns); says what could
@@ -378,7 +374,7 @@ class StageRun:
             try:
                 hist = self.client.get_metric_history(self.run_id, key)
             except Exception:  # noqa: BLE001 - a server outage: nothing known to skip (the sender keeps the points)
-                if self._sender is None:
+                if not self._remote:
                     raise
                 hist = []
             self._last_step[key] = max((m.step for m in hist), default=-1)
@@ -404,7 +400,9 @@ class StageRun:
                 continue
             batch.append(Metric(k, float(v), now, step))
             self._last_step[k] = step
-        if batch and self._sender is not None:
+        if batch and self._remote:
+            if self._sender is None:
+                self._sender = _MetricSender(self.client, self.run_id)
             self._sender.put(batch)
         elif batch:
             self.client.log_batch(self.run_id, metrics=batch)
