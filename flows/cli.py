@@ -286,10 +286,14 @@ def status(
     for col in ("stage", "state", "key", "artifacts", "mlflow run"):
         table.add_column(col)
     colours = {"done": "green", "skipped": "cyan", "damaged": "red", "not done": "yellow", "waiting": "dim"}
-    for row in stage_status(cfg):
+    rows = stage_status(cfg)
+    for row in rows:
         table.add_row(row["stage"], f"[{colours[row['state']]}]{row['state']}[/]", row["key"], row["path"],
                       row["run_id"])
     Console().print(table)
+    for row in rows:  # in full: a narrow table cuts the reason short
+        if row["state"] == "damaged":
+            typer.secho(f"damaged: {row['stage']}: {row['path']}", fg=typer.colors.RED)
     typer.echo("A stage that is 'not done' resumes from its checkpoints / done keys on the next `mqgen run`; a "
                "'damaged' output is moved aside (kept as .<key>.damaged-<time>) and built again.")
 

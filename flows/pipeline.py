@@ -49,7 +49,7 @@ def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
     run sets it aside and builds it again; ``path`` says what is wrong), ``not done`` (its inputs are ready: the
     next run computes or resumes it) or ``waiting`` (an output it reads is not done)."""
     skipped: dict[str, str] = {}
-    damaged: dict[str, str] = {}
+    damaged: dict[str, Any] = {}
     refs = cached_refs(cfg, skipped, damaged)
     rows: list[dict[str, str]] = []
     for stage in STAGES:
@@ -57,7 +57,8 @@ def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
         if stage in skipped:
             row.update(state="skipped", path=skipped[stage])
         elif stage in damaged:
-            row.update(state="damaged", path=damaged[stage])
+            e = damaged[stage]
+            row.update(state="damaged", key=e.out_dir.name, path=f"{e.out_dir}: {e.reason}")
         elif stage in refs:
             ref = refs[stage]
             row.update(state="done", key=ref.key, path=ref.path, run_id=ref.mlflow_run_id)

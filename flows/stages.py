@@ -91,7 +91,7 @@ def skip_reason(stage: str, cfg: PipelineConfig, inputs: Any) -> str | None:
 
 
 def cached_refs(cfg: PipelineConfig, skipped: dict[str, str] | None = None,
-                damaged: dict[str, str] | None = None) -> dict[str, Any]:
+                damaged: dict[str, DamagedOutput] | None = None) -> dict[str, Any]:
     """The verified outputs of ``cfg``'s stages that exist, in graph order (a stage counts only when all it
     reads exists too); a skipped stage maps to None (its reason goes to ``skipped``); a damaged output counts as
     missing (what is wrong goes to ``damaged``: the next run sets it aside and builds it again). No work is
@@ -112,7 +112,7 @@ def cached_refs(cfg: PipelineConfig, skipped: dict[str, str] | None = None,
             ref = GRAPH[name].module.cached(cfg, inputs)
         except DamagedOutput as e:
             if damaged is not None:
-                damaged[name] = f"{e.out_dir}: {e.reason}"
+                damaged[name] = e
             continue
         if ref is not None:
             refs[name] = ref
