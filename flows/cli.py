@@ -14,12 +14,35 @@ import yaml
 from infra.config import PRESETS, STAGES, ConfigError, PipelineConfig, resolve
 from infra.secrets import redact_text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="mqgen: MQ-VAE + Stackformer image generation as a resumable pipeline.")
+app = typer.Typer(no_args_is_help=True,
+                  help="mqgen: MQ-VAE + Stackformer image generation as a resumable pipeline.\n\nExit codes: 0 done, "
+                       "1 a stage (or command) failed, 2 a bad config or command line, 3 a full disk, 130 "
+                       "interrupted.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configurations.")
 app.add_typer(config_app, name="config")
 
 PRESET_HELP = f"Preset: {', '.join(PRESETS)}."
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("mqgen")
+        except PackageNotFoundError:
+            v = "unknown (not installed)"
+        from infra.tracking import git_commit
+
+        commit = git_commit()
+        typer.echo(f"mqgen {v}" + (f" (git {commit[:12]})" if commit != "unknown" else ""))
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """mqgen: MQ-VAE + Stackformer image generation as a resumable pipeline."""
 STAGE_HELP = f"Stage: {', '.join(STAGES)}."
 
 
@@ -36,6 +59,9 @@ def _prepare_environment(cfg: PipelineConfig) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # to the log file; the console shows errors only
+    # the stages' own INFO logs (logger "mqgen") also go to the Prefect API: the flow run's Logs tab shows them
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mqgen")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # progress threads, Ray callbacks
 
 
 def _resolve_or_exit(preset: str, config: Optional[Path], overrides: list[str]) -> PipelineConfig:
@@ -254,19 +280,22 @@ def _compare(cfg: PipelineConfig, grid_run_id: Optional[str], run_ids: list[str]
 
 @app.command()
 def compare(
-    run_ids: Optional[list[str]] = typer.Argument(None, metavar="[RUN_ID]...",
-                                                  help="Pipeline runs to compare (default: the latest grid)."),
+    args: Optional[list[str]] = typer.Argument(None, metavar="[RUN_ID]... [KEY=VALUE]...",
+                                               help="Pipeline runs to compare (default: the latest grid), and "
+                                                    "overrides such as run.root=./runs"),
     grid_run: Optional[str] = typer.Option(None, "--grid", help="Compare the variants of this grid run."),
     out: Path = typer.Option(Path("compare-report"), "--out", help="Folder for report.html, report.md, plots/."),
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file (for run.root / run.experiment)."),
-    overrides: list[str] = typer.Option([], "--set", help="Override, e.g. --set run.root=./runs"),
+    overrides: list[str] = typer.Option([], "--set", hidden=True, help="Old spelling of a KEY=VALUE argument."),
 ) -> None:
     """Write a comparison report (table + plots vs keep_ratio) of a grid or of runs; log it to MLflow."""
+    run_ids = [a for a in args or [] if "=" not in a]
+    overrides = [*overrides, *(a for a in args or [] if "=" in a)]
     if run_ids and grid_run:
         typer.secho("error: pass run ids or --grid, not both", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    _compare(_resolve_or_exit(preset, config, overrides), grid_run, list(run_ids or []), out)
+    _compare(_resolve_or_exit(preset, config, overrides), grid_run, run_ids, out)
 
 
 @app.command()
@@ -367,6 +396,197 @@ def serve(
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
     typer.echo(f"stopped serving {deployment!r}")
+
+
+MODEL_HELP = ("Model: an alias such as champion, a version (v3), models:/NAME@ALIAS, models:/NAME/VERSION, or an "
+              "exported folder; default: the finished model of this preset/config.")
+
+
+def _model_source(cfg: PipelineConfig, model: Optional[str]) -> Any:
+    """A context manager yielding ``(bundle, registered version or None, evaluation dict or None)`` for ``model``
+    (see :data:`MODEL_HELP`); exits 1 with one clear line when it cannot be found or does not verify."""
+    import contextlib
+    import tempfile
+
+    from infra import registry
+    from infra.bundle import BundleError, read_bundle, write_bundle
+
+    @contextlib.contextmanager
+    def source() -> Any:
+        try:
+            if model is not None:
+                with registry.load_bundle(model, cfg) as (bundle, version):
+                    evaluation = None
+                    if version is not None:
+                        from infra.tracking import Tracker
+
+                        evaluation = registry.evaluation_of(Tracker(cfg.run.root, cfg.run.experiment), version)
+                    elif (bundle.path / "evaluation.json").is_file():
+                        evaluation = json.loads((bundle.path / "evaluation.json").read_text())
+                    yield bundle, version, evaluation
+                return
+            from flows.stages import cached_refs
+
+            refs = cached_refs(cfg)
+            gen, tok = refs.get("train_stackformer"), refs.get("train_tokenizer")
+            if gen is None or tok is None:
+                raise registry.ModelNotFound(
+                    f"config {cfg.hash()} (preset {cfg.preset}) has no finished Stackformer under {cfg.run.root}: "
+                    "run `mqgen run` first, or pass --model champion / a folder")
+            ev = refs.get("evaluate")
+            evaluation = json.loads(Path(ev.evaluation_json).read_text()) if ev is not None else None
+            with tempfile.TemporaryDirectory(prefix="mqgen-bundle-") as tmp:
+                bundle = read_bundle(write_bundle(Path(tmp) / "b", tokenizer=tok, generator=gen,
+                                                  data=_data_facts(cfg, refs), name=cfg.registry.model_name(
+                                                      "stackformer", cfg.preset)))
+                yield bundle, None, evaluation
+        except (registry.ModelNotFound, BundleError) as e:
+            typer.secho(redact_text(f"error: {e}"), fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+
+    return source()
+
+
+def _data_facts(cfg: PipelineConfig, refs: dict[str, Any]) -> dict[str, Any]:
+    ing = refs.get("ingest")
+    facts: dict[str, Any] = {"source": cfg.data.source}
+    if ing is not None:
+        from infra.shards import ShardSet
+
+        facts.update(image_size=ing.image_size, channels=ing.channels, num_classes=ing.num_classes,
+                     classes=ShardSet.from_output(ing).classes)
+    return facts
+
+
+@app.command()
+def sample(
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                                    help="Overrides, e.g. run.root=./runs evaluate.sampling.top_k=50"),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    n: int = typer.Option(64, "--n", min=1, max=10_000, help="Number of images."),
+    label: Optional[int] = typer.Option(None, "--class", help="Class index for a class-conditional model "
+                                                              "(default: classes in turn)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same images)."),
+    out: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write (.png), or .safetensors for the "
+                                                                "uint8 images and labels."),
+    preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+) -> None:
+    """Sample images from a trained model: the registry's champion, a version, an exported folder, or the
+    finished model of a config. Sampling settings are the config's evaluate.sampling."""
+    import torch
+
+    from infra.refs import load_generator, load_tokenizer
+    from infra.storage import atomic_write_bytes, save_tensors
+    from infra.viz import grid, png_bytes
+    from tasks.evaluate import sample_batch
+
+    if out.suffix.lower() not in (".png", ".safetensors"):
+        typer.secho(f"error: --out {out}: give a .png or .safetensors file", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    cfg = _resolve_or_exit(preset, config, overrides or [])
+    with _model_source(cfg, model) as (bundle, version, _):
+        c = bundle.num_classes
+        if bundle.generator is None:
+            typer.secho(f"error: {model} is a tokenizer, not a generator", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        if label is not None and not 0 <= label < max(c, 1) or (label is not None and c == 0):
+            typer.secho(f"error: --class {label}: the model has {c} classes" + (" (it is unconditional)" if not c
+                        else f" (0..{c - 1})"), fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer, generator = load_tokenizer(bundle.tokenizer, device), load_generator(bundle.generator, device)
+        labels = (torch.full((n,), label, dtype=torch.long) if label is not None
+                  else (torch.arange(n) % c if c else None))
+        images, batch = [], cfg.evaluate.batch_size
+        for b, begin in enumerate(range(0, n, batch)):
+            m = min(batch, n - begin)
+            g = torch.Generator(device=device).manual_seed(seed + b)
+            images.append(sample_batch(generator, tokenizer, m, None if labels is None else labels[begin:begin + m],
+                                       cfg, g, device).images)
+        imgs = torch.cat(images)
+        what = f"{version.name} v{version.version}" if version else str(bundle.path if model else "config " + cfg.hash())
+        if out.suffix.lower() == ".png":
+            nrow = c if label is None and 0 < c <= 16 else 8
+            atomic_write_bytes(out, png_bytes(grid(imgs, nrow=min(nrow, n), scale=max(1, 64 // imgs.shape[-1]))))
+        else:
+            save_tensors(out, {"images": imgs, "labels": labels if labels is not None else torch.full((n,), -1)},
+                         {"model": what, "seed": str(seed)})
+    classes = bundle.classes
+    which = (f", class {label}" + (f" ({classes[label]})" if label is not None and label < len(classes) else "")
+             if label is not None else "")
+    typer.echo(f"wrote {n} samples of {what}{which} (seed {seed}) to {out}")
+
+
+@app.command()
+def export(
+    out: Path = typer.Argument(..., help="New (or empty) folder to write the model into."),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]..."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+) -> None:
+    """Write a self-contained model folder (Hugging Face Hub layout: model_index.json, README.md model card with
+    the evaluation and its provenance, configs and safetensors) that `mqgen sample --model DIR` loads."""
+    from infra.bundle import write_bundle
+
+    cfg = _resolve_or_exit(preset, config, overrides or [])
+    with _model_source(cfg, model) as (bundle, version, evaluation):
+        provenance = dict(bundle.index.get("provenance") or {})
+        if version is not None:
+            provenance.update(registered_model=version.name, version=version.version,
+                              promotion=version.tags.get("mqgen.promotion", ""))
+        if evaluation is not None:
+            provenance["evaluation"] = {k: evaluation.get(k) for k in ("stage_key", "extractor", "n", "seeds",
+                                                                          "fid_interval", "reference_statistics")}
+            provenance["evaluation"]["reference_set_hash"] = (evaluation.get("data") or {}).get("reference_set_hash")
+        try:
+            write_bundle(out, tokenizer=bundle.tokenizer, generator=bundle.generator, data=bundle.index.get("data"),
+                         provenance=provenance, evaluation=evaluation, name=bundle.index.get("name", ""))
+        except FileExistsError as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+    typer.echo(f"exported {bundle.index.get('name') or 'the model'}" + (f" v{version.version}" if version else "")
+               + f" to {out} (sample with: mqgen sample --model {out})")
+
+
+@app.command()
+def models(
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]..."),
+    preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+) -> None:
+    """The registered Stackformer versions of this preset/config: aliases, FID with its interval, promotion."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from infra.registry import EVAL_PREFIX, TAG_DECISION
+    from infra.tracking import Tracker
+
+    cfg = _resolve_or_exit(preset, config, overrides or [])
+    name = cfg.registry.model_name("stackformer", cfg.preset)
+    client = Tracker(cfg.run.root, cfg.run.experiment).client
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+        aliases = client.get_registered_model(name).aliases
+    except Exception:  # noqa: BLE001 - no such registered model
+        typer.echo(f"no registered versions of {name} under {cfg.run.root} (a `mqgen run` registers them)")
+        return
+    by_version: dict[str, list[str]] = {}
+    for alias, v in aliases.items():
+        by_version.setdefault(str(v), []).append(alias)
+    table = Table(title=f"{name} ({cfg.run.root})")
+    for col in ("version", "aliases", "FID", "FID 95% interval", "promotion", "run"):
+        table.add_column(col)
+    for mv in sorted(versions, key=lambda m: int(m.version)):
+        t = mv.tags
+        fids = sorted((k for k in t if k.startswith(EVAL_PREFIX) and k.endswith(".fid")))
+        fid = t[fids[-1]] if fids else ""
+        p = fids[-1][:-len("fid")] if fids else ""
+        interval = f"{float(t[p + 'low']):.4g} .. {float(t[p + 'high']):.4g}" if p and p + "low" in t else ""
+        table.add_row(str(mv.version), ", ".join(by_version.get(str(mv.version), [])),
+                      f"{float(fid):.4g}" if fid else "", interval, t.get(TAG_DECISION, "").split(":")[0], mv.run_id)
+    Console().print(table)
 
 
 @config_app.command("show")

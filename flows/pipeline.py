@@ -11,13 +11,13 @@ stage references, never pickles). Importing this module starts nothing.
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
+from flows.publish import promote_evaluated, publish_artifacts
 from flows.stages import GRAPH, cached_refs, descendants, inputs_for, skip_reason
 from infra.config import STAGES, PipelineConfig, from_dict
 from infra.console import fmt_duration, say, stage_log, stage_log_path
@@ -66,15 +66,6 @@ def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
             row["state"] = "not done"
         rows.append(row)
     return rows
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                             capture_output=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def retry_unless_permanent(own_condition: Any = None) -> Any:
@@ -186,7 +177,7 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
                   ) -> dict[str, Any]:
     """The whole pipeline (or ``only`` one stage, or ``from_stage`` on) for one config, given as a dict (a
     deployment's parameters). One MLflow parent run; each selected stage as a Prefect task, in order."""
-    from infra.tracking import Tracker, sigterm_raises
+    from infra.tracking import Tracker, git_commit, sigterm_raises
 
     cfg = from_dict(PipelineConfig, private_value(config))
     stages = select_stages(only, from_stage)
@@ -198,6 +189,7 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
                                   tags={"mqgen.preset": cfg.preset, "mqgen.git_commit": git_commit(),
                                         "mqgen.stages": ",".join(stages), **prefect_run_tag()})
     refs: dict[str, Any] = {}
+    durations: dict[str, float] = {}
     with sigterm_raises(), parent:
         for i, stage in enumerate(stages, 1):
             say(f"[{i}/{len(stages)}] {stage}")
@@ -217,9 +209,15 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
                 except BaseException as e:
                     raise stage_failed(stage, e, cfg, tracker, parent.run_id, refs) from e
             refs[stage] = ref
-            say(f"  done in {fmt_duration(time.perf_counter() - t0)}: {describe_output(stage, ref)}")
+            durations[stage] = time.perf_counter() - t0
+            say(f"  done in {fmt_duration(durations[stage])}: {describe_output(stage, ref)}")
             parent.set_tags({f"mqgen.{stage}.key": ref.key, f"mqgen.{stage}.run_id": ref.mlflow_run_id})
         parent.log_metrics(summary_figures(refs))
+        decision = promote_evaluated(cfg, refs, tracker, parent) if "evaluate" in stages else None
+        if decision is not None:
+            say(f"promotion: {decision.summary()}")
+        publish_artifacts(cfg, {s: refs.get(s) for s in stages if s in refs}, durations, decision, tracker,
+                          parent.run_id)
     return {k: v for k, v in refs.items() if k in stages and v is not None}
 
 

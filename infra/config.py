@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -153,7 +154,7 @@ class TokenizerConfig:
 
 # Fields added after users had outputs, with their default: hashes and stage keys include one only when it differs
 # from that default, so adding a field never changes the key of an existing output.
-ADDED_FIELDS: dict[str, Any] = {"data.max_decode_mb": 256}
+ADDED_FIELDS: dict[str, Any] = {"data.max_decode_mb": 256, "evaluate.fid_bootstrap": 100}  # + "registry" below
 
 
 # Flat spelling -> nested path inside the tokenizer section (``keep_ratio`` -> ``model.keep_ratio``).
@@ -285,6 +286,9 @@ class EvaluateConfig:
     batch_size: int = 250  # images per sampling / decoding / reconstruction batch
     num_reference_images: int | None = None  # val images FID/KID compare with; None = the whole val split
     num_recon_images: int = 2000  # val images reconstructed by the tokenizer (rFID, L1, PSNR, SSIM)
+    # FID interval: the samples' features resampled with replacement this many times (the reference set fixed);
+    # 0 = no interval (the promotion gate then compares point values only)
+    fid_bootstrap: int = 100
     extractor: Literal["classifier", "inception-v3-compat"] = "classifier"
     inception_weights: str | None = None  # torch-fidelity FeatureExtractorInceptionV3 state dict (.pth)
     inception_download: bool = False  # let torch.hub fetch the Inception weights (needs network access)
@@ -301,6 +305,9 @@ class EvaluateConfig:
                               "(or null for the whole val split)")
         if self.batch_size < 1:
             raise ConfigError(f"evaluate.batch_size={self.batch_size} must be >= 1")
+        if self.fid_bootstrap != 0 and not 10 <= self.fid_bootstrap <= 10_000:
+            raise ConfigError(f"evaluate.fid_bootstrap={self.fid_bootstrap} must be 0 (no interval) or 10..10000 "
+                              "resamples")
         if self.extractor != "inception-v3-compat":
             for name in ("inception_weights", "inception_download"):
                 if getattr(self, name):
@@ -321,6 +328,39 @@ class RaySection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RegistrySection:
+    """The MLflow model registry and the promotion gate (read after ``evaluate``; never part of a stage key).
+
+    Each training stage registers its model as ``mqgen-tokenizer-<name>`` / ``mqgen-stackformer-<name>``. After an
+    evaluation the new Stackformer version is compared with the version holding ``alias`` (same extractor, same
+    reference statistics, same number of samples) and takes the alias only when its FID is lower by more than
+    ``margin`` plus the noise: with ``rule=interval``, ``z`` standard errors of the difference (each FID's standard
+    error from its bootstrap over samples, ``evaluate.fid_bootstrap``); with ``rule=point``, the point values. The
+    first version evaluated takes the alias.
+    """
+
+    enabled: bool = True
+    name: str = ""  # registered model names' suffix; "" = the preset's name
+    alias: str = "champion"
+    rule: Literal["interval", "point"] = "interval"
+    margin: float = 0.0  # FID units the new version must win by, beyond the noise
+    z: float = 1.96
+
+    def __post_init__(self) -> None:
+        if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.name):
+            raise ConfigError(f"registry.name={self.name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,63}", self.alias) or re.fullmatch(r"v\d+", self.alias):
+            raise ConfigError(f"registry.alias={self.alias!r}: lower-case letters, digits, '_' or '-', starting "
+                              "with a letter (and not v<number>, which MLflow keeps for versions)")
+        if self.margin < 0 or self.z < 0:
+            raise ConfigError("registry.margin and registry.z must be >= 0")
+
+    def model_name(self, kind: str, preset: str) -> str:
+        """The registered model name of ``kind`` (``tokenizer`` or ``stackformer``)."""
+        return f"mqgen-{kind}-{self.name or preset}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     preset: str = "fmnist"
     seed: int = 0
@@ -330,6 +370,7 @@ class PipelineConfig:
     stackformer: StackformerSection = field(default_factory=StackformerSection)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RaySection = field(default_factory=RaySection)
+    registry: RegistrySection = field(default_factory=RegistrySection)
 
     def __post_init__(self) -> None:
         _check_semantics(self)
@@ -363,12 +404,18 @@ class PipelineConfig:
         of mqgen: a field added later counts only when it differs from its default, see :data:`ADDED_FIELDS`)."""
         d = self.flat_dict()
         for dotted, default in ADDED_FIELDS.items():
-            section, name = dotted.split(".")
-            if d[section].get(name) == default:
+            section, _, name = dotted.partition(".")
+            if not name:  # a whole section added later
+                if d.get(section) == default:
+                    del d[section]
+            elif d[section].get(name) == default:
                 d[section] = {k: v for k, v in d[section].items() if k != name}
         if sections:
             d = {s: d[s] for s in sections}
         return stable_hash(d)
+
+
+ADDED_FIELDS["registry"] = dataclasses.asdict(RegistrySection())
 
 
 def absolute_path(path: str) -> str:

@@ -400,8 +400,8 @@ class Reference:
 
 def compute_metrics(images: torch.Tensor | Dataset, extractor: Extractor, *, reference: Reference | None = None,
                     fid: bool = True, kid: bool = True, isc: bool = True, cache_root: str | Path | None = None,
-                    input1_cache_name: str | None = None, kid_subsets: int = 100, verbose: bool = False
-                    ) -> dict[str, float]:
+                    input1_cache_name: str | None = None, kid_subsets: int = 100, verbose: bool = False,
+                    fid_bootstrap: int = 0, provenance: dict[str, Any] | None = None) -> dict[str, float]:
     """FID / KID against ``reference`` and IS of ``images`` with torch-fidelity's extractors and metric math
     (the numbers ``torch_fidelity.calculate_metrics`` gives for the same inputs and seeds).
 
@@ -445,6 +445,15 @@ def compute_metrics(images: torch.Tensor | Dataset, extractor: Extractor, *, ref
         if fid:
             stats = [fid_featuresdict_to_statistics(f, extractor.feature_layer) for f in (f1, f2)]
             out["fid"] = float(fid_statistics_to_metric(*stats, verbose)["frechet_inception_distance"])
+            if fid_bootstrap:
+                out.update(fid_interval(f1[extractor.feature_layer], stats[1], fid_bootstrap, out["fid"]))
+        if provenance is not None and cache_root:
+            ref_file = Path(cache_root) / f"{reference.cache_name(extractor)}.safetensors"
+            if ref_file.is_file():
+                from infra.storage import sha256_file
+
+                provenance.update(reference_features=ref_file.name, reference_features_sha256=sha256_file(ref_file),
+                                  reference_features_bytes=ref_file.stat().st_size)
         if kid:
             k = kid_featuresdict_to_metric(f1, f2, extractor.feature_layer,
                                            kid_subset_size=min(1000, n, reference.num_images), **opts)
@@ -454,6 +463,27 @@ def compute_metrics(images: torch.Tensor | Dataset, extractor: Extractor, *, ref
         r = isc_featuresdict_to_metric(f1, extractor.logits_layer, **opts)
         out.update(isc_mean=float(r["inception_score_mean"]), isc_std=float(r["inception_score_std"]))
     return out
+
+
+def fid_interval(features: torch.Tensor, reference_stats: dict[str, Any], resamples: int, fid: float,
+                 seed: int = 2020) -> dict[str, float]:
+    """Bootstrap of the FID over the samples: ``resamples`` FIDs of ``features`` (``[n, d]``) drawn with
+    replacement against the fixed ``reference_stats``. Returns their standard deviation (the FID's standard
+    error from sampling) and the basic bootstrap 95 % interval around ``fid`` (``2 fid - q97.5 .. 2 fid - q2.5``:
+    a resample repeats images, which raises its FID, and this interval corrects for that shift)."""
+    import numpy as np
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    rng = np.random.default_rng(seed)
+    n = features.shape[0]
+    values = []
+    for _ in range(resamples):
+        idx = torch.from_numpy(rng.integers(0, n, n))
+        stats = fid_features_to_statistics(features[idx])
+        values.append(float(fid_statistics_to_metric(stats, reference_stats, False)["frechet_inception_distance"]))
+    v = np.asarray(values)
+    return {"fid_boot_std": float(v.std(ddof=1)), "fid_low": float(max(0.0, 2 * fid - np.percentile(v, 97.5))),
+            "fid_high": float(2 * fid - np.percentile(v, 2.5))}
 
 
 def _features_cached(dataset: Dataset, count: int, fe: Any, extractor: Extractor, layers: list[str], cuda: bool,

@@ -26,10 +26,13 @@ from infra.secrets import redact, redact_text
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # model downloads: no bars on the console
 
 TAG_STAGE = "mqgen.stage"
 TAG_KEY = "mqgen.stage_key"
 TAG_KIND = "mqgen.kind"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 TAG_PID = "mqgen.pid"  # "<hostname>:<pid>" of the process that owns a RUNNING pipeline run
 
 
@@ -129,6 +132,37 @@ def _owner_alive(owner: str, lease: str | None = None) -> bool:
     return pid_alive(int(pid))
 
 
+def git_commit() -> str:
+    """The commit of the mqgen source tree this process runs ("unknown" outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                             capture_output=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def standard_tags() -> dict[str, str]:
+    """MLflow's own source tags (the UI's Source and User columns): the command, its type (JOB under a Prefect
+    deployment run, else LOCAL), the git commit, the user."""
+    import getpass
+    import sys
+
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    tags = {MLFLOW_SOURCE_NAME: " ".join([argv0, *sys.argv[1:2]]) if argv0 == "mqgen" else argv0,
+            MLFLOW_SOURCE_TYPE: "JOB" if os.environ.get("PREFECT__FLOW_RUN_ID") else "LOCAL"}
+    commit = git_commit()
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit
+    with contextlib.suppress(Exception):
+        tags[MLFLOW_USER] = getpass.getuser()
+    return tags
+
+
 def tracking_uri_for(root: str | Path) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
@@ -175,6 +209,11 @@ class Tracker:
                 self.experiment_id = exp.experiment_id
         else:
             self.experiment_id = exp.experiment_id
+        if exp is None or exp.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND:
+            # MLflow 3's UI opens an experiment without this tag on its GenAI traces page; a training experiment
+            # opens on its runs table
+            with contextlib.suppress(Exception):
+                self.client.set_experiment_tag(self.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
 
     def _owner_tags(self) -> dict[str, str]:
         """Who owns a run this process opens: ``host:pid`` and, for a local root, its lease file."""
@@ -207,7 +246,8 @@ class Tracker:
                      kind: str = "pipeline", name: str | None = None) -> "StageRun":
         """A new parent run for one pipeline execution (stage runs attach to it as children). A grid makes one
         with ``kind="grid"`` and one ``kind="pipeline"`` run per variant under it (``parent_run_id``)."""
-        all_tags = {TAG_KIND: kind, "mqgen.config_hash": config_hash, **self._owner_tags(), **(tags or {})}
+        all_tags = {TAG_KIND: kind, "mqgen.config_hash": config_hash, **standard_tags(), **self._owner_tags(),
+                    **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name or f"{kind}-{config_hash}",
@@ -225,7 +265,8 @@ class Tracker:
         owner = self._owner_tags() if run_id is None else {}
         if run_id is None:
             run_id = self.find_run({TAG_STAGE: stage, TAG_KEY: stage_key})
-        all_tags = {TAG_STAGE: stage, TAG_KEY: stage_key, TAG_KIND: "stage", **owner, **(tags or {})}
+        all_tags = {TAG_STAGE: stage, TAG_KEY: stage_key, TAG_KIND: "stage", **standard_tags(), **owner,
+                    **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id is None:
@@ -410,6 +451,19 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, redact_text(str(v)))
+
+    def log_dataset(self, name: str, digest: str, location: str | Path, context: str, **extra: Any) -> None:
+        """Record a dataset this run read (the UI's Datasets column): its name, a content digest, where it is, and
+        ``context`` (``training``, ``evaluation``, ``reference``...); ``extra`` goes into its profile."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        src = str(location)
+        ds = Dataset(name=name, digest=digest[:36], source_type="local" if "://" not in src else src.split("://")[0],
+                     source=json.dumps({"uri": redact_text(src)}), profile=json.dumps(extra, default=str) if extra
+                     else None)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT,
+                                                                                         context)])])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -202,6 +202,24 @@ def sort_by_position(codes: torch.Tensor, positions: torch.Tensor) -> tuple[torc
     return codes.gather(1, order), positions
 
 
+def sample_tokens(model: nn.Module, n: int, labels: torch.Tensor | None, code_params: SamplingParams,
+                  pos_params: SamplingParams, *, raster_order: bool = True, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``n`` token sequences from a :class:`Stackformer` or a :class:`FullGridTransformer` with KV caches:
+    ``(codes, positions, raster_share)``, sorted by position (what the tokenizer decodes). ``raster_share`` is the
+    share of consecutive positions the Stackformer sampled in increasing order (1.0 for the full grid)."""
+    if isinstance(model, Stackformer):
+        codes, positions = model.sample(n, labels, code_params, pos_params, raster_order=raster_order,
+                                        use_cache=True, generator=generator)
+        share = float((positions[:, 1:] > positions[:, :-1]).double().mean()) if positions.shape[1] > 1 else 1.0
+        codes, positions = sort_by_position(codes, positions)
+        return codes, positions, share
+    if isinstance(model, FullGridTransformer):
+        codes = model.sample(n, labels, code_params, use_cache=True, generator=generator)
+        return codes, torch.arange(codes.shape[1], device=codes.device).expand_as(codes), 1.0
+    raise TypeError(f"sample_tokens: {type(model).__name__} is not a Stackformer or a FullGridTransformer")
+
+
 class Stackformer(nn.Module):
     """Code-Transformer + Position-Transformer over ``N`` (code, cell) tokens; see the module docstring."""
 

@@ -71,7 +71,7 @@ from infra.training import purpose_seed
 from models.metrics import code_stats
 
 STAGE = "evaluate"
-VERSION = "1"  # bump when the code changes what a given config produces
+VERSION = "2"  # bump when the code changes what a given config produces
 SUCCESS = "_SUCCESS.json"
 EVALUATION = "evaluation.json"
 FORMAT = "mqgen.evaluation/1"
@@ -238,7 +238,7 @@ def sample_batch(model: Any, tokenizer: Any, n: int, labels: torch.Tensor | None
                  generator: torch.Generator, device: torch.device) -> SampleBatch:
     """Sample ``n`` token sequences (KV caches on), decode them; time both phases separately."""
     from infra.viz import to_uint8
-    from models.stackformer import Stackformer, sort_by_position
+    from models.stackformer import sample_tokens
 
     s = cfg.evaluate.sampling
     code_params, pos_params = sampling_params(s)
@@ -246,15 +246,8 @@ def sample_batch(model: Any, tokenizer: Any, n: int, labels: torch.Tensor | None
     _sync(device)
     c0, t0 = time.process_time(), time.perf_counter()
     with torch.inference_mode():
-        if isinstance(model, Stackformer):
-            codes, positions = model.sample(n, lab, code_params, pos_params, raster_order=s.raster_order,
-                                            use_cache=True, generator=generator)
-            share = float((positions[:, 1:] > positions[:, :-1]).double().mean()) if positions.shape[1] > 1 else 1.0
-            codes, positions = sort_by_position(codes, positions)
-        else:
-            codes = model.sample(n, lab, code_params, use_cache=True, generator=generator)
-            positions = torch.arange(codes.shape[1], device=device).expand_as(codes)
-            share = 1.0
+        codes, positions, share = sample_tokens(model, n, lab, code_params, pos_params, raster_order=s.raster_order,
+                                                generator=generator)
         _sync(device)
         c1, t1 = time.process_time(), time.perf_counter()
         images = to_uint8(tokenizer.decode(codes, positions))
@@ -470,6 +463,10 @@ def _definitions(ext: Extractor | None, *, n: int, n_ref: int, n_recon: int, mod
     return {
         "fid": f"Frechet distance between Gaussian fits of the {feats} of the {n} samples and of the first {n_ref} "
                "val images (lower is better; 0 = same statistics).",
+        "fid_boot_std": "Standard error of the FID from sampling: standard deviation of the FIDs of bootstrap "
+                        "resamples of the samples (evaluate.fid_bootstrap; reference statistics fixed).",
+        "fid_low": "Lower end of the basic bootstrap 95% interval of the FID (2 fid - 97.5th percentile).",
+        "fid_high": "Upper end of the basic bootstrap 95% interval of the FID (2 fid - 2.5th percentile).",
         "kid_mean": f"Kernel distance (unbiased MMD^2, cubic polynomial kernel) between the {feats} of the samples "
                     f"and of the val images, mean over 100 random subsets of min(1000, n) (lower is better).",
         "kid_std": "Standard deviation of the kernel distance over its 100 subsets.",
@@ -562,6 +559,7 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
         n_recon = min(e.num_recon_images, num_val)
         values: dict[str, float | None] = {}
         unavailable: dict[str, str] = {}
+        provenance: dict[str, Any] = {}
         inputs_u8 = recons = keep_mask = val_counts = None
         if n_recon >= 2:
             inputs_u8, _ = read_split(shards, REFERENCE_SPLIT, n_recon, ingest.channels)
@@ -588,7 +586,7 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
         values["generation_images_per_s"] = n / max(samples.sample_seconds + samples.decode_seconds, 1e-9)
 
         # 3. FID / KID / IS
-        extractor_figures = ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std", "reference_isc_mean", "rfid",
+        extractor_figures = ("fid", "fid_boot_std", "fid_low", "fid_high", "kid_mean", "kid_std", "isc_mean", "isc_std", "reference_isc_mean", "rfid",
                              "sample_class_accuracy", "evaluator_val_accuracy")
         if ext is None:
             why = inputs.extractor_unavailable or "no feature extractor"
@@ -599,7 +597,10 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
                 unavailable.setdefault(name, f"the {REFERENCE_SPLIT} split has {num_val} images (FID needs >= 2)")
         else:
             values.update(_fidelity(cfg, ext, inputs, shards, n_ref, samples, recons, num_classes, unavailable,
-                                    device))
+                                    device, provenance))
+        if e.fid_bootstrap == 0:
+            for name in ("fid_boot_std", "fid_low", "fid_high"):
+                unavailable.setdefault(name, "evaluate.fid_bootstrap=0 (no interval asked for)")
         if ext is not None and not ext.has_logits:
             for name in ("isc_mean", "isc_std", "reference_isc_mean"):
                 unavailable[name] = (f"{ext.name} weights hold pool features only (no logits): the Inception "
@@ -627,6 +628,11 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "extractor": ext_name or None,
             "extractor_info": ext.to_dict() if ext is not None else {"unavailable": inputs.extractor_unavailable},
+            "fid_interval": ({"method": f"basic bootstrap over the samples ({e.fid_bootstrap} resamples with "
+                              "replacement, seed 2020; reference statistics fixed)", "level": 0.95,
+                              "low": values["fid_low"], "high": values["fid_high"], "std": values["fid_boot_std"],
+                              "resamples": e.fid_bootstrap} if values.get("fid_low") is not None else None),
+            "reference_statistics": provenance or None,
             "n": n,  # generated images behind the sample figures
             "set_sizes": {"samples": n, "reference": n_ref, "reconstructions": n_recon,
                           "evaluator_val": ev.num_val if ev is not None else 0},
@@ -669,6 +675,10 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
         for rel in pics.values():
             srun.log_artifact(out_dir / rel, "pictures")
         srun.log_artifact(out_dir / EVALUATION)
+        srun.log_dataset(f"ingest-{ingest.key}", ingest.manifest_sha256, Path(ingest.path) / "manifest.json",
+                         "evaluation", split=REFERENCE_SPLIT)
+        srun.log_dataset(f"reference-{REFERENCE_SPLIT}-{n_ref}", report["data"]["reference_set_hash"],
+                         Path(ingest.path) / "manifest.json", "reference", images=n_ref, **provenance)
         srun.log_artifact(out_dir / SAMPLES_MANIFEST)
         files = {name: sha256_file(out_dir / name) for name in (EVALUATION, SAMPLES, SAMPLES_MANIFEST,
                                                                  *pics.values())}
@@ -701,9 +711,10 @@ def _write_samples(out_dir: Path, s: SampleBatch, cfg: PipelineConfig, model_ref
 
 
 def _fidelity(cfg: PipelineConfig, ext: Extractor, inputs: Inputs, shards: Any, n_ref: int, samples: SampleBatch,
-              recons: torch.Tensor | None, num_classes: int, unavailable: dict[str, str], device: torch.device
-              ) -> dict[str, float]:
-    """FID/KID/IS of the samples, IS of the reference, rFID, and the classifier's sample accuracy."""
+              recons: torch.Tensor | None, num_classes: int, unavailable: dict[str, str], device: torch.device,
+              provenance: dict[str, Any]) -> dict[str, float]:
+    """FID/KID/IS of the samples (with the FID's bootstrap interval), IS of the reference, rFID, and the
+    classifier's sample accuracy; ``provenance`` receives the reference features file's sha256 and size."""
     from infra import metrics as mx
 
     ingest = inputs.ingest
@@ -714,7 +725,8 @@ def _fidelity(cfg: PipelineConfig, ext: Extractor, inputs: Inputs, shards: Any, 
     out: dict[str, float] = {}
     t0 = time.perf_counter()
     out.update(mx.compute_metrics(samples.images, ext, reference=ref, fid=True, kid=True, isc=True,
-                                  cache_root=cache_root))
+                                  cache_root=cache_root, fid_bootstrap=cfg.evaluate.fid_bootstrap,
+                                  provenance=provenance))
     if ext.has_logits:
         r = mx.compute_metrics(ref.images, ext, isc=True, fid=False, kid=False, cache_root=cache_root,
                                input1_cache_name=ref.cache_name(ext))

@@ -340,6 +340,8 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     with tracker.stage_run(STAGE, key, params=params, tags=tags, parent_run_id=parent_run_id) as sr:
+        sr.log_dataset(f"ingest-{ingest.key}", ingest.manifest_sha256, Path(ingest.path) / "manifest.json", "input",
+                       num_train=ingest.num_train, num_val=ingest.num_val)
         with contextlib.ExitStack() as stack:
             writers = {split: stack.enter_context(TokenWriter(out_dir / f"{split}.lmdb", metas[split],
                                                               map_size=map_size)) for split in SPLITS}

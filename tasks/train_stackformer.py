@@ -617,6 +617,7 @@ def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: st
            parent_run_id: str | None, on_step: Callable[[StepEvent], None] | None) -> StackformerOutput:
     from infra import ray as rayx
     from infra.console import watch_progress
+    from infra.registry import register_trained
     from infra.tracking import Tracker, exit_status, open_training_attempt
     from infra.training import export_final_weights
 
@@ -658,9 +659,13 @@ def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: st
     ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
                             model=p.model, model_config=p.model_config, metrics=metrics, mlflow_run_id=srun.run_id,
                             tokenizer_sha256=p.tokenizer_sha256, num_classes=p.num_classes)
-    srun.log_artifact(weights, "model")
-    srun.log_artifact(out_dir / "model_config.json", "model")
     srun.log_dict(cfg.to_dict(), "config.json")
+    srun.log_dataset(f"tokens-{tokens.key}", tokens.checksum, tokens.path, "training", num_train=tokens.num_train,
+                     num_val=tokens.num_val, tokens_per_image=p.seq_len)
+    mc = tokenizer.mqvae_config
+    register_trained(tracker, cfg, srun, kind="stackformer", tokenizer=tokenizer, generator=ref, data={
+        "source": cfg.data.source, "image_size": mc.resolution, "channels": mc.in_channels,
+        "num_classes": p.num_classes})
     srun.set_tags({"mqgen.weights_sha256": ref.sha256})
     atomic_write_json(out_dir / SUCCESS, ref.to_dict())
     srun.finish("FINISHED")

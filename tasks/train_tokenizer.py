@@ -312,6 +312,7 @@ def _train(cfg: PipelineConfig, inputs: TokenizerInputs, key: str, out_dir: Path
     from infra import ray as rayx
     from infra.console import watch_progress
     from infra.shards import ShardSet
+    from infra.registry import register_trained
     from infra.tracking import Tracker, exit_status, open_training_attempt
     from infra.training import export_final_weights
 
@@ -350,9 +351,12 @@ def _train(cfg: PipelineConfig, inputs: TokenizerInputs, key: str, out_dir: Path
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     ref = TokenizerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
                           model_config=model_doc, metrics=metrics, mlflow_run_id=srun.run_id)
-    srun.log_artifact(weights, "model")
-    srun.log_artifact(out_dir / "model_config.json", "model")
     srun.log_dict(cfg.to_dict(), "config.json")
+    srun.log_dataset(f"ingest-{ingest.key}", ingest.manifest_sha256, Path(ingest.path) / "manifest.json", "training",
+                     data_source=cfg.data.source, num_train=ingest.num_train, num_val=ingest.num_val)
+    register_trained(tracker, cfg, srun, kind="tokenizer", tokenizer=ref, data={
+        "source": cfg.data.source, "image_size": ingest.image_size, "channels": ingest.channels,
+        "num_classes": ingest.num_classes, "classes": shards.classes})
     srun.set_tags({"mqgen.weights_sha256": ref.sha256})
     atomic_write_json(out_dir / SUCCESS, ref.to_dict())
     srun.finish("FINISHED")

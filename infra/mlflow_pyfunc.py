@@ -1,0 +1,62 @@
+"""The MLflow ``pyfunc`` face of an mqgen bundle, logged as *model code* (MLflow's models-from-code): MLflow
+copies this file into the model and runs it on ``mlflow.pyfunc.load_model``; no Python object is pickled.
+It is never imported by mqgen itself (it calls ``set_model`` at import).
+
+- A generator model: ``predict`` takes rows ``{"n": int, "class": int (-1 = none), "seed": int}`` and returns
+  the sampled images of every row, uint8 ``[N, C, H, W]``.
+- A tokenizer model: ``predict`` takes uint8 images ``[N, C, H, W]`` and returns ``[N, 2, K]`` int64: the kept
+  codes and their positions (raster order).
+
+The weights are the bundle's safetensors, checked against its ``model_index.json`` on load
+(:func:`infra.bundle.read_bundle`). Needs mqgen installed where the model is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+
+class MqgenModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: Any) -> None:
+        import torch
+
+        from infra.bundle import read_bundle
+        from infra.refs import load_generator, load_tokenizer
+
+        self.bundle = read_bundle(context.artifacts["bundle"])
+        self.device = torch.device("cpu")
+        self.tokenizer = load_tokenizer(self.bundle.tokenizer, self.device)
+        self.generator = load_generator(self.bundle.generator, self.device) if self.bundle.generator else None
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        import numpy as np
+        import torch
+
+        from infra.config import SamplingSection, sampling_params
+        from infra.viz import to_uint8
+        from models.stackformer import sample_tokens
+
+        if self.generator is None:  # a tokenizer: images in, kept codes and positions out
+            images = torch.as_tensor(np.asarray(model_input), dtype=torch.uint8)
+            with torch.inference_mode():
+                out = self.tokenizer.encode(images.float() / 127.5 - 1)
+            return torch.stack([out.codes, out.positions], 1).numpy()
+        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        code_params, pos_params = sampling_params(SamplingSection())
+        batches = []
+        for row in rows:
+            n, cls, seed = int(row["n"]), int(row.get("class", -1)), int(row.get("seed", 0))
+            labels = torch.full((n,), cls, dtype=torch.long) if self.bundle.num_classes and cls >= 0 else None
+            if self.bundle.num_classes and labels is None:
+                labels = torch.arange(n) % self.bundle.num_classes
+            g = torch.Generator().manual_seed(seed)
+            with torch.inference_mode():
+                codes, positions, _ = sample_tokens(self.generator, n, labels, code_params, pos_params, generator=g)
+                batches.append(to_uint8(self.tokenizer.decode(codes, positions)))
+        return torch.cat(batches).numpy()
+
+
+set_model(MqgenModel())
