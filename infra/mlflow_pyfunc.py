@@ -31,7 +31,8 @@ class MqgenModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(self.bundle.tokenizer, self.device)
         self.generator = load_generator(self.bundle.generator, self.device) if self.bundle.generator else None
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    # no type hints here: MLflow would try to validate inputs from them; the logged signature says what is expected
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import numpy as np
         import torch
 

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -97,9 +98,11 @@ def register(tracker: Any, cfg: PipelineConfig, *, kind: str, run_id: str, token
         bundle = write_bundle(Path(tmp) / "bundle", tokenizer=tokenizer, generator=generator, data=data,
                               provenance=provenance, name=name)
         model_dir = Path(tmp) / "mlflow-model"
-        mlflow.pyfunc.save_model(str(model_dir), python_model=str(PYFUNC_CODE), artifacts={"bundle": str(bundle)},
-                                 signature=_signature(kind, tokenizer, generator), pip_requirements=["mqgen"],
-                                 metadata={"mqgen_kind": kind, "mqgen_bundle": "artifacts/bundle"})
+        with warnings.catch_warnings():  # "add type hints" / "no input example": the signature is given explicitly
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(str(model_dir), python_model=str(PYFUNC_CODE), artifacts={"bundle": str(bundle)},
+                                     signature=_signature(kind, tokenizer, generator), pip_requirements=["mqgen"],
+                                     metadata={"mqgen_kind": kind, "mqgen_bundle": "artifacts/bundle"})
         logged = client.create_logged_model(tracker.experiment_id, name=kind, source_run_id=run_id,
                                             model_type=f"mqgen-{kind}",
                                             params={"sha256": main.sha256, "step": str(main.step)})
@@ -291,7 +294,9 @@ def promote(tracker: Any, cfg: PipelineConfig, *, generator: Any, tokenizer_vers
             client.set_registered_model_alias(version.name, alias, version.version)
             if tokenizer_version is not None:
                 client.set_registered_model_alias(tokenizer_version.name, alias, tokenizer_version.version)
-        client.set_model_version_tag(version.name, version.version, TAG_DECISION, f"{d.decision}: {d.reason}"[:4000])
+        if d.decision != "already champion":  # (a re-evaluation keeps the decision that gave it the alias)
+            client.set_model_version_tag(version.name, version.version, TAG_DECISION,
+                                         f"{d.decision}: {d.reason}"[:4000])
         for k, v in d.tags().items():
             client.set_tag(evaluate_run_id, k, v[:4000])
     log.info("promotion: %s", d.summary())

@@ -113,6 +113,49 @@ def test_results_are_json_references_and_the_parent_run_has_the_figures(finished
     parent = _runs(root, "pipeline")[0]  # the run that computed the stages (later ones: reruns, --only)
     assert parent.data.metrics["fid"] == pytest.approx(refs["evaluate"].metrics["fid"])
     assert "recon_psnr" in parent.data.metrics and "tokenizer.val_psnr" in parent.data.metrics
+    _check_registry_and_lineage(root, refs, parent)
+
+
+def _check_registry_and_lineage(root: Path, refs: dict, parent) -> None:
+    """Both models registered, the first evaluated version took ``champion`` (its FID interval recorded),
+    the datasets each stage read are run inputs, the source tags are set, the experiment opens on its runs, and
+    the Prefect flow run has its summary, table and link artifacts."""
+    client = _client(root)
+    ev = json.loads(Path(refs["evaluate"].evaluation_json).read_text())
+    iv = ev["fid_interval"]
+    assert iv["low"] <= ev["metrics"]["fid"] <= iv["high"] and iv["std"] > 0 and iv["resamples"] == 100
+    assert len(ev["reference_statistics"]["reference_features_sha256"]) == 64
+    gen = client.get_model_version_by_alias("mqgen-stackformer-tiny", "champion")
+    tok = client.get_model_version_by_alias("mqgen-tokenizer-tiny", "champion")
+    assert gen.run_id == refs["train_stackformer"].mlflow_run_id and gen.tags["mqgen.promotion"].startswith("first")
+    assert tok.run_id == refs["train_tokenizer"].mlflow_run_id
+    assert gen.tags["mqgen.weights_sha256"] == refs["train_stackformer"].sha256
+    assert parent.data.tags["mqgen.promotion.decision"] == "first"
+    assert float(parent.data.tags["mqgen.promotion.new_fid"]) == pytest.approx(ev["metrics"]["fid"])
+    logged = client.search_logged_models([parent.info.experiment_id])
+    assert {m.source_run_id for m in logged} >= {gen.run_id, tok.run_id}
+    inputs = {stage: {d.dataset.name: {t.key: t.value for t in d.tags}["mlflow.data.context"]
+                      for d in client.get_run(refs[stage].mlflow_run_id).inputs.dataset_inputs}
+              for stage in ("train_tokenizer", "tokenize", "train_stackformer", "evaluate")}
+    ingest = f"ingest-{refs['ingest'].key}"
+    assert inputs["train_tokenizer"] == {ingest: "training"} and inputs["tokenize"] == {ingest: "input"}
+    assert inputs["train_stackformer"] == {f"tokens-{refs['tokenize'].key}": "training"}
+    assert inputs["evaluate"][ingest] == "evaluation" and "reference" in inputs["evaluate"].values()
+    run_tags = client.get_run(refs["evaluate"].mlflow_run_id).data.tags
+    assert run_tags["mlflow.source.type"] == "LOCAL" and run_tags["mlflow.source.name"]
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[parent.data.tags["mqgen.prefect_flow_run_id"]])))
+    by_key = {a.key.rsplit("-", 1)[-1]: a for a in arts}  # <preset>-<hash>, ...-figures, ...-mlflow
+    assert {"figures", "mlflow"} <= set(by_key) and len(arts) == 3, [(a.key, a.type) for a in arts]
+    summary = next(a for a in arts if a.key not in (by_key["figures"].key, by_key["mlflow"].key))
+    assert "## Promotion" in summary.data and f"{ev['metrics']['fid']:.4g}" in summary.data
+    assert by_key["figures"].type == "table" and parent.info.run_id in by_key["mlflow"].data  # (a link)
 
 
 def test_changing_a_tokenizer_field_reruns_exactly_the_downstream_stages(finished) -> None:
@@ -120,6 +163,7 @@ def test_changing_a_tokenizer_field_reruns_exactly_the_downstream_stages(finishe
     from flows.stages import descendants
 
     root, cfg, refs = finished
+    before = _client(root).get_model_version_by_alias("mqgen-stackformer-tiny", "champion")
     ingest_mtime = (Path(refs["ingest"].path) / "manifest.json").stat().st_mtime_ns
     changed = run_pipeline(_cfg(root, "tokenizer.keep_ratio=0.75"))
     assert changed["ingest"] == refs["ingest"]
@@ -133,6 +177,18 @@ def test_changing_a_tokenizer_field_reruns_exactly_the_downstream_stages(finishe
     from flows.pipeline import stage_status
 
     assert [row["state"] for row in stage_status(cfg)] == ["done"] * len(STAGES)
+
+    # the second config's Stackformer is version 2 of the same registered model: the gate compared it with the
+    # champion on the same evaluation protocol and recorded why it moved the alias or not
+    client = _client(root)
+    [v2] = client.search_model_versions(f"name = 'mqgen-stackformer-tiny' and run_id = "
+                                        f"'{changed['train_stackformer'].mlflow_run_id}'")
+    decision = v2.tags["mqgen.promotion"]
+    assert decision.startswith(("promoted", "kept")), decision
+    champion = client.get_model_version_by_alias("mqgen-stackformer-tiny", "champion")
+    assert champion.version == (v2.version if decision.startswith("promoted") else before.version)
+    tok_champion = client.get_model_version_by_alias("mqgen-tokenizer-tiny", "champion")
+    assert tok_champion.tags["mqgen.weights_sha256"] == champion.tags["mqgen.tokenizer_sha256"]
 
 
 def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_figures(finished, tmp_path) -> None:

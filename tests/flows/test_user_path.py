@@ -39,6 +39,11 @@ def _mqgen(cwd: Path, *args: str, timeout: float) -> subprocess.CompletedProcess
                           timeout=timeout, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
 
+def _cli(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(MQGEN), *args], check=False, cwd=cwd, env=_env(), timeout=timeout,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
 def _describe(proc: subprocess.CompletedProcess[str]) -> str:
     return (f"exit {proc.returncode}\n--- stdout (tail) ---\n{_tail(proc.stdout)}\n"
             f"--- stderr (tail) ---\n{_tail(proc.stderr)}")
@@ -104,3 +109,35 @@ def test_mqgen_run_with_the_default_relative_root_then_cached_from_another_direc
     assert not (b / "runs").exists(), f"the rerun created {b / 'runs'}:\n{_describe(second)}"
     keys_after = sorted(p.name for p in (a / "runs" / "evaluate").iterdir() if p.is_dir())
     assert keys_after == keys, f"the rerun made another evaluate key: {keys} -> {keys_after}\n{_describe(second)}"
+
+    # 3. the finished model by name, never by path: the registry's champion sampled, exported, sampled again
+    # from the exported folder (the same images for the same seed), and a tampered export refused
+    root = "run.root=../a/runs"
+    models = _cli(b, "models", "--preset", "tiny", root)
+    assert models.returncode == 0 and "champion" in models.stdout and "mqgen-stackformer-tiny" in models.stdout, \
+        _describe(models)
+    grid = _cli(b, "sample", "--preset", "tiny", "--model", "champion", "--n", "8", "--class", "3", "--out",
+                "grid.png", root)
+    assert grid.returncode == 0, _describe(grid)
+    assert (b / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "class 3" in grid.stdout
+    by_alias = _cli(b, "sample", "--preset", "tiny", "--model", "models:/mqgen-stackformer-tiny@champion", "--n", "6",
+                    "--seed", "7", "--out", "alias.safetensors", root)
+    assert by_alias.returncode == 0, _describe(by_alias)
+    exported = _cli(b, "export", "exported", "--preset", "tiny", "--model", "champion", root)
+    assert exported.returncode == 0, _describe(exported)
+    card = (b / "exported" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: mqgen") and "| fid |" in card and "reference_set_hash" in card
+    from_folder = _cli(c, "sample", "--model", str(b / "exported"), "--n", "6", "--seed", "7", "--out",
+                       "folder.safetensors")
+    assert from_folder.returncode == 0, _describe(from_folder)
+    from safetensors.torch import load_file
+
+    assert load_file(b / "alias.safetensors")["images"].equal(load_file(c / "folder.safetensors")["images"])
+    weights = b / "exported" / "generator" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    refused = _cli(c, "sample", "--model", str(b / "exported"), "--out", "bad.png")
+    assert refused.returncode == 1 and "sha256" in refused.stderr and "Traceback" not in refused.stderr, \
+        _describe(refused)
+    assert not (c / "bad.png").exists()
+    missing = _cli(c, "sample", "--preset", "tiny", "--model", "nosuchalias", "run.root=../a/runs")
+    assert missing.returncode == 1 and "not in the registry" in missing.stderr, _describe(missing)

@@ -1,0 +1,162 @@
+"""The model registry and the promotion gate on a real MLflow store (SQLite): registration is idempotent, the
+gate moves the alias only beyond the noise and only on the same evaluation protocol, a registered model loads
+back by alias (bundle and MLflow pyfunc) with its weights verified, and a tampered bundle is refused."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from infra.config import resolve, stackformer_config
+from infra.refs import StackformerOutput, load_generator
+from infra.storage import sha256_file
+from tests.fixtures.tokenize_data import make_tokenizer
+
+
+def _generator(cfg, tokenizer, out: Path, seed: int) -> StackformerOutput:
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from models.stackformer import Stackformer
+
+    torch.manual_seed(seed)
+    mc = stackformer_config(cfg.stackformer, tokenizer, num_classes=10)
+    model = Stackformer(mc)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return StackformerOutput(path=str(out), key=f"g{seed}", weights=str(weights), sha256=sha256_file(weights), step=1,
+                             model="stackformer", model_config=asdict(mc), tokenizer_sha256=tokenizer.sha256,
+                             num_classes=mc.num_classes)
+
+
+def _evaluation(fid: float, se: float | None, n: int = 64) -> dict:
+    ev = {"extractor": "classifier-test", "extractor_info": {"weights_sha256": "e" * 64}, "n": n,
+          "set_sizes": {"reference": 256}, "data": {"reference_set_hash": "r" * 16}, "metrics": {"fid": fid}}
+    if se is not None:
+        ev["fid_interval"] = {"std": se, "low": fid - 2 * se, "high": fid + 2 * se, "level": 0.95}
+    return ev
+
+
+@pytest.fixture
+def setting(run_root: Path):
+    from infra.tracking import Tracker
+
+    cfg = resolve("tiny", overrides=[f"run.root={run_root}", "registry.name=gate"])
+    tracker = Tracker(cfg.run.root, cfg.run.experiment)
+    tokenizer = make_tokenizer(cfg)
+    return cfg, tracker, tokenizer
+
+
+def _register(cfg, tracker, tokenizer, root: Path, seed: int):
+    from infra import registry
+
+    run = tracker.stage_run("train_stackformer", f"key{seed}")
+    gen = _generator(cfg, tokenizer, root / f"gen{seed}", seed)
+    version = registry.register(tracker, cfg, kind="stackformer", run_id=run.run_id, tokenizer=tokenizer, generator=gen)
+    run.finish()
+    ev_run = tracker.stage_run("evaluate", f"eval{seed}")
+    ev_run.finish()
+    return gen, version, ev_run.run_id
+
+
+def test_the_gate_moves_the_alias_only_beyond_the_noise_and_on_the_same_protocol(setting, run_root: Path) -> None:
+    from infra import registry
+
+    cfg, tracker, tok = setting
+    g1, v1, e1 = _register(cfg, tracker, tok, run_root, 1)
+    assert (v1.name, v1.version) == ("mqgen-stackformer-gate", "1")
+    # registering the same weights from the same run again is the same version
+    again = registry.register(tracker, cfg, kind="stackformer", run_id=v1.run_id, tokenizer=tok, generator=g1)
+    assert again.version == "1"
+
+    def gate(version, ev, run_id, c=cfg):
+        return registry.promote(tracker, c, generator=None, tokenizer_version=None, version=version,
+                                evaluation=ev, evaluate_run_id=run_id)
+
+    first = gate(v1, _evaluation(10.0, 0.5), e1)
+    assert first.decision == "first" and registry.alias_version(tracker, v1.name, "champion").version == "1"
+
+    _, v2, e2 = _register(cfg, tracker, tok, run_root, 2)
+    close = gate(v2, _evaluation(9.2, 0.5), e2)  # 0.8 better; the noise: 1.96 * sqrt(0.5^2 + 0.5^2) = 1.39
+    assert close.decision == "kept" and close.threshold == pytest.approx(1.96 * (0.5 ** 2 * 2) ** 0.5)
+    assert registry.alias_version(tracker, v1.name, "champion").version == "1"
+    point = dataclasses.replace(cfg, registry=dataclasses.replace(cfg.registry, rule="point"))
+    # the same figures under rule=point (no noise term) would have moved it
+    assert registry.decide(point, close.new, close.champion)[0] == "promoted"
+
+    _, v3, e3 = _register(cfg, tracker, tok, run_root, 3)
+    other_protocol = gate(v3, _evaluation(2.0, 0.5, n=128), e3)  # more samples: another protocol
+    assert other_protocol.decision == "not comparable"
+    assert registry.alias_version(tracker, v1.name, "champion").version == "1"
+
+    _, v4, e4 = _register(cfg, tracker, tok, run_root, 4)
+    better = gate(v4, _evaluation(7.0, 0.5), e4)
+    assert better.decision == "promoted" and better.champion_version == "1"
+    assert registry.alias_version(tracker, v1.name, "champion").version == "4"
+    # the decision is on the version and on the evaluate run
+    mv = tracker.client.get_model_version(v4.name, "4")
+    assert mv.tags[registry.TAG_DECISION].startswith("promoted")
+    tags = tracker.client.get_run(e4).data.tags
+    assert tags["mqgen.promotion.decision"] == "promoted" and float(tags["mqgen.promotion.champion_fid"]) == 10.0
+    # without a bootstrap interval, rule=interval refuses to decide and keeps the champion
+    _, v5, e5 = _register(cfg, tracker, tok, run_root, 5)
+    assert gate(v5, _evaluation(1.0, None), e5).decision == "kept"
+    assert registry.alias_version(tracker, v1.name, "champion").version == "4"
+
+
+def test_a_registered_model_loads_by_alias_verified_and_a_tampered_bundle_is_refused(setting, run_root: Path,
+                                                                                     tmp_path: Path) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from infra import registry
+    from infra.bundle import BundleError, read_bundle, write_bundle
+
+    cfg, tracker, tok = setting
+    gen, v1, e1 = _register(cfg, tracker, tok, run_root, 1)
+    registry.promote(tracker, cfg, generator=gen, tokenizer_version=None, version=v1,
+                     evaluation=_evaluation(5.0, 0.1), evaluate_run_id=e1)
+    with registry.load_bundle("champion", cfg) as (bundle, version):
+        assert version.version == "1" and bundle.generator.sha256 == gen.sha256
+        assert bundle.tokenizer.sha256 == tok.sha256
+        model = load_generator(bundle.generator)
+    ref_state = load_generator(gen).state_dict()
+    assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
+
+    # MLflow's own loader runs the model from its code (no pickle) and samples images
+    mlflow.set_tracking_uri(tracker.uri)
+    mlflow.set_registry_uri(tracker.uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/mqgen-stackformer-gate@champion")
+    images = pyfunc.predict(pd.DataFrame({"n": [3], "class": [2], "seed": [0]}))
+    assert images.shape == (3, 1, 16, 16) and str(images.dtype) == "uint8"
+
+    # an exported folder with one weight byte changed is refused, naming the file
+    folder = write_bundle(tmp_path / "exported", tokenizer=tok, generator=gen)
+    weights = folder / "generator" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"generator/model\.safetensors: sha256"):
+        read_bundle(folder)
+    # an index that points outside its folder is refused before anything is read
+    index = folder / "model_index.json"
+    import json
+
+    doc = json.loads(index.read_text())
+    doc2 = copy.deepcopy(doc)
+    doc2["components"]["generator"]["weights"] = "../../etc/passwd"
+    index.write_text(json.dumps(doc2))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        read_bundle(folder)
+    # a registered sha256 that differs from the folder's is refused too
+    index.write_text(json.dumps(doc))
+    weights.write_bytes(Path(gen.weights).read_bytes())
+    with pytest.raises(BundleError, match="not the registered"):
+        read_bundle(folder, expected_sha256={"generator": "0" * 64})
+    assert read_bundle(folder).generator.sha256 == gen.sha256
