@@ -26,23 +26,19 @@ PRESET_HELP = f"Preset: {', '.join(PRESETS)}."
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            v = version("mqgen")
-        except PackageNotFoundError:
-            v = "unknown (not installed)"
-        from infra.tracking import git_commit
+        from infra.tracking import git_commit, mqgen_version
 
         commit = git_commit()
-        typer.echo(f"mqgen {v}" + (f" (git {commit[:12]})" if commit != "unknown" else ""))
+        typer.echo(f"mqgen {mqgen_version()}" + (f" (git {commit[:12]})" if commit != "unknown" else ""))
         raise typer.Exit()
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Print the version and exit.")) -> None:
+def main(ctx: typer.Context, version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                                          help="Print the version and exit.")) -> None:
     """mqgen: MQ-VAE + Stackformer image generation as a resumable pipeline."""
+    if ctx.invoked_subcommand not in ("run", "grid", "serve"):  # those send MLflow's notes to their log file
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 STAGE_HELP = f"Stage: {', '.join(STAGES)}."
 
 

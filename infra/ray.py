@@ -20,8 +20,10 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -34,7 +36,7 @@ import ray.train  # noqa: E402
 import torch  # noqa: E402
 
 from infra.checkpoint import MANIFEST, LoadedCheckpoint, read_checkpoint  # noqa: E402
-from infra.errors import is_permanent  # noqa: E402
+from infra.errors import PermanentError, is_permanent  # noqa: E402
 from infra.storage import UnsafeCheckpointError, pid_alive  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -106,19 +108,21 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: 
         Path(storage).mkdir(parents=True, exist_ok=True)
     resources = {"CPU": train_worker_cpus(cpus_per_worker, num_workers)}
     run_dir = f"{storage.rstrip('/')}/{name}"
+    shared = (storage, storage_id(storage), _node_description())
 
     def entry(config: dict[str, Any]) -> None:  # tells Worker.restore where the run's checkpoints are stored
         import infra.ray as this  # this function travels by value: set the worker's module, not a copy
 
+        this.check_shared_storage(*config[_SHARED_KEY])
         this._RUN_DIR = config[_RUN_DIR_KEY]
-        train_fn({k: v for k, v in config.items() if k != _RUN_DIR_KEY})
+        train_fn({k: v for k, v in config.items() if k not in (_RUN_DIR_KEY, _SHARED_KEY)})
 
     attempt = 0
     while True:
         # Ray's own restarts are off: this loop restarts, so that a permanent error is never repeated.
         trainer = TorchTrainer(
             entry,
-            train_loop_config={**loop_config, _RUN_DIR_KEY: run_dir},
+            train_loop_config={**loop_config, _RUN_DIR_KEY: run_dir, _SHARED_KEY: shared},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=0),
                                  checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
@@ -167,6 +171,71 @@ def _first_line(e: BaseException) -> str:
 
 _RUN_DIR_KEY = "__mqgen_run_dir__"
 _RUN_DIR: str | None = None  # in a training worker: <storage>/<run name>, where the run's checkpoints are
+_SHARED_KEY = "__mqgen_shared_storage__"  # (storage path, its id, the launching node) for check_shared_storage
+STORAGE_ID_FILE = ".mqgen-storage-id"
+
+
+class StorageNotShared(PermanentError):
+    """A Ray Train worker's node does not see the run root the driver writes to (another machine's local
+    path), or cannot write there. Never retried: it fails the same way on that node every time."""
+
+
+def storage_id(storage: str) -> str | None:
+    """Driver side: the random id kept in ``<storage>/.mqgen-storage-id`` (created on first use; the first
+    writer wins, so concurrent launches agree), which the workers read back; None for a URL."""
+    if "://" in storage:
+        return None
+    path = Path(storage) / STORAGE_ID_FILE
+    if not path.is_file():
+        tmp = path.with_name(f"{STORAGE_ID_FILE}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(uuid.uuid4().hex + "\n")
+        try:
+            os.link(tmp, path)  # atomic and never replaces: an id a worker may already hold stays valid
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+def check_shared_storage(storage: str, expected_id: str | None, launcher: str = "the driver") -> None:
+    """Worker side, before the training loop: the run's storage path must be the one the launching node
+    wrote to (same id file) and writable from this node, else :class:`StorageNotShared` naming this node and
+    the path. A worker on another machine would otherwise write its checkpoints to a local directory nobody
+    else reads (or fail later on an obscure I/O error). URLs are left to Ray's storage layer."""
+    if expected_id is None or "://" in storage:
+        return
+    hint = ("run.root must be a path shared by every node of the Ray cluster, mounted at the same path "
+            "(NFS or another shared file system), or a URL (s3://..., gs://...)")
+    node = _node_description()
+    marker = Path(storage) / STORAGE_ID_FILE
+    try:
+        seen: str | None = marker.read_text().strip()
+    except OSError:
+        seen = None
+    if seen != expected_id:
+        what = ("does not exist there" if not Path(storage).exists() else
+                f"is another directory there ({marker.name} is missing or differs from the one {launcher} wrote)")
+        raise StorageNotShared(f"Ray Train worker on node {node}: the run's storage path {storage} {what}; "
+                               f"{hint}. The run was launched from {launcher}.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mqgen-write-check-", dir=storage)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StorageNotShared(f"Ray Train worker on node {node}: cannot write to the run's storage path "
+                               f"{storage} ({e}); {hint}.") from None
+
+
+def _node_description() -> str:
+    """``hostname (ip, Ray node id prefix)`` of this process's node, for error messages."""
+    host = socket.gethostname()
+    try:
+        ip = ray.util.get_node_ip_address()
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a description only: never fail on it
+        return host
+    return f"{host} ({ip}" + (f", Ray node {node_id[:12]})" if node_id else ")")
 
 
 class Worker:

@@ -144,6 +144,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def mqgen_version() -> str:
+    """The installed mqgen's version ("unknown" when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mqgen")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def standard_tags() -> dict[str, str]:
     """MLflow's own source tags (the UI's Source and User columns): the command, its type (JOB under a Prefect
     deployment run, else LOCAL), the git commit, the user."""
@@ -154,7 +164,8 @@ def standard_tags() -> dict[str, str]:
 
     argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
     tags = {MLFLOW_SOURCE_NAME: " ".join([argv0, *sys.argv[1:2]]) if argv0 == "mqgen" else argv0,
-            MLFLOW_SOURCE_TYPE: "JOB" if os.environ.get("PREFECT__FLOW_RUN_ID") else "LOCAL"}
+            MLFLOW_SOURCE_TYPE: "JOB" if os.environ.get("PREFECT__FLOW_RUN_ID") else "LOCAL",
+            "mqgen.version": mqgen_version()}
     commit = git_commit()
     if commit != "unknown":
         tags[MLFLOW_GIT_COMMIT] = commit

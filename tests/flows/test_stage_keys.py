@@ -13,9 +13,9 @@ from infra.config import resolve
 
 EXPECTED = {
     "tiny": {"ingest": "6e013cc3aaa5", "train_tokenizer": "c656bc718b68", "tokenize": "d6a282d01903",
-             "train_evaluator": "eaba06dd509d", "train_stackformer": "29c17108cabb", "evaluate": "735e9c4cca5f"},
+             "train_evaluator": "eaba06dd509d", "train_stackformer": "29c17108cabb", "evaluate": "26bad12377f9"},
     "fmnist": {"ingest": "6dc8d3e3c8a0", "train_tokenizer": "d7d7121fa5e4", "tokenize": "d6a282d01903",
-               "train_evaluator": "5a61bc3657e7", "train_stackformer": "377285275d0a", "evaluate": "9649e060d64c"},
+               "train_evaluator": "5a61bc3657e7", "train_stackformer": "377285275d0a", "evaluate": "460cfdfc5eaf"},
 }
 
 
