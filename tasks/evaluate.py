@@ -465,8 +465,8 @@ def _definitions(ext: Extractor | None, *, n: int, n_ref: int, n_recon: int, mod
                "val images (lower is better; 0 = same statistics).",
         "fid_boot_std": "Standard error of the FID from sampling: standard deviation of the FIDs of bootstrap "
                         "resamples of the samples (evaluate.fid_bootstrap; reference statistics fixed).",
-        "fid_low": "Lower end of the basic bootstrap 95% interval of the FID (2 fid - 97.5th percentile).",
-        "fid_high": "Upper end of the basic bootstrap 95% interval of the FID (2 fid - 2.5th percentile).",
+        "fid_low": "Lower end of the FID's 95% interval: fid - 1.96 x fid_boot_std (at least 0).",
+        "fid_high": "Upper end of the FID's 95% interval: fid + 1.96 x fid_boot_std.",
         "kid_mean": f"Kernel distance (unbiased MMD^2, cubic polynomial kernel) between the {feats} of the samples "
                     f"and of the val images, mean over 100 random subsets of min(1000, n) (lower is better).",
         "kid_std": "Standard deviation of the kernel distance over its 100 subsets.",
@@ -628,8 +628,9 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "extractor": ext_name or None,
             "extractor_info": ext.to_dict() if ext is not None else {"unavailable": inputs.extractor_unavailable},
-            "fid_interval": ({"method": f"basic bootstrap over the samples ({e.fid_bootstrap} resamples with "
-                              "replacement, seed 2020; reference statistics fixed)", "level": 0.95,
+            "fid_interval": ({"method": f"fid -/+ 1.96 x the standard deviation of the FIDs of {e.fid_bootstrap} "
+                              "bootstrap resamples of the samples (with replacement, seed 2020; reference "
+                              "statistics fixed)", "level": 0.95,
                               "low": values["fid_low"], "high": values["fid_high"], "std": values["fid_boot_std"],
                               "resamples": e.fid_bootstrap} if values.get("fid_low") is not None else None),
             "reference_statistics": provenance or None,

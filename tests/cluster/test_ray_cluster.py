@@ -171,6 +171,7 @@ OBSERVER = textwrap.dedent(r'''
     import ray
     import ray._private.state as gstate
 
+    REPLY = sys.argv[2]
     ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
     me = ray.get_runtime_context().get_job_id()
 
@@ -217,13 +218,16 @@ OBSERVER = textwrap.dedent(r'''
             out = {"nodes": nodes(), "actors": actors(), "tasks": tasks()}
         else:
             break
-        print(json.dumps(out), flush=True)
+        print(REPLY + json.dumps(out), flush=True)
 ''')
+
+
+REPLY = "@@mqgen-observer@@ "
 
 
 class Observer:
     def __init__(self, address: str):
-        self.proc = subprocess.Popen([sys.executable, "-c", OBSERVER, address], env=_env(), text=True,
+        self.proc = subprocess.Popen([sys.executable, "-c", OBSERVER, address, REPLY], env=_env(), text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
 
@@ -231,9 +235,11 @@ class Observer:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(" ".join(map(str, cmd)) + "\n")
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, f"the state observer exited ({self.proc.poll()})"
-        return json.loads(line)
+        while True:  # Ray prints some warnings of its nodes to every driver's stdout: skip them
+            line = self.proc.stdout.readline()
+            assert line, f"the state observer exited ({self.proc.poll()})"
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
