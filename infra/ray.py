@@ -7,7 +7,8 @@ checkpoint instead of starting over.
 
 Worker side (inside ``train_loop_per_worker``): :func:`worker` returns a :class:`Worker` with the rank,
 device, DDP wrapping, the collectives injected into the codebook, verified checkpoint restore and
-reporting.
+reporting. Before the loop starts, every worker checks that it sees the run's storage as the launching node
+wrote it (:func:`check_shared_storage`): on a cluster, ``run.root`` must be shared by all nodes or a URL.
 
 Tasks: :func:`map_tasks` runs a function over work items as plain Ray tasks (one item per task, resources
 per task, bounded in-flight window) and yields results as they arrive, for stages that are embarrassingly
