@@ -20,7 +20,7 @@ from prefect import flow
 from flows.publish import promote_evaluated, publish_artifacts
 from flows.stages import GRAPH, cached_refs, descendants, inputs_for, skip_reason
 from infra.config import STAGES, PipelineConfig, from_dict
-from infra.console import fmt_duration, say, stage_log, stage_log_path
+from infra.console import fmt_duration, route_stage_logs_to_prefect, say, stage_log, stage_log_path
 from infra.errors import NoSpaceLeft, exception_chain, is_no_space, no_space_message
 from infra.secrets import keep_private, private_value
 
@@ -180,6 +180,7 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
     from infra.tracking import Tracker, git_commit, sigterm_raises
 
     cfg = from_dict(PipelineConfig, private_value(config))
+    route_stage_logs_to_prefect()
     stages = select_stages(only, from_stage)
     storage = _result_storage(cfg)
     tasks = {s: stage_task(s, cfg, storage) for s in stages}

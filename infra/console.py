@@ -274,6 +274,18 @@ def adopt_library_loggers() -> None:
         lib = logging.getLogger(name)
         _drop_console_handlers(lib)
         lib.propagate = True
+
+
+def route_stage_logs_to_prefect() -> None:
+    """Inside a Prefect flow run: mqgen's INFO records reach the Prefect API handler that
+    ``PREFECT_LOGGING_EXTRA_LOGGERS=mqgen`` attached (the flow run's Logs tab), never a second console handler; the
+    level is INFO where nothing set one (a flow-run subprocess of ``mqgen serve`` has no :func:`setup_logging`)."""
+    logger = logging.getLogger("mqgen")
+    _drop_console_handlers(logger)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
 _FILE_FORMAT = "%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s"
 
 

@@ -93,7 +93,7 @@ def test_a_served_one_minute_schedule_runs_the_pipeline_then_hits_the_cache_and_
 
             tracker = Tracker(root, "mqgen")
             champion = tracker.client.get_model_version_by_alias("mqgen-stackformer-tiny", "champion")
-            assert champion.version == "1"
+            assert str(champion.version) == "1"
             stage_runs = tracker.client.search_runs([tracker.experiment_id], "tags.`mqgen.kind` = 'stage'")
             assert len(stage_runs) == 6, "the second scheduled run trained or evaluated again instead of reusing"
             assert len(tracker.client.search_model_versions("name = 'mqgen-stackformer-tiny'")) == 1
@@ -120,10 +120,10 @@ def test_a_served_one_minute_schedule_runs_the_pipeline_then_hits_the_cache_and_
 
             done = _wait_for("the failing run", finished, log, proc, 600)
             assert done.state.is_failed(), (done.state, log.read_text()[-4000:])
-            assert tracker.client.get_model_version_by_alias("mqgen-stackformer-tiny", "champion").version == "1"
+            assert tracker.client.get_model_version_by_alias("mqgen-stackformer-tiny", "champion").version == 1
             versions = tracker.client.search_model_versions("name = 'mqgen-stackformer-tiny'")
             assert len(versions) == 2  # the failed run's model was registered, never evaluated, never promoted
-            assert not any(k.startswith("mqgen.promotion") for v in versions if v.version == "2" for k in v.tags)
+            assert not any(k.startswith("mqgen.promotion") for v in versions if str(v.version) == "2" for k in v.tags)
     finally:
         proc.terminate()
         try:
