@@ -154,7 +154,17 @@ class TokenizerConfig:
 
 # Fields added after users had outputs, with their default: hashes and stage keys include one only when it differs
 # from that default, so adding a field never changes the key of an existing output.
-ADDED_FIELDS: dict[str, Any] = {"data.max_decode_mb": 256, "evaluate.fid_bootstrap": 100}  # + "registry" below
+ADDED_FIELDS: dict[str, Any] = {"data.max_decode_mb": 256, "evaluate.fid_bootstrap": 100,
+                                "tokenizer.architecture": "mqvae"}  # + "registry" below
+
+
+def identity(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a section in its flat spelling) without the fields added later that are at their default:
+    what a stage key hashes, so that adding a field never changes the key of an existing output."""
+    return {k: v for k, v in values.items() if ADDED_FIELDS.get(f"{section}.{k}", _UNSET) != v}
+
+
+_UNSET = object()
 
 
 # Flat spelling -> nested path inside the tokenizer section (``keep_ratio`` -> ``model.keep_ratio``).

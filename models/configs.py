@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+Architecture = Literal["mqvae", "vqgan"]
 Scorer = Literal["learned", "random"]
 KeyMask = Literal["soft", "hard"]
 _SCORERS = get_args(Scorer)
+_ARCHITECTURES = get_args(Architecture)
 _KEY_MASKS = get_args(KeyMask)
 
 
@@ -22,6 +24,9 @@ class MQVAEConfig:
     the pipeline's presets set only what differs from them.
 
     Attributes:
+        architecture: "mqvae" (adaptive mask + de-mask modules) or "vqgan": the plain VQGAN baseline the paper
+            compares with (encoder -> 1x1 quant_conv -> quantizer -> 1x1 post_quant_conv -> the decoder with its
+            own conv_in and mid block, as in taming); no masker, no de-masker; ``keep_ratio`` must be 1.
         in_channels: image channels.
         resolution: image height = width, in pixels.
         ch: base channel count; level i has ``ch * ch_mult[i]`` channels.
@@ -45,6 +50,7 @@ class MQVAEConfig:
         ema_decay: EMA decay of the codebook.
     """
 
+    architecture: Architecture = "mqvae"
     in_channels: int = 3
     resolution: int = 256
     ch: int = 128
@@ -110,6 +116,11 @@ class MQVAEConfig:
                 f"keep_ratio {self.keep_ratio} < 1 rounds to all {self.num_positions} positions; "
                 "use keep_ratio = 1.0 for the plain-VQ baseline"
             )
+        if self.architecture not in _ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {_ARCHITECTURES}, got {self.architecture!r}")
+        if self.architecture == "vqgan" and self.keep_ratio != 1.0:
+            raise ValueError(f"architecture 'vqgan' codes every position: keep_ratio must be 1.0, got "
+                             f"{self.keep_ratio}")
         if self.scorer not in _SCORERS:
             raise ValueError(f"scorer must be one of {_SCORERS}, got {self.scorer!r}")
         if self.demask_layers < 0:

@@ -9,8 +9,10 @@ Pipeline (shapes for a batch of B images, latent grid g x g, N = ``cfg.num_kept`
 
 ``keep_ratio`` is the fraction of latent positions that are kept and quantized;
 ``mask_ratio = 1 - keep_ratio``.
-With ``keep_ratio == 1`` the masker is bypassed and the model is the plain-VQ baseline sharing every other
-module. All masking, gathering and scattering is batched; there are no per-sample Python loops.
+With ``keep_ratio == 1`` the masker is bypassed and the model is the keep-1.0 ablation sharing every other
+module (the de-masker included). ``architecture="vqgan"`` is the plain VQGAN baseline instead: no masker and no
+de-masker (encoder -> quant_conv -> quantizer -> post_quant_conv -> conv_in + mid block -> decoder, as in
+taming). All masking, gathering and scattering is batched; there are no per-sample Python loops.
 """
 
 from __future__ import annotations
@@ -294,7 +296,10 @@ class AdaptiveMasker(nn.Module):
             return MaskerOutput(self.pre_projection(features), positions, keep_mask, None)
 
         if self.score_net is not None:
-            scores = self.score_net(h).flatten(1)  # [B, HW]
+            # in fp32 also under bf16 autocast: bf16 scores tie at the k-th value, and ties would then be broken
+            # by index in training but not in fp32 tokenisation
+            with torch.autocast(h.device.type, enabled=False):
+                scores = self.score_net(h.float()).flatten(1)  # [B, HW]
         else:
             scores = torch.rand(b, self.num_positions, device=h.device, dtype=h.dtype)
         positions = scores.detach().topk(self.num_kept, dim=1).indices.sort(dim=1).values  # [B, N]
@@ -364,6 +369,29 @@ class AdaptiveDemasker(nn.Module):
         return self.res_out(h)
 
 
+class PlainHead(nn.Module):
+    """The VQGAN path between the quantizer and the decoder's upsampling levels (taming's ``post_quant_conv`` and
+    the decoder's ``conv_in`` + mid block): ``[B, g * g, codebook_dim]`` (all positions, raster order) ->
+    ``[B, ch * ch_mult[-1], g, g]``."""
+
+    def __init__(self, cfg: MQVAEConfig) -> None:
+        super().__init__()
+        self.grid_size = cfg.grid_size
+        block_in, groups, dropout = cfg.ch * cfg.ch_mult[-1], cfg.norm_groups, cfg.dropout
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
+        self.mid = nn.Sequential(
+            ResnetBlock(block_in, block_in, dropout=dropout, groups=groups),
+            AttnBlock(block_in, groups=groups),
+            ResnetBlock(block_in, block_in, dropout=dropout, groups=groups),
+        )
+
+    def forward(self, quantized: Tensor) -> Tensor:
+        b, n, dim = quantized.shape
+        h = quantized.transpose(1, 2).reshape(b, dim, self.grid_size, self.grid_size)
+        return self.mid(self.conv_in(self.post_quant_conv(h)))
+
+
 class MQVAE(nn.Module):
     """Masked-VQ autoencoder: Encoder, AdaptiveMasker, EMAVectorQuantizer, AdaptiveDemasker, Decoder.
 
@@ -374,11 +402,16 @@ class MQVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.masker = AdaptiveMasker(cfg)
+        self.plain = cfg.architecture == "vqgan"
         self.quantizer = EMAVectorQuantizer(
             cfg.codebook_size, cfg.codebook_dim, decay=cfg.ema_decay, beta=cfg.beta
         )
-        self.demasker = AdaptiveDemasker(cfg)
+        if self.plain:
+            self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
+            self.head = PlainHead(cfg)
+        else:
+            self.masker = AdaptiveMasker(cfg)
+            self.demasker = AdaptiveDemasker(cfg)
         self.decoder = Decoder(cfg)
 
     @property
@@ -401,9 +434,9 @@ class MQVAE(nn.Module):
         if update_codebook and not self.training:
             raise ValueError("update_codebook=True requires training mode (call .train())")
         update = self.training if update_codebook is None else update_codebook
-        masked = self.masker(self.encoder(x))
+        masked = self._select(self.encoder(x))
         quant = self.quantizer(masked.features, update=update)
-        reconstruction = self.decoder(self.demasker(quant.quantized, masked.positions))
+        reconstruction = self.decoder(self._expand(quant.quantized, masked.positions))
         return MQVAEOutput(
             reconstruction=reconstruction,
             quant_loss=quant.loss,
@@ -423,7 +456,7 @@ class MQVAE(nn.Module):
         BatchNorm uses running statistics (the reference encodes with a frozen, eval-mode first stage).
         """
         self._check_input(x)
-        masked = self.masker(self.encoder(x))
+        masked = self._select(self.encoder(x))
         quant = self.quantizer(masked.features, update=False)
         return TokenSeq(codes=quant.indices, positions=masked.positions, mask=masked.keep_mask)
 
@@ -440,7 +473,24 @@ class MQVAE(nn.Module):
             )
         if not 1 <= codes.shape[1] <= self.cfg.num_positions:
             raise ValueError(f"N must be in [1, {self.cfg.num_positions}], got {codes.shape[1]}")
-        return self.decoder(self.demasker(self.quantizer.lookup(codes), positions))
+        if self.plain and (codes.shape[1] != self.cfg.num_positions or not torch.equal(
+                positions, torch.arange(self.cfg.num_positions, device=positions.device).expand_as(positions))):
+            raise ValueError("the vqgan tokenizer decodes full grids only: positions must be 0 .. g*g-1 in order")
+        return self.decoder(self._expand(self.quantizer.lookup(codes), positions))
+
+    def _select(self, h: Tensor) -> MaskerOutput:
+        """The encoder's grid -> the features to quantize (the masker's kept tokens, or every position)."""
+        if not self.plain:
+            return self.masker(h)
+        b = h.shape[0]
+        n = self.cfg.num_positions
+        features = self.quant_conv(h).flatten(2).transpose(1, 2)  # [B, g*g, codebook_dim]
+        positions = torch.arange(n, device=h.device).repeat(b, 1)
+        return MaskerOutput(features, positions, torch.ones(b, n, dtype=torch.bool, device=h.device), None)
+
+    def _expand(self, quantized: Tensor, positions: Tensor) -> Tensor:
+        """Quantized vectors at ``positions`` -> the decoder's input grid."""
+        return self.head(quantized) if self.plain else self.demasker(quantized, positions)
 
     def _check_input(self, x: Tensor) -> None:
         expected = (self.cfg.in_channels, self.cfg.resolution, self.cfg.resolution)

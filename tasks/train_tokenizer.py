@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from infra.config import PipelineConfig, stable_hash, to_dict
+from infra.config import PipelineConfig, identity, stable_hash, to_dict
 from infra.orchestration import lazy_stage_task
 from infra.refs import TokenizerInputs, TokenizerOutput
 from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
@@ -280,7 +280,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def stage_key(cfg: PipelineConfig, ingest_manifest_sha256: str) -> str:
-    return stable_hash({"stage": STAGE, "version": VERSION, "tokenizer": cfg.tokenizer.flat(),
+    return stable_hash({"stage": STAGE, "version": VERSION, "tokenizer": identity("tokenizer", cfg.tokenizer.flat()),
                         "image_size": cfg.data.image_size, "channels": cfg.data.channels, "seed": cfg.seed,
                         "ingest": ingest_manifest_sha256})
 

@@ -43,7 +43,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from infra.config import ADDED_FIELDS, PipelineConfig, stable_hash, to_dict
+from infra.config import PipelineConfig, identity, stable_hash, to_dict
 from infra.orchestration import lazy_stage_task
 from infra.refs import IngestInputs, IngestOutput
 from infra.secrets import redact
@@ -92,8 +92,8 @@ log = logging.getLogger("mqgen.ingest")
 def stage_key(cfg: PipelineConfig) -> str:
     """Short stable hash of what determines the output: data section (minus performance fields, local
     paths made absolute), seed and :data:`INGEST_VERSION`."""
-    data = {k: v for k, v in to_dict(cfg.data).items() if k not in PERFORMANCE_FIELDS  # paths: absolute
-            and ADDED_FIELDS.get(f"data.{k}", object()) != v}  # a field added later: only when changed
+    # paths: absolute; a field added later counts only when changed
+    data = {k: v for k, v in identity("data", to_dict(cfg.data)).items() if k not in PERFORMANCE_FIELDS}
     return stable_hash({"stage": STAGE, "version": INGEST_VERSION, "seed": cfg.seed, "data": data})
 
 

@@ -588,3 +588,48 @@ def test_model_files_import_only_torch_and_stdlib(module):
             roots.add(node.module.split(".")[0])
     allowed = {"torch", "models", "__future__"} | set(sys.stdlib_module_names)
     assert roots <= allowed, roots - allowed
+
+
+# --------------------------------------------------------------------------------------------- the VQGAN baseline
+
+
+def test_the_vqgan_baseline_has_no_masker_nor_demasker_and_codes_the_full_grid() -> None:
+    torch.manual_seed(0)
+    vqgan = MQVAE(tiny_config(architecture="vqgan", keep_ratio=1.0)).eval()
+    ablation = MQVAE(tiny_config(keep_ratio=1.0)).eval()  # keep 1.0 with the de-masker: a separate row
+    assert not hasattr(vqgan, "masker") and not hasattr(vqgan, "demasker")
+    names = {n.split(".")[0] for n, _ in vqgan.named_parameters()}
+    assert {"encoder", "quant_conv", "head", "decoder"} <= names <= {"encoder", "quant_conv", "quantizer", "head",
+                                                                     "decoder"}
+    assert sum(p.numel() for p in vqgan.parameters()) < sum(p.numel() for p in ablation.parameters())
+    x = torch.rand(3, 1, R, R) * 2 - 1
+    out = vqgan(x)
+    assert out.reconstruction.shape == x.shape and out.scores is None and bool(out.keep_mask.all())
+    tokens = vqgan.encode(x)
+    assert torch.equal(tokens.positions, torch.arange(P).expand(3, P)) and tokens.codes.shape == (3, P)
+    assert torch.equal(tokens.codes, out.codes)
+    # decoding the codes of an image gives the forward pass's reconstruction (eval mode, no codebook update)
+    torch.testing.assert_close(vqgan.decode(tokens.codes, tokens.positions), out.reconstruction)
+    with pytest.raises(ValueError, match="full grids only"):
+        vqgan.decode(tokens.codes[:, :P // 2], tokens.positions[:, :P // 2])
+
+
+def test_the_vqgan_baseline_refuses_a_mask_and_trains() -> None:
+    with pytest.raises(ValueError, match="keep_ratio must be 1.0"):
+        tiny_config(architecture="vqgan", keep_ratio=0.5)
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        tiny_config(architecture="vq")
+    torch.manual_seed(0)
+    model = MQVAE(tiny_config(architecture="vqgan", keep_ratio=1.0)).train()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    x = torch.rand(8, 1, R, R) * 2 - 1
+    losses = []
+    for _ in range(30):
+        out = model(x)
+        loss = (out.reconstruction - x).abs().mean() + out.quant_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0]
+    assert model.quant_conv.weight.grad is not None and model.head.conv_in.weight.grad is not None
