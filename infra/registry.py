@@ -70,6 +70,22 @@ def _signature(kind: str, tokenizer: Any, generator: Any) -> Any:
                                          ColSpec("long", "seed", required=False)]), outputs=Schema([images]))
 
 
+@contextlib.contextmanager
+def _warnings_to_log() -> Iterator[None]:
+    """Warnings shown in the block go to the log file, not the console. (MLflow forces its type-hint advice to
+    show with its own ``catch_warnings``, so a filter cannot silence it; the display hook can.)"""
+    shown = warnings.showwarning
+
+    def to_log(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        log.debug("%s: %s", category.__name__, message, extra={"file_only": True})
+
+    warnings.showwarning = to_log
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def _find(client: Any, name: str, run_id: str, sha256: str) -> Version | None:
     with contextlib.suppress(Exception):  # no such registered model yet
         for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
@@ -98,8 +114,7 @@ def register(tracker: Any, cfg: PipelineConfig, *, kind: str, run_id: str, token
         bundle = write_bundle(Path(tmp) / "bundle", tokenizer=tokenizer, generator=generator, data=data,
                               provenance=provenance, name=name)
         model_dir = Path(tmp) / "mlflow-model"
-        with warnings.catch_warnings():  # "add type hints" / "no input example": the signature is given explicitly
-            warnings.simplefilter("ignore", UserWarning)
+        with _warnings_to_log():  # "add type hints" / "no input example": the signature is given explicitly
             mlflow.pyfunc.save_model(str(model_dir), python_model=str(PYFUNC_CODE), artifacts={"bundle": str(bundle)},
                                      signature=_signature(kind, tokenizer, generator), pip_requirements=["mqgen"],
                                      metadata={"mqgen_kind": kind, "mqgen_bundle": "artifacts/bundle"})
