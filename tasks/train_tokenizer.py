@@ -199,7 +199,7 @@ def train_loop(config: dict[str, Any]) -> None:
     trainer = TokenizerTrainer(model, loss, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
                                device=w.device, ddp_model=ddp_model, grad_accum=t.grad_accum,
                                sync_disc_grads=w.average_gradients)
-    local_batch = max(1, t.batch_size // w.world_size)
+    local_batch = t.batch_size // w.world_size  # the config refuses a global batch the workers cannot split
     # Per-rank randomness (dead-code restarts draw from it): deterministic in (seed, rank, step); rank 0
     # continues exactly from its saved RNG state.
     torch.manual_seed(cfg.seed * 1000 + w.rank + start_step)

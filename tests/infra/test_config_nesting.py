@@ -17,7 +17,9 @@ from infra.config import ADDED_FIELDS, ConfigError, PipelineConfig, from_dict, r
 GOLDEN = json.loads((Path(__file__).parents[1] / "flows" / "golden" / "resolved_configs.json").read_text())
 # Deliberate changes of a preset's values, with the reason. The released architecture normalises with
 # GroupNorm(32); the flat section's default of 8 (sized for the tiny CPU models) leaked into the paper presets.
-CHANGED = {"paper-f8": {"tokenizer.norm_groups": (8, 32)}, "paper-f16": {"tokenizer.norm_groups": (8, 32)}}
+# paper presets: GroupNorm 32 as released; the tokenizer's batch is the global one, 30 per GPU x 8 (it was 30 in
+# all, 3 per worker, with 6 images a step silently dropped)
+CHANGED = {p: {"tokenizer.norm_groups": (8, 32), "tokenizer.batch_size": (30, 240)} for p in ("paper-f8", "paper-f16")}
 
 
 def _diff(before: dict, after: dict, prefix: str = "") -> dict[str, tuple]:
@@ -117,3 +119,16 @@ def test_an_edited_config_show_output_follows_the_new_data_geometry(tmp_path: Pa
     doc = tmp_path / "edited.yaml"
     doc.write_text(yaml.safe_dump(d))
     assert resolve("tiny", file=doc).tokenizer.model.resolution == 32
+
+
+def test_the_tokenizer_batch_is_global_and_must_split_over_the_workers() -> None:
+    ok = resolve("paper-f16", overrides=["run.root=/r"])
+    assert ok.tokenizer.batch_size == 240 and ok.ray.num_workers == 8  # 30 images on each of 8 GPUs
+    with pytest.raises(ConfigError, match=r"tokenizer.batch_size=30 is the global batch .* use 24 or 32"):
+        resolve("paper-f16", overrides=["run.root=/r", "tokenizer.batch_size=30"])
+    assert resolve("tiny", overrides=["tokenizer.batch_size=15", "ray.num_workers=3"]).tokenizer.batch_size == 15
+
+
+def test_a_perceptual_weight_is_refused_before_anything_runs() -> None:
+    with pytest.raises(ConfigError, match="perceptual_weight=0.5: mqgen has no perceptual network"):
+        resolve("tiny", overrides=["tokenizer.perceptual_weight=0.5"])
