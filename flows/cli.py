@@ -221,20 +221,26 @@ def run(
 
 @app.command()
 def grid(
-    args: list[str] = typer.Argument(..., metavar="KEY=[V1,V2,...]... [KEY=VALUE]...",
-                                     help="Grid axes (lists) and fixed overrides, e.g. tokenizer.keep_ratio=[1.0,0.5]"),
+    args: Optional[list[str]] = typer.Argument(None, metavar="KEY=[V1,V2,...]... [KEY=VALUE]...",
+                                               help="Grid axes (lists) and fixed overrides, e.g. "
+                                                    "tokenizer.keep_ratio=[1.0,0.5]"),
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values, or an experiment "
+                                          "file (a union of grids: preset, set, grids; see experiments/)."),
     name: str = typer.Option("", "--name", help="Name of the grid's MLflow parent run."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the comparison report here."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Run an ablation grid: shared upstream stages once, the variants concurrently on Ray."""
-    from infra.config import expand_grid
+    from infra.config import expand_experiment, expand_grid, is_experiment_file
 
     try:
-        variants = expand_grid(preset, config, args)
+        if config is not None and config.is_file() and is_experiment_file(config):
+            experiment, variants = expand_experiment(config, args or [])
+            name = name or experiment
+        else:
+            variants = expand_grid(preset, config, args or [])
     except ConfigError as e:
         typer.secho(redact_text(f"config error: {e}"), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

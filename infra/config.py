@@ -575,6 +575,71 @@ def expand_grid(preset: str = "fmnist", file: str | Path | None = None, args: li
     return variants
 
 
+EXPERIMENT_KEYS = {"experiment", "preset", "set", "grids"}
+
+
+def is_experiment_file(path: str | Path) -> bool:
+    """Whether ``path`` is an experiment file (a union of grids, :func:`expand_experiment`) rather than a file of
+    config values."""
+    doc = load_yaml(path)
+    return isinstance(doc, dict) and "grids" in doc
+
+
+def expand_experiment(path: str | Path, args: list[str] | None = None) -> tuple[str, list[GridVariant]]:
+    """The variants of an experiment file: a union of grids over one preset, each variant once.
+
+    ::
+
+        experiment: claims            # the name of the grid's MLflow run
+        preset: fmnist
+        set: {stackformer.max_steps: 600}        # fixed for every variant
+        grids:
+          - name: masked
+            axes: {tokenizer.keep_ratio: [0.75, 0.5], tokenizer.scorer: [learned, random], seed: [0, 1]}
+          - name: vqgan
+            set: {tokenizer.architecture: vqgan, tokenizer.keep_ratio: 1.0}
+            axes: {seed: [0, 1]}
+
+    A variant's axes are its grid's ``set`` values and axis values (so that rows of different grids are told
+    apart); ``args`` are ``KEY=VALUE`` overrides applied to every variant (e.g. ``run.root=...``). Returns the
+    experiment's name and the variants; a variant reached by two grids counts once."""
+    doc = load_yaml(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("grids"), list) or not doc["grids"]:
+        raise ConfigError(f"{path}: an experiment file needs a non-empty list 'grids'")
+    unknown = set(doc) - EXPERIMENT_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(EXPERIMENT_KEYS)}")
+    preset = str(doc.get("preset", "fmnist"))
+    common = doc.get("set") or {}
+    variants: list[GridVariant] = []
+    seen: set[str] = set()
+    for i, grid in enumerate(doc["grids"]):
+        if not isinstance(grid, dict) or set(grid) - {"name", "set", "axes"}:
+            raise ConfigError(f"{path}: grids[{i}] must be a mapping with keys name, set, axes")
+        fixed = {**common, **(grid.get("set") or {})}
+        axes = grid.get("axes") or {}
+        if not isinstance(fixed, dict) or not isinstance(axes, dict) or not all(isinstance(v, list) for v in
+                                                                                axes.values()):
+            raise ConfigError(f"{path}: grids[{i}] ({grid.get('name', '?')}): set is a mapping, axes a mapping of "
+                              "lists")
+        own = grid.get("set") or {}
+        if axes:
+            items = [f"{k}={json.dumps(v)}" for k, v in {**fixed, **axes}.items()] + list(args or [])
+            try:
+                points = expand_grid(preset, None, items)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: grid {grid.get('name', i)}: {e}") from None
+        else:
+            items = [f"{k}={json.dumps(v)}" for k, v in fixed.items()] + list(args or [])
+            points = [GridVariant(axes={}, overrides=items, config=resolve(preset, None, items))]
+        for v in points:
+            key = v.config.hash()
+            if key not in seen:
+                seen.add(key)
+                variants.append(GridVariant(axes={**own, **v.axes}, overrides=v.overrides, config=v.config))
+    return str(doc.get("experiment") or Path(path).stem), variants
+
+
 def _grid_value_text(v: Any) -> str:
     return json.dumps(v, separators=(",", ":")) if isinstance(v, list) else str(v)
 

@@ -1,0 +1,56 @@
+"""Experiment files: a union of grids over one preset (experiments/claims.yaml), each variant validated and
+counted once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.config import ConfigError, expand_experiment, is_experiment_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_claims_experiment_expands_to_distinct_valid_variants_on_the_same_data() -> None:
+    path = REPO / "experiments" / "claims.yaml"
+    assert is_experiment_file(path)
+    name, variants = expand_experiment(path, ["run.root=/r"])
+    assert name == "claims"
+    hashes = [v.config.hash() for v in variants]
+    assert len(set(hashes)) == len(hashes) == 30
+    assert len({v.label for v in variants}) == len(variants)  # every row can be told apart
+    assert len({v.config.hash("data") for v in variants}) == 1  # the same data for every variant
+    archs = {(v.config.tokenizer.model.architecture, v.config.tokenizer.model.keep_ratio, v.config.stackformer.model)
+             for v in variants}
+    assert ("vqgan", 1.0, "fullgrid") in archs and ("mqvae", 1.0, "fullgrid") in archs  # baseline and ablation
+    headline = [v for v in variants if v.config.tokenizer.model.keep_ratio == 0.75
+                and v.config.tokenizer.model.scorer == "learned" and v.config.stackformer.max_steps == 600
+                and v.config.tokenizer.model.grid_size == 8]
+    assert sorted(v.config.seed for v in headline) == [0, 1, 2]
+    assert {v.config.tokenizer.model.grid_size for v in variants} == {8, 16}
+
+
+def test_a_variant_in_two_grids_runs_once_and_bad_files_are_refused(tmp_path: Path) -> None:
+    doc = {"preset": "tiny", "set": {"stackformer.max_steps": 12},
+           "grids": [{"name": "a", "axes": {"tokenizer.keep_ratio": [0.5, 1.0]}},
+                     {"name": "b", "set": {"tokenizer.keep_ratio": 1.0}}]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    name, variants = expand_experiment(path)
+    assert name == "exp" and [v.config.tokenizer.model.keep_ratio for v in variants] == [0.5, 1.0]
+    assert all(v.config.stackformer.max_steps == 12 for v in variants)
+    doc["grids"][1]["set"]["tokenizer.keep_rati"] = 1
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="keep_rati"):
+        expand_experiment(path)
+    path.write_text(yaml.safe_dump({"grids": [], "preset": "tiny"}))
+    with pytest.raises(ConfigError, match="non-empty list 'grids'"):
+        expand_experiment(path)
+    path.write_text(yaml.safe_dump({"grids": [{"axes": {"seed": [0]}}], "sweep": 1}))
+    with pytest.raises(ConfigError, match="unknown keys \\['sweep'\\]"):
+        expand_experiment(path)
+    plain = tmp_path / "values.yaml"  # a file of config values is not an experiment
+    plain.write_text(yaml.safe_dump({"tokenizer": {"keep_ratio": 0.5}}))
+    assert not is_experiment_file(plain)
