@@ -284,6 +284,24 @@ def route_stage_logs_to_prefect() -> None:
     _drop_console_handlers(logger)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+    for handler in logger.handlers:  # the API handler stores what it receives on the server: never a credential
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces a record's message (and its traceback text) by the redacted one, in place, before a handler that
+    does not format through :class:`_Redacting` sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from infra.secrets import redact_text
+
+        record.msg, record.args = redact_text(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        return True
 
 
 _FILE_FORMAT = "%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s"

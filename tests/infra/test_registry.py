@@ -111,7 +111,8 @@ def test_the_gate_moves_the_alias_only_beyond_the_noise_and_on_the_same_protocol
 
 
 def test_a_registered_model_loads_by_alias_verified_and_a_tampered_bundle_is_refused(setting, run_root: Path,
-                                                                                     tmp_path: Path) -> None:
+                                                                                     tmp_path: Path,
+                                                                                     monkeypatch) -> None:
     import mlflow.pyfunc
     import pandas as pd
 
@@ -129,10 +130,17 @@ def test_a_registered_model_loads_by_alias_verified_and_a_tampered_bundle_is_ref
     ref_state = load_generator(gen).state_dict()
     assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
 
-    # MLflow's own loader runs the model from its code (no pickle) and samples images
+    # MLflow's own loader runs the model from its code (no pickle) and samples images. (MLflow's set_*_uri also
+    # set the environment variables, which every later Tracker would follow: restored after the load.)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", tracker.uri)
     mlflow.set_tracking_uri(tracker.uri)
     mlflow.set_registry_uri(tracker.uri)
-    pyfunc = mlflow.pyfunc.load_model("models:/mqgen-stackformer-gate@champion")
+    try:
+        pyfunc = mlflow.pyfunc.load_model("models:/mqgen-stackformer-gate@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     images = pyfunc.predict(pd.DataFrame({"n": [3], "class": [2], "seed": [0]}))
     assert images.shape == (3, 1, 16, 16) and str(images.dtype) == "uint8"
 

@@ -167,8 +167,11 @@ def test_stackformer_learns_resumes_in_order_and_logs(inputs: dict[str, Any], tm
     assert _history(client, ref.mlflow_run_id, "rank_weight_divergence")[-1][1] == 0.0  # DDP replicas in sync
     samples = {a.path for a in client.list_artifacts(ref.mlflow_run_id, "samples")}
     assert samples == {f"samples/step_{s:08d}.png" for s in range(EVAL_EVERY, MAX_STEPS + 1, EVAL_EVERY)}
-    assert {a.path for a in client.list_artifacts(ref.mlflow_run_id, "model")} == {
-        "model/model.safetensors", "model/model_config.json"}
+    # the model is a registered version whose bundle holds these weights and the tokenizer that decodes them
+    [version] = client.search_model_versions(f"run_id = '{ref.mlflow_run_id}'")
+    assert version.name == f"mqgen-stackformer-{cfg.preset}"
+    assert version.tags["mqgen.weights_sha256"] == ref.sha256
+    assert version.tags["mqgen.tokenizer_sha256"] == ref.tokenizer_sha256
 
     # a second call is a cache hit
     t0 = time.perf_counter()
