@@ -1,0 +1,239 @@
+"""The paper's claims tested on a grid's runs: variants grouped over seeds, mean and spread, and a verdict per
+claim, written as ``results.md`` with plots (error bars over seeds). Every number comes from the MLflow runs
+(:func:`flows.report.collect`); nothing is typed by hand. The verdict rules (:data:`RULES`) are fixed here,
+before any result is read, and printed in the document.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from flows.report import Comparison, RunRow
+
+SEED_KEY = "seed"
+# figure -> (label, "lower" | "higher" is better)
+FIGURES: dict[str, tuple[str, str]] = {
+    "recon_l1": ("recon L1", "lower"), "recon_psnr": ("recon PSNR dB", "higher"),
+    "recon_ssim": ("recon SSIM", "higher"), "rfid": ("rFID", "lower"), "fid": ("FID", "lower"),
+    "kid_mean": ("KID", "lower"), "isc_mean": ("IS", "higher"),
+    "sampling_images_per_s": ("sampling images/s", "higher"), "tokens_per_image": ("tokens/image", "lower"),
+}
+RULES = """\
+- Two groups (a variant over its seeds) are compared on one figure by their means. The difference counts only
+  when the intervals `mean -/+ spread` do not overlap; the spread of a group is the larger of the standard
+  deviation over its seeds and, for FID, the mean bootstrap standard error of its FIDs (`fid_boot_std`).
+  Overlapping intervals: *overlap*.
+- A claim is *confirmed* when every comparison it names goes its way without overlap, *not confirmed* when one goes
+  the other way without overlap, *inconclusive* otherwise, and *not testable* when its runs are missing.
+- The compared variants share the data and the training budget in steps and batch; the equal-compute variants
+  (more second-stage steps for fewer tokens) are shown in the table, not used by the verdicts."""
+
+
+@dataclass
+class Group:
+    """The runs of one variant over its seeds."""
+
+    key: dict[str, str]  # the config values that identify it (seed excluded)
+    rows: list[RunRow]
+
+    @property
+    def seeds(self) -> list[str]:
+        return sorted(r.params.get(SEED_KEY, "?") for r in self.rows)
+
+    def values(self, figure: str) -> list[float]:
+        return [r.metrics[figure] for r in self.rows if isinstance(r.metrics.get(figure), (int, float))
+                and math.isfinite(r.metrics[figure])]
+
+    def mean(self, figure: str) -> float | None:
+        v = self.values(figure)
+        return statistics.fmean(v) if v else None
+
+    def spread(self, figure: str) -> float | None:
+        v = self.values(figure)
+        if not v:
+            return None
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        if figure == "fid":
+            se = [r.metrics["fid_boot_std"] for r in self.rows if isinstance(r.metrics.get("fid_boot_std"), float)]
+            sd = max(sd, statistics.fmean(se)) if se else sd
+        return sd
+
+    def get(self, name: str) -> str:
+        return self.key.get(name, "")
+
+
+def group_rows(comp: Comparison) -> list[Group]:
+    """The rows grouped by every varying config key except the seed, in first-seen order."""
+    keys = [k for k in comp.varying if k != SEED_KEY]
+    groups: dict[tuple[str, ...], Group] = {}
+    for row in comp.rows:
+        if row.status != "FINISHED":
+            continue
+        ident = tuple(row.params.get(k, "") for k in keys)
+        groups.setdefault(ident, Group(dict(zip(keys, ident)), [])).rows.append(row)
+    return list(groups.values())
+
+
+@dataclass
+class Contrast:
+    """One figure compared between two groups: which way it went, with or without overlap."""
+
+    figure: str
+    a: str
+    b: str
+    a_mean: float | None
+    b_mean: float | None
+    a_spread: float | None
+    b_spread: float | None
+    outcome: str  # "a better" | "b better" | "overlap" | "missing"
+
+    def text(self) -> str:
+        if self.outcome == "missing":
+            return f"{FIGURES[self.figure][0]}: missing for {self.a if self.a_mean is None else self.b}"
+        return (f"{FIGURES[self.figure][0]}: {self.a} {self.a_mean:.4g} +/- {self.a_spread:.2g} vs {self.b} "
+                f"{self.b_mean:.4g} +/- {self.b_spread:.2g} -> {self.outcome}")
+
+
+def compare(a: Group, b: Group, figure: str, a_name: str, b_name: str) -> Contrast:
+    am, bm, asp, bsp = a.mean(figure), b.mean(figure), a.spread(figure), b.spread(figure)
+    if am is None or bm is None or asp is None or bsp is None:
+        return Contrast(figure, a_name, b_name, am, bm, asp, bsp, "missing")
+    lower = FIGURES[figure][1] == "lower"
+    if abs(am - bm) <= asp + bsp:
+        outcome = "overlap"
+    else:
+        outcome = "a better" if (am < bm) == lower else "b better"
+    return Contrast(figure, a_name, b_name, am, bm, asp, bsp, outcome)
+
+
+@dataclass
+class Verdict:
+    claim: str
+    verdict: str  # "confirmed" | "not confirmed" | "inconclusive" | "not testable"
+    comparisons: list[Contrast] = field(default_factory=list)
+    note: str = ""
+
+
+def judge(claim: str, comparisons: list[Contrast], note: str = "") -> Verdict:
+    """Every comparison "a better" (a is the claim's side) -> confirmed; any "b better" -> not confirmed."""
+    if not comparisons or all(c.outcome == "missing" for c in comparisons):
+        return Verdict(claim, "not testable", comparisons, note or "the runs it needs are missing")
+    if any(c.outcome == "b better" for c in comparisons):
+        return Verdict(claim, "not confirmed", comparisons, note)
+    if all(c.outcome == "a better" for c in comparisons):
+        return Verdict(claim, "confirmed", comparisons, note)
+    return Verdict(claim, "inconclusive", comparisons, note)
+
+
+def _find(groups: list[Group], **want: str) -> Group | None:
+    """The one group whose key has these values (keys not in a group's key must be given as "")."""
+    hits = [g for g in groups if all(g.get(k) == v for k, v in want.items())]
+    return hits[0] if len(hits) == 1 else None
+
+
+CLAIM_KEYS = ("tokenizer.keep_ratio", "tokenizer.scorer", "tokenizer.architecture", "stackformer.model", SEED_KEY)
+
+
+def default_base(groups: list[Group]) -> dict[str, str]:
+    """For every varying key the claims do not compare (steps, grid layout), its most common value: the verdicts
+    compare variants at the experiment's common budget and layout."""
+    keys = {k for gr in groups for k in gr.key if k not in CLAIM_KEYS}
+    out = {}
+    for k in sorted(keys):
+        values = [gr.get(k) for gr in groups]
+        out[k] = max(sorted(set(values)), key=values.count)
+    return out
+
+
+def claims(groups: list[Group], *, base: dict[str, str] | None = None) -> list[Verdict]:
+    """The four claims on the groups of the claims experiment (``experiments/claims.yaml``). ``base`` names the
+    config values every compared group must share (e.g. the default steps and the 8x8 grid)."""
+    base = default_base(groups) if base is None else base
+    keep = "tokenizer.keep_ratio"
+    scorer = "tokenizer.scorer"
+    arch = "tokenizer.architecture"
+    model = "stackformer.model"
+
+    def g(**kw: str) -> Group | None:
+        return _find(groups, **{**base, **kw})
+
+    out = []
+    # 1. learned beats random at the same keep ratio, on reconstruction and generation
+    comps = []
+    for k in ("0.75", "0.5", "0.25"):
+        a, b = g(**{keep: k, scorer: "learned"}), g(**{keep: k, scorer: "random"})
+        if a and b:
+            comps += [compare(a, b, f, f"learned@{k}", f"random@{k}") for f in ("recon_psnr", "fid")]
+    out.append(judge("1. Adaptive (learned) masking beats random masking at the same keep ratio "
+                     "(reconstruction PSNR and generation FID).", comps))
+    # 2. a moderate mask keeps reconstruction close to the unmasked tokenizer and improves generation
+    masked, full = g(**{keep: "0.75", scorer: "learned"}), g(**{keep: "1.0", model: "stackformer"})
+    comps = []
+    note = ""
+    if masked and full:
+        psnr = compare(masked, full, "recon_psnr", "keep0.75", "keep1.0")
+        close = psnr.outcome != "missing" and abs(psnr.a_mean - psnr.b_mean) <= 1.0
+        note = (f"reconstruction within 1 dB of keep 1.0: {'yes' if close else 'no'} "
+                f"({psnr.a_mean:.2f} vs {psnr.b_mean:.2f} dB)" if psnr.outcome != "missing" else "")
+        comps = [compare(masked, full, "fid", "keep0.75", "keep1.0")]
+        verdict = judge("2. A moderate mask (keep 0.75) keeps reconstruction close to the unmasked tokenizer "
+                        "(within 1 dB PSNR) and improves generation (FID).", comps, note)
+        if verdict.verdict == "confirmed" and not close:
+            verdict.verdict = "not confirmed"
+        out.append(verdict)
+    else:
+        out.append(judge("2. A moderate mask keeps reconstruction close and improves generation.", []))
+    # 3. Stackformer on the kept codes: better and faster than a plain AR model on all codes (the VQGAN baseline)
+    ours = g(**{keep: "0.75", scorer: "learned"})
+    vqgan = _find(groups, **{**base, arch: "vqgan", model: "fullgrid"})
+    comps = ([compare(ours, vqgan, "fid", "Stackformer keep0.75", "VQGAN+full grid"),
+              compare(ours, vqgan, "sampling_images_per_s", "Stackformer keep0.75", "VQGAN+full grid")]
+             if ours and vqgan else [])
+    out.append(judge("3. Stackformer on the kept codes generates better (FID) and faster (sampling images/s) than a "
+                     "plain autoregressive model on all codes of a plain VQGAN.", comps))
+    # 4. the mask ratio trades sampling speed for quality: fewer tokens -> faster, at some FID cost
+    ladder = [g(**{keep: k, scorer: "learned"}) for k in ("0.75", "0.5", "0.25")]
+    comps = []
+    if all(ladder):
+        for hi, lo, kh, kl in zip(ladder, ladder[1:], ("0.75", "0.5"), ("0.5", "0.25")):
+            comps.append(compare(lo, hi, "sampling_images_per_s", f"keep{kl}", f"keep{kh}"))
+            comps.append(compare(hi, lo, "fid", f"keep{kh}", f"keep{kl}"))
+    out.append(judge("4. The mask ratio trades sampling speed for quality: each lower keep ratio samples faster and "
+                     "the higher one has the better FID.", comps))
+    return out
+
+
+def table(groups: list[Group], figures: tuple[str, ...] = tuple(FIGURES)) -> list[str]:
+    """Markdown rows: one per group, ``mean +/- spread (n seeds)`` per figure."""
+    keys = sorted({k for gr in groups for k in gr.key})
+    head = ["variant", "seeds", *(FIGURES[f][0] for f in figures)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for gr in groups:
+        name = ", ".join(f"{k.split('.')[-1]}={gr.key[k]}" for k in keys if gr.key.get(k)) or "default"
+        cells = []
+        for f in figures:
+            m, s = gr.mean(f), gr.spread(f)
+            cells.append("" if m is None else f"{m:.4g}" + (f" +/- {s:.2g}" if s else ""))
+        lines.append("| " + " | ".join([name, ",".join(gr.seeds), *cells]) + " |")
+    return lines
+
+
+def results_markdown(comp: Comparison, verdicts: list[Verdict], groups: list[Group], plots: dict[str, str],
+                     extra: dict[str, Any] | None = None) -> str:
+    """The results document: verdicts in plain words first, then the rules, the table and the plots."""
+    lines = [f"# Results: {comp.title}", "", "Generated by `mqgen compare` from the MLflow runs"
+             + (f" of grid run `{comp.parent_run_id}`" if comp.parent_run_id else "") + "; no number here is typed by "
+             "hand.", "", "## Verdicts", ""]
+    for v in verdicts:
+        lines.append(f"- **{v.verdict}**: {v.claim}" + (f" ({v.note})" if v.note else ""))
+        lines += [f"  - {c.text()}" for c in v.comparisons]
+    lines += ["", "## How the verdicts are decided", "", RULES.strip(), "", "## Every variant (mean +/- spread over "
+              "seeds)", "", *table(groups), ""]
+    for name, rel in plots.items():
+        lines += [f"![{name}]({rel})", ""]
+    for k, v in (extra or {}).items():
+        lines += [f"- {k}: {v}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,62 @@
+"""The claims' verdicts from grouped runs: means and spreads over seeds, the overlap rule, each verdict reachable,
+and the document that states them (synthetic runs: the rules, not MLflow, are under test here)."""
+
+from __future__ import annotations
+
+import itertools
+
+from flows.report import Comparison, RunRow
+from flows.results import claims, default_base, group_rows, results_markdown
+
+
+def _row(i: int, params: dict[str, str], metrics: dict[str, float]) -> RunRow:
+    return RunRow(run_id=f"r{i}", name=f"r{i}", status="FINISHED", params=params, metrics=metrics)
+
+
+def _runs(fid_learned: float, fid_random: float, noise: float) -> Comparison:
+    """The claims grid's layout with a FID for the learned and the random scorer, seeds 0 and 1."""
+    rows, i = [], 0
+    keys = ("tokenizer.keep_ratio", "tokenizer.scorer", "tokenizer.architecture", "stackformer.model", "seed",
+            "stackformer.max_steps")
+    variants = [(k, s, "mqvae", "stackformer") for k, s in itertools.product(("0.75", "0.5", "0.25"),
+                                                                            ("learned", "random"))]
+    variants += [("1.0", "learned", "mqvae", "stackformer"), ("1.0", "learned", "mqvae", "fullgrid"),
+                 ("1.0", "learned", "vqgan", "fullgrid")]
+    for (keep, scorer, arch, model), seed in itertools.product(variants, ("0", "1")):
+        tokens = {"0.75": 48, "0.5": 32, "0.25": 16, "1.0": 64}[keep]
+        fid = (fid_learned if scorer == "learned" else fid_random) + float(keep == "0.25") + 0.5 * float(keep == "0.5")
+        if keep == "1.0":
+            fid = fid_learned + (3.0 if arch == "vqgan" else 0.6)
+        jitter = noise * (1 if seed == "0" else -1)
+        rows.append(_row(i, dict(zip(keys, (keep, scorer, arch, model, seed, "600"))), {
+            "fid": fid + jitter, "fid_boot_std": 0.05, "recon_psnr": 20.0 - (0.0 if scorer == "learned" else 1.0)
+            - (1.0 - float(keep)) + jitter, "sampling_images_per_s": 6400.0 / tokens + jitter}))
+        i += 1
+    rows.append(_row(i, dict(zip(keys, ("0.75", "learned", "mqvae", "stackformer", "0", "800"))),
+                     {"fid": 1.0, "recon_psnr": 30.0, "sampling_images_per_s": 1.0}))  # equal compute: not judged
+    varying = sorted(keys)
+    return Comparison(title="claims", rows=rows, parent_run_id="grid", varying=varying)
+
+
+def test_clear_differences_confirm_the_claims_and_the_document_says_so() -> None:
+    comp = _runs(fid_learned=5.0, fid_random=7.0, noise=0.05)
+    groups = group_rows(comp)
+    assert len(groups) == 10 and all(len(g.rows) == 2 for g in groups if g.get("stackformer.max_steps") == "600")
+    assert default_base(groups) == {"stackformer.max_steps": "600"}
+    verdicts = {v.claim[0]: v for v in claims(groups)}
+    assert verdicts["1"].verdict == "confirmed", verdicts["1"]
+    assert verdicts["3"].verdict == "confirmed", verdicts["3"]
+    assert verdicts["4"].verdict == "confirmed", verdicts["4"]
+    # claim 2: keep 0.75 (FID 5.0) beats keep 1.0 (5.6) and its PSNR (19.75) is within 1 dB of keep 1.0's (20)
+    assert verdicts["2"].verdict == "confirmed", verdicts["2"]
+    text = results_markdown(comp, list(verdicts.values()), groups, {"fid": "plots/fid.png"})
+    assert "**confirmed**: 1. Adaptive" in text and "![fid](plots/fid.png)" in text and "+/-" in text
+
+
+def test_a_reversed_difference_is_not_confirmed_and_overlap_is_inconclusive() -> None:
+    reversed_ = {v.claim[0]: v.verdict for v in claims(group_rows(_runs(fid_learned=7.0, fid_random=5.0, noise=0.05)))}
+    assert reversed_["1"] == "not confirmed"
+    noisy = {v.claim[0]: v.verdict for v in claims(group_rows(_runs(fid_learned=5.0, fid_random=5.3, noise=0.4)))}
+    assert noisy["1"] == "inconclusive"  # seeds 0.8 apart: the 0.3 difference is inside the spread
+    missing = claims(group_rows(Comparison(title="x", rows=[], parent_run_id=None, varying=[])))
+    assert {v.verdict for v in missing} == {"not testable"}
