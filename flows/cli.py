@@ -258,10 +258,11 @@ def grid(
     typer.echo(json.dumps({"grid_run_id": result.grid_run_id, "variants": dict(zip(result.labels,
                           result.variant_run_ids)), "executions": result.executions}, indent=2))
     if report is not None:
-        _compare(variants[0].config, result.grid_run_id, [], report)
+        _compare(variants[0].config, result.grid_run_id, [], report, claims=name == "claims")
 
 
-def _compare(cfg: PipelineConfig, grid_run_id: Optional[str], run_ids: list[str], out: Path) -> None:
+def _compare(cfg: PipelineConfig, grid_run_id: Optional[str], run_ids: list[str], out: Path,
+             claims: bool = False) -> None:
     from flows.report import NothingToCompare, collect, log_report, write_report
     from infra.tracking import Tracker
 
@@ -276,6 +277,11 @@ def _compare(cfg: PipelineConfig, grid_run_id: Optional[str], run_ids: list[str]
     except ValueError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    if claims:
+        from flows.results import write_results
+
+        paths["results"] = write_results(comp, paths["html"].parent)
+        typer.echo(f"results and verdicts: {paths['results']}")
     logged_to = log_report(tracker, comp, paths)
     typer.echo(f"report: {paths['html']} (and report.md, {len(paths) - 2} plots); logged to MLflow run {logged_to}")
 
@@ -290,6 +296,8 @@ def compare(
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file (for run.root / run.experiment)."),
     overrides: list[str] = typer.Option([], "--set", hidden=True, help="Old spelling of a KEY=VALUE argument."),
+    claims: bool = typer.Option(False, "--claims", help="Also write results.md: the paper's claims judged on the "
+                                "runs (experiments/claims.yaml), mean and spread over seeds, plots with error bars."),
 ) -> None:
     """Write a comparison report (table + plots vs keep_ratio) of a grid or of runs; log it to MLflow."""
     run_ids = [a for a in args or [] if "=" not in a]
@@ -297,7 +305,7 @@ def compare(
     if run_ids and grid_run:
         typer.secho("error: pass run ids or --grid, not both", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    _compare(_resolve_or_exit(preset, config, overrides), grid_run, run_ids, out)
+    _compare(_resolve_or_exit(preset, config, overrides), grid_run, run_ids, out, claims)
 
 
 @app.command()

@@ -237,3 +237,65 @@ def results_markdown(comp: Comparison, verdicts: list[Verdict], groups: list[Gro
     for k, v in (extra or {}).items():
         lines += [f"- {k}: {v}"]
     return "\n".join(lines) + "\n"
+
+
+def plot_with_error_bars(groups: list[Group], figure: str, path: Any, base: dict[str, str]) -> bool:
+    """``figure`` against keep ratio, one line per scorer (the MQ-VAE groups at ``base``), mean -/+ spread over
+    seeds; the VQGAN baseline as a horizontal band. False (no file) when no group has the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def at_base(gr: Group) -> bool:
+        return all(gr.get(k) == v for k, v in base.items())
+
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for gr in groups:
+        m, s = gr.mean(figure), gr.spread(figure)
+        if m is None or not at_base(gr) or gr.get("tokenizer.architecture") == "vqgan":
+            continue
+        name = f"{gr.get('tokenizer.scorer') or 'learned'} scorer, {gr.get('stackformer.model') or 'stackformer'}"
+        series.setdefault(name, []).append((float(gr.get("tokenizer.keep_ratio") or "nan"), m, s or 0.0))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=120)
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=name)
+    vq = next((gr for gr in groups if gr.get("tokenizer.architecture") == "vqgan" and at_base(gr)), None)
+    if vq is not None and vq.mean(figure) is not None:
+        m, s = vq.mean(figure), vq.spread(figure) or 0.0
+        ax.axhline(m, color="grey", linestyle="--", label="VQGAN + full grid")
+        ax.axhspan(m - s, m + s, color="grey", alpha=0.15)
+    ax.set_xlabel("keep ratio (share of latent regions kept)")
+    ax.set_ylabel(f"{FIGURES[figure][0]} ({FIGURES[figure][1]} is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return True
+
+
+def write_results(comp: Comparison, out_dir: Any) -> Any:
+    """``results.md`` and its plots (``plots/claims_*.png``) in ``out_dir`` (a report folder); returns the
+    document's path."""
+    from pathlib import Path
+
+    from infra.storage import atomic_write_bytes
+
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    groups = group_rows(comp)
+    base = default_base(groups)
+    plots = {}
+    for figure in ("fid", "sampling_images_per_s", "recon_psnr"):
+        rel = f"plots/claims_{figure}_vs_keep_ratio.png"
+        if plot_with_error_bars(groups, figure, out / rel, base):
+            plots[FIGURES[figure][0]] = rel
+    doc = results_markdown(comp, claims(groups, base=base), groups, plots,
+                           {"compared at": ", ".join(f"{k}={v}" for k, v in base.items()) or "the defaults"})
+    atomic_write_bytes(out / "results.md", doc.encode())
+    return out / "results.md"

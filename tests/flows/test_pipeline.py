@@ -231,6 +231,12 @@ def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_
     html = paths["html"].read_text()
     assert "plots/fid_vs_keep_ratio.png" in html and f"{fids[0]:.4g}" in html
     assert write_report(comp, tmp_path / "report")["html"].is_file()  # an earlier report is replaced
+    from flows.results import group_rows, write_results
+
+    # the claims' document on real runs: two keep ratios, one seed, no random scorer nor baseline -> not testable
+    assert sorted(g.get("tokenizer.keep_ratio") for g in group_rows(comp)) == ["0.5", "0.75"]
+    doc = write_results(comp, tmp_path / "report").read_text()
+    assert "**not testable**: 1. Adaptive" in doc and f"{fids[0]:.4g}" in doc
     with pytest.raises(ValueError, match="not an earlier report"):
         write_report(comp, root)  # never a folder with other things in it (here: the run root)
     assert (root / "mlflow.db").is_file()

@@ -60,3 +60,13 @@ def test_a_reversed_difference_is_not_confirmed_and_overlap_is_inconclusive() ->
     assert noisy["1"] == "inconclusive"  # seeds 0.8 apart: the 0.3 difference is inside the spread
     missing = claims(group_rows(Comparison(title="x", rows=[], parent_run_id=None, varying=[])))
     assert {v.verdict for v in missing} == {"not testable"}
+
+
+def test_the_results_document_and_its_error_bar_plots_are_written(tmp_path) -> None:
+    from flows.results import write_results
+
+    path = write_results(_runs(fid_learned=5.0, fid_random=7.0, noise=0.05), tmp_path)
+    text = path.read_text()
+    assert text.startswith("# Results: claims") and "## Verdicts" in text and "stackformer.max_steps=600" in text
+    for rel in ("plots/claims_fid_vs_keep_ratio.png", "plots/claims_sampling_images_per_s_vs_keep_ratio.png"):
+        assert f"]({rel})" in text and (tmp_path / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
