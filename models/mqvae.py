@@ -401,16 +401,19 @@ class MQVAE(nn.Module):
     def __init__(self, cfg: MQVAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # built in this order (it fixes the random initialisation of a seed: do not reorder)
         self.encoder = Encoder(cfg)
         self.plain = cfg.architecture == "vqgan"
+        if self.plain:
+            self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
+        else:
+            self.masker = AdaptiveMasker(cfg)
         self.quantizer = EMAVectorQuantizer(
             cfg.codebook_size, cfg.codebook_dim, decay=cfg.ema_decay, beta=cfg.beta
         )
         if self.plain:
-            self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
             self.head = PlainHead(cfg)
         else:
-            self.masker = AdaptiveMasker(cfg)
             self.demasker = AdaptiveDemasker(cfg)
         self.decoder = Decoder(cfg)
 

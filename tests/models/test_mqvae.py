@@ -633,3 +633,12 @@ def test_the_vqgan_baseline_refuses_a_mask_and_trains() -> None:
         losses.append(float(loss))
     assert losses[-1] < 0.8 * losses[0]
     assert model.quant_conv.weight.grad is not None and model.head.conv_in.weight.grad is not None
+
+
+def test_the_modules_are_built_in_the_order_that_fixes_a_seeds_initialisation() -> None:
+    # reordering the constructor changes every weight drawn for a seed: the same config and stage key would then
+    # train a different model
+    assert [n for n, _ in MQVAE(tiny_config()).named_children()] == [
+        "encoder", "masker", "quantizer", "demasker", "decoder"]
+    assert [n for n, _ in MQVAE(tiny_config(architecture="vqgan", keep_ratio=1.0)).named_children()] == [
+        "encoder", "quant_conv", "quantizer", "head", "decoder"]
