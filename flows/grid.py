@@ -131,10 +131,10 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
     gvs = [GridVariant(axes=v["axes"], overrides=list(v["overrides"]), config=from_dict(PipelineConfig, v["config"]))
            for v in private_value(variants)]
     cfgs = _absolute_root(gvs)
-    axes: dict[str, list[Any]] = {k: [] for k in gvs[0].axes}
+    axes: dict[str, list[Any]] = {}  # the union over the variants (an experiment's grids have different axes)
     for gv in gvs:
         for k, v in gv.axes.items():
-            if v not in axes[k]:
+            if v not in axes.setdefault(k, []):
                 axes[k].append(v)
     grid_hash = stable_hash([c.flat_dict() for c in cfgs])
     from infra import ray as rayx
