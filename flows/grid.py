@@ -123,6 +123,17 @@ def _absolute_root(variants: list[GridVariant]) -> list[PipelineConfig]:
     return [replace(v.config, run={"root": absolute}) for v in variants]
 
 
+def grid_axes(variants: list[GridVariant]) -> dict[str, list[Any]]:
+    """Every axis and its values in first-seen order, over all variants (the grids of an experiment file have
+    different axes)."""
+    axes: dict[str, list[Any]] = {}
+    for gv in variants:
+        for k, v in gv.axes.items():
+            if v not in axes.setdefault(k, []):
+                axes[k].append(v)
+    return axes
+
+
 @flow(name="mqgen-grid", log_prints=True, validate_parameters=False)
 def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
     """Parameters: each variant as ``{"axes": {...}, "overrides": [...], "config": {...}}``."""
@@ -131,11 +142,7 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
     gvs = [GridVariant(axes=v["axes"], overrides=list(v["overrides"]), config=from_dict(PipelineConfig, v["config"]))
            for v in private_value(variants)]
     cfgs = _absolute_root(gvs)
-    axes: dict[str, list[Any]] = {}  # the union over the variants (an experiment's grids have different axes)
-    for gv in gvs:
-        for k, v in gv.axes.items():
-            if v not in axes.setdefault(k, []):
-                axes[k].append(v)
+    axes = grid_axes(gvs)
     grid_hash = stable_hash([c.flat_dict() for c in cfgs])
     from infra import ray as rayx
 

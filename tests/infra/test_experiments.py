@@ -54,3 +54,12 @@ def test_a_variant_in_two_grids_runs_once_and_bad_files_are_refused(tmp_path: Pa
     plain = tmp_path / "values.yaml"  # a file of config values is not an experiment
     plain.write_text(yaml.safe_dump({"tokenizer": {"keep_ratio": 0.5}}))
     assert not is_experiment_file(plain)
+
+
+def test_the_grid_run_lists_the_union_of_the_experiments_axes() -> None:
+    from flows.grid import grid_axes
+
+    _, variants = expand_experiment(REPO / "experiments" / "claims.yaml", ["run.root=/r"])
+    axes = grid_axes(variants)
+    assert axes["seed"] == [0, 1, 2] and axes["tokenizer.keep_ratio"] == [0.75, 0.5, 0.25, 1.0]
+    assert axes["tokenizer.architecture"] == ["vqgan"] and axes["stackformer.max_steps"] == [800, 1200, 2400]
