@@ -416,10 +416,9 @@ def _model_source(cfg: PipelineConfig, model: Optional[str]) -> Any:
     """A context manager yielding ``(bundle, registered version or None, evaluation dict or None)`` for ``model``
     (see :data:`MODEL_HELP`); exits 1 with one clear line when it cannot be found or does not verify."""
     import contextlib
-    import tempfile
 
     from infra import registry
-    from infra.bundle import BundleError, read_bundle, write_bundle
+    from infra.bundle import Bundle, BundleError
 
     @contextlib.contextmanager
     def source() -> Any:
@@ -445,11 +444,13 @@ def _model_source(cfg: PipelineConfig, model: Optional[str]) -> Any:
                     "run `mqgen run` first, or pass --model champion / a folder")
             ev = refs.get("evaluate")
             evaluation = json.loads(Path(ev.evaluation_json).read_text()) if ev is not None else None
-            with tempfile.TemporaryDirectory(prefix="mqgen-bundle-") as tmp:
-                bundle = read_bundle(write_bundle(Path(tmp) / "b", tokenizer=tok, generator=gen,
-                                                  data=_data_facts(cfg, refs), name=cfg.registry.model_name(
-                                                      "stackformer", cfg.preset)))
-                yield bundle, None, evaluation
+            # the stage outputs as they are (their loaders verify the weights): no copy
+            index = {"name": cfg.registry.model_name("stackformer", cfg.preset), "data": _data_facts(cfg, refs),
+                     "provenance": {"config_hash": cfg.hash(), "preset": cfg.preset,
+                                    "mlflow_run_id": gen.mlflow_run_id, "tokenizer_sha256": tok.sha256,
+                                    "generator_sha256": gen.sha256}}
+            yield Bundle(path=Path(gen.path), kind="generator", tokenizer=tok, generator=gen, index=index), None, \
+                evaluation
         except (registry.ModelNotFound, BundleError) as e:
             typer.secho(redact_text(f"error: {e}"), fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None

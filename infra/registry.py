@@ -370,9 +370,8 @@ def load_bundle(spec: str, cfg: PipelineConfig) -> Iterator[tuple[Bundle, Versio
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp,
                                                         tracking_uri=tracker.uri))
         bundle_dir = path / "artifacts" / "bundle"
-        expected = {"tokenizer": version.tags.get(TAG_TOKENIZER_SHA, "")}
-        expected[version.tags.get(TAG_KIND, "stackformer") == "tokenizer" and "tokenizer" or "generator"] = \
-            version.tags.get(TAG_SHA, "")
+        main = "tokenizer" if version.tags.get(TAG_KIND) == "tokenizer" else "generator"
+        expected = {"tokenizer": version.tags.get(TAG_TOKENIZER_SHA, ""), main: version.tags.get(TAG_SHA, "")}
         try:
             bundle = read_bundle(bundle_dir, expected_sha256={k: v for k, v in expected.items() if v})
         except BundleError as e:
