@@ -144,8 +144,26 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: 
             continue
         if result.error is not None:
             raise TrainingFailed(f"training run {name!r} failed: {result.error}")
+        final = _newest_stored_checkpoint(run_dir)
+        if final is not None:
+            return FitResult(metrics=dict(final.meta.get("metrics") or result.metrics or {}),
+                             checkpoint_path=final.path, error=None)
         ckpt = result.checkpoint.path if result.checkpoint is not None else None
         return FitResult(metrics=dict(result.metrics or {}), checkpoint_path=ckpt, error=None)
+
+
+def _newest_stored_checkpoint(run_dir: str) -> Any:
+    """The newest checkpoint in a local run folder that verifies (the final one of a finished run), or None.
+
+    Ray's result names the last checkpoint *it registered*; a run killed after storing a checkpoint but before
+    Ray recorded it resumes from that stored one (:meth:`Worker.restore`) and, when it was the last step,
+    reports nothing new, so Ray's result would name an older, possibly damaged, checkpoint."""
+    from infra.checkpoint import latest_valid
+
+    if "://" in run_dir or not Path(run_dir).is_dir():
+        return None
+    loaded, _ = latest_valid(sorted(Path(run_dir).glob("checkpoint_*")))
+    return loaded
 
 
 class TrainingFailed(RuntimeError):

@@ -567,7 +567,7 @@ def train_loop(config: dict[str, Any]) -> None:
                                            "steps_per_epoch": data.steps_per_epoch,
                                            "local_batch": p.local_batch, "world_size": w.world_size}},
                                  meta={"stage": STAGE, "key": lc.key, "model": p.model,
-                                       "model_config": p.model_config})
+                                       "model_config": p.model_config, "metrics": metrics})
             w.report(metrics, checkpoint_dir=ckpt_dir)
         if is_eval or is_ckpt:
             speed = Throughput()  # tokens/s measures training steps, not evaluation or checkpointing

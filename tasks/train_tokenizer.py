@@ -264,7 +264,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                                   "discriminator": loss.discriminator.state_dict()},
                                  {"trainer": trainer.state_dict(), "rng": rng_state(),
                                   "samples_per_rank": stream.consumed},
-                                 meta={"stage": STAGE, "key": lc.key, "model_config": _model_config_dict(lc.model_config)})
+                                 meta={"stage": STAGE, "key": lc.key, "metrics": metrics,
+                                       "model_config": _model_config_dict(lc.model_config)})
             w.report(metrics, checkpoint_dir=ckpt_dir)
         if lc.on_step is not None:
             lc.on_step(StepEvent(step=step, rank=w.rank))

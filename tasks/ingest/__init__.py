@@ -387,9 +387,11 @@ class _Runner:
                 self._accept(build_chunk(job, fp, progress=bar.advance), None)
             while futures:
                 self._collect(futures, bar, timeout=0.25)
-        except BaseException:
+        except BaseException as e:
             for f in futures:
                 f.cancel()
+            if isinstance(e, BrokenProcessPool):  # found by submit() before any result said so
+                raise _worker_died("a chunk") from e
             raise
         finally:
             pool_size = self.pool.num_workers if self.pool is not None else 0
@@ -406,8 +408,7 @@ class _Runner:
             try:
                 r = f.result()
             except BrokenProcessPool as e:
-                raise RuntimeError(f"an ingest worker process died (killed or crashed) while building chunk "
-                                   f"{job.job_id}; rerunning resumes from the finished chunks") from e
+                raise _worker_died(f"chunk {job.job_id}") from e
             self._accept(r, None)
 
     def _run_sequential(self, recorded: dict[str, ChunkResult], bar: Any) -> None:
@@ -463,6 +464,11 @@ class _Runner:
         for p in self.parts_dir.iterdir():
             if p.name not in keep:
                 p.unlink()
+
+
+def _worker_died(what: str) -> RuntimeError:
+    return RuntimeError(f"an ingest worker process died (killed or crashed) while building {what}; "
+                        "rerunning resumes from the finished chunks")
 
 
 class _EarlyBadStop(Exception):

@@ -50,12 +50,12 @@ def _start(root: Path, prefect_url: str) -> subprocess.Popen:
 
 
 def _checkpoint_steps(root: Path) -> list[int]:
-    """Steps of the checkpoints Ray has registered (what a restart restores), oldest first."""
-    from tests.fixtures.ray_runs import registered_checkpoints
+    """Steps of the stored checkpoints that verify (what a restart restores), oldest first."""
+    from tests.fixtures.ray_runs import stored_checkpoints
 
     steps = []
     for run_dir in (root / "ray").glob("train_tokenizer-*-a0"):
-        steps += [step for _, step in registered_checkpoints(run_dir)]
+        steps += [step for _, step in stored_checkpoints(run_dir)]
     return sorted(steps)
 
 
@@ -119,7 +119,7 @@ def test_sigterm_ends_runs_killed_and_after_sigkill_the_rerun_resumes_from_the_c
         _wait_for_step(second, root, steps_before[-1] + 8)
     finally:
         _reap(second)
-    on_disk = _checkpoint_steps(root)  # read after the kill: one may have been registered meanwhile
+    on_disk = _checkpoint_steps(root)  # read after the kill: one may have been stored meanwhile
     pipeline_2 = _runs(root, "pipeline")[1]
     assert pipeline_2.info.status == "RUNNING"
 

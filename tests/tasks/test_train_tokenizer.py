@@ -18,7 +18,7 @@ from infra.config import resolve
 from infra.refs import TokenizerInputs, load_tokenizer
 from infra.tracking import Tracker
 from tests.fixtures.hooks import FailOnce, KillOnce
-from tests.fixtures.ray_runs import registered_checkpoints
+from tests.fixtures.ray_runs import stored_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +123,7 @@ def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: P
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            if len(registered_checkpoints(ray_dir)) >= 2:  # registered with Ray, so restorable
+            if len(stored_checkpoints(ray_dir)) >= 2:  # stored and verified, so restorable
                 break
             assert proc.poll() is None, "the stage ended before it could be killed"
             time.sleep(0.5)
@@ -135,11 +135,11 @@ def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: P
         proc.wait()
     assert not (root / "train_tokenizer" / key / "_SUCCESS.json").exists()
 
-    registered = registered_checkpoints(ray_dir)
-    steps = [step for _, step in registered]
+    stored = stored_checkpoints(ray_dir)
+    steps = [step for _, step in stored]
     assert steps[:2] == [8, 16]
     # bit rot in the newest checkpoint Ray will restore: it must be skipped and the one before it used
-    newest = ray_dir / registered[-1][0]
+    newest = ray_dir / stored[-1][0]
     blob = bytearray((newest / "model.safetensors").read_bytes())
     blob[-5] ^= 0xFF
     (newest / "model.safetensors").write_bytes(bytes(blob))
@@ -157,3 +157,20 @@ def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: P
     assert len(runs) == 1
     hist = [s for s, _ in _history(root, ref.mlflow_run_id, "train_l1")]
     assert len(hist) == len(set(hist)) and hist[-1] == 24
+
+    # killed after the final checkpoint was stored but before Ray recorded it (and before the stage's output):
+    # the rerun restores that stored checkpoint, trains nothing, and must export it, not Ray's older record
+    snapshot = ray_dir / "checkpoint_manager_snapshot.json"
+    doc = json.loads(snapshot.read_text())
+    kept = [i for i, r in enumerate(doc["checkpoint_results"]) if (r.get("metrics") or {}).get("step") != 24]
+    assert kept and len(kept) < len(doc["checkpoint_results"])
+    doc["checkpoint_results"] = [doc["checkpoint_results"][i] for i in kept]
+    doc["checkpoint_report_indices"] = [doc["checkpoint_report_indices"][i] for i in kept]
+    doc["latest_checkpoint_result"] = doc["checkpoint_results"][-1]
+    snapshot.write_text(json.dumps(doc))
+    out_dir = root / "train_tokenizer" / key
+    (out_dir / train_tokenizer.SUCCESS).unlink()
+    (out_dir / "model.safetensors").unlink()
+    again = train_tokenizer.run(cfg, TokenizerInputs(ingest=ing))
+    assert again.step == 24 and again.sha256 == ref.sha256
+    assert "val_psnr" in again.metrics and again.metrics["step"] == 24
