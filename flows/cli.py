@@ -229,6 +229,9 @@ def grid(
                                           "file (a union of grids: preset, set, grids; see experiments/)."),
     name: str = typer.Option("", "--name", help="Name of the grid's MLflow parent run."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the comparison report here."),
+    part: Optional[list[str]] = typer.Option(None, "--part", help="Only this grid of an experiment file "
+                                             "(repeatable): run a long experiment in parts, then the whole file, "
+                                             "which reuses every finished stage."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
@@ -237,9 +240,11 @@ def grid(
 
     try:
         if config is not None and config.is_file() and is_experiment_file(config):
-            experiment, variants = expand_experiment(config, args or [])
-            name = name or experiment
+            experiment, variants = expand_experiment(config, args or [], parts=part)
+            name = name or (f"{experiment} (part: {', '.join(part)})" if part else experiment)
         else:
+            if part:
+                raise ConfigError("--part selects grids of an experiment file (--config experiments/...yaml)")
             variants = expand_grid(preset, config, args or [])
     except ConfigError as e:
         typer.secho(redact_text(f"config error: {e}"), fg=typer.colors.RED, err=True)
@@ -280,7 +285,7 @@ def _compare(cfg: PipelineConfig, grid_run_id: Optional[str], run_ids: list[str]
     if claims:
         from flows.results import write_results
 
-        paths["results"] = write_results(comp, paths["html"].parent)
+        paths["results"] = write_results(comp, paths["html"].parent, tracking_uri=tracker.uri)
         typer.echo(f"results and verdicts: {paths['results']}")
     logged_to = log_report(tracker, comp, paths)
     typer.echo(f"report: {paths['html']} (and report.md, {len(paths) - 2} plots); logged to MLflow run {logged_to}")

@@ -39,6 +39,7 @@ class RunRow:
     params: dict[str, str]
     metrics: dict[str, float]
     label: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,7 +84,7 @@ def collect(tracker: Tracker, grid_run_id: str | None = None, run_ids: list[str]
         title = f"grid {client.get_run(grid_run_id).info.run_name} ({len(runs)} variants)"
     rows = [RunRow(run_id=r.info.run_id, name=r.info.run_name or r.info.run_id, status=r.info.status,
                    params=dict(r.data.params), metrics=dict(r.data.metrics),
-                   label=r.data.tags.get("mqgen.variant", "")) for r in runs]
+                   label=r.data.tags.get("mqgen.variant", ""), tags=dict(r.data.tags)) for r in runs]
     varying = sorted(k for k in {k for row in rows for k in row.params}
                      if not k.startswith(IGNORED_PARAM_PREFIXES)
                      and len({row.params.get(k) for row in rows}) > 1)

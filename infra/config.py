@@ -585,7 +585,8 @@ def is_experiment_file(path: str | Path) -> bool:
     return isinstance(doc, dict) and "grids" in doc
 
 
-def expand_experiment(path: str | Path, args: list[str] | None = None) -> tuple[str, list[GridVariant]]:
+def expand_experiment(path: str | Path, args: list[str] | None = None,
+                      parts: list[str] | None = None) -> tuple[str, list[GridVariant]]:
     """The variants of an experiment file: a union of grids over one preset, each variant once.
 
     ::
@@ -602,7 +603,8 @@ def expand_experiment(path: str | Path, args: list[str] | None = None) -> tuple[
 
     A variant's axes are its grid's ``set`` values and axis values (so that rows of different grids are told
     apart); ``args`` are ``KEY=VALUE`` overrides applied to every variant (e.g. ``run.root=...``). Returns the
-    experiment's name and the variants; a variant reached by two grids counts once."""
+    experiment's name and the variants; a variant reached by two grids counts once. ``parts`` (grid names) keeps
+    only those grids: a long experiment run in parts, whose finished stages the whole run then reuses."""
     doc = load_yaml(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("grids"), list) or not doc["grids"]:
         raise ConfigError(f"{path}: an experiment file needs a non-empty list 'grids'")
@@ -613,7 +615,14 @@ def expand_experiment(path: str | Path, args: list[str] | None = None) -> tuple[
     common = doc.get("set") or {}
     variants: list[GridVariant] = []
     seen: set[str] = set()
+    names = [str(g.get("name", i)) if isinstance(g, dict) else str(i) for i, g in enumerate(doc["grids"])]
+    unknown_parts = sorted(set(parts or []) - set(names))
+    if unknown_parts:
+        raise ConfigError(f"{path}: no grid named {', '.join(map(repr, unknown_parts))}; its grids: "
+                          + ", ".join(map(repr, names)))
     for i, grid in enumerate(doc["grids"]):
+        if parts and names[i] not in parts:
+            continue
         if not isinstance(grid, dict) or set(grid) - {"name", "set", "axes"}:
             raise ConfigError(f"{path}: grids[{i}] must be a mapping with keys name, set, axes")
         fixed = {**common, **(grid.get("set") or {})}

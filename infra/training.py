@@ -45,6 +45,21 @@ class Throughput:
         return r
 
 
+class TrainClock:
+    """Seconds a training run has spent up to now, across restarts: it starts from the figure saved in the
+    checkpoint it resumed from (the time a killed attempt spent after its last checkpoint is not counted, since
+    that work was redone). The figure compared between variants trained to an equal budget."""
+
+    STATE_KEY = "train_wall_s"
+
+    def __init__(self, restored_state: dict[str, Any] | None = None) -> None:
+        self._base = float((restored_state or {}).get(self.STATE_KEY, 0.0))
+        self._t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return self._base + time.perf_counter() - self._t0
+
+
 def cycle(it_factory: Any) -> Iterator[Any]:
     """Iterate ``it_factory(epoch)`` for epoch 0, 1, 2, ... forever."""
     epoch = 0

@@ -58,7 +58,7 @@ from infra.refs import (
 )
 from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
 from infra.tokens import TokenDataset, TokenFormatError
-from infra.training import StepEvent, Throughput, autocast, warmup_cosine
+from infra.training import StepEvent, Throughput, TrainClock, autocast, warmup_cosine
 from models.stackformer import (
     FullGridTransformer,
     SamplingParams,
@@ -510,6 +510,7 @@ def train_loop(config: dict[str, Any]) -> None:
             yield to_batch(items, w.device, conditional)
 
     progress = Progress(STAGE, s.max_steps, start=start_step, file=lc.progress_file, enabled=w.is_main)
+    clock = TrainClock(restored.state if restored is not None else None)
     speed = Throughput()
     step = start_step
     logs: dict[str, float] = {}
@@ -537,7 +538,7 @@ def train_loop(config: dict[str, Any]) -> None:
             run.log_metrics({**{f"train_{k}": v for k, v in logs.items() if k != "lr"}, "lr": logs["lr"],
                              "tokens_per_s": rate, "epoch": epoch}, step=step)
             progress.update(step, loss=logs["loss"], tok_s=rate)
-        metrics: dict[str, float] = {"step": step, "epoch": epoch, **logs}
+        metrics: dict[str, float] = {"step": step, "epoch": epoch, **logs, TrainClock.STATE_KEY: clock()}
         if is_eval and w.is_main:
             assert run is not None
             vals = validate(model, val_batches(), w.device)
@@ -565,7 +566,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                  {"trainer": trainer.state_dict(),
                                   "data": {"epoch": epoch_next, "batch_in_epoch": batch_next,
                                            "steps_per_epoch": data.steps_per_epoch,
-                                           "local_batch": p.local_batch, "world_size": w.world_size}},
+                                           "local_batch": p.local_batch, "world_size": w.world_size},
+                                  TrainClock.STATE_KEY: metrics[TrainClock.STATE_KEY]},
                                  meta={"stage": STAGE, "key": lc.key, "model": p.model,
                                        "model_config": p.model_config, "metrics": metrics})
             w.report(metrics, checkpoint_dir=ckpt_dir)
@@ -656,6 +658,7 @@ def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: st
         srun.finish(exit_status(e))
         raise
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics["num_params"] = float(num_params)
     ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
                             model=p.model, model_config=p.model_config, metrics=metrics, mlflow_run_id=srun.run_id,
                             tokenizer_sha256=p.tokenizer_sha256, num_classes=p.num_classes)

@@ -18,7 +18,7 @@ from infra.config import PipelineConfig, identity, stable_hash, to_dict
 from infra.orchestration import lazy_stage_task
 from infra.refs import TokenizerInputs, TokenizerOutput
 from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
-from infra.training import StepEvent, Throughput, autocast, warmup_cosine
+from infra.training import StepEvent, Throughput, TrainClock, autocast, warmup_cosine
 from models.losses import LossConfig, VQGANLoss
 from models.metrics import code_stats, psnr_per_image
 from models.mqvae import MQVAE, MQVAEConfig, to_model_input
@@ -208,6 +208,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if w.is_main:
             set_rng_state(restored.state["rng"])
 
+    clock = TrainClock(restored.state if restored is not None else None)
     stream = TrainStream(list(lc.train_shards), rank=w.rank, world_size=w.world_size,
                          batch_size=local_batch, channels=cfg.data.channels, seed=cfg.seed,
                          start_sample=start_step * local_batch)
@@ -244,7 +245,7 @@ def train_loop(config: dict[str, Any]) -> None:
             progress.update(step, loss=logs["total"], l1=logs["l1"], img_s=rate)
         is_eval = step % t.eval_every == 0 or step == t.max_steps
         is_ckpt = step % t.checkpoint_every == 0 or step == t.max_steps
-        metrics: dict[str, float] = {"step": step, **logs}
+        metrics: dict[str, float] = {"step": step, **logs, TrainClock.STATE_KEY: clock()}
         if is_eval and w.is_main:
             vals, pics = validate(model, val_batches(), w.device)
             metrics.update(vals)
@@ -263,7 +264,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 write_checkpoint(ckpt_dir, step, {"model": model.state_dict(),
                                                   "discriminator": loss.discriminator.state_dict()},
                                  {"trainer": trainer.state_dict(), "rng": rng_state(),
-                                  "samples_per_rank": stream.consumed},
+                                  "samples_per_rank": stream.consumed,
+                                  TrainClock.STATE_KEY: metrics[TrainClock.STATE_KEY]},
                                  meta={"stage": STAGE, "key": lc.key, "metrics": metrics,
                                        "model_config": _model_config_dict(lc.model_config)})
             w.report(metrics, checkpoint_dir=ckpt_dir)
@@ -350,6 +352,8 @@ def _train(cfg: PipelineConfig, inputs: TokenizerInputs, key: str, out_dir: Path
         srun.finish(exit_status(e))
         raise
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    with torch.device("meta"):  # shapes only
+        metrics["num_params"] = float(sum(t.numel() for t in MQVAE(model_cfg).parameters()))
     ref = TokenizerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
                           model_config=model_doc, metrics=metrics, mlflow_run_id=srun.run_id)
     srun.log_dict(cfg.to_dict(), "config.json")

@@ -235,8 +235,17 @@ def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_
 
     # the claims' document on real runs: two keep ratios, one seed, no random scorer nor baseline -> not testable
     assert sorted(g.get("tokenizer.keep_ratio") for g in group_rows(comp)) == ["0.5", "0.75"]
-    doc = write_results(comp, tmp_path / "report").read_text()
+    doc = write_results(comp, tmp_path / "report", tracking_uri=Tracker(root, "mqgen").uri).read_text()
     assert "**not testable**: 1. Adaptive" in doc and f"{fids[0]:.4g}" in doc
+    # the cost table's figures come from the training stages, the pictures from each variant's evaluate run
+    for c in children:
+        m = c.data.metrics
+        assert m["tokenizer.num_params"] > 0 and m["stackformer.num_params"] > 0
+        assert 0 < m["tokenizer.train_wall_s"] and 0 < m["stackformer.train_wall_s"]
+    pictures = [line for line in doc.splitlines() if line.startswith("| keep_ratio=") and "![samples](" in line]
+    assert len(pictures) == 2
+    rel = pictures[0].split("![samples](")[1].split(")")[0]
+    assert (tmp_path / "report" / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="not an earlier report"):
         write_report(comp, root)  # never a folder with other things in it (here: the run root)
     assert (root / "mlflow.db").is_file()

@@ -70,3 +70,33 @@ def test_the_results_document_and_its_error_bar_plots_are_written(tmp_path) -> N
     assert text.startswith("# Results: claims") and "## Verdicts" in text and "stackformer.max_steps=600" in text
     for rel in ("plots/claims_fid_vs_keep_ratio.png", "plots/claims_sampling_images_per_s_vs_keep_ratio.png"):
         assert f"]({rel})" in text and (tmp_path / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_show_each_variants_pictures_from_its_evaluate_run_and_the_cost_table(tmp_path) -> None:
+    """Real MLflow (sqlite + local artifacts): the evaluate run's sample grid of the first seed is copied beside
+    results.md and shown per variant; parameters and steps print as exact counts."""
+    from PIL import Image
+
+    from flows.results import write_results
+    from infra.tracking import Tracker
+
+    tracker = Tracker(tmp_path / "root", "mqgen")
+    client = tracker.client
+    run_id = client.create_run(tracker.experiment_id).info.run_id
+    pic = tmp_path / "samples_grid.png"
+    Image.new("L", (8, 8), 200).save(pic)
+    client.log_artifact(run_id, str(pic), "pictures")
+    comp = _runs(fid_learned=5.0, fid_random=7.0, noise=0.05)
+    for row in comp.rows:
+        row.metrics["tokenizer.num_params"] = 249012.0
+        if row.params["tokenizer.keep_ratio"] == "0.75" and row.params["seed"] == "0":
+            row.tags["mqgen.evaluate.run_id"] = run_id
+    out = tmp_path / "report"
+    text = write_results(comp, out, tracking_uri=tracker.uri).read_text()
+    assert "## Pictures (first seed of each variant)" in text and "249,012" in text
+    shown = [line for line in text.splitlines() if "keep_ratio=0.75" in line and "![samples]" in line]
+    assert len(shown) == 3  # the keep 0.75 variants tagged above (learned, random, and the 800-step one)
+    assert not [line for line in text.splitlines() if "keep_ratio=0.5" in line and "![" in line]  # no run: no row
+    rel = shown[0].split("![samples](")[1].split(")")[0]
+    assert (out / rel).read_bytes() == pic.read_bytes()
+    assert "mask overlay" not in shown[0].split("![samples]")[1]  # not logged: left out, not a broken link

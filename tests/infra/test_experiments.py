@@ -61,5 +61,16 @@ def test_the_grid_run_lists_the_union_of_the_experiments_axes() -> None:
 
     _, variants = expand_experiment(REPO / "experiments" / "claims.yaml", ["run.root=/r"])
     axes = grid_axes(variants)
-    assert axes["seed"] == [0, 1, 2] and axes["tokenizer.keep_ratio"] == [0.75, 0.5, 0.25, 1.0]
+    assert axes["seed"] == [0, 1, 2] and axes["tokenizer.keep_ratio"] == [0.75, 1.0, 0.5, 0.25]
     assert axes["tokenizer.architecture"] == ["vqgan"] and axes["stackformer.max_steps"] == [800, 1200, 2400]
+
+
+def test_an_experiment_runs_in_parts_whose_variants_are_the_whole_runs() -> None:
+    path = REPO / "experiments" / "claims.yaml"
+    _, whole = expand_experiment(path, ["run.root=/r"])
+    _, part = expand_experiment(path, ["run.root=/r"], parts=["vqgan + full-grid baseline", "16x16 grid"])
+    assert len(part) == 3 + 4
+    hashes = {v.config.hash() for v in whole}
+    assert {v.config.hash() for v in part} <= hashes  # the same variants: the whole run reuses their stages
+    with pytest.raises(ConfigError, match="no grid named 'vqgan'; its grids: 'masked'"):
+        expand_experiment(path, parts=["vqgan"])
