@@ -72,5 +72,5 @@ def test_an_experiment_runs_in_parts_whose_variants_are_the_whole_runs() -> None
     assert len(part) == 3 + 4
     hashes = {v.config.hash() for v in whole}
     assert {v.config.hash() for v in part} <= hashes  # the same variants: the whole run reuses their stages
-    with pytest.raises(ConfigError, match="no grid named 'vqgan'; its grids: 'headline', 'vqgan \+ full-grid baseline'"):
+    with pytest.raises(ConfigError, match=r"no grid named 'vqgan'; its grids: 'headline', 'vqgan \+ full-grid baseline'"):
         expand_experiment(path, parts=["vqgan"])
