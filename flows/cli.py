@@ -224,7 +224,8 @@ def grid(
     args: Optional[list[str]] = typer.Argument(None, metavar="KEY=[V1,V2,...]... [KEY=VALUE]...",
                                                help="Grid axes (lists) and fixed overrides, e.g. "
                                                     "tokenizer.keep_ratio=[1.0,0.5]"),
-    preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP + " Default fmnist; with an experiment "
+                                         "file, replaces the file's preset."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values, or an experiment "
                                           "file (a union of grids: preset, set, grids; see experiments/)."),
     name: str = typer.Option("", "--name", help="Name of the grid's MLflow parent run."),
@@ -238,14 +239,17 @@ def grid(
     """Run an ablation grid: shared upstream stages once, the variants concurrently on Ray."""
     from infra.config import expand_experiment, expand_grid, is_experiment_file
 
+    claims = False
     try:
         if config is not None and config.is_file() and is_experiment_file(config):
-            experiment, variants = expand_experiment(config, args or [], parts=part)
-            name = name or (f"{experiment} (part: {', '.join(part)})" if part else experiment)
+            experiment, variants = expand_experiment(config, args or [], parts=part, preset=preset)
+            claims = experiment == "claims" and not part  # the claims' verdicts need the whole experiment
+            title = experiment + (f" @ {preset}" if preset else "")
+            name = name or (f"{title} (part: {', '.join(part)})" if part else title)
         else:
             if part:
                 raise ConfigError("--part selects grids of an experiment file (--config experiments/...yaml)")
-            variants = expand_grid(preset, config, args or [])
+            variants = expand_grid(preset or "fmnist", config, args or [])
     except ConfigError as e:
         typer.secho(redact_text(f"config error: {e}"), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
@@ -263,7 +267,7 @@ def grid(
     typer.echo(json.dumps({"grid_run_id": result.grid_run_id, "variants": dict(zip(result.labels,
                           result.variant_run_ids)), "executions": result.executions}, indent=2))
     if report is not None:
-        _compare(variants[0].config, result.grid_run_id, [], report, claims=name == "claims")
+        _compare(variants[0].config, result.grid_run_id, [], report, claims=claims)
 
 
 def _compare(cfg: PipelineConfig, grid_run_id: Optional[str], run_ids: list[str], out: Path,

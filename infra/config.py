@@ -585,8 +585,8 @@ def is_experiment_file(path: str | Path) -> bool:
     return isinstance(doc, dict) and "grids" in doc
 
 
-def expand_experiment(path: str | Path, args: list[str] | None = None,
-                      parts: list[str] | None = None) -> tuple[str, list[GridVariant]]:
+def expand_experiment(path: str | Path, args: list[str] | None = None, parts: list[str] | None = None,
+                      preset: str | None = None) -> tuple[str, list[GridVariant]]:
     """The variants of an experiment file: a union of grids over one preset, each variant once.
 
     ::
@@ -604,14 +604,15 @@ def expand_experiment(path: str | Path, args: list[str] | None = None,
     A variant's axes are its grid's ``set`` values and axis values (so that rows of different grids are told
     apart); ``args`` are ``KEY=VALUE`` overrides applied to every variant (e.g. ``run.root=...``). Returns the
     experiment's name and the variants; a variant reached by two grids counts once. ``parts`` (grid names) keeps
-    only those grids: a long experiment run in parts, whose finished stages the whole run then reuses."""
+    only those grids: a long experiment run in parts, whose finished stages the whole run then reuses. ``preset``
+    replaces the file's preset (the same grids at another scale)."""
     doc = load_yaml(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("grids"), list) or not doc["grids"]:
         raise ConfigError(f"{path}: an experiment file needs a non-empty list 'grids'")
     unknown = set(doc) - EXPERIMENT_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(EXPERIMENT_KEYS)}")
-    preset = str(doc.get("preset", "fmnist"))
+    preset = preset or str(doc.get("preset", "fmnist"))
     common = doc.get("set") or {}
     variants: list[GridVariant] = []
     seen: set[str] = set()

@@ -74,3 +74,13 @@ def test_an_experiment_runs_in_parts_whose_variants_are_the_whole_runs() -> None
     assert {v.config.hash() for v in part} <= hashes  # the same variants: the whole run reuses their stages
     with pytest.raises(ConfigError, match=r"no grid named 'vqgan'; its grids: 'headline', 'vqgan \+ full-grid baseline'"):
         expand_experiment(path, parts=["vqgan"])
+
+
+def test_the_claims_grids_expand_at_the_paper_preset_for_a_cluster(tmp_path) -> None:
+    parts = ["headline", "vqgan + full-grid baseline", "masked", "keep-1.0 ablation"]
+    _, variants = expand_experiment(REPO / "experiments" / "claims.yaml",
+                                    [f"run.root={tmp_path}", f"data.path={tmp_path}"], parts=parts, preset="paper-f16")
+    assert len(variants) == 3 + 3 + 10 + 4
+    cfg = variants[0].config
+    assert cfg.preset == "paper-f16" and cfg.data.image_size == 256 and cfg.ray.use_gpu
+    assert {v.config.tokenizer.model.architecture for v in variants} == {"mqvae", "vqgan"}
