@@ -18,6 +18,11 @@ Vocabularies (``K`` = ``codebook_size``, ``C`` = ``max(1, num_classes)``):
 * positions: ``0..G*G-1`` are grid cells and ``G*G`` is the start position paired with the start token.
   The position vocabulary has ``G*G + 1`` entries; the start position and used cells are never sampled.
 * steps: a learned, zero-initialised absolute embedding ``A`` with ``N`` entries.
+* classifier-free guidance (a class-conditional model with ``cond_dropout > 0``): one more start token,
+  ``K + C``, the *null class*; training replaces a label by it with probability ``cond_dropout``, and sampling
+  with ``guidance_scale = s`` runs each batch twice in one pass (its classes and the null class, stacked, the
+  KV caches holding both halves) and draws from ``l_null + s * (l_class - l_null)`` for both heads: the code
+  logits and the position logits. ``s = 1`` is plain conditional sampling (one pass), ``s = 0`` unconditional.
 
 Training inputs are ``idx = [start, v_1..v_{N-1}]`` and ``pos = [G*G, p_1..p_{N-1}]``; the targets are
 ``v_1..v_N`` and ``p_1..p_N``. There is no end token: every sequence has exactly ``N`` tokens.
@@ -64,7 +69,7 @@ class SamplingParams:
 
 
 def _validate_common(name: str, *, codebook_size: int, grid_size: int, num_classes: int, n_embd: int,
-                     n_head: int, dropout: float, layers: dict[str, int]) -> None:
+                     n_head: int, dropout: float, layers: dict[str, int], cond_dropout: float = 0.0) -> None:
     if not 1 <= codebook_size <= MAX_CODEBOOK_SIZE:
         raise ValueError(f"{name}: codebook_size must be in [1, {MAX_CODEBOOK_SIZE}], got {codebook_size}")
     if grid_size < 1:
@@ -78,10 +83,33 @@ def _validate_common(name: str, *, codebook_size: int, grid_size: int, num_class
         raise ValueError(f"{name}: n_embd ({n_embd}) must be a positive multiple of n_head ({n_head})")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+    if not 0.0 <= cond_dropout < 1.0:
+        raise ValueError(f"{name}: cond_dropout must be in [0, 1), got {cond_dropout}")
+    if cond_dropout > 0 and num_classes == 0:
+        raise ValueError(f"{name}: cond_dropout (classifier-free guidance) needs a class-conditional model "
+                         "(num_classes > 0)")
+
+
+class _Vocabulary:
+    """The start-token layout shared by both configs (``codebook_size``, ``num_classes``, ``cond_dropout``)."""
+
+    codebook_size: int
+    num_classes: int
+    cond_dropout: float
+
+    @property
+    def null_class(self) -> int | None:
+        """The label of the null class (``num_classes``) when the model is trained for guidance, else None."""
+        return self.num_classes if self.num_classes > 0 and self.cond_dropout > 0 else None
+
+    @property
+    def code_vocab_size(self) -> int:
+        """``K + max(1, num_classes)`` (+1 for the null class): real codes, then the start/class tokens."""
+        return self.codebook_size + max(1, self.num_classes) + (self.null_class is not None)
 
 
 @dataclass(frozen=True, kw_only=True)
-class StackformerConfig:
+class StackformerConfig(_Vocabulary):
     codebook_size: int  # K real codes
     grid_size: int  # latent side G; grid cells are 0..G*G-1
     seq_len: int  # N kept tokens per image
@@ -92,11 +120,12 @@ class StackformerConfig:
     n_head: int
     dropout: float = 0.0  # embedding, attention and residual dropout
     pos_loss_weight: float = 1.0  # loss = CE(code) + pos_loss_weight * CE(position)
+    cond_dropout: float = 0.0  # share of training labels replaced by the null class (classifier-free guidance)
 
     def __post_init__(self) -> None:
         _validate_common("StackformerConfig", codebook_size=self.codebook_size, grid_size=self.grid_size,
                          num_classes=self.num_classes, n_embd=self.n_embd, n_head=self.n_head,
-                         dropout=self.dropout,
+                         dropout=self.dropout, cond_dropout=self.cond_dropout,
                          layers={"n_layer_code": self.n_layer_code, "n_layer_pos": self.n_layer_pos})
         if not 1 <= self.seq_len <= self.num_positions:
             raise ValueError(f"StackformerConfig: seq_len must be in [1, grid_size**2 = "
@@ -108,11 +137,6 @@ class StackformerConfig:
     def num_positions(self) -> int:
         """Grid cells, ``G*G``; also the index of the start position."""
         return self.grid_size * self.grid_size
-
-    @property
-    def code_vocab_size(self) -> int:
-        """``K + max(1, num_classes)``: real codes, then the start/class tokens."""
-        return self.codebook_size + max(1, self.num_classes)
 
     @property
     def pos_vocab_size(self) -> int:
@@ -134,8 +158,9 @@ def _check_range(x: torch.Tensor, high: int, what: str) -> None:
 
 
 def _start_tokens(labels: torch.Tensor | None, batch_size: int, codebook_size: int, num_classes: int,
-                  device: torch.device) -> torch.Tensor:
-    """Start codes ``[B]``: ``K`` when unconditional, ``K + labels`` when class-conditional."""
+                  device: torch.device, null_class: int | None = None) -> torch.Tensor:
+    """Start codes ``[B]``: ``K`` when unconditional, ``K + labels`` when class-conditional (a label may be
+    ``null_class`` when the model has one)."""
     if num_classes == 0:
         if labels is not None:
             raise ValueError("labels given to an unconditional model (num_classes == 0)")
@@ -144,8 +169,40 @@ def _start_tokens(labels: torch.Tensor | None, batch_size: int, codebook_size: i
         raise ValueError(f"a class-conditional model (num_classes={num_classes}) needs labels")
     if labels.shape != (batch_size,):
         raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
-    _check_range(labels, num_classes, "labels")
+    _check_range(labels, num_classes + (null_class is not None), "labels")
     return codebook_size + labels.to(device=device, dtype=torch.long)
+
+
+def _drop_labels(labels: torch.Tensor | None, null_class: int | None, p: float, training: bool
+                 ) -> torch.Tensor | None:
+    """In training, each label replaced by the null class with probability ``p`` (global torch RNG)."""
+    if not training or labels is None or null_class is None or p <= 0:
+        return labels
+    return labels.masked_fill(torch.rand(labels.shape, device=labels.device) < p, null_class)
+
+
+def _guided(logits: torch.Tensor, batch_size: int, scale: float | None) -> torch.Tensor:
+    """``[B, V]`` logits to draw from: the rows as they are (``scale`` None: one pass), or, for a stacked
+    ``[2B, V]`` (classes, then null class), ``l_null + scale * (l_class - l_null)``."""
+    if scale is None:
+        return logits
+    cond, null = logits[:batch_size].float(), logits[batch_size:].float()
+    return null + scale * (cond - null)
+
+
+def _guidance(config: Any, labels: torch.Tensor | None, batch_size: int, scale: float,
+              device: torch.device) -> tuple[torch.Tensor | None, float | None]:
+    """The labels of the rows a sampler runs (``[2B]``: the classes, then the null class, when guiding) and
+    the scale to combine them with (None: one plain pass)."""
+    if scale == 1.0:
+        return labels, None
+    if config.null_class is None:
+        raise ValueError(f"guidance_scale={scale} needs a model trained for classifier-free guidance "
+                         "(class-conditional, cond_dropout > 0); use 1.0")
+    if labels is None:
+        raise ValueError("classifier-free guidance needs labels")
+    null = torch.full((batch_size,), config.null_class, dtype=torch.long, device=labels.device)
+    return torch.cat([labels, null]), float(scale)
 
 
 def _draw(logits: torch.Tensor, params: SamplingParams, forbidden: torch.Tensor,
@@ -203,19 +260,20 @@ def sort_by_position(codes: torch.Tensor, positions: torch.Tensor) -> tuple[torc
 
 
 def sample_tokens(model: nn.Module, n: int, labels: torch.Tensor | None, code_params: SamplingParams,
-                  pos_params: SamplingParams, *, raster_order: bool = True, generator: torch.Generator | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+                  pos_params: SamplingParams, *, raster_order: bool = True, generator: torch.Generator | None = None,
+                  guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``n`` token sequences from a :class:`Stackformer` or a :class:`FullGridTransformer` with KV caches:
     ``(codes, positions, raster_share)``, sorted by position (what the tokenizer decodes). ``raster_share`` is the
     share of consecutive positions the Stackformer sampled in increasing order (1.0 for the full grid)."""
     if isinstance(model, Stackformer):
         codes, positions = model.sample(n, labels, code_params, pos_params, raster_order=raster_order,
-                                        use_cache=True, generator=generator)
+                                        use_cache=True, generator=generator, guidance_scale=guidance_scale)
         share = float((positions[:, 1:] > positions[:, :-1]).double().mean()) if positions.shape[1] > 1 else 1.0
         codes, positions = sort_by_position(codes, positions)
         return codes, positions, share
     if isinstance(model, FullGridTransformer):
-        codes = model.sample(n, labels, code_params, use_cache=True, generator=generator)
+        codes = model.sample(n, labels, code_params, use_cache=True, generator=generator,
+                             guidance_scale=guidance_scale)
         return codes, torch.arange(codes.shape[1], device=codes.device).expand_as(codes), 1.0
     raise TypeError(f"sample_tokens: {type(model).__name__} is not a Stackformer or a FullGridTransformer")
 
@@ -248,7 +306,7 @@ class Stackformer(nn.Module):
     def start_tokens(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Start codes ``[B]`` long: ``K``, or ``K + labels`` for a class-conditional model."""
         return _start_tokens(labels, batch_size, self.config.codebook_size, self.config.num_classes,
-                             self.code_emb.weight.device)
+                             self.code_emb.weight.device, self.config.null_class)
 
     def _code_hidden(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache | None = None
                      ) -> torch.Tensor:
@@ -282,6 +340,7 @@ class Stackformer(nn.Module):
         _check_range(codes, c.codebook_size, "codes")
         _check_range(positions, c.num_positions, "positions")
         B = codes.shape[0]
+        labels = _drop_labels(labels, c.null_class, c.cond_dropout, self.training)
         start = self.start_tokens(labels, B)[:, None]
         idx = torch.cat([start, codes[:, :-1]], dim=1)
         pos = torch.cat([torch.full_like(start, c.num_positions), positions[:, :-1]], dim=1)
@@ -296,8 +355,8 @@ class Stackformer(nn.Module):
     @_sampler
     def sample(self, batch_size: int, labels: torch.Tensor | None = None,
                code_params: SamplingParams = SamplingParams(), pos_params: SamplingParams = SamplingParams(),
-               raster_order: bool = False, use_cache: bool = True, generator: torch.Generator | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               raster_order: bool = False, use_cache: bool = True, generator: torch.Generator | None = None,
+               guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``batch_size`` token sequences; call in eval mode (dropout is otherwise active).
 
         Each step runs the Code-Transformer and draws the next code (start tokens forbidden), then runs the
@@ -311,6 +370,7 @@ class Stackformer(nn.Module):
 
         Args:
             labels: ``[B]`` long class ids for a class-conditional model, else None.
+            guidance_scale: classifier-free guidance for both heads (see the module docstring); 1.0 = none.
         Returns:
             codes ``[B, N]`` long in ``[0, K)`` and positions ``[B, N]`` long in ``[0, G*G)``, unique per
             row, in sampling order (see :func:`sort_by_position`).
@@ -318,46 +378,50 @@ class Stackformer(nn.Module):
         c = self.config
         N, P, B = c.seq_len, c.num_positions, batch_size
         device, dtype = self.step_emb.device, self.step_emb.dtype
-        start = self.start_tokens(labels, B)
+        run_labels, scale = _guidance(c, labels, B, guidance_scale, device)
+        R = B if scale is None else 2 * B  # rows the transformers run: with guidance, the null-class copy too
+        start = self.start_tokens(run_labels, R)
         # Step t reads (in_codes[:, t], in_pos[:, t]): the start token, then the tokens sampled so far.
-        in_codes = torch.empty(B, N, dtype=torch.long, device=device)
+        in_codes = torch.empty(R, N, dtype=torch.long, device=device)
         in_codes[:, 0] = start
-        in_pos = torch.full((B, N), P, dtype=torch.long, device=device)
+        in_pos = torch.full((R, N), P, dtype=torch.long, device=device)
         codes = torch.empty(B, N, dtype=torch.long, device=device)
         positions = torch.empty(B, N, dtype=torch.long, device=device)
         code_forbidden = (torch.arange(c.code_vocab_size, device=device) >= c.codebook_size)[None]
         cells = torch.arange(c.pos_vocab_size, device=device)
         used = (cells == P).expand(B, -1).clone()
         previous = torch.full((B, 1), -1, dtype=torch.long, device=device)
-        code_cache = self.code_stack.new_cache(B, N, device=device, dtype=dtype) if use_cache else None
-        pos_cache = self.pos_stack.new_cache(B, N, device=device, dtype=dtype) if use_cache else None
+        code_cache = self.code_stack.new_cache(R, N, device=device, dtype=dtype) if use_cache else None
+        pos_cache = self.pos_stack.new_cache(R, N, device=device, dtype=dtype) if use_cache else None
+        rows = R // B  # each drawn token goes to this many rows
         for t in range(N):
             if use_cache:
                 h = self._code_hidden(in_codes[:, t:t + 1], in_pos[:, t:t + 1], code_cache)
             else:
                 h = self._code_hidden(in_codes[:, :t + 1], in_pos[:, :t + 1])
-            code = _draw(self.code_head(self.code_ln(h[:, -1])), code_params, code_forbidden, generator)
+            code = _draw(_guided(self.code_head(self.code_ln(h[:, -1])), B, scale), code_params, code_forbidden,
+                         generator)
             codes[:, t] = code
             if use_cache:
-                g = self._pos_hidden(h, code[:, None], pos_cache)
+                g = self._pos_hidden(h, code.repeat(rows)[:, None], pos_cache)
             else:
-                g = self._pos_hidden(h, codes[:, :t + 1])
+                g = self._pos_hidden(h, codes[:, :t + 1].repeat(rows, 1))
             forbidden = used
             if raster_order:
                 forbidden = used | (cells <= previous) | (cells > P - N + t)
-            pos = _draw(self.pos_head(self.pos_ln(g[:, -1])), pos_params, forbidden, generator)
+            pos = _draw(_guided(self.pos_head(self.pos_ln(g[:, -1])), B, scale), pos_params, forbidden, generator)
             positions[:, t] = pos
             used.scatter_(1, pos[:, None], True)
             previous = pos[:, None]
             if t + 1 < N:
-                in_codes[:, t + 1] = code
-                in_pos[:, t + 1] = pos
+                in_codes[:, t + 1] = code.repeat(rows)
+                in_pos[:, t + 1] = pos.repeat(rows)
         return codes, positions
 
     def sample_many(self, num_images: int, batch_size: int, labels: torch.Tensor | None = None,
                     code_params: SamplingParams = SamplingParams(),
                     pos_params: SamplingParams = SamplingParams(), raster_order: bool = False,
-                    use_cache: bool = True, generator: torch.Generator | None = None
+                    use_cache: bool = True, generator: torch.Generator | None = None, guidance_scale: float = 1.0
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield :meth:`sample` batches of at most ``batch_size`` until ``num_images`` sequences are drawn.
 
@@ -368,11 +432,11 @@ class Stackformer(nn.Module):
         for begin in range(0, num_images, batch_size):
             n = min(batch_size, num_images - begin)
             yield self.sample(n, None if labels is None else labels[begin:begin + n], code_params, pos_params,
-                              raster_order, use_cache, generator)
+                              raster_order, use_cache, generator, guidance_scale)
 
 
 @dataclass(frozen=True, kw_only=True)
-class FullGridConfig:
+class FullGridConfig(_Vocabulary):
     codebook_size: int  # K real codes
     grid_size: int  # latent side G; the sequence is all G*G codes in raster order
     num_classes: int  # 0 = unconditional
@@ -380,21 +444,17 @@ class FullGridConfig:
     n_embd: int
     n_head: int
     dropout: float = 0.0
+    cond_dropout: float = 0.0  # share of training labels replaced by the null class (classifier-free guidance)
 
     def __post_init__(self) -> None:
         _validate_common("FullGridConfig", codebook_size=self.codebook_size, grid_size=self.grid_size,
                          num_classes=self.num_classes, n_embd=self.n_embd, n_head=self.n_head,
-                         dropout=self.dropout, layers={"n_layer": self.n_layer})
+                         dropout=self.dropout, cond_dropout=self.cond_dropout, layers={"n_layer": self.n_layer})
 
     @property
     def seq_len(self) -> int:
         """``G*G`` codes per image."""
         return self.grid_size * self.grid_size
-
-    @property
-    def code_vocab_size(self) -> int:
-        """``K + max(1, num_classes)``: real codes, then the start/class tokens."""
-        return self.codebook_size + max(1, self.num_classes)
 
 
 class FullGridOutput(NamedTuple):
@@ -427,7 +487,7 @@ class FullGridTransformer(nn.Module):
     def start_tokens(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Start codes ``[B]`` long: ``K``, or ``K + labels`` for a class-conditional model."""
         return _start_tokens(labels, batch_size, self.config.codebook_size, self.config.num_classes,
-                             self.code_emb.weight.device)
+                             self.code_emb.weight.device, self.config.null_class)
 
     def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """States ``[B, T, C]`` for input codes ``idx`` ``[B, T]`` at steps from ``cache.length`` (or 0)."""
@@ -441,6 +501,7 @@ class FullGridTransformer(nn.Module):
         if codes.dim() != 2 or not 1 <= codes.shape[1] <= c.seq_len:
             raise ValueError(f"codes must be [B, L] with 1 <= L <= {c.seq_len}; got {tuple(codes.shape)}")
         _check_range(codes, c.codebook_size, "codes")
+        labels = _drop_labels(labels, c.null_class, c.cond_dropout, self.training)
         idx = torch.cat([self.start_tokens(labels, codes.shape[0])[:, None], codes[:, :-1]], dim=1)
         logits = self.head(self.ln_f(self._hidden(idx)))
         return FullGridOutput(logits, F.cross_entropy(logits.flatten(0, 1), codes.flatten()))
@@ -448,35 +509,38 @@ class FullGridTransformer(nn.Module):
     @_sampler
     def sample(self, batch_size: int, labels: torch.Tensor | None = None,
                params: SamplingParams = SamplingParams(), use_cache: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
         """Draw ``batch_size`` code grids ``[B, G*G]`` (raster order, codes in ``[0, K)``); call in eval mode.
 
         With ``use_cache`` each step reads one new token against the KV cache, otherwise it re-runs the
-        prefix; both consume ``generator`` (on the model's device) identically.
+        prefix; both consume ``generator`` (on the model's device) identically. ``guidance_scale``: classifier-free
+        guidance, as for the Stackformer's code head.
         """
         c = self.config
         S, B = c.seq_len, batch_size
         device, dtype = self.step_emb.device, self.step_emb.dtype
-        inputs = torch.empty(B, S, dtype=torch.long, device=device)
-        inputs[:, 0] = self.start_tokens(labels, B)
+        run_labels, scale = _guidance(c, labels, B, guidance_scale, device)
+        R = B if scale is None else 2 * B
+        inputs = torch.empty(R, S, dtype=torch.long, device=device)
+        inputs[:, 0] = self.start_tokens(run_labels, R)
         codes = torch.empty(B, S, dtype=torch.long, device=device)
         forbidden = (torch.arange(c.code_vocab_size, device=device) >= c.codebook_size)[None]
-        cache = self.stack.new_cache(B, S, device=device, dtype=dtype) if use_cache else None
+        cache = self.stack.new_cache(R, S, device=device, dtype=dtype) if use_cache else None
         for t in range(S):
             h = self._hidden(inputs[:, t:t + 1], cache) if use_cache else self._hidden(inputs[:, :t + 1])
-            code = _draw(self.head(self.ln_f(h[:, -1])), params, forbidden, generator)
+            code = _draw(_guided(self.head(self.ln_f(h[:, -1])), B, scale), params, forbidden, generator)
             codes[:, t] = code
             if t + 1 < S:
-                inputs[:, t + 1] = code
+                inputs[:, t + 1] = code.repeat(R // B)
         return codes
 
     def sample_many(self, num_images: int, batch_size: int, labels: torch.Tensor | None = None,
                     params: SamplingParams = SamplingParams(), use_cache: bool = True,
-                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                    generator: torch.Generator | None = None, guidance_scale: float = 1.0) -> Iterator[torch.Tensor]:
         """Yield :meth:`sample` batches of at most ``batch_size`` until ``num_images`` grids are drawn."""
         if labels is not None and labels.shape != (num_images,):
             raise ValueError(f"labels must have shape ({num_images},), got {tuple(labels.shape)}")
         for begin in range(0, num_images, batch_size):
             n = min(batch_size, num_images - begin)
             batch_labels = None if labels is None else labels[begin:begin + n]
-            yield self.sample(n, batch_labels, params, use_cache, generator)
+            yield self.sample(n, batch_labels, params, use_cache, generator, guidance_scale)

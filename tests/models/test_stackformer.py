@@ -372,3 +372,93 @@ def test_param_groups_decay_only_linear_weights():
               model.code_stack.blocks[0].attn.qkv.bias):
         assert id(p) in no_decay_ids
     torch.optim.AdamW([decay, no_decay], lr=1e-3)
+
+
+# ------------------------------------------------------------------------------- classifier-free guidance
+
+
+def _greedy_first_step_logits(model: Stackformer, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code logits of step 0 and the position logits after a fixed first code, by teacher forcing."""
+    codes = torch.zeros(labels.shape[0], 1, dtype=torch.long)
+    positions = torch.zeros(labels.shape[0], 1, dtype=torch.long)
+    out = model(codes, positions, labels)
+    return out.code_logits[:, 0].double(), out.pos_logits[:, 0].double()
+
+
+def test_guidance_adds_a_null_class_and_training_drops_labels_to_it():
+    plain = stackformer_config(num_classes=3)
+    guided = stackformer_config(num_classes=3, cond_dropout=0.2)
+    assert plain.null_class is None and guided.null_class == 3
+    assert guided.code_vocab_size == plain.code_vocab_size + 1
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        stackformer_config(num_classes=0, cond_dropout=0.1)
+    with pytest.raises(ValueError, match="cond_dropout must be in"):
+        fullgrid_config(num_classes=3, cond_dropout=1.0)
+    model = Stackformer(stackformer_config(num_classes=3, cond_dropout=0.5))
+    codes, positions = random_tokens(4000)
+    labels = torch.zeros(4000, dtype=torch.long)
+    model.eval()
+    ref = model(codes[:, :1], positions[:, :1], labels).code_logits
+    model.train()
+    model.drop.p = 0.0  # only the label dropout differs between the passes
+    for block in model.code_stack.modules():
+        if isinstance(block, nn.Dropout):
+            block.p = 0.0
+    got = model(codes[:, :1], positions[:, :1], labels).code_logits
+    dropped = ~torch.isclose(got, ref).all(dim=-1).squeeze(1)
+    assert 0.45 < dropped.float().mean() < 0.55  # about cond_dropout of the labels went to the null class
+    null_ref = model.eval()(codes[:, :1], positions[:, :1], torch.full_like(labels, 3)).code_logits
+    assert torch.allclose(got[dropped], null_ref[dropped], atol=1e-5)
+
+
+@pytest.mark.parametrize("raster_order", [False, True])
+def test_guidance_scale_0_is_unconditional_1_is_conditional_and_cached_equals_uncached(raster_order):
+    model = scrambled(Stackformer(stackformer_config(num_classes=3, cond_dropout=0.1)))
+    labels = torch.arange(8) % 3
+    null = torch.full_like(labels, 3)
+
+    def draw(scale, lab=labels, use_cache=True, seed=0):
+        return model.sample(8, lab, raster_order=raster_order, use_cache=use_cache,
+                            generator=torch.Generator().manual_seed(seed), guidance_scale=scale)
+
+    conditional, unconditional = draw(1.0), draw(1.0, lab=null)
+    for got, want in ((draw(0.0), unconditional), (draw(1.0), conditional)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    strong = draw(4.0)
+    assert not torch.equal(strong[0], conditional[0])  # guidance changes what is drawn
+    uncached = draw(4.0, use_cache=False)
+    assert torch.equal(strong[0], uncached[0]) and torch.equal(strong[1], uncached[1])
+    assert_valid(strong[0], strong[1], 8, N, raster_order)
+
+
+def test_guidance_extrapolates_both_heads_logits_greedily():
+    """Greedy (temperature 0) first token of a guided sample = argmax of l_null + s (l_class - l_null), for the
+    code head and, given that code, for the position head."""
+    model = scrambled(Stackformer(stackformer_config(num_classes=3, cond_dropout=0.1, seq_len=1)))
+    labels = torch.tensor([0, 1, 2])
+    greedy = SamplingParams(temperature=0.0)
+    s = 3.0
+    codes, positions = model.sample(3, labels, greedy, greedy, guidance_scale=s)
+    cond_code, _ = _greedy_first_step_logits(model, labels)
+    null_code, _ = _greedy_first_step_logits(model, torch.full_like(labels, 3))
+    assert torch.equal(codes[:, 0], (null_code + s * (cond_code - null_code))[:, :K].argmax(-1))
+    out_c = model(codes, torch.zeros_like(codes), labels).pos_logits[:, 0].double()
+    out_n = model(codes, torch.zeros_like(codes), torch.full_like(labels, 3)).pos_logits[:, 0].double()
+    assert torch.equal(positions[:, 0], (out_n + s * (out_c - out_n))[:, :P].argmax(-1))
+
+
+def test_fullgrid_guidance_and_refusals():
+    model = scrambled(FullGridTransformer(fullgrid_config(num_classes=3, cond_dropout=0.1)))
+    labels = torch.arange(6) % 3
+
+    def draw(scale, lab=labels, use_cache=True):
+        return model.sample(6, lab, use_cache=use_cache, generator=torch.Generator().manual_seed(0),
+                            guidance_scale=scale)
+
+    assert torch.equal(draw(0.0), draw(1.0, lab=torch.full_like(labels, 3)))
+    assert torch.equal(draw(2.5), draw(2.5, use_cache=False)) and not torch.equal(draw(2.5), draw(1.0))
+    plain = scrambled(Stackformer(stackformer_config(num_classes=3)))
+    with pytest.raises(ValueError, match="needs a model trained for classifier-free guidance"):
+        plain.sample(2, torch.tensor([0, 1]), guidance_scale=2.0)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        plain.sample(2, torch.tensor([0, 3]))  # no null class without cond_dropout
