@@ -522,8 +522,12 @@ def sample(
         for b, begin in enumerate(range(0, n, batch)):
             m = min(batch, n - begin)
             g = torch.Generator(device=device).manual_seed(seed + b)
-            images.append(sample_batch(generator, tokenizer, m, None if labels is None else labels[begin:begin + m],
-                                       cfg, g, device).images)
+            try:
+                images.append(sample_batch(generator, tokenizer, m,
+                                           None if labels is None else labels[begin:begin + m], cfg, g, device).images)
+            except ConfigError as e:
+                typer.secho(f"config error: {e}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from None
         imgs = torch.cat(images)
         what = f"{version.name} v{version.version}" if version else str(bundle.path if model else "config " + cfg.hash())
         if out.suffix.lower() == ".png":

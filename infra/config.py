@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import types
@@ -158,16 +159,32 @@ class TokenizerConfig:
 # Fields added after users had outputs, with their default: hashes and stage keys include one only when it differs
 # from that default, so adding a field never changes the key of an existing output.
 ADDED_FIELDS: dict[str, Any] = {"data.max_decode_mb": 256, "evaluate.fid_bootstrap": 100,
-                                "tokenizer.architecture": "mqvae"}  # + "registry" below
+                                "tokenizer.architecture": "mqvae", "stackformer.cond_dropout": 0.0,
+                                "evaluate.sampling.guidance_scale": 1.0}  # + "registry" below
 
 
 def identity(section: str, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` (a section in its flat spelling) without the fields added later that are at their default:
-    what a stage key hashes, so that adding a field never changes the key of an existing output."""
-    return {k: v for k, v in values.items() if ADDED_FIELDS.get(f"{section}.{k}", _UNSET) != v}
+    """``values`` (a section in its flat spelling) without the fields added later that are at their default
+    (nested ones too: ``evaluate.sampling.guidance_scale``): what a stage key hashes, so that adding a field never
+    changes the key of an existing output."""
+    return _without_added({section: values}).get(section, {})
 
 
-_UNSET = object()
+def _without_added(d: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the config dict ``d`` without the :data:`ADDED_FIELDS` that hold their default value."""
+    out = dict(d)
+    for dotted, default in ADDED_FIELDS.items():
+        *parents, name = dotted.split(".")
+        node = out
+        for i, part in enumerate(parents):
+            child = node.get(part)
+            if not isinstance(child, dict):
+                break
+            node[part] = node = dict(child)  # copy on the way down: the caller's dicts stay untouched
+        else:
+            if name in node and node[name] == default:
+                del node[name]
+    return out
 
 
 # Flat spelling -> nested path inside the tokenizer section (``keep_ratio`` -> ``model.keep_ratio``).
@@ -201,6 +218,9 @@ class StackformerSection:
     n_head: int = 4
     dropout: float = 0.1  # embedding, attention and residual dropout
     pos_loss_weight: float = 1.0  # loss = CE(code) + pos_loss_weight * CE(position)
+    # share of training labels replaced by a null class, so that sampling can use classifier-free guidance
+    # (evaluate.sampling.guidance_scale); needs a class-conditional model
+    cond_dropout: float = 0.0
     batch_size: int = 64  # global batch (sequences per optimiser step over all workers)
     max_steps: int = 600
     lr: float = 5e-4  # peak learning rate (not scaled with the batch)
@@ -229,6 +249,11 @@ class StackformerSection:
             raise ConfigError(f"stackformer.lr={self.lr} must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"stackformer.dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ConfigError(f"stackformer.cond_dropout={self.cond_dropout} must be in [0, 1)")
+        if self.cond_dropout > 0 and not self.conditional:
+            raise ConfigError("stackformer.cond_dropout trains classifier-free guidance of a class-conditional "
+                              "model; it needs stackformer.conditional=true")
         if self.num_eval_records is not None and self.num_eval_records < 1:
             raise ConfigError(f"stackformer.num_eval_records={self.num_eval_records} must be >= 1 "
                               "(or null for the whole val split)")
@@ -246,8 +271,14 @@ class SamplingSection:
     pos_top_k: int | None = None
     pos_top_p: float | None = None
     raster_order: bool = False  # enforce increasing positions (a variant; the reference learns it)
+    # classifier-free guidance for both heads: l_null + s (l_class - l_null); 1 = plain conditional sampling, 0 =
+    # unconditional; other values need a model trained with stackformer.cond_dropout > 0
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if not (self.guidance_scale >= 0 and math.isfinite(self.guidance_scale)):
+            raise ConfigError(f"evaluate.sampling.guidance_scale={self.guidance_scale} must be a finite number >= 0 "
+                              "(1 = no guidance)")
         for prefix in ("", "pos_"):
             temperature = getattr(self, f"{prefix}temperature")
             top_k, top_p = getattr(self, f"{prefix}top_k"), getattr(self, f"{prefix}top_p")
@@ -415,14 +446,7 @@ class PipelineConfig:
     def hash(self, *sections: str) -> str:
         """Short sha256 of the whole config or of the named sections (stable across runs and across versions
         of mqgen: a field added later counts only when it differs from its default, see :data:`ADDED_FIELDS`)."""
-        d = self.flat_dict()
-        for dotted, default in ADDED_FIELDS.items():
-            section, _, name = dotted.partition(".")
-            if not name:  # a whole section added later
-                if d.get(section) == default:
-                    del d[section]
-            elif d[section].get(name) == default:
-                d[section] = {k: v for k, v in d[section].items() if k != name}
+        d = _without_added(self.flat_dict())
         if sections:
             d = {s: d[s] for s in sections}
         return stable_hash(d)
@@ -962,7 +986,15 @@ def stackformer_config(s: StackformerSection, tokenizer: Any, *, num_classes: in
     return StackformerConfig(codebook_size=tokenizer.codebook_size, grid_size=tokenizer.grid_size,
                              seq_len=tokenizer.seq_len, num_classes=num_classes if s.conditional else 0,
                              n_layer_code=s.n_layer_code, n_layer_pos=s.n_layer_pos, n_embd=s.n_embd,
-                             n_head=s.n_head, dropout=s.dropout, pos_loss_weight=s.pos_loss_weight)
+                             n_head=s.n_head, dropout=s.dropout, pos_loss_weight=s.pos_loss_weight,
+                             cond_dropout=_cond_dropout(s, num_classes if s.conditional else 0))
+
+
+def _cond_dropout(s: StackformerSection, num_classes: int) -> float:
+    if s.cond_dropout > 0 and num_classes == 0:
+        raise ConfigError(f"stackformer.cond_dropout={s.cond_dropout} needs class labels, and this data has none "
+                          "(an unconditional model has nothing to guide); set it to 0")
+    return s.cond_dropout
 
 
 def fullgrid_config(s: StackformerSection, tokenizer: Any, *, num_classes: int) -> Any:
@@ -973,7 +1005,7 @@ def fullgrid_config(s: StackformerSection, tokenizer: Any, *, num_classes: int) 
     return FullGridConfig(codebook_size=tokenizer.codebook_size, grid_size=tokenizer.grid_size,
                           num_classes=num_classes if s.conditional else 0,
                           n_layer=s.n_layer_code + s.n_layer_pos, n_embd=s.n_embd, n_head=s.n_head,
-                          dropout=s.dropout)
+                          dropout=s.dropout, cond_dropout=_cond_dropout(s, num_classes if s.conditional else 0))
 
 
 def sampling_params(sampling: SamplingSection) -> tuple[Any, Any]:

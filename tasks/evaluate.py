@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from infra.config import PipelineConfig, sampling_params, stable_hash, to_dict
+from infra.config import ConfigError, PipelineConfig, identity, sampling_params, stable_hash, to_dict
 from infra.metrics import Extractor, classifier_unavailable_reason
 from infra.orchestration import lazy_stage_task
 from infra.refs import (
@@ -123,7 +123,10 @@ def resolve_extractor(cfg: PipelineConfig, inputs: EvaluateInputs) -> tuple[Extr
 
 
 def stage_key(cfg: PipelineConfig, inputs: Inputs) -> str:
-    e = {k: v for k, v in to_dict(cfg.evaluate).items() if k not in ("inception_weights", "inception_download")}
+    # fid_bootstrap came with VERSION 2 and is hashed; fields added since count only away from their default
+    e = {k: v for k, v in {**identity("evaluate", to_dict(cfg.evaluate)),
+                           "fid_bootstrap": cfg.evaluate.fid_bootstrap}.items()
+         if k not in ("inception_weights", "inception_download")}
     return stable_hash({"stage": STAGE, "version": VERSION, "evaluate": e, "seed": cfg.seed,
                         "model": inputs.model.sha256, "tokenizer": inputs.tokenizer.sha256,
                         "extractor": inputs.extractor.weights_sha256 if inputs.extractor else "none",
@@ -241,13 +244,17 @@ def sample_batch(model: Any, tokenizer: Any, n: int, labels: torch.Tensor | None
     from models.stackformer import sample_tokens
 
     s = cfg.evaluate.sampling
+    if s.guidance_scale != 1.0 and getattr(model.config, "null_class", None) is None:
+        raise ConfigError(f"evaluate.sampling.guidance_scale={s.guidance_scale}: this model was not trained for "
+                          "classifier-free guidance (it needs a class-conditional model trained with "
+                          "stackformer.cond_dropout > 0); use guidance_scale=1")
     code_params, pos_params = sampling_params(s)
     lab = labels.to(device) if labels is not None else None
     _sync(device)
     c0, t0 = time.process_time(), time.perf_counter()
     with torch.inference_mode():
         codes, positions, share = sample_tokens(model, n, lab, code_params, pos_params, raster_order=s.raster_order,
-                                                generator=generator)
+                                                generator=generator, guidance_scale=s.guidance_scale)
         _sync(device)
         c1, t1 = time.process_time(), time.perf_counter()
         images = to_uint8(tokenizer.decode(codes, positions))

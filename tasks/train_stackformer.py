@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from infra.config import (
     PipelineConfig,
     fullgrid_config,
+    identity,
     sampling_params,
     stable_hash,
     stackformer_config,
@@ -587,7 +588,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def stage_key(cfg: PipelineConfig, tokens: Any) -> str:
     """Hash of the stage, :data:`VERSION`, the stackformer section, the seed and the tokenize output."""
-    return stable_hash({"stage": STAGE, "version": VERSION, "stackformer": to_dict(cfg.stackformer),
+    return stable_hash({"stage": STAGE, "version": VERSION, "stackformer": identity("stackformer", to_dict(cfg.stackformer)),
                         "seed": cfg.seed, "tokenize": tokens.checksum, "tokenize_key": tokens.key})
 
 

@@ -191,6 +191,30 @@ def test_changing_a_tokenizer_field_reruns_exactly_the_downstream_stages(finishe
     assert tok_champion.tags["mqgen.weights_sha256"] == champion.tags["mqgen.tokenizer_sha256"]
 
 
+def test_a_guided_stackformer_trains_and_evaluates_with_classifier_free_guidance(finished) -> None:
+    """``stackformer.cond_dropout`` retrains only the Stackformer (and evaluates it); the guidance scale reaches
+    the sampler and the evaluation records it. The unguided model refuses a scale with a clear error."""
+    from flows.pipeline import run_pipeline
+    from infra.config import ConfigError
+    from infra.refs import load_generator, load_tokenizer
+    from tasks.evaluate import sample_batch
+
+    root, cfg, refs = finished
+    guided = run_pipeline(_cfg(root, "stackformer.cond_dropout=0.2", "evaluate.sampling.guidance_scale=2.0"))
+    for stage in ("ingest", "train_tokenizer", "tokenize", "train_evaluator"):
+        assert guided[stage] == refs[stage], stage
+    assert guided["train_stackformer"].model_config["cond_dropout"] == 0.2
+    report = json.loads((Path(guided["evaluate"].path) / "evaluation.json").read_text())
+    assert report["sampling"]["guidance_scale"] == 2.0 and report["metrics"]["fid"] > 0
+    import torch
+
+    plain = load_generator(refs["train_stackformer"], torch.device("cpu"))
+    tok = load_tokenizer(refs["train_tokenizer"], torch.device("cpu"))
+    scaled = _cfg(root, "evaluate.sampling.guidance_scale=2.0")
+    with pytest.raises(ConfigError, match="not trained for classifier-free guidance"):
+        sample_batch(plain, tok, 2, torch.tensor([0, 1]), scaled, torch.Generator(), torch.device("cpu"))
+
+
 def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_figures(finished, tmp_path) -> None:
     from flows.grid import run_grid
     from infra.config import expand_grid

@@ -32,3 +32,22 @@ def test_stage_keys_of_the_presets_are_unchanged(preset: str, tmp_path) -> None:
             "train_stackformer": mod["train_stackformer"].stage_key(cfg, tokens),
             "evaluate": mod["evaluate"].stage_key(cfg, resolved)}
     assert keys == EXPECTED[preset]
+
+
+def test_guidance_fields_change_only_their_stages_keys_away_from_their_defaults(tmp_path) -> None:
+    """``stackformer.cond_dropout`` and the nested ``evaluate.sampling.guidance_scale`` came later: at their
+    defaults the keys above hold; set, they change exactly the stages that read them."""
+    base = resolve("fmnist", overrides=[f"run.root={tmp_path}"])
+    guided = resolve("fmnist", overrides=[f"run.root={tmp_path}", "stackformer.cond_dropout=0.1",
+                                          "evaluate.sampling.guidance_scale=2.5"])
+    tokens = NS(checksum="b" * 64, key="c" * 12)
+    resolved = NS(model=NS(sha256="d" * 64), tokenizer=NS(sha256="e" * 64), extractor=NS(weights_sha256="f" * 64),
+                  ingest=NS(manifest_sha256="a" * 64))
+    mod = {name: stage.module for name, stage in GRAPH.items()}
+    assert mod["train_stackformer"].stage_key(base, tokens) == EXPECTED["fmnist"]["train_stackformer"]
+    assert mod["train_stackformer"].stage_key(guided, tokens) != EXPECTED["fmnist"]["train_stackformer"]
+    assert mod["evaluate"].stage_key(guided, resolved) != EXPECTED["fmnist"]["evaluate"]
+    assert mod["train_tokenizer"].stage_key(guided, "a" * 64) == EXPECTED["fmnist"]["train_tokenizer"]
+    assert base.hash() != guided.hash() and base.hash("tokenizer") == guided.hash("tokenizer")
+    scale_only = resolve("fmnist", overrides=[f"run.root={tmp_path}", "evaluate.sampling.guidance_scale=1.0"])
+    assert scale_only.hash() == base.hash()

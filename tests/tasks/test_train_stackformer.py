@@ -370,7 +370,23 @@ def test_validation_figures_are_per_token_and_per_image() -> None:
     ("evaluate.sampling.top_p=0", "evaluate.sampling.top_p"),
     ("evaluate.sampling.pos_top_k=0", "evaluate.sampling.pos_top_k"),
     ("evaluate.sampling.temperature=-1", "evaluate.sampling.temperature"),
+    ("evaluate.sampling.guidance_scale=-0.5", "evaluate.sampling.guidance_scale"),
+    ("stackformer.cond_dropout=1.0", "stackformer.cond_dropout"),
+    ("stackformer.conditional=false stackformer.cond_dropout=0.1", "stackformer.cond_dropout"),
 ])
 def test_config_refuses_bad_values_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        resolve("tiny", overrides=[override])
+        resolve("tiny", overrides=override.split())
+
+
+def test_guidance_training_on_unlabeled_data_is_refused_with_the_reason() -> None:
+    from types import SimpleNamespace
+
+    from infra.config import fullgrid_config, stackformer_config
+
+    s = resolve("tiny", overrides=["stackformer.cond_dropout=0.1"]).stackformer
+    tok = SimpleNamespace(codebook_size=32, grid_size=8, seq_len=32)
+    assert stackformer_config(s, tok, num_classes=10).null_class == 10
+    assert fullgrid_config(s, tok, num_classes=10).code_vocab_size == 32 + 10 + 1
+    with pytest.raises(ConfigError, match="needs class labels, and this data has none"):
+        stackformer_config(s, tok, num_classes=0)
