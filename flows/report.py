@@ -3,7 +3,8 @@
 ``collect`` reads either the variants of a grid run (its child runs of kind ``pipeline``) or a list of
 pipeline runs; ``write_report`` writes ``report.html`` and ``report.md`` (same content) plus ``plots/*.png``
 into a folder, atomically (a temporary folder renamed into place), and returns the paths. The x axis of the
-plots is ``tokenizer.keep_ratio``; every other config key that differs between the runs splits the points
+plots is ``tokenizer.keep_ratio``, or, when it does not vary, the first varying numeric key (e.g.
+``evaluate.sampling.guidance_scale``); every other config key that differs between the runs splits the points
 into one line per value combination (``tokenizer.scorer=learned`` / ``random``).
 """
 
@@ -25,9 +26,11 @@ PLOTS: tuple[tuple[str, str, str], ...] = (
     ("fid", "FID (lower is better)", "lower"),
     ("sampling_images_per_s", "sampling speed, images/s (higher is better)", "higher"),
     ("recon_psnr", "reconstruction PSNR, dB (higher is better)", "higher"),
+    ("sample_class_accuracy", "evaluator accuracy on samples (higher is better)", "higher"),
 )
-TABLE_METRICS = ("fid", "isc_mean", "kid_mean", "recon_psnr", "recon_l1", "sampling_images_per_s",
-                 "generation_images_per_s", "stackformer.val_bits_per_image", "tokenizer.val_psnr")
+TABLE_METRICS = ("fid", "isc_mean", "kid_mean", "sample_class_accuracy", "recon_psnr", "recon_l1",
+                 "sampling_images_per_s", "generation_images_per_s", "stackformer.val_bits_per_image",
+                 "tokenizer.val_psnr")
 IGNORED_PARAM_PREFIXES = ("run.", "evaluate.inception")
 
 
@@ -94,38 +97,47 @@ def collect(tracker: Tracker, grid_run_id: str | None = None, run_ids: list[str]
     return Comparison(title=title, rows=rows, parent_run_id=parent, varying=varying)
 
 
-def _x(row: RunRow) -> float:
+def _x(row: RunRow, key: str = X_KEY) -> float:
     try:
-        return float(row.params.get(X_KEY, "nan"))
+        return float(row.params.get(key, "nan"))
     except ValueError:
         return math.nan
 
 
-def _series(comp: Comparison) -> dict[str, list[RunRow]]:
-    others = [k for k in comp.varying if k != X_KEY]
+def x_key(comp: Comparison) -> str:
+    """The plots' x axis: the keep ratio, unless it does not vary and another numeric key does."""
+    if X_KEY in comp.varying:
+        return X_KEY
+    numeric = [k for k in comp.varying if all(not math.isnan(_x(r, k)) for r in comp.rows)]
+    return numeric[0] if numeric else X_KEY
+
+
+def _series(comp: Comparison, key: str = X_KEY) -> dict[str, list[RunRow]]:
+    others = [k for k in comp.varying if k != key]
     out: dict[str, list[RunRow]] = {}
     for row in comp.rows:
         name = ",".join(f"{k}={row.params.get(k)}" for k in others) or "runs"
         out.setdefault(name, []).append(row)
-    return {k: sorted(v, key=_x) for k, v in out.items()}
+    return {k: sorted(v, key=lambda r: _x(r, key)) for k, v in out.items()}
 
 
-def plot_png(comp: Comparison, metric: str, ylabel: str, path: Path) -> bool:
-    """One metric against keep_ratio, a line per series; False (no file) when no run has the metric."""
+def plot_png(comp: Comparison, metric: str, ylabel: str, path: Path, key: str = X_KEY) -> bool:
+    """One metric against ``key`` (keep ratio by default), a line per series; False (no file) when no run has
+    the metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = _series(comp)
-    if not any(metric in r.metrics and not math.isnan(_x(r)) for rows in series.values() for r in rows):
+    series = _series(comp, key)
+    if not any(metric in r.metrics and not math.isnan(_x(r, key)) for rows in series.values() for r in rows):
         return False
     fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=120)
     for name, rows in series.items():
-        pts = [(_x(r), r.metrics[metric]) for r in rows if metric in r.metrics and not math.isnan(_x(r))]
+        pts = [(_x(r, key), r.metrics[metric]) for r in rows if metric in r.metrics and not math.isnan(_x(r, key))]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xlabel("keep ratio (share of latent regions kept)")
+    ax.set_xlabel("keep ratio (share of latent regions kept)" if key == X_KEY else key)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if len(series) > 1:
@@ -162,9 +174,10 @@ def _write(comp: Comparison, out_dir: Path, tmp: Path) -> dict[str, Path]:
     (tmp / "plots").mkdir()
     plots: dict[str, str] = {}
     missing: list[str] = []
+    key = x_key(comp)
     for metric, ylabel, _ in PLOTS:
-        name = f"{metric}_vs_keep_ratio.png"
-        if plot_png(comp, metric, ylabel, tmp / "plots" / name):
+        name = f"{metric}_vs_{key.rsplit('.', 1)[-1]}.png"
+        if plot_png(comp, metric, ylabel, tmp / "plots" / name, key):
             plots[metric] = f"plots/{name}"
         else:
             missing.append(metric)
@@ -180,7 +193,7 @@ def _write(comp: Comparison, out_dir: Path, tmp: Path) -> dict[str, Path]:
             b = pick(have, key=lambda r: r.metrics[m])
             notes.append(f"best {m}: {b.label} ({_fmt(b.metrics[m])})")
     if missing:
-        notes.append("no plot (the metric or tokenizer.keep_ratio missing in these runs): " + ", ".join(missing))
+        notes.append(f"no plot (the metric or {key} missing in these runs): " + ", ".join(missing))
 
     md = [f"# mqgen comparison: {comp.title}", "", *[f"- {n}" for n in notes], "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -100,3 +100,18 @@ def test_results_show_each_variants_pictures_from_its_evaluate_run_and_the_cost_
     rel = shown[0].split("![samples](")[1].split(")")[0]
     assert (out / rel).read_bytes() == pic.read_bytes()
     assert "mask overlay" not in shown[0].split("![samples]")[1]  # not logged: left out, not a broken link
+
+
+def test_a_guidance_grid_is_plotted_against_the_guidance_scale(tmp_path) -> None:
+    """Without a keep-ratio axis the report's x axis is the varying numeric key: the class-accuracy curve."""
+    from flows.report import write_report, x_key
+
+    rows = [_row(i, {"evaluate.sampling.guidance_scale": str(s), "tokenizer.keep_ratio": "0.5"},
+                 {"fid": 5.0 + s, "sample_class_accuracy": 0.4 + 0.1 * s}) for i, s in enumerate((0.0, 1.0, 3.0))]
+    comp = Comparison(title="guidance", rows=rows, parent_run_id=None, varying=["evaluate.sampling.guidance_scale"])
+    assert x_key(comp) == "evaluate.sampling.guidance_scale"
+    paths = write_report(comp, tmp_path / "report")
+    plot = paths["sample_class_accuracy"]
+    assert plot.name == "sample_class_accuracy_vs_guidance_scale.png" and plot.read_bytes()[:4] == b"\x89PNG"
+    header = next(line for line in paths["md"].read_text().splitlines() if line.startswith("| run |"))
+    assert "sample_class_accuracy" in header and "| 0.7 |" in paths["md"].read_text()
