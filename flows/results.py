@@ -250,7 +250,8 @@ def results_markdown(comp: Comparison, verdicts: list[Verdict], groups: list[Gro
               "Equal budgets are stated two ways: the same generator steps and batch (every variant but the "
               "`stackformer.max_steps` ones) and the same generator training compute (those, whose steps scale "
               "with 1 / tokens per image); `generator train s` is the measured wall time of each. The verdicts use "
-              "the equal-steps variants.", "", *table(groups, COST), ""]
+              "the equal-steps variants. Wall times are of the machine that ran the grid; the variants of one stage train "
+              "concurrently there, so compare them with each other, not with a run alone.", "", *table(groups, COST), ""]
     for name, rel in plots.items():
         lines += [f"![{name}]({rel})", ""]
     if pictures:

@@ -49,15 +49,22 @@ class MqgenModel(mlflow.pyfunc.PythonModel):
         code_params, pos_params = sampling_params(SamplingSection())
         batches = []
         for row in rows:
-            n, cls, seed = int(row["n"]), int(row.get("class", -1)), int(row.get("seed", 0))
+            n, cls, seed = int(row["n"]), int(_given(row, "class", -1)), int(_given(row, "seed", 0))
+            scale = float(_given(row, "guidance_scale", 1.0))  # classifier-free guidance; 1 = none
             labels = torch.full((n,), cls, dtype=torch.long) if self.bundle.num_classes and cls >= 0 else None
             if self.bundle.num_classes and labels is None:
                 labels = torch.arange(n) % self.bundle.num_classes
             g = torch.Generator().manual_seed(seed)
             with torch.inference_mode():
-                codes, positions, _ = sample_tokens(self.generator, n, labels, code_params, pos_params, generator=g)
+                codes, positions, _ = sample_tokens(self.generator, n, labels, code_params, pos_params, generator=g,
+                                                    guidance_scale=scale)
                 batches.append(to_uint8(self.tokenizer.decode(codes, positions)))
         return torch.cat(batches).numpy()
+
+
+def _given(row, name, default):  # noqa: ANN001, ANN202 - a column left empty in some rows reads as NaN
+    value = row.get(name)
+    return default if value is None or value != value else value
 
 
 set_model(MqgenModel())

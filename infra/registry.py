@@ -67,7 +67,9 @@ def _signature(kind: str, tokenizer: Any, generator: Any) -> Any:
         return ModelSignature(inputs=Schema([images]), outputs=Schema([TensorSpec(np.dtype("int64"),
                                                                                   (-1, 2, mc.num_kept))]))
     return ModelSignature(inputs=Schema([ColSpec("long", "n"), ColSpec("long", "class", required=False),
-                                         ColSpec("long", "seed", required=False)]), outputs=Schema([images]))
+                                         ColSpec("long", "seed", required=False),
+                                         ColSpec("double", "guidance_scale", required=False)]),
+                          outputs=Schema([images]))
 
 
 @contextlib.contextmanager

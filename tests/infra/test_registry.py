@@ -143,6 +143,10 @@ def test_a_registered_model_loads_by_alias_verified_and_a_tampered_bundle_is_ref
         mlflow.set_registry_uri(None)
     images = pyfunc.predict(pd.DataFrame({"n": [3], "class": [2], "seed": [0]}))
     assert images.shape == (3, 1, 16, 16) and str(images.dtype) == "uint8"
+    rows = pd.DataFrame({"n": [1, 2], "class": [2, 0], "seed": [0, 1], "guidance_scale": [1.0, None]})
+    assert pyfunc.predict(rows).shape == (3, 1, 16, 16)  # an empty guidance cell means 1 (no guidance)
+    with pytest.raises(Exception, match="classifier-free guidance"):  # this model was trained without it
+        pyfunc.predict(pd.DataFrame({"n": [1], "class": [2], "guidance_scale": [3.0]}))
 
     # an exported folder with one weight byte changed is refused, naming the file
     folder = write_bundle(tmp_path / "exported", tokenizer=tok, generator=gen)
