@@ -176,7 +176,7 @@ def _without_added(d: dict[str, Any]) -> dict[str, Any]:
     for dotted, default in ADDED_FIELDS.items():
         *parents, name = dotted.split(".")
         node = out
-        for i, part in enumerate(parents):
+        for part in parents:
             child = node.get(part)
             if not isinstance(child, dict):
                 break
