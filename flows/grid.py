@@ -53,6 +53,33 @@ assert set(STAGE_READS) == set(GRID_STAGES)
 ONE_AT_A_TIME = frozenset({"evaluate"})
 
 
+def watch_stage(stage: str, futures: list[Any], root: str, interval_s: float = 60.0) -> None:
+    """Wait for a stage's executions, saying every ``interval_s`` how many are done and where the running ones
+    are (the progress records their training workers write, ``<root>/<stage>/<key>/progress.json``): a grid runs
+    for hours with its stages in Ray tasks whose own progress lines the console does not show."""
+    import time
+
+    from prefect.futures import wait as wait_futures
+
+    from infra.console import ProgressFile, fmt_duration, progress_text, say
+
+    started, t0 = time.time(), time.monotonic()
+    while True:
+        state = wait_futures(futures, timeout=interval_s)
+        if not state.not_done:
+            return
+        running = []
+        if "://" not in root:
+            for path in sorted(Path(root).glob(f"{stage}/*/progress.json")):
+                rec = ProgressFile.read(path)
+                if rec and float(rec.get("time", 0)) >= started and rec.get("total") != rec.get("done"):
+                    running.append(progress_text(path.parent.name, int(rec["done"]), rec.get("total"),
+                                                 rec.get("unit", "steps"), float(rec.get("elapsed", 0.0)),
+                                                 int(rec.get("start", 0)), {})[0].strip())
+        say(f"  {stage}: {len(state.done)}/{len(futures)} executions done after "
+            f"{fmt_duration(time.monotonic() - t0)}" + ("; running: " + "; ".join(running) if running else ""))
+
+
 @dataclass
 class GridResult:
     grid_run_id: str
@@ -183,6 +210,7 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
                     if stage in ONE_AT_A_TIME:
                         future.wait()
                     futures.append((members, future))
+                watch_stage(stage, [f for _, f in futures], cfgs[0].run.root)
                 for members, fut in futures:
                     ref = fut.result()
                     for i in members:
