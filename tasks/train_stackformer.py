@@ -588,7 +588,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def stage_key(cfg: PipelineConfig, tokens: Any) -> str:
     """Hash of the stage, :data:`VERSION`, the stackformer section, the seed and the tokenize output."""
-    return stable_hash({"stage": STAGE, "version": VERSION, "stackformer": identity("stackformer", to_dict(cfg.stackformer)),
+    return stable_hash({"stage": STAGE, "version": VERSION,
+                        "stackformer": identity("stackformer", to_dict(cfg.stackformer)),  # added fields at default: out
                         "seed": cfg.seed, "tokenize": tokens.checksum, "tokenize_key": tokens.key})
 
 
