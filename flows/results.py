@@ -71,7 +71,11 @@ class Group:
         return sd
 
     def get(self, name: str) -> str:
-        return self.key.get(name, "")
+        """The group's value of config key ``name``: from its key, or, for a key that does not vary between the
+        compared runs (a grid run in parts), from its runs' parameters."""
+        if name in self.key:
+            return self.key[name]
+        return self.rows[0].params.get(name, "") if self.rows else ""
 
 
 def group_rows(comp: Comparison) -> list[Group]:
@@ -138,7 +142,7 @@ def judge(claim: str, comparisons: list[Contrast], note: str = "") -> Verdict:
 
 
 def _find(groups: list[Group], **want: str) -> Group | None:
-    """The one group whose key has these values (keys not in a group's key must be given as "")."""
+    """The one group with these config values (see :meth:`Group.get`)."""
     hits = [g for g in groups if all(g.get(k) == v for k, v in want.items())]
     return hits[0] if len(hits) == 1 else None
 

@@ -115,3 +115,15 @@ def test_a_guidance_grid_is_plotted_against_the_guidance_scale(tmp_path) -> None
     assert plot.name == "sample_class_accuracy_vs_guidance_scale.png" and plot.read_bytes()[:4] == b"\x89PNG"
     header = next(line for line in paths["md"].read_text().splitlines() if line.startswith("| run |"))
     assert "sample_class_accuracy" in header and "| 0.7 |" in paths["md"].read_text()
+
+
+def test_a_part_of_the_grid_is_judged_on_what_it_has() -> None:
+    """The headline part alone (keep 0.75 learned vs the VQGAN baseline; the scorer does not vary, so it is not a
+    key of the groups): claim 3 is judged from the runs' parameters, the others are not testable."""
+    comp = _runs(fid_learned=5.0, fid_random=7.0, noise=0.05)
+    keep = [r for r in comp.rows if r.params["stackformer.max_steps"] == "600" and r.params["tokenizer.scorer"] ==
+            "learned" and (r.params["tokenizer.keep_ratio"] == "0.75" or r.params["tokenizer.architecture"] == "vqgan")]
+    part = Comparison(title="part", rows=keep, parent_run_id="g",
+                      varying=["seed", "stackformer.model", "tokenizer.architecture", "tokenizer.keep_ratio"])
+    verdicts = {v.claim[0]: v.verdict for v in claims(group_rows(part))}
+    assert verdicts == {"1": "not testable", "2": "not testable", "3": "confirmed", "4": "not testable"}
