@@ -38,7 +38,12 @@ RULES = """\
 - A claim is *confirmed* when every comparison it names goes its way without overlap, *not confirmed* when one goes
   the other way without overlap, *inconclusive* otherwise, and *not testable* when its runs are missing.
 - The compared variants share the data and the training budget in steps and batch; the equal-compute variants
-  (more second-stage steps for fewer tokens) are shown in the table, not used by the verdicts."""
+  (more second-stage steps for fewer tokens) are shown in the table, not used by the verdicts.
+- *Paired by seed* (shown, not used by the verdicts): the global seed also fixes a variant's evaluator classifier
+  (the FID/KID/IS features), so FIDs of different seeds come from different extractors and the spread over seeds
+  mixes model and extractor noise. Variants of one seed share the extractor; the paired line gives the mean and
+  standard deviation over the shared seeds of the per-seed difference `a - b`, and how many seeds went a's way.
+  This view was added after the first part of the grid had been read; the verdict rule above was not changed."""
 
 
 @dataclass
@@ -102,12 +107,19 @@ class Contrast:
     a_spread: float | None
     b_spread: float | None
     outcome: str  # "a better" | "b better" | "overlap" | "missing"
+    paired: list[float] = field(default_factory=list)  # per shared seed: a - b
 
     def text(self) -> str:
         if self.outcome == "missing":
             return f"{FIGURES[self.figure][0]}: missing for {self.a if self.a_mean is None else self.b}"
-        return (f"{FIGURES[self.figure][0]}: {self.a} {self.a_mean:.4g} +/- {self.a_spread:.2g} vs {self.b} "
-                f"{self.b_mean:.4g} +/- {self.b_spread:.2g} -> {self.outcome}")
+        out = (f"{FIGURES[self.figure][0]}: {self.a} {self.a_mean:.4g} +/- {self.a_spread:.2g} vs {self.b} "
+               f"{self.b_mean:.4g} +/- {self.b_spread:.2g} -> {self.outcome}")
+        if len(self.paired) > 1:
+            lower = FIGURES[self.figure][1] == "lower"
+            wins = sum((d < 0) == lower and d != 0 for d in self.paired)
+            out += (f"; paired by seed: a - b = {statistics.fmean(self.paired):+.3g} +/- "
+                    f"{statistics.stdev(self.paired):.2g} over {len(self.paired)} seeds, {self.a} better in {wins}")
+        return out
 
 
 def compare(a: Group, b: Group, figure: str, a_name: str, b_name: str) -> Contrast:
@@ -119,7 +131,17 @@ def compare(a: Group, b: Group, figure: str, a_name: str, b_name: str) -> Contra
         outcome = "overlap"
     else:
         outcome = "a better" if (am < bm) == lower else "b better"
-    return Contrast(figure, a_name, b_name, am, bm, asp, bsp, outcome)
+    return Contrast(figure, a_name, b_name, am, bm, asp, bsp, outcome, paired=_paired(a, b, figure))
+
+
+def _paired(a: Group, b: Group, figure: str) -> list[float]:
+    """``a - b`` on ``figure`` for every seed both groups ran, in seed order."""
+    def by_seed(g: Group) -> dict[str, float]:
+        return {r.params.get(SEED_KEY, "?"): r.metrics[figure] for r in g.rows
+                if isinstance(r.metrics.get(figure), (int, float)) and math.isfinite(r.metrics[figure])}
+
+    va, vb = by_seed(a), by_seed(b)
+    return [va[s] - vb[s] for s in sorted(set(va) & set(vb))]
 
 
 @dataclass

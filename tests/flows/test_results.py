@@ -127,3 +127,16 @@ def test_a_part_of_the_grid_is_judged_on_what_it_has() -> None:
                       varying=["seed", "stackformer.model", "tokenizer.architecture", "tokenizer.keep_ratio"])
     verdicts = {v.claim[0]: v.verdict for v in claims(group_rows(part))}
     assert verdicts == {"1": "not testable", "2": "not testable", "3": "confirmed", "4": "not testable"}
+
+
+def test_comparisons_show_the_per_seed_paired_difference() -> None:
+    from flows.results import compare
+
+    def group(fids: list[float]):
+        rows = [_row(i, {"seed": str(i)}, {"fid": f}) for i, f in enumerate(fids)]
+        return group_rows(Comparison(title="g", rows=rows, parent_run_id=None, varying=["seed"]))[0]
+
+    # seed-to-seed swings hide a difference that every seed shows: overlap unpaired, 3 of 3 seeds paired
+    c = compare(group([7.0, 6.9, 9.3]), group([6.1, 6.4, 8.1]), "fid", "mq", "vq")
+    assert c.outcome == "overlap" and [round(d, 2) for d in c.paired] == [0.9, 0.5, 1.2]
+    assert "paired by seed: a - b = +0.867 +/- 0.35 over 3 seeds, mq better in 0" in c.text()
