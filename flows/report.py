@@ -26,7 +26,7 @@ PLOTS: tuple[tuple[str, str, str], ...] = (
     ("fid", "FID (lower is better)", "lower"),
     ("sampling_images_per_s", "sampling speed, images/s (higher is better)", "higher"),
     ("recon_psnr", "reconstruction PSNR, dB (higher is better)", "higher"),
-    ("sample_class_accuracy", "evaluator accuracy on samples (higher is better)", "higher"),
+    ("sample_class_accuracy", "class accuracy of samples (higher = better)", "higher"),
 )
 TABLE_METRICS = ("fid", "isc_mean", "kid_mean", "sample_class_accuracy", "recon_psnr", "recon_l1",
                  "sampling_images_per_s", "generation_images_per_s", "stackformer.val_bits_per_image",
