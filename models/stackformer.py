@@ -402,8 +402,9 @@ class Stackformer(nn.Module):
             code = _draw(_guided(self.code_head(self.code_ln(h[:, -1])), B, scale), code_params, code_forbidden,
                          generator)
             codes[:, t] = code
+            code_rows = code if rows == 1 else code.repeat(rows)  # unguided: no copy on the hot path
             if use_cache:
-                g = self._pos_hidden(h, code.repeat(rows)[:, None], pos_cache)
+                g = self._pos_hidden(h, code_rows[:, None], pos_cache)
             else:
                 g = self._pos_hidden(h, codes[:, :t + 1].repeat(rows, 1))
             forbidden = used
@@ -414,8 +415,8 @@ class Stackformer(nn.Module):
             used.scatter_(1, pos[:, None], True)
             previous = pos[:, None]
             if t + 1 < N:
-                in_codes[:, t + 1] = code.repeat(rows)
-                in_pos[:, t + 1] = pos.repeat(rows)
+                in_codes[:, t + 1] = code_rows
+                in_pos[:, t + 1] = pos if rows == 1 else pos.repeat(rows)
         return codes, positions
 
     def sample_many(self, num_images: int, batch_size: int, labels: torch.Tensor | None = None,
@@ -531,7 +532,7 @@ class FullGridTransformer(nn.Module):
             code = _draw(_guided(self.head(self.ln_f(h[:, -1])), B, scale), params, forbidden, generator)
             codes[:, t] = code
             if t + 1 < S:
-                inputs[:, t + 1] = code.repeat(R // B)
+                inputs[:, t + 1] = code if R == B else code.repeat(R // B)
         return codes
 
     def sample_many(self, num_images: int, batch_size: int, labels: torch.Tensor | None = None,
