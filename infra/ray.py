@@ -86,6 +86,7 @@ class FitResult:
     metrics: dict[str, Any]
     checkpoint_path: str | None
     error: str | None
+    final: Any = None  # the checkpoint at checkpoint_path, already loaded and verified (local storage)
 
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, storage_path: str,
@@ -147,7 +148,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: 
         final = _newest_stored_checkpoint(run_dir)
         if final is not None:
             return FitResult(metrics=dict(final.meta.get("metrics") or result.metrics or {}),
-                             checkpoint_path=final.path, error=None)
+                             checkpoint_path=final.path, error=None, final=final)
         ckpt = result.checkpoint.path if result.checkpoint is not None else None
         return FitResult(metrics=dict(result.metrics or {}), checkpoint_path=ckpt, error=None)
 

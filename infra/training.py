@@ -69,7 +69,7 @@ def cycle(it_factory: Any) -> Iterator[Any]:
 
 
 def export_final_weights(checkpoint_path: str, out_dir: Path, *, stage: str, key: str,
-                         model_doc: dict[str, Any], header: dict[str, str] | None = None
+                         model_doc: dict[str, Any], header: dict[str, str] | None = None, loaded: Any = None
                          ) -> tuple[Path, str, int]:
     """The end of a training stage, written once: the final checkpoint's model weights -> ``model.safetensors``
     (atomic, with stage/key/step in its header) and ``model_config.json`` beside them. Returns the weights'
@@ -77,7 +77,7 @@ def export_final_weights(checkpoint_path: str, out_dir: Path, *, stage: str, key
     from infra.checkpoint import read_checkpoint
     from infra.storage import atomic_write_json, save_tensors
 
-    final = read_checkpoint(checkpoint_path)
+    final = loaded if loaded is not None else read_checkpoint(checkpoint_path)  # loaded: verified by fit()
     weights = out_dir / "model.safetensors"
     # the hash of the bytes written (never of another writer's file), stable across processes
     digest = save_tensors(weights, final.weights["model"],

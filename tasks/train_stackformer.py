@@ -655,7 +655,7 @@ def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: st
             raise RuntimeError(f"{STAGE}: training reported no checkpoint")
         model_doc = {"model": p.model, "model_config": p.model_config}
         weights, digest, step = export_final_weights(result.checkpoint_path, out_dir, stage=STAGE, key=key,
-                                                     model_doc=model_doc, header={"model": p.model})
+                                                     model_doc=model_doc, header={"model": p.model}, loaded=result.final)
     except BaseException as e:  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
         srun.finish(exit_status(e))
         raise

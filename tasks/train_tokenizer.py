@@ -347,7 +347,7 @@ def _train(cfg: PipelineConfig, inputs: TokenizerInputs, key: str, out_dir: Path
             raise RuntimeError(f"{STAGE}: training reported no checkpoint")
         model_doc = _model_config_dict(model_cfg)
         weights, digest, step = export_final_weights(result.checkpoint_path, out_dir, stage=STAGE, key=key,
-                                                     model_doc=model_doc)
+                                                     model_doc=model_doc, loaded=result.final)
     except BaseException as e:  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
         srun.finish(exit_status(e))
         raise
