@@ -53,7 +53,7 @@ class RunSection:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    source: Literal["fashion-mnist", "mnist", "digits", "image-folder", "shards"] = "fashion-mnist"
+    source: Literal["fashion-mnist", "mnist", "digits", "image-folder", "shards", "shapes"] = "fashion-mnist"
     path: str | None = None  # source directory / shard list; None = the source's default location
     image_size: int = 32  # square side after resize/pad, pixels
     channels: Literal[1, 3] = 1
@@ -74,8 +74,27 @@ class DataConfig:
     max_decode_mb: int = 256
     min_shards: int = 16  # split a split into at least this many shards (>= 256 samples each) when it can
     png_compress_level: int = 1  # zlib level of the stored PNGs (0-9: bigger files <-> slower ingest)
+    # Captions (text-conditional data). Read from .txt (or .json with a "caption" field) members beside the image
+    # in input shards, sidecar <name>.txt files beside folder images, or captions_file (CSV or JSONL of
+    # path,caption; paths relative to data.path). A dataset is captioned when its input has captions.
+    captions_file: str | None = None
+    missing_caption: Literal["empty", "skip"] = "empty"  # an image without one in a captioned dataset
+    max_caption_bytes: int = 1024  # longer captions are cut (at a character boundary) and counted
+    # data.source=shapes (generated, captioned): images per split (data.max_images still caps them)
+    shapes_train: int = 20000
+    shapes_val: int = 2000
 
     def __post_init__(self) -> None:
+        if self.max_caption_bytes < 16:
+            raise ConfigError(f"data.max_caption_bytes={self.max_caption_bytes} must be >= 16")
+        if self.shapes_train < 1 or self.shapes_val < 1:
+            raise ConfigError(f"data.shapes_train={self.shapes_train} and data.shapes_val={self.shapes_val} "
+                              "must be >= 1")
+        if self.captions_file is not None and self.source != "image-folder":
+            raise ConfigError(f"data.captions_file is read only by data.source=image-folder (got "
+                              f"data.source={self.source}); shards carry captions as .txt/.json members")
+        if self.path is not None and self.source == "shapes":
+            raise ConfigError("data.path is not used by data.source=shapes (its images are generated); remove it")
         if self.max_images is not None and self.max_images < 1:
             raise ConfigError(f"data.max_images={self.max_images} must be >= 1 (or null for all images)")
         if self.shard_max_bytes < 64 * 1024:
@@ -158,7 +177,9 @@ class TokenizerConfig:
 
 # Fields added after users had outputs, with their default: hashes and stage keys include one only when it differs
 # from that default, so adding a field never changes the key of an existing output.
-ADDED_FIELDS: dict[str, Any] = {"data.max_decode_mb": 256, "evaluate.fid_bootstrap": 100,
+ADDED_FIELDS: dict[str, Any] = {"data.max_decode_mb": 256, "data.captions_file": None, "data.missing_caption": "empty",
+                                "data.max_caption_bytes": 1024, "data.shapes_train": 20000, "data.shapes_val": 2000,
+                                "evaluate.fid_bootstrap": 100,
                                 "tokenizer.architecture": "mqvae", "stackformer.cond_dropout": 0.0,
                                 "evaluate.sampling.guidance_scale": 1.0}  # + "registry" below
 
@@ -426,6 +447,9 @@ class PipelineConfig:
             paths = " ".join(absolute_path(p) for p in self.data.path.split()) if self.data.source == "shards" \
                 else absolute_path(self.data.path)
             object.__setattr__(self, "data", dataclasses.replace(self.data, path=paths))
+        if self.data.captions_file is not None:
+            object.__setattr__(self, "data", dataclasses.replace(
+                self.data, captions_file=absolute_path(self.data.captions_file)))
         if self.evaluate.inception_weights is not None:
             object.__setattr__(self, "evaluate", dataclasses.replace(
                 self.evaluate, inception_weights=absolute_path(self.evaluate.inception_weights)))

@@ -57,6 +57,8 @@ class IngestOutput(Ref):
     image_size: int
     channels: int
     mlflow_run_id: str
+    captioned: bool = False  # every sample has a caption (.txt member)
+    caption_grammar: str | None = None  # "shapes": the captions follow infra.shapes' grammar
 
 
 @dataclass(frozen=True)

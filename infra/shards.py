@@ -2,7 +2,8 @@
 
 Layout of one ingest output (``<run.root>/ingest/<key>/``)::
 
-    train-000000.tar ... val-000000.tar ...   members <key>.png (+ <key>.cls when labelled)
+    train-000000.tar ... val-000000.tar ...   members <key>.png (+ <key>.cls when labelled, <key>.txt when
+                                                captioned: UTF-8, one line)
     samples.png                                 an 8x8 grid of training images
     manifest.json                               written last: its presence marks the output complete
 
@@ -349,8 +350,18 @@ def __getattr__(name: str) -> Any:
 # --------------------------------------------------------------------------------------------- inspection
 
 
-def read_shard(path: str | Path) -> Iterator[tuple[str, bytes, int]]:
-    """``(key, png bytes, label or -1)`` for each sample of one of *our* shards (no torch, no webdataset)."""
+class ShardRecord(NamedTuple):
+    """One sample of one of our shards, undecoded: ``caption`` is None when the sample has no ``.txt``."""
+
+    key: str
+    png: bytes
+    label: int
+    caption: str | None = None
+
+
+def read_shard(path: str | Path) -> Iterator[ShardRecord]:
+    """Each sample of one of *our* shards (no torch, no webdataset); the caption is decoded as UTF-8 (our
+    writer stores valid UTF-8; anything else is a damaged shard)."""
     with open(path, "rb") as f:
         reader = TarReader(f, max_member_bytes=1 << 30)
         for item in reader.samples():
@@ -363,6 +374,11 @@ def read_shard(path: str | Path) -> Iterator[tuple[str, bytes, int]]:
                 label = int(cls) if cls is not None else -1
             except ValueError:
                 raise ShardIntegrityError(f"{path}: sample {item.key!r}: label {cls[:20]!r} is not an integer") from None
-            yield item.key, item.members["png"], label
+            txt = item.members.get("txt")
+            try:
+                caption = txt.decode("utf-8") if txt is not None else None
+            except UnicodeDecodeError:
+                raise ShardIntegrityError(f"{path}: sample {item.key!r}: caption is not UTF-8") from None
+            yield ShardRecord(item.key, item.members["png"], label, caption)
         if reader.status != "ok":
             raise ShardIntegrityError(f"{path}: {reader.status}: {reader.detail}")

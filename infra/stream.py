@@ -33,7 +33,7 @@ def iter_shard(path: str) -> Iterator[RawSample]:
     """Samples of one of our verified ingest shards, in file order (see ``infra.shards.read_shard``)."""
     from infra.shards import read_shard
 
-    for key, png, label in read_shard(path):
+    for key, png, label, _ in read_shard(path):
         yield RawSample(key, png, label)
 
 

@@ -40,7 +40,7 @@ _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _MAX_META_BYTES = 1 << 20  # PAX / GNU long-name headers larger than this are treated as corrupt
 IMAGE_MEMBER_EXTS = ("png", "jpg", "jpeg", "webp")
-KEPT_MEMBER_EXTS = IMAGE_MEMBER_EXTS + ("cls",)
+KEPT_MEMBER_EXTS = IMAGE_MEMBER_EXTS + ("cls", "txt", "json")  # image, label, caption
 
 
 def safe_member_name(name: str) -> bool:

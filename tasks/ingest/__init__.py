@@ -34,7 +34,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,7 @@ __all__ = ["INGEST_VERSION", "IngestError", "IngestOutput", "SourceError", "run"
 
 STAGE = "ingest"
 INGEST_VERSION = "1"  # bump when the bytes ingest writes for a given config change
+CAPTION_READING_SOURCES = ("image-folder", "shards")  # sources that read captions beside their images
 PERFORMANCE_FIELDS = ("num_workers",)  # data fields that change speed, never the output
 MAX_EXAMPLES = 20  # skipped/ignored examples kept per reason in the manifest
 
@@ -94,7 +95,19 @@ def stage_key(cfg: PipelineConfig) -> str:
     paths made absolute), seed and :data:`INGEST_VERSION`."""
     # paths: absolute; a field added later counts only when changed
     data = {k: v for k, v in identity("data", to_dict(cfg.data)).items() if k not in PERFORMANCE_FIELDS}
-    return stable_hash({"stage": STAGE, "version": INGEST_VERSION, "seed": cfg.seed, "data": data})
+    version = INGEST_VERSION
+    if cfg.data.source in CAPTION_READING_SOURCES:
+        version += "+captions"  # their output gained the .txt captions of their input
+    if cfg.data.captions_file is not None:  # a changed caption file is different data under the same path
+        data["captions_file_sha256"] = _file_sha256_or_missing(cfg.data.captions_file)
+    return stable_hash({"stage": STAGE, "version": version, "seed": cfg.seed, "data": data})
+
+
+def _file_sha256_or_missing(path: str) -> str:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return "missing"  # the plan refuses it with a clear message
 
 
 def run(cfg: PipelineConfig, inputs: IngestInputs | None = None, *, force: bool = False,
@@ -158,7 +171,8 @@ def _output(out: Path, m: dict[str, Any]) -> IngestOutput:
     return IngestOutput(path=str(out.resolve()), key=m["key"], manifest_sha256=sha256_file(out / MANIFEST_NAME),
                         num_train=m["splits"]["train"]["num_samples"], num_val=m["splits"]["val"]["num_samples"],
                         num_classes=len(m["classes"]), image_size=m["image_size"], channels=m["channels"],
-                        mlflow_run_id=m["mlflow_run_id"])
+                        mlflow_run_id=m["mlflow_run_id"], captioned=bool(m.get("captioned", False)),
+                        caption_grammar=m.get("caption_grammar"))
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -507,6 +521,7 @@ class _Stats:
     num_bytes: Counter
     histogram: dict[str, Counter]
     unlabeled: Counter
+    captioned: Counter = field(default_factory=Counter)
     chunk_cpu_s: float = 0.0  # CPU time spent building chunks, in any process
     pool_cpu_s: float = 0.0  # the part of it spent in worker processes (not this one)
 
@@ -542,6 +557,7 @@ class _Stats:
                 st.num_bytes[p.split] += p.num_bytes
                 st.histogram[p.split].update({k: v for k, v in p.class_histogram.items()})
                 st.unlabeled[p.split] += p.num_unlabeled
+                st.captioned[p.split] += p.num_captioned
         return st
 
     @property
@@ -600,6 +616,7 @@ def _finalize(cfg: PipelineConfig, key: str, plan: Plan, jobs: list[ChunkJob],
         hist = stats.histogram[split]
         splits[split] = {"num_samples": stats.num_samples[split], "num_bytes": stats.num_bytes[split],
                          "num_shards": len(shards), "num_unlabeled": stats.unlabeled[split],
+                         "num_captioned": stats.captioned[split],
                          "class_histogram": {k: hist[k] for k in sorted(hist, key=int)}, "shards": shards}
     classes = plan.classes
     if classes is None:
@@ -626,6 +643,10 @@ def _finalize(cfg: PipelineConfig, key: str, plan: Plan, jobs: list[ChunkJob],
         "image_format": "png",
         "classes": classes,
         "num_classes": len(classes),
+        # captioned: every stored sample has a .txt member (an empty one where the input had none and
+        # data.missing_caption=empty); caption_grammar names a grammar the captions follow (shapes), if any
+        "captioned": any(s["num_captioned"] for s in splits.values()),
+        "caption_grammar": plan.description.get("caption_grammar"),
         "splits": splits,
         "totals": {"num_samples": sum(s["num_samples"] for s in splits.values()),
                    "num_bytes": sum(s["num_bytes"] for s in splits.values()),

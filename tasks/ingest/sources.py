@@ -121,6 +121,12 @@ BAD_LABEL = "bad_label"                  # a .cls member that is not a non-negat
 MISSING_LABEL = "missing_label"          # no .cls in a shard whose first sample has one
 UNEXPECTED_LABEL = "unexpected_label"    # a .cls in a shard whose first sample has none
 CORRUPT_SHARD = "corrupt_shard"          # an input that is not a readable tar (bad header, bad gzip)
+MISSING_CAPTION = "missing_caption"      # no caption in a captioned dataset (data.missing_caption=skip)
+# Caption notes (counted with the ignored parts: the sample itself is kept)
+CAPTION_TRUNCATED = "caption_truncated"  # longer than data.max_caption_bytes: cut at a character boundary
+CAPTION_UTF8_ERRORS = "caption_utf8_errors"  # not valid UTF-8: the bad bytes became U+FFFD
+CAPTION_BAD_JSON = "caption_bad_json"    # a .json member that is not JSON or has no string "caption" field
+CAPTION_MEMBER_EXTS = ("txt", "json")
 
 
 class IngestError(PermanentError, RuntimeError):
@@ -145,12 +151,14 @@ class BadInput(Exception):
 
 @dataclass(slots=True)
 class Good:
-    """One normalised sample: ``png`` holds the final image, ``label`` is -1 when unlabelled."""
+    """One normalised sample: ``png`` holds the final image, ``label`` is -1 when unlabelled, ``caption`` is
+    None for an uncaptioned sample (stored as the ``.txt`` member otherwise)."""
 
     split: str
     key: str
     png: bytes
     label: int
+    caption: str | None = None
 
 
 @dataclass(slots=True)
@@ -187,12 +195,65 @@ class ImageSpec:
     max_input_bytes: int = 64 * 1024 * 1024
     png_compress_level: int = 1
     max_decode_bytes: int = 256 << 20
+    max_caption_bytes: int = 1024
+    missing_caption: str = "empty"  # or "skip"
 
     @classmethod
     def from_data(cls, data: Any) -> ImageSpec:
         return cls(size=data.image_size, channels=data.channels, alpha_background=data.alpha_background,
                    max_input_bytes=data.max_input_bytes, png_compress_level=data.png_compress_level,
-                   max_decode_bytes=data.max_decode_mb << 20)
+                   max_decode_bytes=data.max_decode_mb << 20, max_caption_bytes=data.max_caption_bytes,
+                   missing_caption=data.missing_caption)
+
+
+# --------------------------------------------------------------------------------------------- captions
+
+
+def decode_caption(data: bytes | str, max_bytes: int) -> tuple[str, list[str]]:
+    """A caption as stored: UTF-8 (invalid bytes replaced), whitespace runs (newlines included) folded to one
+    space, control characters dropped, cut to ``max_bytes`` at a character boundary. Returns the text and the
+    notes to count (:data:`CAPTION_UTF8_ERRORS`, :data:`CAPTION_TRUNCATED`). Never evaluates anything."""
+    notes: list[str] = []
+    if isinstance(data, bytes):
+        text = data[:4 * max_bytes + 4].decode("utf-8", errors="replace")  # bounded work on a huge member
+        if "\ufffd" in text and "\ufffd".encode() not in data:
+            notes.append(CAPTION_UTF8_ERRORS)
+        if len(data) > 4 * max_bytes + 4:
+            notes.append(CAPTION_TRUNCATED)
+    else:
+        text = data
+    text = " ".join("".join(ch for ch in text if ch.isprintable() or ch.isspace()).split())
+    raw = text.encode("utf-8")
+    if len(raw) > max_bytes:
+        text = raw[:max_bytes].decode("utf-8", errors="ignore").rstrip()
+        if CAPTION_TRUNCATED not in notes:
+            notes.append(CAPTION_TRUNCATED)
+    return text, notes
+
+
+def caption_from_json(data: bytes, max_bytes: int) -> tuple[str | None, list[str]]:
+    """The ``caption`` field of a ``.json`` member (img2dataset's layout), or None and a note."""
+    import json
+
+    if len(data) > 64 * max_bytes + 1024:
+        return None, [CAPTION_BAD_JSON]
+    try:
+        obj = json.loads(data.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):
+        return None, [CAPTION_BAD_JSON]
+    value = obj.get("caption") if isinstance(obj, dict) else None
+    if not isinstance(value, str):
+        return None, [CAPTION_BAD_JSON]
+    return decode_caption(value, max_bytes)
+
+
+def sample_caption(members: dict[str, bytes], max_bytes: int) -> tuple[str | None, list[str]]:
+    """The caption of a tar sample: its ``.txt`` member, else the ``caption`` of its ``.json``, else None."""
+    if "txt" in members:
+        return decode_caption(members["txt"], max_bytes)
+    if "json" in members:
+        return caption_from_json(members["json"], max_bytes)
+    return None, []
 
 
 # Bytes per pixel of a decoded Pillow image, by mode.
@@ -393,19 +454,21 @@ class ArrayChunk:
 
 @dataclass(frozen=True)
 class FileChunk:
-    """Image files under ``root``: ``files`` holds ``(relative path, label or -1, index in split)``."""
+    """Image files under ``root``: ``files`` holds ``(relative path, label or -1, index in split, caption or
+    None)`` (captions are read when the source is planned)."""
 
     split: str
     index: int
     root: str
-    files: tuple[tuple[str, int, int], ...]
+    files: tuple[tuple[str, int, int, str | None], ...]
 
     @property
     def chunk_id(self) -> str:
         return f"{self.split}-{self.index:06d}"
 
     def describe(self) -> dict[str, Any]:
-        listing = hashlib.sha256("\n".join(f"{p}\t{lab}\t{i}" for p, lab, i in self.files).encode())
+        listing = hashlib.sha256("\n".join(f"{p}\t{lab}\t{i}" + ("" if c is None else f"\t{c}")
+                                           for p, lab, i, c in self.files).encode())
         return {"type": "files", "split": self.split, "index": self.index, "root": self.root,
                 "count": len(self.files), "listing": listing.hexdigest()}
 
@@ -444,7 +507,30 @@ class TarChunk:
         return tuple(s for s, ok in (("train", self.val_fraction < 1.0), ("val", self.val_fraction > 0.0)) if ok)
 
 
-Chunk = ArrayChunk | FileChunk | TarChunk
+@dataclass(frozen=True)
+class ShapesChunk:
+    """Generated ``shapes`` scenes ``start .. start + count - 1`` of a split (each drawn from its own seeded
+    generator, so the images do not depend on how the split is chunked)."""
+
+    split: str
+    index: int
+    start: int
+    count: int
+    seed: int
+
+    @property
+    def chunk_id(self) -> str:
+        return f"{self.split}-{self.index:06d}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "shapes", "split": self.split, "index": self.index, "start": self.start,
+                "count": self.count, "seed": self.seed}
+
+    def size_hint(self) -> int:
+        return self.count
+
+
+Chunk = ArrayChunk | FileChunk | TarChunk | ShapesChunk
 
 
 def iter_chunk(chunk: Chunk, spec: ImageSpec) -> Iterator[ChunkItem]:
@@ -455,6 +541,8 @@ def iter_chunk(chunk: Chunk, spec: ImageSpec) -> Iterator[ChunkItem]:
         yield from _iter_file_chunk(chunk, spec)
     elif isinstance(chunk, TarChunk):
         yield from _iter_tar_chunk(chunk, spec)
+    elif isinstance(chunk, ShapesChunk):
+        yield from _iter_shapes_chunk(chunk, spec)
     else:
         raise TypeError(f"unknown chunk type {type(chunk).__name__}")
 
@@ -479,16 +567,31 @@ def _iter_array_chunk(chunk: ArrayChunk, spec: ImageSpec) -> Iterator[ChunkItem]
                    int(labels[i]) if labels is not None else -1)
 
 
+def _iter_shapes_chunk(chunk: ShapesChunk, spec: ImageSpec) -> Iterator[ChunkItem]:
+    from infra import shapes
+
+    split_id = SPLITS.index(chunk.split)
+    for i in range(chunk.start, chunk.start + chunk.count):
+        rng = np.random.default_rng([chunk.seed, split_id, i])
+        scene = shapes.draw_scene(rng, allow_heldout=chunk.split != "train")
+        arr = shapes.render(scene, rng, spec.size)
+        if spec.channels == 1:
+            arr = np.asarray(Image.fromarray(arr, "RGB").convert("L"))
+        yield Good(chunk.split, f"{chunk.split}_{i:08d}", encode_png(arr, spec.png_compress_level), scene.label,
+                   shapes.caption(scene, rng))
+
+
 def _iter_file_chunk(chunk: FileChunk, spec: ImageSpec) -> Iterator[ChunkItem]:
     root = Path(chunk.root)
-    for rel, label, index in chunk.files:
+    for rel, label, index, caption in chunk.files:
         try:
             data = read_regular_file(root / rel, spec.max_input_bytes)
             arr = decode_image(data, spec, "crop")
         except BadInput as e:
             yield Skip(e.reason, rel, e.detail)
             continue
-        yield Good(chunk.split, f"{chunk.split}_{index:08d}", encode_png(arr, spec.png_compress_level), label)
+        yield Good(chunk.split, f"{chunk.split}_{index:08d}", encode_png(arr, spec.png_compress_level), label,
+                   caption)
 
 
 def read_regular_file(path: Path, max_bytes: int) -> bytes:
@@ -538,6 +641,7 @@ def _iter_tar_chunk(chunk: TarChunk, spec: ImageSpec) -> Iterator[ChunkItem]:
     remaining = dict(chunk.limits) if chunk.limits is not None else None
     possible = chunk.possible_splits()
     labelled: bool | None = None  # decided by the shard's first well-formed sample
+    captioned: bool | None = None  # likewise: a shard's first sample with a caption member makes it captioned
     shard_name = chunk.url.rstrip("/").rsplit("/", 1)[-1]
     try:
         f = _open_url(chunk.url)
@@ -565,6 +669,16 @@ def _iter_tar_chunk(chunk: TarChunk, spec: ImageSpec) -> Iterator[ChunkItem]:
             if labelled is False and "cls" in item.members:
                 yield Skip(UNEXPECTED_LABEL, ref, "a .cls member in a shard whose first sample has none")
                 continue
+            if captioned is None and any(e in item.members for e in IMAGE_MEMBER_EXTS):
+                captioned = any(e in item.members for e in CAPTION_MEMBER_EXTS)
+            caption, notes = sample_caption(item.members, spec.max_caption_bytes)
+            for note in notes:
+                yield Ignore(note, ref)
+            if captioned and caption is None:
+                if spec.missing_caption == "skip":
+                    yield Skip(MISSING_CAPTION, ref, "no usable .txt/.json caption in a captioned shard")
+                    continue
+                caption = ""
             split = chunk.split
             if split is None:
                 split = "val" if _hash_unit(chunk.seed, shard_name, item.key) < chunk.val_fraction else "train"
@@ -574,6 +688,7 @@ def _iter_tar_chunk(chunk: TarChunk, spec: ImageSpec) -> Iterator[ChunkItem]:
                 continue  # over this split's data.max_images: not an input at all
             try:
                 good = _tar_sample_to_good(item, split, chunk.index, spec)
+                good.caption = caption
             except BadInput as e:
                 yield Skip(e.reason, ref, e.detail)
                 continue
@@ -894,11 +1009,37 @@ class DigitsSource:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ShapesSource:
+    """Generated captioned scenes (:mod:`infra.shapes`): ``data.shapes_train`` / ``data.shapes_val`` images,
+    training scenes never holding a held-out colour-shape pair, validation scenes from the full distribution."""
+
+    num_train: int
+    num_val: int
+    kind: str = "shapes"
+
+    def plan(self, ctx: PlanContext) -> Plan:
+        from infra import shapes
+
+        chunks: list[Chunk] = []
+        for split, n in (("train", self.num_train), ("val", self.num_val)):
+            n = min(n, ctx.max_images) if ctx.max_images is not None else n
+            per = samples_per_shard(n, ctx.shard_max_count, ctx.min_shards)
+            chunks += [ShapesChunk(split, ci, start, min(per, n - start), ctx.seed)
+                       for ci, start in enumerate(range(0, n, per))]
+        desc = {"kind": "shapes", "generator": "infra.shapes", "num_train": self.num_train, "num_val": self.num_val,
+                "heldout_pairs": sorted(" ".join(p) for p in shapes.HELDOUT_PAIRS),
+                "caption_grammar": "shapes", "split": "train: no held-out pair; val: the full distribution"}
+        return Plan(chunks=chunks, classes=list(shapes.CLASSES), description=desc,
+                    num_inputs=sum(c.size_hint() for c in chunks))
+
+
+@dataclass(frozen=True, kw_only=True)
 class ImageFolderSource:
     """``<path>/<class>/**/*.{jpg,jpeg,png,webp}`` (labelled, classes = sorted sub-folder names) or a flat
     folder of images (unlabelled). Images are scaled and cropped (``data.fit``) to the configured size."""
 
     path: str
+    captions_file: str | None = None
     kind: str = "image-folder"
 
     def plan(self, ctx: PlanContext) -> Plan:
@@ -938,6 +1079,9 @@ class ImageFolderSource:
             raise SourceError(f"data.path={self.path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found under "
                               f"{root}")
         items.sort()
+        captions = _folder_captions(root, [rel for rel, _ in items], self.captions_file, ctx.spec, skipped, ignored)
+        if captions is not None and ctx.spec.missing_caption == "skip":
+            items = [it for it in items if captions[it[0]] is not None]
         labels = np.array([lab for _, lab in items], np.int64) if classes else None
         tr, va = split_permutation(len(items), labels, ctx.val_fraction, ctx.seed)
         chunks: list[Chunk] = []
@@ -946,17 +1090,105 @@ class ImageFolderSource:
                 idx = idx[:ctx.max_images]
             per = samples_per_shard(len(idx), ctx.shard_max_count, ctx.min_shards)
             for ci, start in enumerate(range(0, len(idx), per)):
-                files_t = tuple((items[j][0], items[j][1], start + k)
+                files_t = tuple((items[j][0], items[j][1], start + k,
+                                 None if captions is None else (captions[items[j][0]] or ""))
                                 for k, j in enumerate(idx[start:start + per].tolist()))
                 chunks.append(FileChunk(split, ci, str(root), files_t))
         listing = hashlib.sha256("\n".join(rel for rel, _ in items).encode()).hexdigest()
         desc = {"kind": "image-folder", "path": str(root), "layout": "class sub-folders" if classes else "flat",
                 "num_files": len(items), "listing_sha256": listing,
+                "captions": ("none" if captions is None else
+                             f"{sum(c is not None for c in captions.values())} of {len(captions)} images "
+                             f"({'data.captions_file' if self.captions_file else 'sidecar .txt files'})"),
                 "split": f"seeded{', stratified' if classes else ''} (data.val_fraction={ctx.val_fraction})",
                 "fit": "crop" if ctx.fit == "auto" else ctx.fit}
         n = sum(c.size_hint() for c in chunks) + len(skipped)
         return Plan(chunks=chunks, classes=classes, description=desc, num_inputs=n, skipped=skipped,
                     ignored=ignored)
+
+
+def _folder_captions(root: Path, images: list[str], captions_file: str | None, spec: ImageSpec,
+                     skipped: list[Skip], ignored: list[Ignore]) -> dict[str, str | None] | None:
+    """Captions of folder images: from ``captions_file`` (CSV with ``path`` and ``caption`` columns, or JSONL
+    of ``{"path", "caption"}``; paths relative to the folder) or from sidecar ``<name>.txt`` files beside the
+    images. None when the folder has no captions at all. Sidecars used move out of ``ignored``; an image
+    without a caption is skipped (``data.missing_caption=skip``) or gets an empty one, counted either way."""
+    found: dict[str, str] = {}
+    if captions_file is not None:
+        found = _read_captions_file(Path(captions_file), set(images), spec, ignored)
+    else:
+        sidecars = {i.ref for i in ignored if i.reason == "not_an_image_extension" and i.ref.lower().endswith(".txt")}
+        if not sidecars:
+            return None
+        used: set[str] = set()
+        notes_of: dict[str, list[str]] = {}
+        for rel in images:
+            side = rel.rsplit(".", 1)[0] + ".txt"
+            if side in sidecars:
+                used.add(side)
+                try:
+                    data = read_regular_file(root / side, 4 * spec.max_caption_bytes + 4)
+                except BadInput as e:
+                    skipped.append(Skip(e.reason, side, e.detail))
+                    continue
+                found[rel], notes = decode_caption(data, spec.max_caption_bytes)
+                notes_of[side] = notes
+        if not used:
+            return None
+        ignored[:] = [i for i in ignored if i.ref not in used]
+        ignored.extend(Ignore(n, side) for side, notes in notes_of.items() for n in notes)
+    out: dict[str, str | None] = {rel: found.get(rel) for rel in images}
+    for rel, text in out.items():
+        if text is None and spec.missing_caption == "skip":
+            skipped.append(Skip(MISSING_CAPTION, rel, "no caption for this image"))
+        elif text is None:
+            ignored.append(Ignore("empty_caption", rel))
+    return out
+
+
+def _read_captions_file(path: Path, images: set[str], spec: ImageSpec, ignored: list[Ignore]) -> dict[str, str]:
+    """``path,caption`` rows of a CSV (header with ``path`` and ``caption``) or a JSONL file."""
+    import csv
+    import json
+
+    if not path.is_file():
+        raise SourceError(f"data.captions_file={path}: no such file")
+    rows: list[tuple[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError:
+                        ignored.append(Ignore("caption_bad_line", f"{path.name}:{n}"))
+                        continue
+                    if not isinstance(obj, dict) or not isinstance(obj.get("path"), str):
+                        ignored.append(Ignore("caption_bad_line", f"{path.name}:{n}"))
+                        continue
+                    rows.append((obj["path"], obj.get("caption")))
+            else:
+                reader = csv.DictReader(f, dialect=csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel)
+                if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
+                    raise SourceError(f"data.captions_file={path}: the header must name the columns 'path' and "
+                                      f"'caption' (found {reader.fieldnames})")
+                rows.extend((r["path"], r["caption"]) for r in reader)
+    except (OSError, csv.Error) as e:
+        raise SourceError(f"data.captions_file={path}: cannot read it: {e}") from e
+    found: dict[str, str] = {}
+    for rel, text in rows:
+        rel = os.path.normpath(rel.replace("\\", "/")).lstrip("/") if rel else rel
+        if rel not in images:
+            ignored.append(Ignore("caption_without_image", str(rel)[:200]))
+            continue
+        if not isinstance(text, str):
+            ignored.append(Ignore("caption_bad_line", rel))
+            continue
+        found[rel], notes = decode_caption(text, spec.max_caption_bytes)
+        ignored.extend(Ignore(n, rel) for n in notes)
+    return found
 
 
 def _walk(root: Path, rel_dir: str, out: list[str], skipped: list[Skip], ignored: list[Ignore]) -> None:
@@ -1080,7 +1312,7 @@ def _expand_one(item: str) -> list[str]:
     return [str(p.resolve())]
 
 
-SourceConfig = IdxSource | DigitsSource | ImageFolderSource | ShardsSource
+SourceConfig = IdxSource | DigitsSource | ImageFolderSource | ShardsSource | ShapesSource
 
 
 def source_from_config(data: Any) -> SourceConfig:
@@ -1092,6 +1324,8 @@ def source_from_config(data: Any) -> SourceConfig:
         return IdxSource(kind=data.source, path=data.path)
     if data.source == "digits":
         return DigitsSource()
+    if data.source == "shapes":
+        return ShapesSource(num_train=data.shapes_train, num_val=data.shapes_val)
     if data.source == "image-folder":
         if data.path is None:
             raise SourceError("data.source=image-folder needs data.path=DIR (one sub-folder per class, or a "
@@ -1100,7 +1334,7 @@ def source_from_config(data: Any) -> SourceConfig:
         if not root.is_dir():
             what = "is not a directory" if root.exists() else "does not exist"
             raise SourceError(f"data.path={data.path}: directory {root.resolve()} {what}")
-        return ImageFolderSource(path=data.path)
+        return ImageFolderSource(path=data.path, captions_file=data.captions_file)
     if data.source == "shards":
         if data.path is None:
             raise SourceError("data.source=shards needs data.path (tar paths, a directory, a glob, "

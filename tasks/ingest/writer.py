@@ -32,7 +32,7 @@ _HDR_MTIME = b"00000000000\0"  # bytes 136-148
 _HDR_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(_BLOCK - 265)  # type, linkname, magic, version, rest
 _HDR_SUM = sum(_HDR_IDS) + sum(_HDR_MTIME) + sum(_HDR_TAIL) + 8 * 32  # checksum field counts as spaces
 _PADDING = [bytes(n) for n in range(_BLOCK)]
-_PNG_EXT_SUM, _CLS_EXT_SUM = sum(b".png"), sum(b".cls")
+_PNG_EXT_SUM, _CLS_EXT_SUM, _TXT_EXT_SUM = sum(b".png"), sum(b".cls"), sum(b".txt")
 
 
 _HDR = struct.Struct("100s24s12s12s8s356s")  # name, mode+uid+gid, size, mtime, checksum, the rest
@@ -63,6 +63,7 @@ class PartInfo:
     last_key: str
     class_histogram: dict[str, int]
     num_unlabeled: int
+    num_captioned: int = 0
 
 
 class _OpenPart:
@@ -80,6 +81,7 @@ class _OpenPart:
         self.last_key = ""
         self.hist: Counter[int] = Counter()
         self.unlabeled = 0
+        self.captioned = 0
 
     def write(self, pieces: Sequence[bytes], size: int) -> None:
         self._buf.extend(pieces)
@@ -100,7 +102,7 @@ class _OpenPart:
         self._cm.__exit__(None, None, None)  # fsync, rename .partial -> .tar
         return PartInfo(split, self.path.name, self.count, self._f.num_bytes, self._f.hexdigest(),
                         self.first_key, self.last_key, {str(k): v for k, v in sorted(self.hist.items())},
-                        self.unlabeled)
+                        self.unlabeled, self.captioned)
 
     def abort(self) -> None:
         """Close and delete the unfinished ``.partial`` file (``partial_open``'s error path)."""
@@ -123,7 +125,9 @@ class ShardWriter:
         self.parts: list[PartInfo] = []
         self._open: _OpenPart | None = None
 
-    def add(self, key: str, png: bytes, label: int) -> None:
+    def add(self, key: str, png: bytes, label: int, caption: str | None = None) -> None:
+        """Append one sample: ``<key>.png``, ``<key>.cls`` when ``label >= 0``, ``<key>.txt`` (UTF-8) when
+        ``caption`` is not None."""
         if not key or not _KEY_CHARS.issuperset(key):
             raise ValueError(f"sample key {key!r} does not match {KEY_PATTERN.pattern}")
         k = key.encode("ascii")
@@ -135,6 +139,11 @@ class ShardWriter:
             cls = b"%d" % label
             pieces += (ustar_header(k + b".cls", len(cls), k_sum + _CLS_EXT_SUM), cls, _PADDING[-len(cls) % _BLOCK])
             size += 2 * _BLOCK
+        if caption is not None:
+            txt = caption.encode("utf-8")
+            pad = -len(txt) % _BLOCK
+            pieces += (ustar_header(k + b".txt", len(txt), k_sum + _TXT_EXT_SUM), txt, _PADDING[pad])
+            size += _BLOCK + len(txt) + pad
         part = self._open
         if part is not None and (part.count >= self.max_count
                                  or part.num_bytes + size + 2 * _BLOCK > self.max_bytes):
@@ -148,6 +157,7 @@ class ShardWriter:
             part.hist[label] += 1
         else:
             part.unlabeled += 1
+        part.captioned += caption is not None
         part.first_key = part.first_key or key
         part.last_key = key
         part.count += 1
@@ -233,7 +243,7 @@ def build_chunk(job: ChunkJob, fingerprint: str = "", progress: Callable[[int], 
                 if w is None:
                     w = writers[item.split] = ShardWriter(job.parts_dir, item.split, index, job.shard_max_count,
                                                           job.shard_max_bytes)
-                w.add(item.key, item.png, item.label)
+                w.add(item.key, item.png, item.label, item.caption)
                 n_inputs += 1
                 pending += 1
             elif isinstance(item, Skip):
@@ -289,7 +299,7 @@ def sample_grid(paths: Sequence[str | Path], rows: int = 8, cols: int = 8, max_c
 
     cells: list[np.ndarray] = []
     for p in paths:
-        for _, png, _ in read_shard(p):
+        for _, png, *_ in read_shard(p):
             img = Image.open(io.BytesIO(png), formats=("PNG",)).convert("RGB")
             s = img.size[0]
             if s < 64:

@@ -124,9 +124,9 @@ def test_malicious_members_are_rejected_and_nothing_lands_outside_the_run_root(r
     parent_before = tree(tmp_path.parent)
     out = run(config(run_root, "data.source=shards", f"data.path={shard}", "data.max_bad_fraction=1.0"), {})
     m = ShardSet.from_output(out, verify=True).manifest
-    assert out.num_train == 5  # s00000-2, s00009, s00010 (its .json sidecar is ignored)
+    assert out.num_train == 5  # s00000-2, s00009, s00010 (its .json holds no caption: counted, ignored)
     assert m["skipped"]["by_reason"] == {"unsafe_name": 3, "link_member": 2, "special_member": 2}
-    assert m["ignored"]["by_reason"] == {"directory_member": 1, "other_member": 1}
+    assert m["ignored"]["by_reason"] == {"directory_member": 1, "caption_bad_json": 1}
     new = tree(tmp_path) - before
     assert new and all(p.startswith("run") for p in new), sorted(p for p in new if not p.startswith("run"))
     assert tree(tmp_path.parent) - parent_before <= {f"{tmp_path.name}/{p}" for p in new}

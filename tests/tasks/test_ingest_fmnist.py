@@ -90,7 +90,7 @@ def test_tar_members_are_png_and_cls_only(ingested: dict[str, Any]) -> None:
         names = tf.getnames()
         assert all(ti.isreg() and ti.mtime == 0 and ti.mode == 0o444 for ti in tf.getmembers())
     assert names[:4] == ["train_00000000.png", "train_00000000.cls", "train_00000001.png", "train_00000001.cls"]
-    key, png, label = next(read_shard(path))
+    key, png, label, _ = next(read_shard(path))
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and key == "train_00000000" and label >= 0
 
 

@@ -70,7 +70,7 @@ def test_every_record_is_valid_and_carries_its_label(stage: dict[str, Any]) -> N
         assert (meta.codebook_size, meta.grid_size, meta.seq_len) == (k, model.cfg.grid_size, model.cfg.num_kept)
         assert meta.tokenizer_sha256 == stage["tokenizer"].sha256
         assert meta.source_sha256 == stage["ingest"].manifest_sha256
-        labels = [label for s in shards.shards(split) for _, _, label in read_shard(s.path)]
+        labels = [label for s in shards.shards(split) for _, _, label, _ in read_shard(s.path)]
         records = _records(out.db(split))
         assert [int(r["label"]) for _, r in records] == labels
         for key, r in records:
