@@ -393,6 +393,29 @@ class RaySection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TextSection:
+    """Captions (used only when the ingested data is captioned, ``data.source=shapes`` or captions in the input).
+
+    The ``tokenize`` stage trains a BPE caption tokenizer of at most ``vocab_size`` ids on the training captions and
+    stores ``max_len`` ids per image; ``train_stackformer`` conditions on them through a text encoder, an
+    ``n_layer``-layer bidirectional transformer of the Stackformer's width trained with it.
+    """
+
+    vocab_size: int = 1024
+    max_len: int = 32
+    n_layer: int = 2
+
+    def __post_init__(self) -> None:
+        if not 260 <= self.vocab_size <= 65535:
+            raise ConfigError(f"text.vocab_size={self.vocab_size} must be in [260, 65535] (256 byte symbols + "
+                              "specials + merges; ids are stored as uint16)")
+        if not 1 <= self.max_len <= 512:
+            raise ConfigError(f"text.max_len={self.max_len} must be in [1, 512]")
+        if self.n_layer < 1:
+            raise ConfigError(f"text.n_layer={self.n_layer} must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RegistrySection:
     """The MLflow model registry and the promotion gate (read after ``evaluate``; never part of a stage key).
 
@@ -436,6 +459,7 @@ class PipelineConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RaySection = field(default_factory=RaySection)
     registry: RegistrySection = field(default_factory=RegistrySection)
+    text: TextSection = field(default_factory=TextSection)
 
     def __post_init__(self) -> None:
         _check_semantics(self)
@@ -477,6 +501,7 @@ class PipelineConfig:
 
 
 ADDED_FIELDS["registry"] = dataclasses.asdict(RegistrySection())
+ADDED_FIELDS["text"] = dataclasses.asdict(TextSection())
 
 
 def absolute_path(path: str) -> str:

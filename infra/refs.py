@@ -116,9 +116,21 @@ class TokenizeOutput(Ref):
     checksum: str  # sha256 of "train <records_sha256>\nval <records_sha256>\n"
     mlflow_run_id: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    # captioned data: the caption tokenizer (tokenizer.json of infra.text) whose ids the records hold
+    text_tokenizer: str = ""
+    text_tokenizer_sha256: str = ""
 
     def db(self, split: str) -> str:
         return {"train": self.train_db, "val": self.val_db}[split]
+
+    @property
+    def text_len(self) -> int:
+        """Caption ids per record (0: the data has no captions)."""
+        return int(self.metadata["train"].get("text_len", 0))
+
+    @property
+    def text_vocab_size(self) -> int:
+        return int(self.metadata["train"].get("text_vocab_size", 0))
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ One LMDB environment per split (``train.lmdb/``, ``val.lmdb/``), one main databa
 ``docs/lmdb_format.md`` for the byte-level description):
 
 * records ``{shard:06d}/{index:08d}`` -> ``codes <u2[N] | positions <u2[N] | label <i4`` (``4 N + 4`` bytes,
-  little-endian, no header; ``N`` = ``seq_len`` from the metadata; label -1 = unlabeled);
+  little-endian, no header; ``N`` = ``seq_len`` from the metadata; label -1 = unlabeled), followed for captioned
+  data by ``text <u2[T]>`` (the caption's token ids, 0-padded; ``T`` = ``text_len`` from the metadata);
 * ``!done/{shard:06d}`` -> JSON ``{"count", "records_sha256"}``, written in the same transaction as the
   shard's records, so a shard is either entirely present with its done key or entirely absent;
 * ``!meta`` -> JSON :class:`TokenMeta` (format version, codebook size, grid, keep_ratio, seq_len, tokenizer
@@ -82,9 +83,13 @@ def done_key(shard: int) -> bytes:
     return DONE_PREFIX + b"%06d" % shard
 
 
-def record_dtype(seq_len: int) -> np.dtype:
-    """The packed, little-endian record: ``codes <u2[N]``, ``positions <u2[N]``, ``label <i4``."""
-    return np.dtype([("codes", "<u2", (seq_len,)), ("positions", "<u2", (seq_len,)), ("label", "<i4")])
+def record_dtype(seq_len: int, text_len: int = 0) -> np.dtype:
+    """The packed, little-endian record: ``codes <u2[N]``, ``positions <u2[N]``, ``label <i4`` and, for captioned
+    data (``text_len > 0``), ``text <u2[T]`` (the caption's token ids, padded with 0)."""
+    fields = [("codes", "<u2", (seq_len,)), ("positions", "<u2", (seq_len,)), ("label", "<i4")]
+    if text_len:
+        fields.append(("text", "<u2", (text_len,)))
+    return np.dtype(fields)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +113,11 @@ class TokenMeta:
     num_records: int = 0
     records_sha256: str = ""  # sha256 over key + value of every record, in key order
     encoder_devices: tuple[str, ...] = ()  # the devices whose encoder produced the records (provenance)
+    # captioned data: T caption token ids per record (0 = padding), ids < text_vocab_size, from the caption
+    # tokenizer whose tokenizer.json has this sha256; all 0 / "" for data without captions
+    text_len: int = 0
+    text_vocab_size: int = 0
+    text_tokenizer_sha256: str = ""
 
     COMPLETION_FIELDS = ("complete", "num_records", "records_sha256", "encoder_devices")
 
@@ -120,13 +130,18 @@ class TokenMeta:
             raise TokenFormatError(f"grid_size={self.grid_size} has cells that do not fit uint16 positions")
         if not 1 <= self.seq_len <= self.grid_size ** 2:
             raise TokenFormatError(f"seq_len={self.seq_len} must be in [1, grid_size ** 2 = {self.grid_size ** 2}]")
+        if self.text_len < 0 or (self.text_len > 0) != (self.text_vocab_size > 0) or self.text_vocab_size > 65535:
+            raise TokenFormatError(f"text_len={self.text_len} / text_vocab_size={self.text_vocab_size}: both 0 "
+                                   "(no captions) or both positive, with ids fitting uint16")
+        if self.text_len and "text <u2[text_len]>" not in self.record_layout:
+            object.__setattr__(self, "record_layout", self.record_layout + " | text <u2[text_len]>")
         ids = [s for s, _ in self.shards]
         if ids != sorted(set(ids)):
             raise TokenFormatError(f"shard ids must be unique and ascending, got {ids[:10]}...")
 
     @property
     def record_size(self) -> int:
-        return 4 * self.seq_len + 4
+        return 4 * self.seq_len + 4 + 2 * self.text_len
 
     @property
     def num_expected(self) -> int:
@@ -202,8 +217,9 @@ def check_tokens(codes: np.ndarray, positions: np.ndarray, *, codebook_size: int
 
 
 def pack_records(codes: np.ndarray, positions: np.ndarray, labels: np.ndarray, meta: TokenMeta,
-                 where: str = "") -> np.ndarray:
-    """Validate and pack ``[n, N]`` codes / positions and ``[n]`` labels into ``n`` records."""
+                 where: str = "", text: np.ndarray | None = None) -> np.ndarray:
+    """Validate and pack ``[n, N]`` codes / positions, ``[n]`` labels and, for captioned data, ``[n, T]`` caption
+    token ids into ``n`` records."""
     codes, positions, labels = np.asarray(codes), np.asarray(positions), np.asarray(labels)
     if codes.ndim != 2 or codes.shape[1] != meta.seq_len:
         raise TokenFormatError(f"{where}: codes have shape {codes.shape}, expected [n, seq_len={meta.seq_len}]")
@@ -215,10 +231,22 @@ def pack_records(codes: np.ndarray, positions: np.ndarray, labels: np.ndarray, m
     if bad.any():
         raise TokenFormatError(f"{where}: labels {np.unique(labels[bad])[:5]} are outside [0, {meta.num_classes}) "
                                "and not -1 (unlabeled)")
-    rec = np.empty(codes.shape[0], dtype=record_dtype(meta.seq_len))
+    if (text is not None) != (meta.text_len > 0):
+        raise TokenFormatError(f"{where}: caption token ids {'given' if text is not None else 'missing'} but the "
+                               f"database has text_len={meta.text_len}")
+    if text is not None:
+        text = np.asarray(text)
+        if text.shape != (codes.shape[0], meta.text_len):
+            raise TokenFormatError(f"{where}: caption ids have shape {text.shape}, expected "
+                                   f"({codes.shape[0]}, {meta.text_len})")
+        if text.size and (text.min() < 0 or text.max() >= meta.text_vocab_size):
+            raise TokenFormatError(f"{where}: caption ids outside [0, {meta.text_vocab_size})")
+    rec = np.empty(codes.shape[0], dtype=record_dtype(meta.seq_len, meta.text_len))
     rec["codes"] = codes
     rec["positions"] = positions
     rec["label"] = labels
+    if text is not None:
+        rec["text"] = text
     return rec
 
 
@@ -226,8 +254,8 @@ def unpack_records(values: bytes, meta: TokenMeta, where: str = "") -> np.ndarra
     """Concatenated record values -> structured array (length-checked)."""
     if len(values) % meta.record_size:
         raise TokenFormatError(f"{where}: {len(values)} bytes is not a multiple of the record size "
-                               f"{meta.record_size} (4 * seq_len + 4)")
-    return np.frombuffer(values, dtype=record_dtype(meta.seq_len))
+                               f"{meta.record_size} (4 * seq_len + 4 + 2 * text_len)")
+    return np.frombuffer(values, dtype=record_dtype(meta.seq_len, meta.text_len))
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -283,7 +311,7 @@ def scan_records(txn: lmdb.Transaction, meta: TokenMeta, done: dict[int, dict[st
                 raise TokenFormatError(f"{where}: unexpected key {key[:40]!r}")
             if len(value) != meta.record_size:
                 raise TokenFormatError(f"{where}: record {key.decode()} has {len(value)} bytes, expected "
-                                       f"{meta.record_size} (4 * seq_len + 4)")
+                                       f"{meta.record_size} (4 * seq_len + 4 + 2 * text_len)")
             shard = int(key[:6])
             if shard != state["shard"]:
                 close_shard()
@@ -412,7 +440,7 @@ class TokenWriter:
             return _read_done(txn, str(self.path))
 
     def write_shard(self, shard: int, codes: np.ndarray, positions: np.ndarray, labels: np.ndarray, *,
-                    device: str = "") -> None:
+                    device: str = "", text: np.ndarray | None = None) -> None:
         """Validate, pack and commit shard ``shard`` (its records and done key) in one transaction.
 
         ``device`` names the hardware whose encoder produced the tokens (kept in the done key: encoders
@@ -421,7 +449,7 @@ class TokenWriter:
         where = f"{self.path} shard {shard}"
         if shard not in self._counts:
             raise TokenFormatError(f"{where}: not one of the database's shards ({len(self._counts)} listed)")
-        rec = pack_records(codes, positions, labels, self.meta, where)
+        rec = pack_records(codes, positions, labels, self.meta, where, text)
         if len(rec) != self._counts[shard]:
             raise TokenFormatError(f"{where}: {len(rec)} records, but the input manifest lists {self._counts[shard]}")
         raw, size = rec.tobytes(), self.meta.record_size
@@ -651,7 +679,7 @@ class TokenDataset(Dataset):
         self.meta = meta
         self._shard_ids = [s for s, n in meta.shards if n]
         self._starts = np.cumsum([0] + [n for _, n in meta.shards if n]).tolist()
-        self._dtype = record_dtype(meta.seq_len)
+        self._dtype = record_dtype(meta.seq_len, meta.text_len)
         self._env: lmdb.Environment | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
@@ -688,8 +716,17 @@ class TokenDataset(Dataset):
             raise TokenFormatError(f"{e} (batch keys {keys[0].decode()}..{keys[-1].decode()}; the database was "
                                    "altered after it was written: delete it and rerun the tokenize stage)") from None
         codes, positions = recs["codes"].astype(np.int64), recs["positions"].astype(np.int64)
-        return [{"codes": torch.from_numpy(codes[i]), "positions": torch.from_numpy(positions[i]),
-                 "label": torch.tensor(int(recs["label"][i]), dtype=torch.long)} for i in range(len(recs))]
+        items = [{"codes": torch.from_numpy(codes[i]), "positions": torch.from_numpy(positions[i]),
+                  "label": torch.tensor(int(recs["label"][i]), dtype=torch.long)} for i in range(len(recs))]
+        if self.meta.text_len:
+            text = recs["text"].astype(np.int64)
+            if text.max(initial=0) >= self.meta.text_vocab_size:
+                raise TokenFormatError(f"{self.path}: caption ids outside [0, {self.meta.text_vocab_size}) in keys "
+                                       f"{keys[0].decode()}..{keys[-1].decode()}: delete the database and rerun "
+                                       "the tokenize stage")
+            for i, item in enumerate(items):
+                item["text"] = torch.from_numpy(text[i])
+        return items
 
     def _decode(self, key: bytes, value: bytes | None) -> bytes:
         """``value`` when it is one whole record (:class:`TokenFormatError` naming ``key`` otherwise)."""

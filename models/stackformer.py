@@ -24,6 +24,14 @@ Vocabularies (``K`` = ``codebook_size``, ``C`` = ``max(1, num_classes)``):
   KV caches holding both halves) and draws from ``l_null + s * (l_class - l_null)`` for both heads: the code
   logits and the position logits. ``s = 1`` is plain conditional sampling (one pass), ``s = 0`` unconditional.
 
+Text conditioning (``text_vocab_size > 0``): a :class:`models.text.TextEncoder` turns the caption's ``T`` token ids
+into ``T`` states; a linear map of them is a **prefix** of ``T`` tokens before the start token, one map for the
+Code-Transformer and one for the Position-Transformer, so both heads read the caption through causal attention
+(no cross-attention layers: the KV caches hold the prefix once, filled before the first step, and every step
+reads one new token as without text). The empty caption (all padding) is the null condition of guidance:
+training replaces a caption by it with probability ``cond_dropout`` (together with the label when the model is
+also class-conditional), and guided sampling stacks it under the captions as for classes.
+
 Training inputs are ``idx = [start, v_1..v_{N-1}]`` and ``pos = [G*G, p_1..p_{N-1}]``; the targets are
 ``v_1..v_N`` and ``p_1..p_N``. There is no end token: every sequence has exactly ``N`` tokens.
 
@@ -46,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.text import TextEncoder, TextEncoderConfig
 from models.transformer import KVCache, TransformerStack, init_weights
 
 MAX_CODEBOOK_SIZE = 65535  # codes are stored as uint16 downstream
@@ -69,7 +78,8 @@ class SamplingParams:
 
 
 def _validate_common(name: str, *, codebook_size: int, grid_size: int, num_classes: int, n_embd: int,
-                     n_head: int, dropout: float, layers: dict[str, int], cond_dropout: float = 0.0) -> None:
+                     n_head: int, dropout: float, layers: dict[str, int], cond_dropout: float = 0.0,
+                     text_vocab_size: int = 0, text_len: int = 0) -> None:
     if not 1 <= codebook_size <= MAX_CODEBOOK_SIZE:
         raise ValueError(f"{name}: codebook_size must be in [1, {MAX_CODEBOOK_SIZE}], got {codebook_size}")
     if grid_size < 1:
@@ -85,9 +95,12 @@ def _validate_common(name: str, *, codebook_size: int, grid_size: int, num_class
         raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
     if not 0.0 <= cond_dropout < 1.0:
         raise ValueError(f"{name}: cond_dropout must be in [0, 1), got {cond_dropout}")
-    if cond_dropout > 0 and num_classes == 0:
-        raise ValueError(f"{name}: cond_dropout (classifier-free guidance) needs a class-conditional model "
-                         "(num_classes > 0)")
+    if cond_dropout > 0 and num_classes == 0 and text_vocab_size == 0:
+        raise ValueError(f"{name}: cond_dropout (classifier-free guidance) needs a class- or text-conditional "
+                         "model (num_classes > 0 or text_vocab_size > 0)")
+    if (text_vocab_size > 0) != (text_len > 0) or text_vocab_size < 0:
+        raise ValueError(f"{name}: text_vocab_size ({text_vocab_size}) and text_len ({text_len}) are both 0 (no "
+                         "text) or both positive")
 
 
 class _Vocabulary:
@@ -96,6 +109,30 @@ class _Vocabulary:
     codebook_size: int
     num_classes: int
     cond_dropout: float
+    text_vocab_size: int
+    text_len: int
+    n_layer_text: int
+    n_embd: int
+    n_head: int
+    dropout: float
+
+    @property
+    def has_text(self) -> bool:
+        return self.text_vocab_size > 0
+
+    @property
+    def guided(self) -> bool:
+        """Trained for classifier-free guidance: conditional (class or text) with ``cond_dropout > 0``."""
+        return self.cond_dropout > 0 and (self.num_classes > 0 or self.has_text)
+
+    @property
+    def prefix_len(self) -> int:
+        """Tokens before the start token: the caption states (``text_len``) for a text model, else 0."""
+        return self.text_len if self.has_text else 0
+
+    def text_encoder_config(self) -> TextEncoderConfig:
+        return TextEncoderConfig(vocab_size=self.text_vocab_size, max_len=self.text_len, n_layer=self.n_layer_text,
+                                 n_embd=self.n_embd, n_head=self.n_head, dropout=self.dropout)
 
     @property
     def null_class(self) -> int | None:
@@ -120,12 +157,16 @@ class StackformerConfig(_Vocabulary):
     n_head: int
     dropout: float = 0.0  # embedding, attention and residual dropout
     pos_loss_weight: float = 1.0  # loss = CE(code) + pos_loss_weight * CE(position)
-    cond_dropout: float = 0.0  # share of training labels replaced by the null class (classifier-free guidance)
+    cond_dropout: float = 0.0  # share of training conditions replaced by the null one (classifier-free guidance)
+    text_vocab_size: int = 0  # caption token ids (0 = not text-conditional)
+    text_len: int = 0  # caption ids per image
+    n_layer_text: int = 2  # text encoder depth
 
     def __post_init__(self) -> None:
         _validate_common("StackformerConfig", codebook_size=self.codebook_size, grid_size=self.grid_size,
                          num_classes=self.num_classes, n_embd=self.n_embd, n_head=self.n_head,
                          dropout=self.dropout, cond_dropout=self.cond_dropout,
+                         text_vocab_size=self.text_vocab_size, text_len=self.text_len,
                          layers={"n_layer_code": self.n_layer_code, "n_layer_pos": self.n_layer_pos})
         if not 1 <= self.seq_len <= self.num_positions:
             raise ValueError(f"StackformerConfig: seq_len must be in [1, grid_size**2 = "
@@ -173,12 +214,29 @@ def _start_tokens(labels: torch.Tensor | None, batch_size: int, codebook_size: i
     return codebook_size + labels.to(device=device, dtype=torch.long)
 
 
-def _drop_labels(labels: torch.Tensor | None, null_class: int | None, p: float, training: bool
-                 ) -> torch.Tensor | None:
-    """In training, each label replaced by the null class with probability ``p`` (global torch RNG)."""
-    if not training or labels is None or null_class is None or p <= 0:
-        return labels
-    return labels.masked_fill(torch.rand(labels.shape, device=labels.device) < p, null_class)
+def _drop_conditions(config: Any, labels: torch.Tensor | None, text: torch.Tensor | None, training: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """In training, each row's condition replaced by the null one with probability ``cond_dropout`` (one draw
+    per row from the global torch RNG): its label by the null class, its caption by the empty caption."""
+    ref = labels if labels is not None else text
+    if not training or not config.guided or ref is None:
+        return labels, text
+    drop = torch.rand(ref.shape[0], device=ref.device) < config.cond_dropout
+    if labels is not None and config.null_class is not None:
+        labels = labels.masked_fill(drop, config.null_class)
+    if text is not None:
+        text = text.masked_fill(drop[:, None], 0)
+    return labels, text
+
+
+def _check_text(config: Any, text: torch.Tensor | None, batch_size: int) -> None:
+    if not config.has_text:
+        if text is not None:
+            raise ValueError("caption ids given to a model without text conditioning (text_vocab_size == 0)")
+        return
+    if text is None or text.shape != (batch_size, config.text_len):
+        raise ValueError(f"a text-conditional model needs caption ids [{batch_size}, {config.text_len}], got "
+                         f"{None if text is None else tuple(text.shape)}")
 
 
 def _guided(logits: torch.Tensor, batch_size: int, scale: float | None) -> torch.Tensor:
@@ -190,19 +248,23 @@ def _guided(logits: torch.Tensor, batch_size: int, scale: float | None) -> torch
     return null + scale * (cond - null)
 
 
-def _guidance(config: Any, labels: torch.Tensor | None, batch_size: int, scale: float,
-              device: torch.device) -> tuple[torch.Tensor | None, float | None]:
-    """The labels of the rows a sampler runs (``[2B]``: the classes, then the null class, when guiding) and
-    the scale to combine them with (None: one plain pass)."""
+def _guidance(config: Any, labels: torch.Tensor | None, text: torch.Tensor | None, batch_size: int, scale: float
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None, float | None]:
+    """The labels and captions of the rows a sampler runs (``[2B]``: the conditions, then the null ones, when
+    guiding) and the scale to combine them with (None: one plain pass)."""
+    _check_text(config, text, batch_size)
     if scale == 1.0:
-        return labels, None
-    if config.null_class is None:
+        return labels, text, None
+    if not config.guided:
         raise ValueError(f"guidance_scale={scale} needs a model trained for classifier-free guidance "
-                         "(class-conditional, cond_dropout > 0); use 1.0")
-    if labels is None:
-        raise ValueError("classifier-free guidance needs labels")
-    null = torch.full((batch_size,), config.null_class, dtype=torch.long, device=labels.device)
-    return torch.cat([labels, null]), float(scale)
+                         "(class- or text-conditional, cond_dropout > 0); use 1.0")
+    if labels is None and text is None:
+        raise ValueError("classifier-free guidance needs labels or captions")
+    if labels is not None and config.null_class is not None:
+        labels = torch.cat([labels, torch.full_like(labels, config.null_class)])
+    if text is not None:
+        text = torch.cat([text, torch.zeros_like(text)])
+    return labels, text, float(scale)
 
 
 def _draw(logits: torch.Tensor, params: SamplingParams, forbidden: torch.Tensor,
@@ -253,6 +315,19 @@ def _sampler(fn: Callable[..., _Out]) -> Callable[..., _Out]:
     return wrapper
 
 
+def _batches(num_images: int, batch_size: int, labels: torch.Tensor | None, text: torch.Tensor | None
+             ) -> Iterator[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]:
+    """``(begin, n, labels[begin:begin+n], text[begin:begin+n])`` per batch of at most ``batch_size``."""
+    if labels is not None and labels.shape != (num_images,):
+        raise ValueError(f"labels must have shape ({num_images},), got {tuple(labels.shape)}")
+    if text is not None and (text.dim() != 2 or text.shape[0] != num_images):
+        raise ValueError(f"caption ids must have shape ({num_images}, text_len), got {tuple(text.shape)}")
+    for begin in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - begin)
+        yield (begin, n, None if labels is None else labels[begin:begin + n],
+               None if text is None else text[begin:begin + n])
+
+
 def sort_by_position(codes: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort each row of ``positions`` ``[B, N]`` into raster order; reorder ``codes`` ``[B, N]`` to match."""
     positions, order = positions.sort(dim=1)
@@ -261,21 +336,43 @@ def sort_by_position(codes: torch.Tensor, positions: torch.Tensor) -> tuple[torc
 
 def sample_tokens(model: nn.Module, n: int, labels: torch.Tensor | None, code_params: SamplingParams,
                   pos_params: SamplingParams, *, raster_order: bool = True, generator: torch.Generator | None = None,
-                  guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+                  guidance_scale: float = 1.0, text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``n`` token sequences from a :class:`Stackformer` or a :class:`FullGridTransformer` with KV caches:
     ``(codes, positions, raster_share)``, sorted by position (what the tokenizer decodes). ``raster_share`` is the
     share of consecutive positions the Stackformer sampled in increasing order (1.0 for the full grid)."""
     if isinstance(model, Stackformer):
         codes, positions = model.sample(n, labels, code_params, pos_params, raster_order=raster_order,
-                                        use_cache=True, generator=generator, guidance_scale=guidance_scale)
+                                        use_cache=True, generator=generator, guidance_scale=guidance_scale, text=text)
         share = float((positions[:, 1:] > positions[:, :-1]).double().mean()) if positions.shape[1] > 1 else 1.0
         codes, positions = sort_by_position(codes, positions)
         return codes, positions, share
     if isinstance(model, FullGridTransformer):
         codes = model.sample(n, labels, code_params, use_cache=True, generator=generator,
-                             guidance_scale=guidance_scale)
+                             guidance_scale=guidance_scale, text=text)
         return codes, torch.arange(codes.shape[1], device=codes.device).expand_as(codes), 1.0
     raise TypeError(f"sample_tokens: {type(model).__name__} is not a Stackformer or a FullGridTransformer")
+
+
+class _TextPrefix(nn.Module):
+    """The caption encoder and one linear map of its states per transformer stack (the prefix tokens)."""
+
+    def __init__(self, config: Any, stacks: int) -> None:
+        super().__init__()
+        self.encoder = TextEncoder(config.text_encoder_config())
+        self.maps = nn.ModuleList(nn.Linear(config.n_embd, config.n_embd) for _ in range(stacks))
+
+    def forward(self, text: torch.Tensor) -> list[torch.Tensor]:
+        """``[B, T]`` ids -> one ``[B, T, C]`` prefix per stack."""
+        states = self.encoder(text)
+        return [m(states) for m in self.maps]
+
+
+def _run_stack(stack: TransformerStack, x: torch.Tensor, cache: KVCache | None, prefix: torch.Tensor | None
+               ) -> torch.Tensor:
+    """``stack`` over ``x`` ``[B, T, C]``, after ``prefix`` ``[B, P, C]`` when given (its outputs dropped)."""
+    if prefix is None:
+        return stack(x, cache)
+    return stack(torch.cat([prefix, x], dim=1), cache)[:, prefix.shape[1]:]
 
 
 class Stackformer(nn.Module):
@@ -298,6 +395,7 @@ class Stackformer(nn.Module):
         self.pos_ln = nn.LayerNorm(c.n_embd)
         self.pos_head = nn.Linear(c.n_embd, c.pos_vocab_size, bias=False)
         self.apply(init_weights)
+        self.text = _TextPrefix(c, 2) if c.has_text else None  # its own init (after apply: position table)
 
     def num_params(self) -> int:
         """Number of parameters (shared tables counted once)."""
@@ -308,23 +406,30 @@ class Stackformer(nn.Module):
         return _start_tokens(labels, batch_size, self.config.codebook_size, self.config.num_classes,
                              self.code_emb.weight.device, self.config.null_class)
 
-    def _code_hidden(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache | None = None
-                     ) -> torch.Tensor:
+    def _code_hidden(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache | None = None,
+                     prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Code-Transformer states ``h`` ``[B, T, C]`` for input tokens ``idx``, ``pos`` ``[B, T]``.
 
-        The tokens occupy steps ``cache.length .. cache.length + T - 1`` (from 0 without a cache).
+        The tokens occupy steps ``cache.length - prefix_len ..`` (from 0 without a cache: then a text model passes
+        its ``prefix``; with a cache the prefix is already in it).
         """
-        start = 0 if cache is None else cache.length
+        start = 0 if cache is None else cache.length - self.config.prefix_len
         x = self.code_emb(idx) + self.pos_emb(pos) + self.step_emb[start:start + idx.shape[1]]
-        return self.code_stack(self.drop(x), cache)
+        return _run_stack(self.code_stack, self.drop(x), cache, prefix)
 
-    def _pos_hidden(self, h: torch.Tensor, next_codes: torch.Tensor, cache: KVCache | None = None
-                    ) -> torch.Tensor:
+    def _pos_hidden(self, h: torch.Tensor, next_codes: torch.Tensor, cache: KVCache | None = None,
+                    prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Position-Transformer states ``[B, T, C]`` from ``h`` ``[B, T, C]`` and next codes ``[B, T]``."""
-        return self.pos_stack(h + self.code_emb(next_codes), cache)
+        return _run_stack(self.pos_stack, h + self.code_emb(next_codes), cache, prefix)
 
-    def forward(self, codes: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None
-                ) -> StackformerOutput:
+    def _prefixes(self, text: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The (code, position) prefixes of captions ``text`` (Nones for a model without text)."""
+        if self.text is None:
+            return [None, None]
+        return list(self.text(text.to(self.step_emb.device)))
+
+    def forward(self, codes: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
+                text: torch.Tensor | None = None) -> StackformerOutput:
         """Teacher-forced logits and losses.
 
         Args:
@@ -332,6 +437,7 @@ class Stackformer(nn.Module):
             positions: ``[B, L]`` long, their grid cells in ``[0, G*G)``, raster-sorted per row (the model
                 learns the order it is trained on).
             labels: ``[B]`` long class ids for a class-conditional model, else None.
+            text: ``[B, text_len]`` long caption ids for a text-conditional model, else None.
         """
         c = self.config
         if codes.dim() != 2 or codes.shape != positions.shape or not 1 <= codes.shape[1] <= c.seq_len:
@@ -340,13 +446,15 @@ class Stackformer(nn.Module):
         _check_range(codes, c.codebook_size, "codes")
         _check_range(positions, c.num_positions, "positions")
         B = codes.shape[0]
-        labels = _drop_labels(labels, c.null_class, c.cond_dropout, self.training)
+        _check_text(c, text, B)
+        labels, text = _drop_conditions(c, labels, text, self.training)
+        code_prefix, pos_prefix = self._prefixes(text)
         start = self.start_tokens(labels, B)[:, None]
         idx = torch.cat([start, codes[:, :-1]], dim=1)
         pos = torch.cat([torch.full_like(start, c.num_positions), positions[:, :-1]], dim=1)
-        h = self._code_hidden(idx, pos)
+        h = self._code_hidden(idx, pos, prefix=code_prefix)
         code_logits = self.code_head(self.code_ln(h))
-        pos_logits = self.pos_head(self.pos_ln(self._pos_hidden(h, codes)))
+        pos_logits = self.pos_head(self.pos_ln(self._pos_hidden(h, codes, prefix=pos_prefix)))
         code_loss = F.cross_entropy(code_logits.flatten(0, 1), codes.flatten())
         pos_loss = F.cross_entropy(pos_logits.flatten(0, 1), positions.flatten())
         loss = code_loss + c.pos_loss_weight * pos_loss
@@ -356,7 +464,7 @@ class Stackformer(nn.Module):
     def sample(self, batch_size: int, labels: torch.Tensor | None = None,
                code_params: SamplingParams = SamplingParams(), pos_params: SamplingParams = SamplingParams(),
                raster_order: bool = False, use_cache: bool = True, generator: torch.Generator | None = None,
-               guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               guidance_scale: float = 1.0, text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``batch_size`` token sequences; call in eval mode (dropout is otherwise active).
 
         Each step runs the Code-Transformer and draws the next code (start tokens forbidden), then runs the
@@ -371,6 +479,7 @@ class Stackformer(nn.Module):
         Args:
             labels: ``[B]`` long class ids for a class-conditional model, else None.
             guidance_scale: classifier-free guidance for both heads (see the module docstring); 1.0 = none.
+            text: ``[B, text_len]`` long caption ids for a text-conditional model, else None.
         Returns:
             codes ``[B, N]`` long in ``[0, K)`` and positions ``[B, N]`` long in ``[0, G*G)``, unique per
             row, in sampling order (see :func:`sort_by_position`).
@@ -378,9 +487,11 @@ class Stackformer(nn.Module):
         c = self.config
         N, P, B = c.seq_len, c.num_positions, batch_size
         device, dtype = self.step_emb.device, self.step_emb.dtype
-        run_labels, scale = _guidance(c, labels, B, guidance_scale, device)
+        run_labels, run_text, scale = _guidance(c, labels, text, B, guidance_scale)
         R = B if scale is None else 2 * B  # rows the transformers run: with guidance, the null-class copy too
         start = self.start_tokens(run_labels, R)
+        code_prefix, pos_prefix = self._prefixes(run_text)
+        L = N + c.prefix_len
         # Step t reads (in_codes[:, t], in_pos[:, t]): the start token, then the tokens sampled so far.
         in_codes = torch.empty(R, N, dtype=torch.long, device=device)
         in_codes[:, 0] = start
@@ -391,14 +502,17 @@ class Stackformer(nn.Module):
         cells = torch.arange(c.pos_vocab_size, device=device)
         used = (cells == P).expand(B, -1).clone()
         previous = torch.full((B, 1), -1, dtype=torch.long, device=device)
-        code_cache = self.code_stack.new_cache(R, N, device=device, dtype=dtype) if use_cache else None
-        pos_cache = self.pos_stack.new_cache(R, N, device=device, dtype=dtype) if use_cache else None
+        code_cache = self.code_stack.new_cache(R, L, device=device, dtype=dtype) if use_cache else None
+        pos_cache = self.pos_stack.new_cache(R, L, device=device, dtype=dtype) if use_cache else None
+        if use_cache and code_prefix is not None:  # the caption prefix enters the caches once
+            self.code_stack(code_prefix.to(dtype), code_cache)
+            self.pos_stack(pos_prefix.to(dtype), pos_cache)
         rows = R // B  # each drawn token goes to this many rows
         for t in range(N):
             if use_cache:
                 h = self._code_hidden(in_codes[:, t:t + 1], in_pos[:, t:t + 1], code_cache)
             else:
-                h = self._code_hidden(in_codes[:, :t + 1], in_pos[:, :t + 1])
+                h = self._code_hidden(in_codes[:, :t + 1], in_pos[:, :t + 1], prefix=code_prefix)
             code = _draw(_guided(self.code_head(self.code_ln(h[:, -1])), B, scale), code_params, code_forbidden,
                          generator)
             codes[:, t] = code
@@ -406,7 +520,7 @@ class Stackformer(nn.Module):
             if use_cache:
                 g = self._pos_hidden(h, code_rows[:, None], pos_cache)
             else:
-                g = self._pos_hidden(h, codes[:, :t + 1].repeat(rows, 1))
+                g = self._pos_hidden(h, codes[:, :t + 1].repeat(rows, 1), prefix=pos_prefix)
             forbidden = used
             if raster_order:
                 forbidden = used | (cells <= previous) | (cells > P - N + t)
@@ -422,18 +536,16 @@ class Stackformer(nn.Module):
     def sample_many(self, num_images: int, batch_size: int, labels: torch.Tensor | None = None,
                     code_params: SamplingParams = SamplingParams(),
                     pos_params: SamplingParams = SamplingParams(), raster_order: bool = False,
-                    use_cache: bool = True, generator: torch.Generator | None = None, guidance_scale: float = 1.0
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    use_cache: bool = True, generator: torch.Generator | None = None, guidance_scale: float = 1.0,
+                    text: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield :meth:`sample` batches of at most ``batch_size`` until ``num_images`` sequences are drawn.
 
-        ``labels`` is ``[num_images]`` (sliced per batch) for a class-conditional model, else None.
+        ``labels`` is ``[num_images]`` and ``text`` ``[num_images, text_len]`` (sliced per batch) for a class- or
+        text-conditional model, else None.
         """
-        if labels is not None and labels.shape != (num_images,):
-            raise ValueError(f"labels must have shape ({num_images},), got {tuple(labels.shape)}")
-        for begin in range(0, num_images, batch_size):
-            n = min(batch_size, num_images - begin)
-            yield self.sample(n, None if labels is None else labels[begin:begin + n], code_params, pos_params,
-                              raster_order, use_cache, generator, guidance_scale)
+        for begin, n, batch_labels, batch_text in _batches(num_images, batch_size, labels, text):
+            yield self.sample(n, batch_labels, code_params, pos_params, raster_order, use_cache, generator,
+                              guidance_scale, batch_text)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -445,12 +557,16 @@ class FullGridConfig(_Vocabulary):
     n_embd: int
     n_head: int
     dropout: float = 0.0
-    cond_dropout: float = 0.0  # share of training labels replaced by the null class (classifier-free guidance)
+    cond_dropout: float = 0.0  # share of training conditions replaced by the null one (classifier-free guidance)
+    text_vocab_size: int = 0  # caption token ids (0 = not text-conditional)
+    text_len: int = 0  # caption ids per image
+    n_layer_text: int = 2  # text encoder depth
 
     def __post_init__(self) -> None:
         _validate_common("FullGridConfig", codebook_size=self.codebook_size, grid_size=self.grid_size,
                          num_classes=self.num_classes, n_embd=self.n_embd, n_head=self.n_head,
-                         dropout=self.dropout, cond_dropout=self.cond_dropout, layers={"n_layer": self.n_layer})
+                         dropout=self.dropout, cond_dropout=self.cond_dropout, layers={"n_layer": self.n_layer},
+                         text_vocab_size=self.text_vocab_size, text_len=self.text_len)
 
     @property
     def seq_len(self) -> int:
@@ -480,6 +596,7 @@ class FullGridTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(c.n_embd)
         self.head = nn.Linear(c.n_embd, c.code_vocab_size, bias=False)
         self.apply(init_weights)
+        self.text = _TextPrefix(c, 1) if c.has_text else None
 
     def num_params(self) -> int:
         """Number of parameters."""
@@ -490,27 +607,35 @@ class FullGridTransformer(nn.Module):
         return _start_tokens(labels, batch_size, self.config.codebook_size, self.config.num_classes,
                              self.code_emb.weight.device, self.config.null_class)
 
-    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """States ``[B, T, C]`` for input codes ``idx`` ``[B, T]`` at steps from ``cache.length`` (or 0)."""
-        start = 0 if cache is None else cache.length
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None, prefix: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """States ``[B, T, C]`` for input codes ``idx`` ``[B, T]`` at steps from ``cache.length - prefix_len`` (or 0,
+        after ``prefix`` for a text model without a cache)."""
+        start = 0 if cache is None else cache.length - self.config.prefix_len
         x = self.code_emb(idx) + self.step_emb[start:start + idx.shape[1]]
-        return self.stack(self.drop(x), cache)
+        return _run_stack(self.stack, self.drop(x), cache, prefix)
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> FullGridOutput:
+    def _prefix(self, text: torch.Tensor | None) -> torch.Tensor | None:
+        return None if self.text is None else self.text(text.to(self.step_emb.device))[0]
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, text: torch.Tensor | None = None
+                ) -> FullGridOutput:
         """Teacher-forced logits and loss for ``codes`` ``[B, L]`` (raster order, ``1 <= L <= G*G``)."""
         c = self.config
         if codes.dim() != 2 or not 1 <= codes.shape[1] <= c.seq_len:
             raise ValueError(f"codes must be [B, L] with 1 <= L <= {c.seq_len}; got {tuple(codes.shape)}")
         _check_range(codes, c.codebook_size, "codes")
-        labels = _drop_labels(labels, c.null_class, c.cond_dropout, self.training)
+        _check_text(c, text, codes.shape[0])
+        labels, text = _drop_conditions(c, labels, text, self.training)
         idx = torch.cat([self.start_tokens(labels, codes.shape[0])[:, None], codes[:, :-1]], dim=1)
-        logits = self.head(self.ln_f(self._hidden(idx)))
+        logits = self.head(self.ln_f(self._hidden(idx, prefix=self._prefix(text))))
         return FullGridOutput(logits, F.cross_entropy(logits.flatten(0, 1), codes.flatten()))
 
     @_sampler
     def sample(self, batch_size: int, labels: torch.Tensor | None = None,
                params: SamplingParams = SamplingParams(), use_cache: bool = True,
-               generator: torch.Generator | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+               generator: torch.Generator | None = None, guidance_scale: float = 1.0,
+               text: torch.Tensor | None = None) -> torch.Tensor:
         """Draw ``batch_size`` code grids ``[B, G*G]`` (raster order, codes in ``[0, K)``); call in eval mode.
 
         With ``use_cache`` each step reads one new token against the KV cache, otherwise it re-runs the
@@ -520,15 +645,19 @@ class FullGridTransformer(nn.Module):
         c = self.config
         S, B = c.seq_len, batch_size
         device, dtype = self.step_emb.device, self.step_emb.dtype
-        run_labels, scale = _guidance(c, labels, B, guidance_scale, device)
+        run_labels, run_text, scale = _guidance(c, labels, text, B, guidance_scale)
         R = B if scale is None else 2 * B
         inputs = torch.empty(R, S, dtype=torch.long, device=device)
         inputs[:, 0] = self.start_tokens(run_labels, R)
         codes = torch.empty(B, S, dtype=torch.long, device=device)
         forbidden = (torch.arange(c.code_vocab_size, device=device) >= c.codebook_size)[None]
-        cache = self.stack.new_cache(R, S, device=device, dtype=dtype) if use_cache else None
+        prefix = self._prefix(run_text)
+        cache = self.stack.new_cache(R, S + c.prefix_len, device=device, dtype=dtype) if use_cache else None
+        if use_cache and prefix is not None:
+            self.stack(prefix.to(dtype), cache)
         for t in range(S):
-            h = self._hidden(inputs[:, t:t + 1], cache) if use_cache else self._hidden(inputs[:, :t + 1])
+            h = (self._hidden(inputs[:, t:t + 1], cache) if use_cache
+                 else self._hidden(inputs[:, :t + 1], prefix=prefix))
             code = _draw(_guided(self.head(self.ln_f(h[:, -1])), B, scale), params, forbidden, generator)
             codes[:, t] = code
             if t + 1 < S:
@@ -537,11 +666,8 @@ class FullGridTransformer(nn.Module):
 
     def sample_many(self, num_images: int, batch_size: int, labels: torch.Tensor | None = None,
                     params: SamplingParams = SamplingParams(), use_cache: bool = True,
-                    generator: torch.Generator | None = None, guidance_scale: float = 1.0) -> Iterator[torch.Tensor]:
+                    generator: torch.Generator | None = None, guidance_scale: float = 1.0,
+                    text: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Yield :meth:`sample` batches of at most ``batch_size`` until ``num_images`` grids are drawn."""
-        if labels is not None and labels.shape != (num_images,):
-            raise ValueError(f"labels must have shape ({num_images},), got {tuple(labels.shape)}")
-        for begin in range(0, num_images, batch_size):
-            n = min(batch_size, num_images - begin)
-            batch_labels = None if labels is None else labels[begin:begin + n]
-            yield self.sample(n, batch_labels, params, use_cache, generator, guidance_scale)
+        for begin, n, batch_labels, batch_text in _batches(num_images, batch_size, labels, text):
+            yield self.sample(n, batch_labels, params, use_cache, generator, guidance_scale, batch_text)

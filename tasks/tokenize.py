@@ -49,6 +49,8 @@ from infra.storage import (
     sha256_file,
     stage_dir,
 )
+from infra.text import FILENAME as TEXT_TOKENIZER
+from infra.text import CaptionTokenizer
 from infra.tokens import DEFAULT_MAP_SIZE, TokenFormatError, TokenMeta, TokenWriter, read_meta, verify
 from models.metrics import code_stats
 from models.mqvae import to_model_input
@@ -82,6 +84,7 @@ class ShardJob:
     use_gpu: bool = False  # encode on the worker's CUDA device (a model passed to encode_shard decides instead)
     num_threads: int | None = None  # torch intra-op threads in the worker (None = leave as is)
     decode_threads: int = 1  # PNG decoding threads; > 1 overlaps decoding with a GPU's encoding
+    captioned: bool = False  # return the captions (every sample must have one)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class EncodedShard:
     seconds: float  # wall time of the task (hash, decode, encode)
     cpu_seconds: float  # CPU time of the task's process meanwhile (all its threads)
     device: str  # "cpu" or "cuda:<device name>"
+    captions: list[str] | None = None  # the samples' captions (captioned data), in record order
 
 
 _MODEL_CACHE: dict[tuple[str, str, str], torch.nn.Module] = {}
@@ -165,12 +169,15 @@ def encode_shard(job: ShardJob, model: torch.nn.Module | None = None) -> Encoded
         codes[start:start + len(images)] = tokens.codes.cpu().numpy()
         positions[start:start + len(images)] = tokens.positions.cpu().numpy()
 
+    captions: list[str | None] = []
+
     def samples() -> Iterator[tuple[str, bytes, int]]:
         for i, item in enumerate(read_shard(job.path)):
             if i >= job.count:
                 raise ShardIntegrityError(f"{job.path}: more samples than the {job.count} the manifest lists")
-            labels[i] = item[2]
-            yield item
+            labels[i] = item.label
+            captions.append(item.caption)
+            yield item[:3]
 
     pool = ThreadPoolExecutor(job.decode_threads) if job.decode_threads > 1 else None
     n = 0
@@ -195,8 +202,10 @@ def encode_shard(job: ShardJob, model: torch.nn.Module | None = None) -> Encoded
     if n != job.count:
         raise ShardIntegrityError(f"{job.path}: {n} samples, the manifest lists {job.count}")
     name = "cpu" if device.type == "cpu" else f"{device.type}:{torch.cuda.get_device_name(device)}"
+    if job.captioned and any(c is None for c in captions):
+        raise ShardIntegrityError(f"{job.path}: a sample has no caption in a captioned dataset")
     return EncodedShard(job.split, job.shard, codes, positions, labels, time.perf_counter() - t0,
-                        time.process_time() - cpu0, name)
+                        time.process_time() - cpu0, name, [c or "" for c in captions] if job.captioned else None)
 
 
 def _worker_threads(cfg: PipelineConfig) -> dict[str, int]:
@@ -228,17 +237,33 @@ def _ordered_map(pool: Any, fn: Any, items: Iterator[Any], window: int) -> Itera
 # --------------------------------------------------------------------------------------------- stage
 
 
-def stage_key(tokenizer_sha256: str, ingest_manifest_sha256: str) -> str:
-    return stable_hash({"stage": STAGE, "version": VERSION, "tokenizer": tokenizer_sha256,
-                        "ingest": ingest_manifest_sha256})
+def stage_key(tokenizer_sha256: str, ingest_manifest_sha256: str, text: dict[str, Any] | None = None) -> str:
+    """``text``: the caption settings (:func:`text_settings`) for captioned data, else None (not hashed)."""
+    d: dict[str, Any] = {"stage": STAGE, "version": VERSION, "tokenizer": tokenizer_sha256,
+                         "ingest": ingest_manifest_sha256}
+    if text is not None:
+        d["text"] = text
+    return stable_hash(d)
 
 
-def split_meta(split: str, tokenizer: TokenizerOutput, ingest: IngestOutput, shards: list[tuple[int, int]]
-               ) -> TokenMeta:
+def text_settings(cfg: PipelineConfig, ingest: IngestOutput) -> dict[str, Any] | None:
+    """What shapes the caption ids of captioned data (None for data without captions)."""
+    if not ingest.captioned:
+        return None
+    return {"vocab_size": cfg.text.vocab_size, "max_len": cfg.text.max_len, "tokenizer": TEXT_TOKENIZER_KIND}
+
+
+TEXT_TOKENIZER_KIND = "bpe-bytelevel/1"  # bump when infra.text's training recipe changes
+
+
+def split_meta(split: str, tokenizer: TokenizerOutput, ingest: IngestOutput, shards: list[tuple[int, int]],
+               text: CaptionTokenizer | None = None, text_len: int = 0, text_sha256: str = "") -> TokenMeta:
     """The metadata a split's database is created with (completion fields unset)."""
     return TokenMeta(split=split, codebook_size=tokenizer.codebook_size, grid_size=tokenizer.grid_size,
                      seq_len=tokenizer.seq_len, keep_ratio=tokenizer.keep_ratio, num_classes=ingest.num_classes,
-                     tokenizer_sha256=tokenizer.sha256, source_sha256=ingest.manifest_sha256, shards=tuple(shards))
+                     tokenizer_sha256=tokenizer.sha256, source_sha256=ingest.manifest_sha256, shards=tuple(shards),
+                     text_len=text_len if text is not None else 0,
+                     text_vocab_size=text.vocab_size if text is not None else 0, text_tokenizer_sha256=text_sha256)
 
 
 VERIFIED = ".verified.json"  # size and mtime of each database file when it last verified in full
@@ -276,6 +301,13 @@ def load_output(out_dir: Path) -> TokenizeOutput | None:
         if not meta.complete or meta.to_dict() != ref.metadata[split]:
             raise DamagedOutput(out_dir, f"{Path(db).name} does not match {SUCCESS}")
         fresh[split] = stamp
+    if ref.text_tokenizer:
+        try:
+            ok = sha256_file(ref.text_tokenizer) == ref.text_tokenizer_sha256
+        except OSError:
+            ok = False
+        if not ok:
+            raise DamagedOutput(out_dir, f"{TEXT_TOKENIZER} is missing or does not match {SUCCESS}")
     if fresh != stamps:
         with contextlib.suppress(OSError):
             atomic_write_json(stamps_file, fresh)
@@ -285,7 +317,8 @@ def load_output(out_dir: Path) -> TokenizeOutput | None:
 def cached(cfg: PipelineConfig, inputs: TokenizeInputs) -> TokenizeOutput | None:
     """The complete output for ``inputs`` if it exists (no computation), else None."""
     return load_output(stage_dir(cfg.run.root, STAGE, stage_key(inputs.train_tokenizer.sha256,
-                                                                inputs.ingest.manifest_sha256)))
+                                                                inputs.ingest.manifest_sha256,
+                                                                text_settings(cfg, inputs.ingest))))
 
 
 def check_inputs(inputs: TokenizeInputs) -> None:
@@ -307,7 +340,7 @@ def run(cfg: PipelineConfig, inputs: TokenizeInputs, *, force: bool = False, par
         raise ValueError(f"run.root={cfg.run.root!r}: tokenize writes LMDB databases, which need a local disk")
     check_inputs(inputs)
     tokenizer, ingest = inputs.train_tokenizer, inputs.ingest
-    key = stage_key(tokenizer.sha256, ingest.manifest_sha256)
+    key = stage_key(tokenizer.sha256, ingest.manifest_sha256, text_settings(cfg, ingest))
     out_dir = stage_dir(cfg.run.root, STAGE, key)
 
     def compute() -> TokenizeOutput:
@@ -327,7 +360,10 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
     t_start = time.perf_counter()
     shard_set = ShardSet.from_output(ingest)
     inputs = {split: shard_set.shards(split) if split in shard_set.splits else [] for split in SPLITS}
-    metas = {split: split_meta(split, tokenizer, ingest, [(i, s.num_samples) for i, s in enumerate(inputs[split])])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text, text_sha = _caption_tokenizer(cfg, ingest, inputs["train"], out_dir)
+    metas = {split: split_meta(split, tokenizer, ingest, [(i, s.num_samples) for i, s in enumerate(inputs[split])],
+                               text, cfg.text.max_len, text_sha)
              for split in SPLITS}
     num_shards = sum(len(v) for v in inputs.values())
     m = metas["train"]
@@ -335,9 +371,10 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
               "ingest_manifest_sha256": ingest.manifest_sha256, "encode_batch_size": ENCODE_BATCH_SIZE,
               "format_version": m.format_version, "codebook_size": m.codebook_size, "grid_size": m.grid_size,
               "seq_len": m.seq_len, "keep_ratio": m.keep_ratio}
+    if text is not None:
+        params.update(text_vocab_size=text.vocab_size, text_len=cfg.text.max_len, text_tokenizer_sha256=text_sha)
     tags = {"mqgen.tokenizer_run_id": tokenizer.mlflow_run_id, "mqgen.ingest_run_id": ingest.mlflow_run_id,
             "mqgen.use_gpu": cfg.ray.use_gpu, "mqgen.cpus_per_task": cfg.ray.cpus_per_worker or 1}
-    out_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     with tracker.stage_run(STAGE, key, params=params, tags=tags, parent_run_id=parent_run_id) as sr:
         sr.log_dataset(f"ingest-{ingest.key}", ingest.manifest_sha256, Path(ingest.path) / "manifest.json", "input",
@@ -350,13 +387,14 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
                 done = writers[split].done_shards()
                 jobs += [ShardJob(split=split, shard=i, path=s.path, count=s.num_samples, sha256=s.sha256,
                                   tokenizer=tokenizer, image_size=ingest.image_size, channels=ingest.channels,
-                                  use_gpu=cfg.ray.use_gpu, **_worker_threads(cfg))
+                                  use_gpu=cfg.ray.use_gpu, captioned=text is not None, **_worker_threads(cfg))
                          for i, s in enumerate(inputs[split]) if i not in done]
             if len(jobs) < num_shards:
                 log.info("tokenize %s: resuming, %d of %d shards already written", key, num_shards - len(jobs),
                          num_shards)
             t_loop = time.perf_counter()
-            encoded_images, first_result_s, worker_cpu_s = _encode_and_write(cfg, key, jobs, writers, num_shards)
+            encoded_images, first_result_s, worker_cpu_s, captions_cut = _encode_and_write(
+                cfg, key, jobs, writers, num_shards, text)
             loop_seconds = time.perf_counter() - t_loop
             finished = {split: writers[split].finalize() for split in SPLITS}
             map_grows = sum(w.map_grows for w in writers.values())
@@ -372,6 +410,9 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
                    "worker_cpu_s": worker_cpu_s,  # CPU time of the shard tasks (not the workers' start-up)
                    "db_bytes": sum(_db_bytes(out_dir / f"{s}.lmdb") for s in SPLITS), "map_grows": map_grows,
                    "train_code_usage": usage["usage"], "train_code_perplexity": usage["perplexity"]}
+        if text is not None:
+            metrics.update(text_vocab_size=text.vocab_size, captions_cut=captions_cut)
+            sr.log_artifact(out_dir / TEXT_TOKENIZER, "tokens")
         sr.log_metrics(metrics, step=sr.last_step("num_train") + 1)  # a forced rerun logs at the next step
         metadata = {s: finals[s].to_dict() for s in SPLITS}
         sr.log_dict(metadata, "tokens/metadata.json")
@@ -381,7 +422,9 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
         ref = TokenizeOutput(path=str(out_dir.resolve()), key=key, num_train=finals["train"].num_records,
                              num_val=finals["val"].num_records, train_db=str((out_dir / "train.lmdb").resolve()),
                              val_db=str((out_dir / "val.lmdb").resolve()), metadata=metadata, checksum=checksum,
-                             mlflow_run_id=sr.run_id, metrics={k: float(v) for k, v in metrics.items()})
+                             mlflow_run_id=sr.run_id, metrics={k: float(v) for k, v in metrics.items()},
+                             text_tokenizer=str((out_dir / TEXT_TOKENIZER).resolve()) if text is not None else "",
+                             text_tokenizer_sha256=text_sha)
         atomic_write_json(out_dir / VERIFIED, {s: _db_stamp(out_dir / f"{s}.lmdb") for s in SPLITS})  # just scanned
         atomic_write_json(out_dir / SUCCESS, ref.to_dict())  # the commit marker: last
         log.info("tokenize %s: %d train + %d val records (%d shards encoded, %d resumed), %.0f images/s -> %s", key,
@@ -389,29 +432,57 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
     return ref
 
 
-def _encode_and_write(cfg: PipelineConfig, key: str, jobs: list[ShardJob], writers: dict[str, TokenWriter],
-                      num_shards: int) -> tuple[int, float, float]:
-    """Encode ``jobs`` on Ray workers and commit each result as it arrives.
+def _caption_tokenizer(cfg: PipelineConfig, ingest: IngestOutput, train_shards: list[Any], out_dir: Path
+                       ) -> tuple[CaptionTokenizer | None, str]:
+    """For captioned data: the caption tokenizer trained on the training captions (in shard order), saved as
+    ``text_tokenizer.json`` in ``out_dir``, and its sha256 (a resumed run retrains it; the databases' metadata
+    then refuses a tokenizer that came out different). ``(None, "")`` without captions."""
+    if not ingest.captioned:
+        return None, ""
+    from infra.shards import read_shard
 
-    Returns the number of images encoded, the seconds until the first shard was committed, and the CPU
-    seconds the shard tasks used.
+    def captions() -> Iterator[str]:
+        for s in train_shards:
+            for r in read_shard(s.path):
+                if r.caption:
+                    yield r.caption
+
+    t0 = time.perf_counter()
+    tok = CaptionTokenizer.train(captions(), cfg.text.vocab_size)
+    tok.save(out_dir / TEXT_TOKENIZER)
+    sha = sha256_file(out_dir / TEXT_TOKENIZER)
+    log.info("tokenize: caption tokenizer of %d ids trained in %.1f s", tok.vocab_size, time.perf_counter() - t0)
+    return tok, sha
+
+
+def _encode_and_write(cfg: PipelineConfig, key: str, jobs: list[ShardJob], writers: dict[str, TokenWriter],
+                      num_shards: int, text: CaptionTokenizer | None = None) -> tuple[int, float, float, int]:
+    """Encode ``jobs`` on Ray workers and commit each result as it arrives (with its caption ids when ``text``).
+
+    Returns the number of images encoded, the seconds until the first shard was committed, the CPU
+    seconds the shard tasks used and the number of captions cut to ``text.max_len`` ids.
     """
     from infra import ray as rayx
     from infra.console import Progress
 
-    encoded, t0, first, cpu = 0, time.perf_counter(), 0.0, 0.0
+    encoded, t0, first, cpu, cut = 0, time.perf_counter(), 0.0, 0.0, 0
     bar = Progress(STAGE, num_shards, unit="shards", start=num_shards - len(jobs))
     # ordered: shards arrive (and are committed) in key order, so every transaction is an append
     results = rayx.map_tasks(encode_shard, jobs, num_cpus=cfg.ray.cpus_per_worker or 1,
                              num_gpus=1 if cfg.ray.use_gpu else 0, ordered=True)
     with bar, contextlib.closing(results):
         for _, enc in results:
-            writers[enc.split].write_shard(enc.shard, enc.codes, enc.positions, enc.labels, device=enc.device)
+            ids = None
+            if text is not None:
+                ids, n_cut = text.encode(enc.captions or [], cfg.text.max_len)
+                cut += n_cut
+            writers[enc.split].write_shard(enc.shard, enc.codes, enc.positions, enc.labels, device=enc.device,
+                                           text=ids)
             encoded += len(enc.labels)
             first = first or time.perf_counter() - t0
             cpu += enc.cpu_seconds
             bar.advance(1, img_s=encoded / (time.perf_counter() - t0))
-    return encoded, first, cpu
+    return encoded, first, cpu, cut
 
 
 def _db_bytes(path: Path) -> int:

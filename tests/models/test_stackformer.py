@@ -390,7 +390,7 @@ def test_guidance_adds_a_null_class_and_training_drops_labels_to_it():
     guided = stackformer_config(num_classes=3, cond_dropout=0.2)
     assert plain.null_class is None and guided.null_class == 3
     assert guided.code_vocab_size == plain.code_vocab_size + 1
-    with pytest.raises(ValueError, match="needs a class-conditional model"):
+    with pytest.raises(ValueError, match="needs a class- or text-conditional model"):
         stackformer_config(num_classes=0, cond_dropout=0.1)
     with pytest.raises(ValueError, match="cond_dropout must be in"):
         fullgrid_config(num_classes=3, cond_dropout=1.0)
