@@ -232,7 +232,9 @@ class StackformerSection:
     """
 
     model: Literal["stackformer", "fullgrid"] = "stackformer"
-    conditional: bool = True  # class-conditional when the data has labels (unconditional otherwise)
+    # conditional on the captions when the data has them (text.*; labels are then not used), else on the class
+    # labels when it has those, else unconditional
+    conditional: bool = True
     n_layer_code: int = 3  # Code-Transformer depth (fullgrid: depth = n_layer_code + n_layer_pos)
     n_layer_pos: int = 3  # Position-Transformer depth
     n_embd: int = 128
@@ -273,8 +275,8 @@ class StackformerSection:
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ConfigError(f"stackformer.cond_dropout={self.cond_dropout} must be in [0, 1)")
         if self.cond_dropout > 0 and not self.conditional:
-            raise ConfigError("stackformer.cond_dropout trains classifier-free guidance of a class-conditional "
-                              "model; it needs stackformer.conditional=true")
+            raise ConfigError("stackformer.cond_dropout trains classifier-free guidance of a class- or "
+                              "text-conditional model; it needs stackformer.conditional=true")
         if self.num_eval_records is not None and self.num_eval_records < 1:
             raise ConfigError(f"stackformer.num_eval_records={self.num_eval_records} must be >= 1 "
                               "(or null for the whole val split)")
@@ -545,6 +547,26 @@ def _preset_tiny() -> dict[str, Any]:
     return d
 
 
+# Text-conditional generation on the generated, captioned shapes data (infra.shapes): 32 px RGB scenes of one or
+# two coloured shapes; the Stackformer reads the caption through a text encoder and is trained for guidance.
+_TEXT = {"data": {"source": "shapes", "channels": 3}, "stackformer": {"cond_dropout": 0.1},
+         "text": {"vocab_size": 512, "max_len": 16}}
+
+
+def _preset_shapes_text() -> dict[str, Any]:
+    d = _preset_fmnist()
+    _deep_merge(d, _TEXT)
+    return d
+
+
+def _preset_tiny_text() -> dict[str, Any]:
+    d = _preset_tiny()
+    _deep_merge(d, _TEXT)
+    _deep_merge(d, {"data": {"shapes_train": 512, "shapes_val": 128, "max_images": None},
+                    "text": {"vocab_size": 300, "n_layer": 1}})
+    return d
+
+
 def _paper(ch_mult: list[int], attn: int, keep_ratio: float) -> dict[str, Any]:
     # The model and loss defaults are the released f16 architecture; f8 differs in depth, attention and mask.
     return {
@@ -568,6 +590,8 @@ def _paper(ch_mult: list[int], attn: int, keep_ratio: float) -> dict[str, Any]:
 PRESETS: dict[str, typing.Callable[[], dict[str, Any]]] = {
     "fmnist": _preset_fmnist,
     "tiny": _preset_tiny,
+    "shapes-text": _preset_shapes_text,
+    "tiny-text": _preset_tiny_text,
     "paper-f8": lambda: _paper([1, 1, 2, 2], 32, 0.25),
     "paper-f16": lambda: _paper([1, 1, 2, 2, 4], 16, 0.75),
 }
@@ -1022,39 +1046,55 @@ def token_layout(cfg: PipelineConfig) -> TokenLayout:
     return TokenLayout(codebook_size=m.codebook_size, grid_size=m.grid_size, seq_len=m.num_kept)
 
 
-def stackformer_config(s: StackformerSection, tokenizer: Any, *, num_classes: int) -> Any:
+def _condition(s: StackformerSection, num_classes: int, text: Any) -> dict[str, Any]:
+    """The conditioning fields of a generator config: captions first, else classes, else none."""
+    if s.conditional and text is not None and text.text_len > 0:
+        fields = {"num_classes": 0, "text_vocab_size": text.text_vocab_size, "text_len": text.text_len,
+                  "n_layer_text": text.n_layer}
+    else:
+        fields = {"num_classes": num_classes if s.conditional else 0}
+    if s.cond_dropout > 0 and not fields["num_classes"] and not fields.get("text_len"):
+        raise ConfigError(f"stackformer.cond_dropout={s.cond_dropout} needs class labels or captions, and this data "
+                          "has neither (an unconditional model has nothing to guide); set it to 0")
+    return {**fields, "cond_dropout": s.cond_dropout}
+
+
+@dataclass(frozen=True)
+class TextShape:
+    """What the generator's text encoder reads: ``text_len`` ids < ``text_vocab_size``, ``n_layer`` blocks."""
+
+    text_len: int
+    text_vocab_size: int
+    n_layer: int
+
+
+def stackformer_config(s: StackformerSection, tokenizer: Any, *, num_classes: int, text: TextShape | None = None
+                       ) -> Any:
     """The ``models.stackformer.StackformerConfig`` of section ``s`` on the tokens of ``tokenizer`` (anything with
     ``codebook_size``, ``grid_size`` and ``seq_len``: a ``TokenizerOutput``), which fix the vocabulary and the
     sequence; the section fixes the network.
 
-    ``num_classes`` is the label count of the data (0 = unlabeled); the model is class-conditional only
-    when ``stackformer.conditional`` is set and the data has labels.
+    ``num_classes`` is the label count of the data (0 = unlabeled) and ``text`` the caption ids of captioned data;
+    with ``stackformer.conditional`` the model is text-conditional when there are captions, else class-conditional
+    when there are labels.
     """
     from models.stackformer import StackformerConfig
 
     return StackformerConfig(codebook_size=tokenizer.codebook_size, grid_size=tokenizer.grid_size,
-                             seq_len=tokenizer.seq_len, num_classes=num_classes if s.conditional else 0,
-                             n_layer_code=s.n_layer_code, n_layer_pos=s.n_layer_pos, n_embd=s.n_embd,
-                             n_head=s.n_head, dropout=s.dropout, pos_loss_weight=s.pos_loss_weight,
-                             cond_dropout=_cond_dropout(s, num_classes if s.conditional else 0))
+                             seq_len=tokenizer.seq_len, n_layer_code=s.n_layer_code, n_layer_pos=s.n_layer_pos,
+                             n_embd=s.n_embd, n_head=s.n_head, dropout=s.dropout, pos_loss_weight=s.pos_loss_weight,
+                             **_condition(s, num_classes, text))
 
 
-def _cond_dropout(s: StackformerSection, num_classes: int) -> float:
-    if s.cond_dropout > 0 and num_classes == 0:
-        raise ConfigError(f"stackformer.cond_dropout={s.cond_dropout} needs class labels, and this data has none "
-                          "(an unconditional model has nothing to guide); set it to 0")
-    return s.cond_dropout
-
-
-def fullgrid_config(s: StackformerSection, tokenizer: Any, *, num_classes: int) -> Any:
+def fullgrid_config(s: StackformerSection, tokenizer: Any, *, num_classes: int, text: TextShape | None = None
+                    ) -> Any:
     """The ``models.stackformer.FullGridConfig`` of the full-grid baseline: all ``G*G`` codes of ``tokenizer``'s
     grid, ``n_layer_code + n_layer_pos`` blocks of the section's width (same total depth and width)."""
     from models.stackformer import FullGridConfig
 
     return FullGridConfig(codebook_size=tokenizer.codebook_size, grid_size=tokenizer.grid_size,
-                          num_classes=num_classes if s.conditional else 0,
                           n_layer=s.n_layer_code + s.n_layer_pos, n_embd=s.n_embd, n_head=s.n_head,
-                          dropout=s.dropout, cond_dropout=_cond_dropout(s, num_classes if s.conditional else 0))
+                          dropout=s.dropout, **_condition(s, num_classes, text))
 
 
 def sampling_params(sampling: SamplingSection) -> tuple[Any, Any]:

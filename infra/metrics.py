@@ -31,7 +31,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,67 @@ def load_classifier(path: str | Path, expected_sha256: str | None = None) -> tup
     net.load_state_dict(state, strict=True)
     net.requires_grad_(False)
     return net.eval(), json.loads(header.get("meta", "{}"))
+
+
+CAPTION_GRAMMARS = ("shapes",)  # caption grammars an evaluator can score alignment with
+
+
+def attribute_targets(grammar: str, captions: Sequence[str | None]) -> torch.Tensor:
+    """``[B, heads]`` long targets of the grammar's attribute heads (-1: not applicable or unparsable)."""
+    if grammar != "shapes":
+        raise ValueError(f"unknown caption grammar {grammar!r} (known: {', '.join(CAPTION_GRAMMARS)})")
+    from infra import shapes
+
+    return torch.tensor([shapes.attribute_targets(shapes.parse_caption(c) if c else None) for c in captions],
+                        dtype=torch.long).reshape(len(captions), len(shapes.ATTRIBUTE_HEADS))
+
+
+def attribute_heads(grammar: str) -> tuple[tuple[str, int], ...]:
+    """``(name, values)`` of each attribute head of ``grammar``."""
+    from infra import shapes
+
+    if grammar != "shapes":
+        raise ValueError(f"unknown caption grammar {grammar!r} (known: {', '.join(CAPTION_GRAMMARS)})")
+    return shapes.ATTRIBUTE_HEADS
+
+
+@torch.no_grad()
+def caption_alignment(net: ClassifierNet, images: torch.Tensor, captions: Sequence[str | None], grammar: str,
+                      batch_size: int = 500) -> dict[str, float]:
+    """How well uint8 ``images`` match their ``captions`` by the classifier's attribute heads.
+
+    ``caption_alignment``: share of images whose every applicable attribute (count, each object's shape, colour
+    and size, the layout) is predicted as the caption says; ``caption_alignment_<head>``: per attribute, over
+    the images it applies to; ``caption_alignment_seen`` / ``_heldout``: the first figure over captions without /
+    with a colour-shape pair held out of training (shapes grammar). Captions that do not parse are left out
+    (``caption_unparsed`` counts them).
+    """
+    from infra import shapes
+
+    if not net.cfg.attribute_heads:
+        raise ValueError("this evaluator classifier has no attribute heads (it was not trained on captions)")
+    targets = attribute_targets(grammar, captions)
+    device = next(net.parameters()).device
+    preds = []
+    for i in range(0, images.shape[0], batch_size):
+        features, _ = net(to_classifier_input(images[i:i + batch_size].to(device), net.cfg))
+        preds.append(torch.stack([lg.argmax(1) for lg in net.attribute_logits(features)], dim=1).cpu())
+    pred = torch.cat(preds) if preds else torch.empty(0, len(net.cfg.attribute_heads), dtype=torch.long)
+    parsed = targets[:, 0] >= 0
+    applies = targets >= 0
+    ok = ((pred == targets) | ~applies).all(dim=1) & parsed
+    out: dict[str, float] = {"caption_unparsed": float((~parsed).sum()), "caption_scored": float(parsed.sum())}
+    n = int(parsed.sum())
+    out["caption_alignment"] = float(ok.sum()) / n if n else math.nan
+    for h, (name, _) in enumerate(attribute_heads(grammar)):
+        m = applies[:, h]
+        out[f"caption_alignment_{name}"] = float((pred[m, h] == targets[m, h]).double().mean()) if m.any() else math.nan
+    held = torch.tensor([bool(c) and (sc := shapes.parse_caption(c)) is not None and shapes.is_heldout(sc)
+                         for c in captions], dtype=torch.bool)
+    for name, sel in (("seen", parsed & ~held), ("heldout", parsed & held)):
+        out[f"caption_alignment_{name}"] = float(ok[sel].double().mean()) if sel.any() else math.nan
+        out[f"caption_scored_{name}"] = float(sel.sum())
+    return out
 
 
 @torch.no_grad()

@@ -152,6 +152,7 @@ class EvaluatorOutput(Ref):
     num_val: int = 0
     classes: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    caption_grammar: str | None = None  # the classifier also has the attribute heads of this caption grammar
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,14 @@ class StackformerOutput(Ref):
     mlflow_run_id: str = ""
     tokenizer_sha256: str = ""  # the MQ-VAE whose tokens the model was trained on (decodes its samples)
     num_classes: int = 0  # 0 = unconditional
+    # a text-conditional model: the caption tokenizer (infra.text) whose ids it reads, copied beside its weights
+    text_tokenizer: str = ""
+    text_tokenizer_sha256: str = ""
+
+    @property
+    def text_len(self) -> int:
+        """Caption ids the model reads (0: not text-conditional)."""
+        return int(self.model_config.get("text_len", 0)) if self.model_config.get("text_vocab_size") else 0
 
     @property
     def tokens_per_image(self) -> int:

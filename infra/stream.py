@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import random
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,14 +27,15 @@ class RawSample:
     key: str
     png: bytes
     label: int  # -1 when unlabeled
+    caption: str | None = None  # None when the sample has no caption
 
 
 def iter_shard(path: str) -> Iterator[RawSample]:
     """Samples of one of our verified ingest shards, in file order (see ``infra.shards.read_shard``)."""
     from infra.shards import read_shard
 
-    for key, png, label, _ in read_shard(path):
-        yield RawSample(key, png, label)
+    for key, png, label, caption in read_shard(path):
+        yield RawSample(key, png, label, caption)
 
 
 def decode_png(data: bytes, channels: int) -> torch.Tensor:
@@ -53,7 +54,9 @@ class TrainStream:
     """Endless batches ``(images uint8 [B, C, H, W], labels long [B])`` for one rank."""
 
     def __init__(self, shards: Sequence[tuple[str, int]], *, rank: int, world_size: int, batch_size: int,
-                 channels: int, seed: int, shuffle_buffer: int = 2048, start_sample: int = 0):
+                 channels: int, seed: int, shuffle_buffer: int = 2048, start_sample: int = 0,
+                 targets: Callable[[list[str | None]], torch.Tensor] | None = None):
+        self.targets = targets
         if not shards:
             raise ValueError("no shards to train on")
         ordered = sorted(shards)
@@ -94,10 +97,13 @@ class TrainStream:
         rng.shuffle(buf)
         yield from buf
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """``(images, labels)`` batches, plus ``targets(captions)`` (a ``[B, ...]`` tensor) when the stream has a
+        ``targets`` function."""
         epoch, skip = divmod(self.consumed, self.samples_per_epoch)
         images: list[torch.Tensor] = []
         labels: list[int] = []
+        captions: list[str | None] = []
         while True:
             for s in self._epoch(epoch):
                 if skip:
@@ -105,16 +111,19 @@ class TrainStream:
                     continue
                 images.append(decode_png(s.png, self.channels))
                 labels.append(s.label)
+                captions.append(s.caption)
                 if len(images) == self.batch_size:
                     self.consumed += self.batch_size
-                    yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
-                    images, labels = [], []
+                    batch = (torch.stack(images), torch.tensor(labels, dtype=torch.long))
+                    yield batch if self.targets is None else (*batch, self.targets(captions))
+                    images, labels, captions = [], [], []
             epoch += 1
 
 
-def iter_eval_batches(shards: Sequence[tuple[str, int]], batch_size: int, channels: int, limit: int | None = None
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Every sample once (the first ``limit``), in shard order: ``(images uint8, labels, keys)`` batches."""
+def iter_eval_batches(shards: Sequence[tuple[str, int]], batch_size: int, channels: int, limit: int | None = None,
+                      with_captions: bool = False) -> Iterator[tuple[Any, ...]]:
+    """Every sample once (the first ``limit``), in shard order: ``(images uint8, labels, keys)`` batches (and
+    the captions, a list with None for an uncaptioned sample, when ``with_captions``)."""
 
     def samples() -> Iterator[RawSample]:
         seen = 0
@@ -129,12 +138,13 @@ def iter_eval_batches(shards: Sequence[tuple[str, int]], batch_size: int, channe
     for s in samples():
         batch.append(s)
         if len(batch) == batch_size:
-            yield _collate(batch, channels)
+            yield _collate(batch, channels, with_captions)
             batch = []
     if batch:
-        yield _collate(batch, channels)
+        yield _collate(batch, channels, with_captions)
 
 
-def _collate(batch: list[RawSample], channels: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    return (torch.stack([decode_png(s.png, channels) for s in batch]),
-            torch.tensor([s.label for s in batch], dtype=torch.long), [s.key for s in batch])
+def _collate(batch: list[RawSample], channels: int, with_captions: bool = False) -> tuple[Any, ...]:
+    out = (torch.stack([decode_png(s.png, channels) for s in batch]),
+           torch.tensor([s.label for s in batch], dtype=torch.long), [s.key for s in batch])
+    return (*out, [s.caption for s in batch]) if with_captions else out

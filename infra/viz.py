@@ -65,6 +65,33 @@ def side_by_side(*rows: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows_u8, dim=1).flatten(0, 1)
 
 
+def captioned_grid(images: torch.Tensor, captions: list[str], ncol: int = 4, cell: int = 128) -> np.ndarray:
+    """Images (uint8 ``[B, C, H, W]``) scaled to ``cell`` pixels, each with its caption written under it (wrapped),
+    ``ncol`` per row, on white."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    lines = [textwrap.wrap(c, width=max(8, cell // 7))[:4] for c in captions]
+    text_h = 12 * max((len(x) for x in lines), default=1) + 4
+    b = images.shape[0]
+    rows = int(math.ceil(b / ncol))
+    canvas = Image.new("RGB", (ncol * (cell + 8) + 8, rows * (cell + text_h + 8) + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    imgs = images.cpu()
+    if imgs.shape[1] == 1:
+        imgs = imgs.expand(-1, 3, -1, -1)
+    for i in range(b):
+        r, c = divmod(i, ncol)
+        x, y = 8 + c * (cell + 8), 8 + r * (cell + text_h + 8)
+        tile = Image.fromarray(imgs[i].permute(1, 2, 0).numpy()).resize((cell, cell), Image.NEAREST)
+        canvas.paste(tile, (x, y))
+        for j, line in enumerate(lines[i]):
+            draw.text((x, y + cell + 2 + 12 * j), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     from PIL import Image
 

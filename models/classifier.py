@@ -19,8 +19,14 @@ class ClassifierNetConfig:
     image_size: int  # square side the network is trained at (the ingested image size)
     num_classes: int
     width: int = 32  # channels of the first block; the penultimate features have 4 * width dimensions
+    # extra heads on the same features, one per attribute of a caption grammar (e.g. shapes: count, colours,
+    # shapes, sizes, layout), each with its number of values; () = none
+    attribute_heads: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "attribute_heads", tuple(int(h) for h in self.attribute_heads))
+        if any(h < 2 for h in self.attribute_heads):
+            raise ValueError(f"ClassifierNetConfig: every attribute head needs >= 2 values, got {self.attribute_heads}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"ClassifierNetConfig: in_channels must be 1 or 3, got {self.in_channels}")
         if self.image_size < 4:
@@ -58,10 +64,17 @@ class ClassifierNet(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.drop = nn.Dropout(0.2)
         self.head = nn.Linear(4 * w, cfg.num_classes)
+        self.attr_head = nn.Linear(4 * w, sum(cfg.attribute_heads)) if cfg.attribute_heads else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.body(x)
         return features, self.head(self.drop(features))
+
+    def attribute_logits(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """One ``[B, values]`` logit tensor per attribute head, from :meth:`forward`'s features."""
+        if self.attr_head is None:
+            return []
+        return list(self.attr_head(self.drop(features)).split(list(self.cfg.attribute_heads), dim=1))
 
 
 def to_classifier_input(images: torch.Tensor, cfg: ClassifierNetConfig) -> torch.Tensor:

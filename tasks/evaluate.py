@@ -238,23 +238,25 @@ def balanced_labels(num: int, num_classes: int) -> torch.Tensor | None:
 
 
 def sample_batch(model: Any, tokenizer: Any, n: int, labels: torch.Tensor | None, cfg: PipelineConfig,
-                 generator: torch.Generator, device: torch.device) -> SampleBatch:
-    """Sample ``n`` token sequences (KV caches on), decode them; time both phases separately."""
+                 generator: torch.Generator, device: torch.device, text: torch.Tensor | None = None) -> SampleBatch:
+    """Sample ``n`` token sequences (KV caches on; ``text``: caption ids for a text model), decode them; time
+    both phases separately."""
     from infra.viz import to_uint8
     from models.stackformer import sample_tokens
 
     s = cfg.evaluate.sampling
-    if s.guidance_scale != 1.0 and getattr(model.config, "null_class", None) is None:
+    if s.guidance_scale != 1.0 and not getattr(model.config, "guided", False):
         raise ConfigError(f"evaluate.sampling.guidance_scale={s.guidance_scale}: this model was not trained for "
-                          "classifier-free guidance (it needs a class-conditional model trained with "
+                          "classifier-free guidance (it needs a class- or text-conditional model trained with "
                           "stackformer.cond_dropout > 0); use guidance_scale=1")
     code_params, pos_params = sampling_params(s)
     lab = labels.to(device) if labels is not None else None
+    txt = text.to(device) if text is not None else None
     _sync(device)
     c0, t0 = time.process_time(), time.perf_counter()
     with torch.inference_mode():
         codes, positions, share = sample_tokens(model, n, lab, code_params, pos_params, raster_order=s.raster_order,
-                                                generator=generator, guidance_scale=s.guidance_scale)
+                                                generator=generator, guidance_scale=s.guidance_scale, text=txt)
         _sync(device)
         c1, t1 = time.process_time(), time.perf_counter()
         images = to_uint8(tokenizer.decode(codes, positions))
@@ -296,8 +298,9 @@ def _save_batch(path: Path, fingerprint: str, b: SampleBatch) -> None:
 
 
 def generate(model: Any, tokenizer: Any, cfg: PipelineConfig, *, key: str, num_classes: int, sampling_seed: int,
-             batch_dir: Path, device: torch.device) -> tuple[SampleBatch, int]:
-    """All ``evaluate.num_samples`` samples (resuming finished batches); returns them and the resumed count."""
+             batch_dir: Path, device: torch.device, text: torch.Tensor | None = None) -> tuple[SampleBatch, int]:
+    """All ``evaluate.num_samples`` samples (resuming finished batches; sample ``i`` of a text model reads the
+    caption ids ``text[i]``); returns them and the resumed count."""
     from infra.console import Progress
 
     e = cfg.evaluate
@@ -320,11 +323,12 @@ def generate(model: Any, tokenizer: Any, cfg: PipelineConfig, *, key: str, num_c
             if not warmed:  # one small untimed batch first: lazy initialisation must not count as speed
                 g = torch.Generator(device=device).manual_seed(sampling_seed - 1)
                 warm_labels = None if labels is None else labels[:min(n, 8)]
-                sample_batch(model, tokenizer, min(n, 8), warm_labels, cfg, g, device)
+                sample_batch(model, tokenizer, min(n, 8), warm_labels, cfg, g, device,
+                             None if text is None else text[:min(n, 8)])
                 warmed = True
             g = torch.Generator(device=device).manual_seed(seed)
             b = sample_batch(model, tokenizer, n, None if labels is None else labels[begin:begin + n], cfg, g,
-                             device)
+                             device, None if text is None else text[begin:begin + n])
             _save_batch(path, fingerprint, b)
         batches.append(b)
         progress.update(index + 1, img_s=b.images.shape[0] / max(b.sample_seconds + b.decode_seconds, 1e-9))
@@ -334,6 +338,26 @@ def generate(model: Any, tokenizer: Any, cfg: PipelineConfig, *, key: str, num_c
         raster_share=sum(b.raster_share * b.images.shape[0] for b in batches) / e.num_samples,
         sample_seconds=sum(b.sample_seconds for b in batches), decode_seconds=sum(b.decode_seconds for b in batches))
     return total, resumed
+
+
+def prompts(model_ref: StackformerOutput, shards: Any, n: int) -> tuple[list[str], torch.Tensor] | None:
+    """For a text model: the captions sample ``i`` is drawn from (val caption ``i mod num_val``, shard order) and
+    their ids under the model's caption tokenizer; None for other models."""
+    from infra.stream import iter_eval_batches
+    from infra.text import CaptionTokenizer
+
+    if not model_ref.text_len:
+        return None
+    captions = [c or "" for b in iter_eval_batches([(s.path, s.num_samples) for s in shards.shards(REFERENCE_SPLIT)],
+                                                   READ_BATCH, shards.channels, limit=n, with_captions=True)
+                for c in b[3]]
+    if not captions:
+        raise ValueError(f"{STAGE}: a text-conditional model needs captions to sample from, and the "
+                         f"{REFERENCE_SPLIT} split is empty")
+    captions = [captions[i % len(captions)] for i in range(n)]
+    tok = CaptionTokenizer.load(model_ref.text_tokenizer, model_ref.text_tokenizer_sha256)
+    ids, _ = tok.encode(captions, model_ref.text_len)
+    return captions, torch.from_numpy(ids.astype("int64"))
 
 
 # --------------------------------------------------------------------------------------------- real images
@@ -397,8 +421,8 @@ def _scale(image_size: int) -> int:
 
 def make_pictures(out_dir: Path, *, samples: SampleBatch, num_classes: int, grid_size: int,
                   inputs: torch.Tensor | None, recons: torch.Tensor | None, keep_mask: torch.Tensor | None,
-                  sample_counts: torch.Tensor, val_counts: torch.Tensor | None, model_kind: str
-                  ) -> tuple[dict[str, str], dict[str, str]]:
+                  sample_counts: torch.Tensor, val_counts: torch.Tensor | None, model_kind: str,
+                  captions: list[str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """Write the PNGs under ``out_dir/pictures``; returns ``{name: relative path}`` and ``{name: why missing}``."""
     from infra.viz import grid, histogram_png, mask_overlay, png_bytes, side_by_side
 
@@ -427,6 +451,11 @@ def make_pictures(out_dir: Path, *, samples: SampleBatch, num_classes: int, grid
                 row = torch.cat([row, pad])
             rows.append(row)
         put("per_class_grid", png_bytes(grid(torch.cat(rows), nrow=per_row, scale=scale)))
+    elif captions is not None:
+        from infra.viz import captioned_grid
+
+        put("captioned_samples", png_bytes(captioned_grid(samples.images[:16], captions[:16])))
+        missing["per_class_grid"] = "the model is text-conditional (see captioned_samples)"
     else:
         missing["per_class_grid"] = "the model is unconditional (no class labels to sample per class)"
     if inputs is not None and recons is not None and keep_mask is not None and inputs.shape[0] > 0:
@@ -454,6 +483,11 @@ def make_pictures(out_dir: Path, *, samples: SampleBatch, num_classes: int, grid
 
 
 # --------------------------------------------------------------------------------------------- the run
+
+
+CAPTION_FIGURES = ("caption_alignment", "caption_alignment_seen", "caption_alignment_heldout",
+                   "caption_alignment_count", "caption_alignment_a_colour", "caption_alignment_a_shape",
+                   "caption_alignment_axis")
 
 
 def _definitions(ext: Extractor | None, *, n: int, n_ref: int, n_recon: int, model_kind: str, batch_size: int,
@@ -508,6 +542,19 @@ def _definitions(ext: Extractor | None, *, n: int, n_ref: int, n_recon: int, mod
         "sampling_seconds": "Seconds spent sampling tokens for all samples.",
         "decode_seconds": "Seconds spent decoding all samples.",
         "evaluator_val_accuracy": f"Held-out top-1 accuracy of the {name} classifier on the val split.",
+        "caption_alignment": f"Share of samples (text-conditional) whose every attribute the {name} classifier's "
+                             "attribute heads read (count, each object's shape, colour and size, the layout) is "
+                             "the one their caption asks for (higher is better).",
+        "caption_alignment_seen": "The same over captions whose colour-shape pairs all occur in training.",
+        "caption_alignment_heldout": "The same over captions holding a colour-shape pair held out of training "
+                                     "(composition).",
+        "caption_alignment_count": "Share of samples with as many objects as their caption says.",
+        "caption_alignment_a_colour": "Share of samples whose first object (top or left) has the caption's colour.",
+        "caption_alignment_a_shape": "Share of samples whose first object has the caption's shape.",
+        "caption_alignment_axis": "Share of two-object samples laid out as the caption says (above/below or "
+                                  "left/right).",
+        "reference_caption_alignment": "caption_alignment of the real val images with their own captions: what the "
+                                       "attribute heads score on real data (the ceiling).",
     }
 
 
@@ -554,9 +601,11 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
                         "(%d-%d min on a cold reference cache); lower evaluate.num_samples, num_recon_images or "
                         "num_reference_images for a quick look", STAGE, n_img, n_img // 540, n_img // 120 + 1)
 
-        # 1. samples
+        # 1. samples (a text model: one val caption each)
+        prompt = prompts(model_ref, shards, e.num_samples)
         samples, resumed = generate(model, tokenizer, cfg, key=key, num_classes=num_classes,
-                                    sampling_seed=sampling_seed, batch_dir=batch_dir, device=device)
+                                    sampling_seed=sampling_seed, batch_dir=batch_dir, device=device,
+                                    text=None if prompt is None else prompt[1])
         del model
         samples_sha = _write_samples(out_dir, samples, cfg, model_ref, tok_ref, sampling_seed, num_classes)
 
@@ -612,6 +661,17 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
             for name in ("isc_mean", "isc_std", "reference_isc_mean"):
                 unavailable[name] = (f"{ext.name} weights hold pool features only (no logits): the Inception "
                                      "Score is unavailable")
+        ev = inputs.evaluator
+        if prompt is not None:
+            if ev is not None and ev.caption_grammar:
+                net, _ = mx.load_classifier(ev.weights, ev.sha256)
+                align = mx.caption_alignment(net.to(device), samples.images, prompt[0], ev.caption_grammar)
+                values.update({k: v for k, v in align.items() if k in CAPTION_FIGURES})
+                values["reference_caption_alignment"] = ev.metrics.get("val_caption_alignment")
+            else:
+                for name in CAPTION_FIGURES + ("reference_caption_alignment",):
+                    unavailable[name] = ("no caption grammar: the evaluator can score how samples match their "
+                                         "captions only for data whose captions it can parse (data.source=shapes)")
         for name, value in list(values.items()):
             if value is not None and not math.isfinite(value):
                 unavailable.setdefault(name, f"the computation gave {value}")
@@ -621,10 +681,10 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
         # 4. pictures
         pics, missing_pics = make_pictures(
             out_dir, samples=samples, num_classes=num_classes, grid_size=int(model_ref.model_config["grid_size"]), inputs=inputs_u8, recons=recons, keep_mask=keep_mask,
-            sample_counts=sample_counts, val_counts=val_counts, model_kind=model_ref.model)
+            sample_counts=sample_counts, val_counts=val_counts, model_kind=model_ref.model,
+            captions=None if prompt is None else prompt[0])
 
         # 5. evaluation.json
-        ev = inputs.evaluator
         definitions = _definitions(ext, n=n, n_ref=n_ref, n_recon=n_recon, model_kind=model_ref.model,
                                    batch_size=e.batch_size, device=device.type,
                                    val_accuracy=ev.val_accuracy if ev is not None else None)
@@ -647,7 +707,9 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
             "seeds": {"global": cfg.seed, "sampling": sampling_seed,
                       "rule": f"batch b (of {e.batch_size} samples) draws from torch.Generator seeded with "
                               "sampling + b; one untimed warm-up batch uses sampling - 1",
-                      "labels": ("sample i has class i mod num_classes" if num_classes else "unconditional"),
+                      "labels": ("sample i has class i mod num_classes" if num_classes else
+                                 f"sample i has the caption of {REFERENCE_SPLIT} image i mod "
+                                 f"{shards.num_samples(REFERENCE_SPLIT)}" if prompt is not None else "unconditional"),
                       "torch_fidelity_rng_seed": 2020},
             "metrics": figures,
             "unavailable": {k2: v for k2, v in sorted(unavailable.items()) if k2 in definitions},
@@ -665,6 +727,7 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
                          "resumed_batches": resumed},
             "environment": {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
                             "python": platform.python_version(), "machine": platform.machine()},
+            "prompts": prompt[0][:64] if prompt is not None else None,
             "pictures": pics,
             "pictures_missing": missing_pics,
             "artifacts": {"samples": SAMPLES, "samples_manifest": SAMPLES_MANIFEST, "samples_sha256": samples_sha},

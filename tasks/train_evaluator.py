@@ -29,7 +29,11 @@ import torch.nn.functional as F
 
 from infra.config import PipelineConfig, stable_hash, to_dict
 from infra.metrics import (
+    CAPTION_GRAMMARS,
     ClassifierUnavailable,
+    attribute_heads,
+    attribute_targets,
+    caption_alignment,
     classifier_unavailable_reason,
     extractor_name,
     save_classifier,
@@ -68,14 +72,19 @@ def train_steps(net: ClassifierNet, batches: Iterable[tuple[torch.Tensor, torch.
     logs: dict[str, float] = {}
     data = iter(batches)
     for step in range(1, max_steps + 1):
-        images, labels = next(data)
+        images, labels, *attrs = next(data)
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
             raise ValueError(f"labels outside [0, {num_classes}) in a training batch "
                              f"(min {int(labels.min())}, max {int(labels.max())}): some samples are unlabelled")
         x = to_classifier_input(images.to(device), net.cfg)
         y = labels.to(device)
-        _, logits = net(x)
+        features, logits = net(x)
         loss = F.cross_entropy(logits, y)
+        if attrs:  # attribute heads: targets [B, heads], -1 where an attribute does not apply
+            targets = attrs[0].to(device)
+            for h, head_logits in enumerate(net.attribute_logits(features)):
+                if (targets[:, h] >= 0).any():
+                    loss = loss + F.cross_entropy(head_logits, targets[:, h], ignore_index=-1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -178,8 +187,11 @@ def _train(cfg: PipelineConfig, parent_run_id: str | None, ingest: Any, key: str
     shards = ShardSet.from_output(ingest)
     name = extractor_name(cfg.data.source, cfg.data.path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    grammar = ingest.caption_grammar if ingest.caption_grammar in CAPTION_GRAMMARS else None
+    heads = attribute_heads(grammar) if grammar else ()
     net_cfg = ClassifierNetConfig(in_channels=ingest.channels, image_size=ingest.image_size,
-                                  num_classes=ingest.num_classes, width=c.width)
+                                  num_classes=ingest.num_classes, width=c.width,
+                                  attribute_heads=tuple(n for _, n in heads))
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     srun = tracker.stage_run(STAGE, key, params={"classifier": to_dict(c), "seed": cfg.seed,
                                                  "extractor_name": name, "num_classes": ingest.num_classes,
@@ -192,7 +204,8 @@ def _train(cfg: PipelineConfig, parent_run_id: str | None, ingest: Any, key: str
         torch.manual_seed(purpose_seed(cfg.seed, STAGE))
         net = ClassifierNet(net_cfg)
         stream = TrainStream([(s.path, s.num_samples) for s in shards.shards("train")], rank=0, world_size=1,
-                             batch_size=c.batch_size, channels=ingest.channels, seed=purpose_seed(cfg.seed, STAGE))
+                             batch_size=c.batch_size, channels=ingest.channels, seed=purpose_seed(cfg.seed, STAGE),
+                             targets=(lambda caps: attribute_targets(grammar, caps)) if grammar else None)
         progress = Progress(STAGE, c.max_steps)
         first_step = srun.last_step("train_loss") + 1  # a rerun under the same key logs after the old points
 
@@ -212,6 +225,12 @@ def _train(cfg: PipelineConfig, parent_run_id: str | None, ingest: Any, key: str
         metrics = {"val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"],
                    "train_loss": train_logs.get("train_loss", math.nan),
                    "train_accuracy": train_logs.get("train_accuracy", math.nan), "train_seconds": train_seconds}
+        if grammar:  # the alignment of real val images with their own captions: what samples can reach
+            batches = list(iter_eval_batches(val_shards, 500, ingest.channels, limit=c.num_val_images,
+                                             with_captions=True))
+            align = caption_alignment(net.to(device).eval(), torch.cat([b[0] for b in batches]),
+                                      [cap for b in batches for cap in b[3]], grammar)
+            metrics.update({f"val_{k}": v for k, v in align.items()})
         weights = out_dir / WEIGHTS
         sha = save_classifier(net.cpu(), weights, meta={"stage": STAGE, "key": key, "extractor_name": name,
                                                         "source": cfg.data.source, "classes": classes,
@@ -222,10 +241,11 @@ def _train(cfg: PipelineConfig, parent_run_id: str | None, ingest: Any, key: str
                               num_classes=ingest.num_classes, val_accuracy=val["val_accuracy"],
                               image_size=ingest.image_size, channels=ingest.channels, mlflow_run_id=srun.run_id,
                               source=cfg.data.source, step=c.max_steps, num_val=val["num_val"], classes=classes,
-                              metrics=metrics)
+                              metrics=metrics, caption_grammar=grammar)
         final_step = first_step + c.max_steps
         srun.log_metrics({"val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"],
-                          "num_val": float(val["num_val"]), "train_seconds": train_seconds}, step=final_step)
+                          "num_val": float(val["num_val"]), "train_seconds": train_seconds,
+                          **{k: v for k, v in metrics.items() if k.startswith("val_caption")}}, step=final_step)
         srun.log_metrics({f"val_accuracy_class_{i}": a for i, a in enumerate(val["per_class"])
                           if not math.isnan(a)}, step=final_step)
         srun.log_artifact(weights, "model")

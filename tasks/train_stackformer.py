@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from infra.config import (
     PipelineConfig,
+    TextShape,
     fullgrid_config,
     identity,
     sampling_params,
@@ -92,11 +93,17 @@ class Batch(NamedTuple):
     positions: torch.Tensor
     labels: torch.Tensor | None
     index: torch.Tensor
+    text: torch.Tensor | None = None  # [B, text_len] caption ids for a text-conditional model
 
 
-def to_batch(items: dict[str, torch.Tensor], device: torch.device, conditional: bool) -> Batch:
-    """A collated reader batch -> :class:`Batch` on ``device`` (labels kept only for a conditional model)."""
+def to_batch(items: dict[str, torch.Tensor], device: torch.device, conditional: bool, text: bool = False) -> Batch:
+    """A collated reader batch -> :class:`Batch` on ``device`` (labels kept only for a class-conditional model,
+    caption ids only for a text-conditional one)."""
     labels = None
+    if text:
+        codes = items["codes"].to(device, non_blocking=True)
+        return Batch(codes, items["positions"].to(device, non_blocking=True), None, items["index"],
+                     items["text"].to(device, non_blocking=True))
     if conditional:
         labels = items["label"]
         if (labels < 0).any():
@@ -225,9 +232,9 @@ class StackformerTrainer:
         """Teacher-forced mean losses of ``batch``: ``loss`` and ``code_loss`` (+ ``pos_loss``)."""
         m = self.forward_model if model is None else model
         if self.is_stackformer:
-            out = m(batch.codes, batch.positions, batch.labels)
+            out = m(batch.codes, batch.positions, batch.labels, text=batch.text)
             return {"loss": out.loss, "code_loss": out.code_loss, "pos_loss": out.pos_loss}
-        out = m(batch.codes, batch.labels)
+        out = m(batch.codes, batch.labels, text=batch.text)
         return {"loss": out.loss, "code_loss": out.loss}
 
     def step(self, batch: Batch, step: int) -> dict[str, torch.Tensor | float]:
@@ -276,12 +283,12 @@ def validate(model: TransformerModel, batches: Iterable[Batch], device: torch.de
     for b in batches:
         with autocast(device):
             if is_stackformer:
-                out = model(b.codes, b.positions, b.labels)
+                out = model(b.codes, b.positions, b.labels, text=b.text)
                 code_logits = out.code_logits
                 pos_nll += float(F.cross_entropy(out.pos_logits.float().flatten(0, 1), b.positions.flatten(),
                                                  reduction="sum"))
             else:
-                code_logits = model(b.codes, b.labels).logits
+                code_logits = model(b.codes, b.labels, text=b.text).logits
         code_nll += float(F.cross_entropy(code_logits.float().flatten(0, 1), b.codes.flatten(),
                                           reduction="sum"))
         images += b.codes.shape[0]
@@ -306,11 +313,13 @@ def raster_share(positions: torch.Tensor) -> float:
 
 @torch.no_grad()
 def sample_sequences(model: TransformerModel, num: int, *, num_classes: int, code_params: SamplingParams,
-                     pos_params: SamplingParams, generator: torch.Generator | None = None
+                     pos_params: SamplingParams, generator: torch.Generator | None = None,
+                     text: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
     """Sample ``num`` sequences (eval mode, free position order: ``raster_order=False``).
 
-    Class-conditional models get labels ``0, 1, ..., num_classes - 1, 0, ...``. Returns codes and positions
+    Class-conditional models get labels ``0, 1, ..., num_classes - 1, 0, ...``; text-conditional ones the
+    caption ids ``text`` ``[num, text_len]``. Returns codes and positions
     ``[num, N]`` sorted into raster order (ready to decode), the labels, and the raster share of the
     positions as sampled (None for the full-grid model, whose order is fixed).
     """
@@ -321,11 +330,11 @@ def sample_sequences(model: TransformerModel, num: int, *, num_classes: int, cod
     try:
         if isinstance(model, Stackformer):
             codes, positions = model.sample(num, labels, code_params, pos_params, raster_order=False,
-                                            generator=generator)
+                                            generator=generator, text=text)
             share = raster_share(positions)
             codes, positions = sort_by_position(codes, positions)
             return codes, positions, labels, share
-        codes = model.sample(num, labels, code_params, generator=generator)
+        codes = model.sample(num, labels, code_params, generator=generator, text=text)
         positions = torch.arange(codes.shape[1], device=device).expand_as(codes)
         return codes, positions, labels, None
     finally:
@@ -360,6 +369,7 @@ class TrainPlan:
     world_size: int
     local_batch: int
     steps_per_epoch: int
+    text_len: int = 0  # caption ids per record the model reads (0: not text-conditional)
 
     def open(self, split: str) -> TokenDataset:
         """The split's reader; refuses a database that no longer matches the plan."""
@@ -416,13 +426,18 @@ def plan(cfg: PipelineConfig, tokens: TokenizeOutput, tokenizer: TokenizerOutput
     # The vocabulary and the sequence come from the tokenizer that made the tokens (checked against the
     # databases above), the network from the stackformer section.
     build = stackformer_config if s.model == "stackformer" else fullgrid_config
-    model_cfg = build(s, tokenizer, num_classes=train.num_classes)
+    if val.text_tokenizer_sha256 != train.text_tokenizer_sha256:
+        raise TokenFormatError(f"{STAGE}: the train and val token databases hold ids of different caption "
+                               "tokenizers; rerun the tokenize stage")
+    text = TextShape(train.text_len, train.text_vocab_size, cfg.text.n_layer) if train.text_len else None
+    model_cfg = build(s, tokenizer, num_classes=train.num_classes, text=text)
     return TrainPlan(model=s.model, model_config=asdict(model_cfg), num_classes=model_cfg.num_classes,
                      data_num_classes=train.num_classes, codebook_size=tokenizer.codebook_size,
                      grid_size=tokenizer.grid_size, seq_len=tokenizer.seq_len, tokenizer_sha256=train.tokenizer_sha256,
                      train_db=tokens.db("train"), val_db=tokens.db("val"), num_train=train.num_records,
                      num_val=val.num_records, world_size=world, local_batch=local_batch,
-                     steps_per_epoch=per_worker // local_batch)
+                     steps_per_epoch=per_worker // local_batch,
+                     text_len=int(model_cfg.text_len) if model_cfg.has_text else 0)
 
 
 # --------------------------------------------------------------------------------------------- Ray loop
@@ -480,6 +495,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if restored is not None:
         trainer.load_state_dict(restored.state["trainer"])
     conditional = p.num_classes > 0
+    has_text = p.text_len > 0
     data = TrainBatches(IndexedTokens(p.open("train")), rank=w.rank, world_size=w.world_size,
                         batch_size=p.local_batch, seed=cfg.seed, num_workers=s.num_loader_workers,
                         pin_memory=w.device.type == "cuda")
@@ -508,7 +524,7 @@ def train_loop(config: dict[str, Any]) -> None:
         assert val_ds is not None
         loader = DataLoader(IndexedTokens(val_ds), batch_size=p.local_batch, sampler=range(num_val))
         for items in loader:
-            yield to_batch(items, w.device, conditional)
+            yield to_batch(items, w.device, conditional, has_text)
 
     progress = Progress(STAGE, s.max_steps, start=start_step, file=lc.progress_file, enabled=w.is_main)
     clock = TrainClock(restored.state if restored is not None else None)
@@ -518,7 +534,7 @@ def train_loop(config: dict[str, Any]) -> None:
     batches = data.iterate(start_step)
     while step < s.max_steps:
         epoch, items = next(batches)
-        batch = to_batch(items, w.device, conditional)
+        batch = to_batch(items, w.device, conditional, has_text)
         # Dropout draws from a seed of (seed, rank, step): a resumed run repeats an uninterrupted one exactly.
         torch.manual_seed(derive_seed(cfg.seed, STAGE, "train", w.rank, step))
         raw = trainer.step(batch, step)
@@ -546,9 +562,14 @@ def train_loop(config: dict[str, Any]) -> None:
             if decoder is not None:
                 gen = torch.Generator(device=w.device)
                 gen.manual_seed(derive_seed(cfg.seed, STAGE, "samples", step))
+                prompts = None
+                if has_text:  # the first val records' captions
+                    assert val_ds is not None
+                    prompts = torch.stack([val_ds[i]["text"] for i in range(min(s.num_eval_samples, len(val_ds)))])
+                    prompts = prompts[torch.arange(s.num_eval_samples) % len(prompts)].to(w.device)
                 codes, positions, _, share = sample_sequences(
                     model, s.num_eval_samples, num_classes=p.num_classes, code_params=code_params,
-                    pos_params=pos_params, generator=gen)
+                    pos_params=pos_params, generator=gen, text=prompts)
                 if share is not None:
                     vals["val_sample_raster_share"] = share
                 with torch.no_grad():
@@ -587,10 +608,14 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def stage_key(cfg: PipelineConfig, tokens: Any) -> str:
-    """Hash of the stage, :data:`VERSION`, the stackformer section, the seed and the tokenize output."""
-    return stable_hash({"stage": STAGE, "version": VERSION,
-                        "stackformer": identity("stackformer", to_dict(cfg.stackformer)),  # added fields at default: out
-                        "seed": cfg.seed, "tokenize": tokens.checksum, "tokenize_key": tokens.key})
+    """Hash of the stage, :data:`VERSION`, the stackformer section, the seed and the tokenize output (and the text
+    encoder's depth when the tokens carry captions)."""
+    d = {"stage": STAGE, "version": VERSION,
+         "stackformer": identity("stackformer", to_dict(cfg.stackformer)),  # added fields at default: out
+         "seed": cfg.seed, "tokenize": tokens.checksum, "tokenize_key": tokens.key}
+    if getattr(tokens, "text_len", 0) and cfg.stackformer.conditional:
+        d["text_n_layer"] = cfg.text.n_layer
+    return stable_hash(d)
 
 
 def load_output(out_dir: Path) -> StackformerOutput | None:
@@ -661,9 +686,19 @@ def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: st
         raise
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics["num_params"] = float(num_params)
+    text_tok, text_sha = "", ""
+    if p.text_len:  # the caption tokenizer travels with the model that reads its ids
+        import shutil
+
+        text_tok = str(out_dir / Path(tokens.text_tokenizer).name)
+        shutil.copyfile(tokens.text_tokenizer, text_tok + ".partial")
+        Path(text_tok + ".partial").replace(text_tok)
+        text_sha = tokens.text_tokenizer_sha256
+        srun.log_artifact(Path(text_tok), "model")
     ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
                             model=p.model, model_config=p.model_config, metrics=metrics, mlflow_run_id=srun.run_id,
-                            tokenizer_sha256=p.tokenizer_sha256, num_classes=p.num_classes)
+                            tokenizer_sha256=p.tokenizer_sha256, num_classes=p.num_classes,
+                            text_tokenizer=text_tok, text_tokenizer_sha256=text_sha)
     srun.log_dict(cfg.to_dict(), "config.json")
     srun.log_dataset(f"tokens-{tokens.key}", tokens.checksum, tokens.path, "training", num_train=tokens.num_train,
                      num_val=tokens.num_val, tokens_per_image=p.seq_len)

@@ -388,5 +388,5 @@ def test_guidance_training_on_unlabeled_data_is_refused_with_the_reason() -> Non
     tok = SimpleNamespace(codebook_size=32, grid_size=8, seq_len=32)
     assert stackformer_config(s, tok, num_classes=10).null_class == 10
     assert fullgrid_config(s, tok, num_classes=10).code_vocab_size == 32 + 10 + 1
-    with pytest.raises(ConfigError, match="needs class labels, and this data has none"):
+    with pytest.raises(ConfigError, match="needs class labels or captions, and this data"):
         stackformer_config(s, tok, num_classes=0)
