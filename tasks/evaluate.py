@@ -815,7 +815,7 @@ def _fidelity(cfg: PipelineConfig, ext: Extractor, inputs: Inputs, shards: Any, 
             pred = mx.classify(net.to(device), samples.images)
             out["sample_class_accuracy"] = float((pred == samples.labels).double().mean())
         else:
-            unavailable["sample_class_accuracy"] = "the model is unconditional"
+            unavailable["sample_class_accuracy"] = "the model is not class-conditional"
     else:
         unavailable["sample_class_accuracy"] = "needs the classifier extractor (evaluate.extractor=classifier)"
         unavailable["evaluator_val_accuracy"] = "no classifier with extractor inception-v3-compat"

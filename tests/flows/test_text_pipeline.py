@@ -1,0 +1,86 @@
+"""Text-conditional generation end to end on the generated shapes data, through the real stages (Prefect, Ray with
+2 CPUs, MLflow, LMDB): captions in the shards, caption ids in the token databases, a text-conditional Stackformer
+trained for guidance, its caption tokenizer shipped beside its weights, the evaluation's caption alignment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from infra.config import resolve
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(root: Path, *extra: str):
+    return resolve("tiny-text", overrides=[f"run.root={root}", "data.shapes_train=256", "data.shapes_val=64",
+                                           "tokenizer.max_steps=12", "tokenizer.eval_every=12",
+                                           "tokenizer.checkpoint_every=12", "stackformer.max_steps=12",
+                                           "stackformer.eval_every=12", "stackformer.checkpoint_every=12",
+                                           "evaluate.num_samples=32", *extra])
+
+
+@pytest.fixture(scope="module")
+def text_run(prefect_api, tmp_path_factory: pytest.TempPathFactory):
+    from flows.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("text")
+    cfg = _cfg(root)
+    return root, cfg, run_pipeline(cfg)
+
+
+def test_captions_reach_the_token_databases_and_the_model(text_run) -> None:
+    from infra.refs import load_generator
+    from infra.shards import ShardSet, read_shard
+    from infra.storage import sha256_file
+    from infra.text import CaptionTokenizer
+    from infra.tokens import TokenDataset
+
+    root, cfg, refs = text_run
+    ingest, tokens, model = refs["ingest"], refs["tokenize"], refs["train_stackformer"]
+    assert ingest.captioned and ingest.caption_grammar == "shapes"
+    assert tokens.text_len == cfg.text.max_len and 256 < tokens.text_vocab_size <= cfg.text.vocab_size
+    tok = CaptionTokenizer.load(tokens.text_tokenizer, tokens.text_tokenizer_sha256)
+    # the first train record's ids are the first train sample's caption
+    shards = ShardSet.from_output(ingest)
+    first = next(read_shard(shards.shards("train")[0].path))
+    ds = TokenDataset(tokens.train_db)
+    assert tok.decode(ds[0]["text"].tolist()) == first.caption
+    assert ds[0]["text"].shape == (cfg.text.max_len,)
+    # the model is text-conditional (not class-conditional, although shapes have labels) and guided
+    assert model.model_config["text_vocab_size"] == tokens.text_vocab_size and model.num_classes == 0
+    assert model.model_config["cond_dropout"] == 0.1 and model.text_len == cfg.text.max_len
+    # its caption tokenizer travels beside its weights, with the same bytes
+    assert Path(model.text_tokenizer).parent == Path(model.path)
+    assert sha256_file(model.text_tokenizer) == model.text_tokenizer_sha256 == tokens.text_tokenizer_sha256
+    net = load_generator(model)
+    ids, _ = tok.encode(["a small red circle above a large blue square"] * 2, model.text_len)
+    codes, positions = net.sample(2, None, text=torch.from_numpy(ids.astype(np.int64)), guidance_scale=3.0)
+    assert codes.shape == positions.shape == (2, net.config.seq_len)
+
+
+def test_the_evaluation_scores_caption_alignment_and_guidance_reaches_it(text_run) -> None:
+    from flows.pipeline import run_pipeline
+
+    root, cfg, refs = text_run
+    report = json.loads(Path(refs["evaluate"].evaluation_json).read_text())
+    m = report["metrics"]
+    for name in ("caption_alignment", "caption_alignment_seen", "caption_alignment_count",
+                 "reference_caption_alignment"):
+        assert 0.0 <= m[name] <= 1.0, name
+    assert m["fid"] > 0 and report["prompts"][0] and len(report["prompts"]) == 32
+    assert (Path(refs["evaluate"].path) / report["pictures"]["captioned_samples"]).is_file()
+    assert "per_class_grid" in report["pictures_missing"]
+    ev = refs["train_evaluator"]
+    assert ev.caption_grammar == "shapes" and 0.0 <= ev.metrics["val_caption_alignment"] <= 1.0
+    # a guidance scale: only the evaluation runs again, and records it
+    guided = run_pipeline(_cfg(root, "evaluate.sampling.guidance_scale=3.0"))
+    for stage in ("ingest", "train_tokenizer", "tokenize", "train_stackformer", "train_evaluator"):
+        assert guided[stage] == refs[stage], stage
+    again = json.loads(Path(guided["evaluate"].evaluation_json).read_text())
+    assert again["sampling"]["guidance_scale"] == 3.0 and again["prompts"] == report["prompts"]
+    assert 0.0 <= again["metrics"]["caption_alignment"] <= 1.0
