@@ -486,6 +486,10 @@ def sample(
     n: int = typer.Option(64, "--n", min=1, max=10_000, help="Number of images."),
     label: Optional[int] = typer.Option(None, "--class", help="Class index for a class-conditional model "
                                                               "(default: classes in turn)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Caption for a text-conditional model, e.g. "
+                                                               "\"a small red circle above a large blue square\"."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", min=0.0, help="Classifier-free guidance scale "
+                                             "(default: the config's evaluate.sampling.guidance_scale; 1 = none)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same images)."),
     out: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write (.png), or .safetensors for the "
                                                                 "uint8 images and labels."),
@@ -504,12 +508,14 @@ def sample(
     if out.suffix.lower() not in (".png", ".safetensors"):
         typer.secho(f"error: --out {out}: give a .png or .safetensors file", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    cfg = _resolve_or_exit(preset, config, overrides or [])
+    extra = [] if guidance is None else [f"evaluate.sampling.guidance_scale={guidance}"]
+    cfg = _resolve_or_exit(preset, config, [*(overrides or []), *extra])
     with _model_source(cfg, model) as (bundle, version, _):
         c = bundle.num_classes
         if bundle.generator is None:
             typer.secho(f"error: {model} is a tokenizer, not a generator", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
+        text = _prompt_ids(bundle.generator, prompt, n)
         if label is not None and not 0 <= label < max(c, 1) or (label is not None and c == 0):
             typer.secho(f"error: --class {label}: the model has {c} classes" + (" (it is unconditional)" if not c
                         else f" (0..{c - 1})"), fg=typer.colors.RED, err=True)
@@ -524,7 +530,8 @@ def sample(
             g = torch.Generator(device=device).manual_seed(seed + b)
             try:
                 images.append(sample_batch(generator, tokenizer, m,
-                                           None if labels is None else labels[begin:begin + m], cfg, g, device).images)
+                                           None if labels is None else labels[begin:begin + m], cfg, g, device,
+                                           None if text is None else text[begin:begin + m]).images)
             except ConfigError as e:
                 typer.secho(f"config error: {e}", fg=typer.colors.RED, err=True)
                 raise typer.Exit(2) from None
@@ -539,7 +546,38 @@ def sample(
     classes = bundle.classes
     which = (f", class {label}" + (f" ({classes[label]})" if label is not None and label < len(classes) else "")
              if label is not None else "")
+    if prompt is not None:
+        which = f", prompt {prompt!r}, guidance {cfg.evaluate.sampling.guidance_scale:g}"
     typer.echo(f"wrote {n} samples of {what}{which} (seed {seed}) to {out}")
+
+
+def _prompt_ids(generator: Any, prompt: str | None, n: int) -> Any:
+    """``[n, text_len]`` caption ids of ``prompt`` for a text-conditional generator (None for another model);
+    exits 2 with one line when the prompt and the model do not go together."""
+    import numpy as np
+    import torch
+
+    from infra.text import CaptionTokenizer, TextTokenizerError
+
+    if not generator.text_len:
+        if prompt is not None:
+            typer.secho("error: --prompt: this model is not text-conditional (train it on captioned data, e.g. "
+                        "--preset shapes-text)", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        return None
+    if prompt is None:
+        typer.secho("error: this model is text-conditional: give --prompt \"a caption\"", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    try:
+        tok = CaptionTokenizer.load(generator.text_tokenizer, generator.text_tokenizer_sha256)
+    except TextTokenizerError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    ids, cut = tok.encode([prompt], generator.text_len)
+    if cut:
+        typer.secho(f"warning: the prompt is longer than the model's {generator.text_len} caption tokens; its end is "
+                    "ignored", fg=typer.colors.YELLOW, err=True)
+    return torch.from_numpy(ids.astype(np.int64)).expand(n, -1)
 
 
 @app.command()

@@ -7,6 +7,7 @@ and what ``mqgen export`` writes; ``mqgen sample --model DIR`` and the registry 
     README.md                  model card (YAML front matter for the Hub; evaluation and provenance when known)
     generator/config.json      Stackformer / full-grid config          (generator bundles only)
     generator/model.safetensors
+    generator/text_tokenizer.json  the caption tokenizer                    (text-conditional generators only)
     tokenizer/config.json      MQ-VAE config
     tokenizer/model.safetensors
     evaluation.json            the evaluation behind the card          (when one exists)
@@ -26,6 +27,7 @@ from typing import Any
 
 from infra.refs import StackformerOutput, TokenizerOutput
 from infra.storage import UnsafeCheckpointError, atomic_write_json, sha256_file
+from infra.text import FILENAME as TEXT_TOKENIZER
 
 FORMAT = "mqgen.bundle/1"
 INDEX = "model_index.json"
@@ -91,6 +93,13 @@ def write_bundle(out: str | Path, *, tokenizer: TokenizerOutput, generator: Stac
                                    "mlflow_run_id": generator.mlflow_run_id, "metrics": generator.metrics,
                                    **_component(out, "generator", generator.weights, generator.sha256,
                                                 generator.model_config)}
+        if generator.text_tokenizer:  # a text-conditional generator reads captions through its own tokenizer
+            target = out / "generator" / TEXT_TOKENIZER
+            shutil.copyfile(generator.text_tokenizer, target)
+            if sha256_file(target) != generator.text_tokenizer_sha256:
+                raise BundleError(f"{generator.text_tokenizer}: sha256 differs from the stage reference's; not bundled")
+            components["generator"].update(text_tokenizer=f"generator/{TEXT_TOKENIZER}",
+                                           text_tokenizer_sha256=generator.text_tokenizer_sha256)
     index = {"format": FORMAT, "name": name, "kind": "generator" if generator is not None else "tokenizer",
              "library_name": "mqgen", "components": components, "data": data or {}, "provenance": provenance or {}}
     if evaluation is not None:
@@ -155,11 +164,20 @@ def read_bundle(path: str | Path, *, expected_sha256: dict[str, str] | None = No
                                              mlflow_run_id=str(comp.get("mlflow_run_id", "")))
                 refs[name].mqvae_config  # noqa: B018 - validates the config now, with the bundle named
             else:
+                text_tok, text_sha = "", ""
+                if comp.get("text_tokenizer"):
+                    tpath = _inside(root, comp["text_tokenizer"])
+                    text_sha = str(comp.get("text_tokenizer_sha256", ""))
+                    if not tpath.is_file() or sha256_file(tpath) != text_sha:
+                        raise BundleError(f"{root}: {comp['text_tokenizer']} is missing or does not match its sha256 "
+                                          f"in {INDEX}")
+                    text_tok = str(tpath)
                 refs[name] = StackformerOutput(
                     path=str(root), key="bundle", weights=str(weights), sha256=actual, step=int(comp.get("step", 0)),
                     model=str(comp.get("class")), model_config=config, metrics=dict(comp.get("metrics") or {}),
                     mlflow_run_id=str(comp.get("mlflow_run_id", "")), tokenizer_sha256=comps["tokenizer"]["sha256"],
-                    num_classes=int(comp.get("num_classes", 0)))
+                    num_classes=int(comp.get("num_classes", 0)), text_tokenizer=text_tok,
+                    text_tokenizer_sha256=text_sha)
         except (TypeError, ValueError) as e:
             raise BundleError(f"{root / str(comp.get('config'))}: not a valid {name} config ({e})") from None
     return Bundle(path=root, kind="generator" if "generator" in refs else "tokenizer", tokenizer=refs["tokenizer"],

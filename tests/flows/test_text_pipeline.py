@@ -84,3 +84,28 @@ def test_the_evaluation_scores_caption_alignment_and_guidance_reaches_it(text_ru
     again = json.loads(Path(guided["evaluate"].evaluation_json).read_text())
     assert again["sampling"]["guidance_scale"] == 3.0 and again["prompts"] == report["prompts"]
     assert 0.0 <= again["metrics"]["caption_alignment"] <= 1.0
+
+
+def test_mqgen_sample_with_a_prompt_from_the_registry_champion(text_run, tmp_path) -> None:
+    """The user's path: `mqgen sample --model champion --prompt ... --guidance 3` in a subprocess, the registry's
+    bundle carrying the caption tokenizer; a prompt for a model without text, or none for a text model, is refused."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    root, _, _ = text_run
+    env = dict(os.environ)
+    base = [str(Path(sys.executable).parent / "mqgen"), "sample", "--preset", "tiny-text", f"run.root={root}"]
+    out = tmp_path / "grid.png"
+    done = subprocess.run([*base, "--model", "champion", "--prompt", "a small red circle above a large blue square",
+                           "--n", "8", "--guidance", "3", "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "prompt 'a small red circle above a large blue square', guidance 3" in done.stdout
+    with Image.open(out) as im:
+        assert im.size[0] > 64
+    missing = subprocess.run([*base, "--model", "champion", "--n", "2", "--out", str(tmp_path / "x.png")],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 2 and "text-conditional: give --prompt" in missing.stderr
