@@ -2,7 +2,7 @@
 
 The tokenizer is a byte-level BPE trained with Hugging Face ``tokenizers`` on the training captions (by the
 ``tokenize`` stage, which stores ``text_tokenizer.json`` beside its databases and the ids in every record). The
-normaliser lower-cases and NFKC-normalises; ids 0 and 1 are ``<pad>`` and ``<unk>``. A caption becomes at most
+normaliser NFKC-normalises, lower-cases and folds whitespace runs to one space; ids 0 and 1 are ``<pad>`` and ``<unk>``. A caption becomes at most
 ``max_len`` ids, padded with 0; longer ones are cut and counted. The empty caption (all padding) is the null
 condition classifier-free guidance uses.
 
@@ -39,10 +39,11 @@ class CaptionTokenizer:
     @classmethod
     def train(cls, captions: Iterable[str], vocab_size: int) -> CaptionTokenizer:
         """Train on ``captions`` (deterministic for the same captions in the same order)."""
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+        from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE(unk_token=UNK))
-        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(),
+                                               normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK], show_progress=False,
