@@ -549,19 +549,20 @@ def _preset_tiny() -> dict[str, Any]:
 
 # Text-conditional generation on the generated, captioned shapes data (infra.shapes): 32 px RGB scenes of one or
 # two coloured shapes; the Stackformer reads the caption through a text encoder and is trained for guidance.
-_TEXT = {"data": {"source": "shapes", "channels": 3}, "stackformer": {"cond_dropout": 0.1},
-         "text": {"vocab_size": 512, "max_len": 16}}
+def _text() -> dict[str, Any]:  # a fresh dict each time: resolving merges overrides into it
+    return {"data": {"source": "shapes", "channels": 3}, "stackformer": {"cond_dropout": 0.1},
+            "text": {"vocab_size": 512, "max_len": 16}}
 
 
 def _preset_shapes_text() -> dict[str, Any]:
     d = _preset_fmnist()
-    _deep_merge(d, _TEXT)
+    _deep_merge(d, _text())
     return d
 
 
 def _preset_tiny_text() -> dict[str, Any]:
     d = _preset_tiny()
-    _deep_merge(d, _TEXT)
+    _deep_merge(d, _text())
     _deep_merge(d, {"data": {"shapes_train": 512, "shapes_val": 128, "max_images": None},
                     "text": {"vocab_size": 300, "n_layer": 1}})
     return d

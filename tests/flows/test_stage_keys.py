@@ -51,3 +51,27 @@ def test_guidance_fields_change_only_their_stages_keys_away_from_their_defaults(
     assert base.hash() != guided.hash() and base.hash("tokenizer") == guided.hash("tokenizer")
     scale_only = resolve("fmnist", overrides=[f"run.root={tmp_path}", "evaluate.sampling.guidance_scale=1.0"])
     assert scale_only.hash() == base.hash()
+
+
+def test_text_settings_change_keys_only_for_captioned_data(tmp_path) -> None:
+    """``text.*`` came with captions: for data without captions no key moves; for captioned data the caption
+    tokenizer's settings move the tokenize key and the encoder depth the Stackformer's, nothing upstream."""
+    from tasks.tokenize import text_settings
+
+    mod = {name: stage.module for name, stage in GRAPH.items()}
+    m = "a" * 64
+    plain = resolve("fmnist", overrides=[f"run.root={tmp_path}", "text.vocab_size=2048", "text.n_layer=4"])
+    uncaptioned = NS(captioned=False)
+    assert text_settings(plain, uncaptioned) is None
+    assert mod["tokenize"].stage_key("e" * 64, m, text_settings(plain, uncaptioned)) == EXPECTED["fmnist"]["tokenize"]
+    assert mod["train_stackformer"].stage_key(plain, NS(checksum="b" * 64, key="c" * 12, text_len=0)) == \
+        EXPECTED["fmnist"]["train_stackformer"]
+    captioned = NS(captioned=True)
+    a = resolve("shapes-text", overrides=[f"run.root={tmp_path}"])
+    b = resolve("shapes-text", overrides=[f"run.root={tmp_path}", "text.vocab_size=1024"])
+    c = resolve("shapes-text", overrides=[f"run.root={tmp_path}", "text.n_layer=3"])
+    key = lambda cfg: mod["tokenize"].stage_key("e" * 64, m, text_settings(cfg, captioned))  # noqa: E731
+    assert key(a) != key(b) and key(a) == key(c)
+    tokens = NS(checksum="b" * 64, key="c" * 12, text_len=16)
+    assert mod["train_stackformer"].stage_key(a, tokens) != mod["train_stackformer"].stage_key(c, tokens)
+    assert mod["ingest"].stage_key(a) == mod["ingest"].stage_key(c)
