@@ -491,7 +491,7 @@ CAPTION_FIGURES = ("caption_alignment", "caption_alignment_seen", "caption_align
 
 
 def _definitions(ext: Extractor | None, *, n: int, n_ref: int, n_recon: int, model_kind: str, batch_size: int,
-                 device: str, val_accuracy: float | None) -> dict[str, str]:
+                 device: str, val_accuracy: float | None, text: bool = False) -> dict[str, str]:
     """One sentence per figure of evaluation.json, naming the feature extractor (never "Inception" unless it is)."""
     name = ext.name if ext is not None else "the feature extractor"
     if ext is None:
@@ -501,7 +501,7 @@ def _definitions(ext: Extractor | None, *, n: int, n_ref: int, n_recon: int, mod
     else:
         feats = f"{name} pool features ({ext.feature_dim}-d)"
     acc = f" (the classifier's own held-out accuracy is {val_accuracy:.3f})" if val_accuracy is not None else ""
-    return {
+    defs = {
         "fid": f"Frechet distance between Gaussian fits of the {feats} of the {n} samples and of the first {n_ref} "
                "val images (lower is better; 0 = same statistics).",
         "fid_boot_std": "Standard error of the FID from sampling: standard deviation of the FIDs of bootstrap "
@@ -556,6 +556,10 @@ def _definitions(ext: Extractor | None, *, n: int, n_ref: int, n_recon: int, mod
         "reference_caption_alignment": "caption_alignment of the real val images with their own captions: what the "
                                        "attribute heads score on real data (the ceiling).",
     }
+    if not text:  # the caption figures exist only for text-conditional models
+        for name in (*CAPTION_FIGURES, "reference_caption_alignment"):
+            defs.pop(name)
+    return defs
 
 
 def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, key: str, out_dir: Path,
@@ -672,6 +676,7 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
                 for name in CAPTION_FIGURES + ("reference_caption_alignment",):
                     unavailable[name] = ("no caption grammar: the evaluator can score how samples match their "
                                          "captions only for data whose captions it can parse (data.source=shapes)")
+
         for name, value in list(values.items()):
             if value is not None and not math.isfinite(value):
                 unavailable.setdefault(name, f"the computation gave {value}")
@@ -687,7 +692,7 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
         # 5. evaluation.json
         definitions = _definitions(ext, n=n, n_ref=n_ref, n_recon=n_recon, model_kind=model_ref.model,
                                    batch_size=e.batch_size, device=device.type,
-                                   val_accuracy=ev.val_accuracy if ev is not None else None)
+                                   val_accuracy=ev.val_accuracy if ev is not None else None, text=prompt is not None)
         figures = {name: values.get(name) for name in definitions}
         report = {
             "format": FORMAT,
