@@ -27,8 +27,12 @@ PLOTS: tuple[tuple[str, str, str], ...] = (
     ("sampling_images_per_s", "sampling speed, images/s (higher is better)", "higher"),
     ("recon_psnr", "reconstruction PSNR, dB (higher is better)", "higher"),
     ("sample_class_accuracy", "class accuracy of samples (higher = better)", "higher"),
+    ("caption_alignment", "samples matching their caption (higher = better)", "higher"),
+    ("caption_alignment_heldout", "... with a held-out colour-shape pair (higher = better)", "higher"),
 )
-TABLE_METRICS = ("fid", "isc_mean", "kid_mean", "sample_class_accuracy", "recon_psnr", "recon_l1",
+OPTIONAL_PLOTS = ("caption_alignment", "caption_alignment_heldout")  # text models only: no note when absent
+TABLE_METRICS = ("fid", "isc_mean", "kid_mean", "sample_class_accuracy", "caption_alignment",
+                 "caption_alignment_seen", "caption_alignment_heldout", "recon_psnr", "recon_l1",
                  "sampling_images_per_s", "generation_images_per_s", "stackformer.val_bits_per_image",
                  "tokenizer.val_psnr")
 IGNORED_PARAM_PREFIXES = ("run.", "evaluate.inception")
@@ -176,6 +180,8 @@ def _write(comp: Comparison, out_dir: Path, tmp: Path) -> dict[str, Path]:
     missing: list[str] = []
     key = x_key(comp)
     for metric, ylabel, _ in PLOTS:
+        if metric in OPTIONAL_PLOTS and not any(metric in r.metrics for r in comp.rows):
+            continue
         name = f"{metric}_vs_{key.rsplit('.', 1)[-1]}.png"
         if plot_png(comp, metric, ylabel, tmp / "plots" / name, key):
             plots[metric] = f"plots/{name}"
