@@ -158,11 +158,23 @@ class TokenMeta:
             d.pop(k)
         return d
 
+    TEXT_FIELDS = ("text_len", "text_vocab_size", "text_tokenizer_sha256")
+
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain data; data without captions leaves the caption fields out, so its metadata is
+        exactly what it was before captions existed (the same ``!meta`` bytes, the same stage markers)."""
         d = dataclasses.asdict(self)
         d["shards"] = [list(p) for p in self.shards]
         d["encoder_devices"] = list(self.encoder_devices)
+        if not self.text_len:
+            for k in self.TEXT_FIELDS:
+                d.pop(k)
         return d
+
+    @classmethod
+    def normalized(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """``d`` (stored metadata, from any version) as :meth:`to_dict` writes it now."""
+        return cls(**d).to_dict()
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()

@@ -75,6 +75,26 @@ def test_a_damaged_training_output_is_reported_not_raised(run_root: Path) -> Non
         train_tokenizer.cached(cfg, TokenizerInputs(ingest=ing))
 
 
+def test_a_marker_written_by_another_version_with_the_same_metadata_is_a_cache_hit(tokenize_run: dict[str, Any]
+                                                                                 ) -> None:
+    """Metadata fields added later (the caption fields, at their defaults) are no change: the output stays a cache
+    hit instead of being set aside and rebuilt."""
+    import json
+
+    cfg, upstream, out = tokenize_run["cfg"], tokenize_run["upstream"], tokenize_run["out"]
+    marker = Path(out.path) / tk.SUCCESS
+    original = marker.read_text()
+    doc = json.loads(original)
+    for split in ("train", "val"):
+        doc["metadata"][split].update(text_len=0, text_vocab_size=0, text_tokenizer_sha256="")
+    try:
+        marker.write_text(json.dumps(doc))
+        assert tk.cached(cfg, upstream) is not None
+        assert _set_aside(Path(out.path).parent, out.key) == []
+    finally:
+        marker.write_text(original)
+
+
 def test_records_deleted_by_hand_are_found_and_the_databases_rebuilt(tokenize_run: dict[str, Any]) -> None:
     cfg, upstream, out = tokenize_run["cfg"], tokenize_run["upstream"], tokenize_run["out"]
     assert tk.cached(cfg, upstream) == out

@@ -77,3 +77,16 @@ def test_records_carry_caption_ids_and_check_them(tmp_path: Path) -> None:
     # a database without captions keeps the old layout and items
     plain = _meta()
     assert plain.record_size == 12 and "text" not in plain.record_layout
+
+
+def test_metadata_without_captions_is_what_it_was_before_captions() -> None:
+    """Outputs written before captions existed must stay cache hits: a caption-less database's metadata has no
+    caption fields, and stored metadata of any version normalises to what this version writes."""
+    plain = _meta()
+    assert not set(TokenMeta.TEXT_FIELDS) & set(plain.to_dict())
+    old = plain.to_dict()  # as written before captions: no caption fields
+    interim = {**old, "text_len": 0, "text_vocab_size": 0, "text_tokenizer_sha256": ""}
+    assert TokenMeta.normalized(old) == TokenMeta.normalized(interim) == plain.to_dict()
+    assert TokenMeta.from_json(plain.to_json()) == plain
+    captioned = _meta(text_len=4, text_vocab_size=10, text_tokenizer_sha256="x")
+    assert captioned.to_dict()["text_len"] == 4 and TokenMeta.normalized(captioned.to_dict()) == captioned.to_dict()
