@@ -61,6 +61,20 @@ class NothingToCompare(ValueError):
     """No run matches what was asked for (an unknown run id, a grid without variants)."""
 
 
+def _added_defaults() -> dict[str, str]:
+    """The config fields added after a run was logged, at their defaults, as MLflow holds params (strings): a run
+    from before a field existed then compares equal to one logging its default, instead of varying in it."""
+    from infra.config import ADDED_FIELDS
+
+    out: dict[str, str] = {}
+    for key, default in ADDED_FIELDS.items():
+        if isinstance(default, dict):
+            out.update({f"{key}.{k}": str(v) for k, v in default.items() if not isinstance(v, dict)})
+        else:
+            out[key] = str(default)
+    return out
+
+
 def collect(tracker: Tracker, grid_run_id: str | None = None, run_ids: list[str] | None = None) -> Comparison:
     """The runs to compare: the variants of ``grid_run_id``, or ``run_ids``, or the latest grid."""
     client = tracker.client
@@ -89,8 +103,9 @@ def collect(tracker: Tracker, grid_run_id: str | None = None, run_ids: list[str]
             raise NothingToCompare(f"grid run {grid_run_id} has no variant runs")
         parent = grid_run_id
         title = f"grid {client.get_run(grid_run_id).info.run_name} ({len(runs)} variants)"
+    defaults = _added_defaults()
     rows = [RunRow(run_id=r.info.run_id, name=r.info.run_name or r.info.run_id, status=r.info.status,
-                   params=dict(r.data.params), metrics=dict(r.data.metrics),
+                   params={**defaults, **r.data.params}, metrics=dict(r.data.metrics),
                    label=r.data.tags.get("mqgen.variant", ""), tags=dict(r.data.tags)) for r in runs]
     varying = sorted(k for k in {k for row in rows for k in row.params}
                      if not k.startswith(IGNORED_PARAM_PREFIXES)
