@@ -341,17 +341,23 @@ def generate(model: Any, tokenizer: Any, cfg: PipelineConfig, *, key: str, num_c
     return total, resumed
 
 
+def val_captions(shards: Any, n: int) -> list[str]:
+    """The captions of the first ``n`` reference images, in shard order ("" for an uncaptioned one)."""
+    from infra.stream import iter_eval_batches
+
+    return [c or "" for b in iter_eval_batches([(s.path, s.num_samples) for s in shards.shards(REFERENCE_SPLIT)],
+                                               READ_BATCH, shards.channels, limit=n, with_captions=True)
+            for c in b[3]]
+
+
 def prompts(model_ref: StackformerOutput, shards: Any, n: int) -> tuple[list[str], torch.Tensor] | None:
     """For a text model: the captions sample ``i`` is drawn from (val caption ``i mod num_val``, shard order) and
     their ids under the model's caption tokenizer; None for other models."""
-    from infra.stream import iter_eval_batches
     from infra.text import CaptionTokenizer
 
     if not model_ref.text_len:
         return None
-    captions = [c or "" for b in iter_eval_batches([(s.path, s.num_samples) for s in shards.shards(REFERENCE_SPLIT)],
-                                                   READ_BATCH, shards.channels, limit=n, with_captions=True)
-                for c in b[3]]
+    captions = val_captions(shards, n)
     if not captions:
         raise ValueError(f"{STAGE}: a text-conditional model needs captions to sample from, and the "
                          f"{REFERENCE_SPLIT} split is empty")
@@ -556,9 +562,12 @@ def _definitions(ext: Extractor | None, *, n: int, n_ref: int, n_recon: int, mod
                                   "left/right).",
         "reference_caption_alignment": "caption_alignment of the real val images with their own captions: what the "
                                        "attribute heads score on real data (the ceiling).",
+        "recon_caption_alignment": f"caption_alignment of the tokenizer's reconstructions of the first {n_recon} val "
+                                   "images with those images' captions: what survives tokenisation (the ceiling of "
+                                   "any generator on these tokens).",
     }
     if not text:  # the caption figures exist only for text-conditional models
-        for name in (*CAPTION_FIGURES, "reference_caption_alignment"):
+        for name in (*CAPTION_FIGURES, "reference_caption_alignment", "recon_caption_alignment"):
             defs.pop(name)
     return defs
 
@@ -676,8 +685,13 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
                 align = mx.caption_alignment(net.to(device), samples.images, prompt[0], ev.caption_grammar)
                 values.update({k: v for k, v in align.items() if k in CAPTION_FIGURES})
                 values["reference_caption_alignment"] = ev.metrics.get("val_caption_alignment")
+                if recons is not None:  # what the tokenizer keeps of the captioned attributes: the generator's ceiling
+                    rec = mx.caption_alignment(net, recons, val_captions(shards, recons.shape[0]), ev.caption_grammar)
+                    values["recon_caption_alignment"] = rec["caption_alignment"]
+                else:
+                    unavailable["recon_caption_alignment"] = f"the {REFERENCE_SPLIT} split is empty"
             else:
-                for name in CAPTION_FIGURES + ("reference_caption_alignment",):
+                for name in CAPTION_FIGURES + ("reference_caption_alignment", "recon_caption_alignment"):
                     unavailable[name] = ("no caption grammar: the evaluator can score how samples match their "
                                          "captions only for data whose captions it can parse (data.source=shapes)")
 

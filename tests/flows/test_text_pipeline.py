@@ -70,7 +70,7 @@ def test_the_evaluation_scores_caption_alignment_and_guidance_reaches_it(text_ru
     report = json.loads(Path(refs["evaluate"].evaluation_json).read_text())
     m = report["metrics"]
     for name in ("caption_alignment", "caption_alignment_seen", "caption_alignment_count",
-                 "reference_caption_alignment"):
+                 "reference_caption_alignment", "recon_caption_alignment"):
         assert 0.0 <= m[name] <= 1.0, name
     assert m["fid"] > 0 and report["prompts"][0] and len(report["prompts"]) == 32
     assert (Path(refs["evaluate"].path) / report["pictures"]["captioned_samples"]).is_file()
