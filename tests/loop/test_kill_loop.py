@@ -68,7 +68,9 @@ def test_killed_again_and_again_the_pipeline_still_finishes_with_the_same_result
     kills = 0
     for _ in range(KILLS):
         proc = _start(looped)
-        delay = rng.uniform(5, 60)
+        # kill times within a tiny run's length (about 95 s from scratch on a 2-core CPU): with a wider range a
+        # resumed attempt can finish before its kill time and fewer kills land (5-60 s once gave only one)
+        delay = rng.uniform(5, 35)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
