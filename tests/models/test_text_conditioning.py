@@ -8,7 +8,16 @@ import torch
 
 from models.stackformer import FullGridTransformer, SamplingParams, Stackformer, sample_tokens
 from models.text import TextEncoder, TextEncoderConfig
-from tests.models.test_stackformer import K, N, P, fullgrid_config, random_tokens, scrambled, stackformer_config
+from tests.models.test_stackformer import (
+    K,
+    N,
+    P,
+    fullgrid_config,
+    random_tokens,
+    scrambled,
+    stackformer_config,
+    train,
+)
 
 V, T = 40, 6  # caption vocabulary and length
 
@@ -146,27 +155,13 @@ def test_a_text_stackformer_learns_to_follow_its_caption():
     def loss():
         return model(seqs[batch], cells[batch], text=text[batch]).loss
 
-    first, last = _train(model, loss, 150)
+    first, last = train(model, loss, 150)
     assert last < 0.2 * first
     g = torch.Generator().manual_seed(0)
     codes, positions = model.sample(20, None, SamplingParams(temperature=0.0), SamplingParams(temperature=0.0),
                                     raster_order=True, generator=g, text=text[torch.arange(20) % 2])
     want = torch.arange(20) % 2
     assert torch.equal(codes, seqs[want]) and torch.equal(positions, cells[want])
-
-
-def _train(model, loss_fn, steps: int) -> tuple[float, float]:
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        loss = loss_fn()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses[0], losses[-1]
 
 
 def test_text_config_validation():
