@@ -140,3 +140,43 @@ def test_comparisons_show_the_per_seed_paired_difference() -> None:
     c = compare(group([7.0, 6.9, 9.3]), group([6.1, 6.4, 8.1]), "fid", "mq", "vq")
     assert c.outcome == "overlap" and [round(d, 2) for d in c.paired] == [0.9, 0.5, 1.2]
     assert "paired by seed: a - b = +0.867 +/- 0.35 over 3 seeds, mq better in 0" in c.text()
+
+
+def test_equal_compute_and_another_latent_grid_get_their_own_comparisons() -> None:
+    """Variants off the common setting (more generator steps; a 16x16 latent grid) are compared in their own
+    sections: the equal-compute variant against its equal-steps self and the VQGAN baseline, the other layout's
+    keep 0.75 against its keep 1.0; the verdicts still use the common setting only."""
+    from flows.results import side_comparisons
+
+    comp = _runs(fid_learned=5.0, fid_random=7.0, noise=0.05)
+    i = len(comp.rows)
+    for r in comp.rows:
+        r.params.update({"data.image_size": "32", "tokenizer.ch_mult": "[1, 2, 2]"})
+    for keep, seed in itertools.product(("0.75", "1.0"), ("0", "1")):
+        comp.rows.append(_row(i, {"tokenizer.keep_ratio": keep, "tokenizer.scorer": "learned",
+                                  "tokenizer.architecture": "mqvae", "stackformer.model": "stackformer", "seed": seed,
+                                  "stackformer.max_steps": "600", "data.image_size": "32",
+                                  "tokenizer.ch_mult": "[1, 2]"},
+                              {"fid": (3.0 if keep == "0.75" else 9.0) + int(seed), "recon_psnr": 25.0,
+                               "sampling_images_per_s": 10.0 if keep == "0.75" else 5.0}))
+        i += 1
+    comp.varying.append("tokenizer.ch_mult")
+    groups = group_rows(comp)
+    base = default_base(groups)
+    assert base == {"stackformer.max_steps": "600", "tokenizer.ch_mult": "[1, 2, 2]"}
+    # the verdicts are unchanged by the extra layout (its keep 1.0 FID of 9.0 would otherwise break claim 2)
+    assert {v.claim[0]: v.verdict for v in claims(groups, base=base)}["2"] == "confirmed"
+    sides = {s.title: s for s in side_comparisons(groups, base)}
+    assert set(sides) == {"Equal generator training compute", "Another layout: a 16x16 latent grid"}
+    eq = sides["Equal generator training compute"]
+    assert [(c.a, c.b, c.outcome) for c in eq.comparisons] == [
+        ("keep0.75 800 steps", "keep0.75 600 steps", "a better"),  # FID 1.0 against 5.0 and 8.0
+        ("keep0.75 800 steps", "VQGAN+full grid 600 steps", "a better")]
+    assert [g.get("stackformer.max_steps") for g in eq.groups] == ["800"]
+    grid = sides["Another layout: a 16x16 latent grid"]
+    outcomes = {c.figure: c.outcome for c in grid.comparisons}
+    assert outcomes == {"recon_psnr": "overlap", "fid": "a better", "sampling_images_per_s": "a better"}
+    assert len(grid.groups) == 2 and "8x8 latent grid" in grid.text
+    text = results_markdown(comp, claims(groups, base=base), groups, {}, sides=list(sides.values()))
+    assert "## Another layout: a 16x16 latent grid (shown, not used by the verdicts)" in text
+    assert "keep0.75 3.5 +/- 0.71 vs keep1.0 9.5 +/- 0.71 -> a better" in text
