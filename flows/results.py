@@ -367,7 +367,11 @@ def results_markdown(comp: Comparison, verdicts: list[Verdict], groups: list[Gro
 
 
 def variant_name(gr: Group, keys: list[str]) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={gr.key[k]}" for k in keys if gr.key.get(k)) or "default"
+    """``model=..., keep_ratio=...``: the group's varying values, without the scorer where nothing is masked (a
+    VQGAN, or keep 1.0: its value is only the config default there)."""
+    unmasked = gr.get("tokenizer.architecture") == "vqgan" or gr.get("tokenizer.keep_ratio") == "1.0"
+    return ", ".join(f"{k.split('.')[-1]}={gr.key[k]}" for k in keys
+                     if gr.key.get(k) and not (unmasked and k == "tokenizer.scorer")) or "default"
 
 
 def fetch_pictures(groups: list[Group], out_dir: Any, tracking_uri: str) -> dict[str, dict[str, str]]:

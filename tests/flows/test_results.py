@@ -180,3 +180,7 @@ def test_equal_compute_and_another_latent_grid_get_their_own_comparisons() -> No
     text = results_markdown(comp, claims(groups, base=base), groups, {}, sides=list(sides.values()))
     assert "## Another layout: a 16x16 latent grid (shown, not used by the verdicts)" in text
     assert "keep0.75 3.5 +/- 0.71 vs keep1.0 9.5 +/- 0.71 -> a better" in text
+    # nothing is masked at keep 1.0 or in a VQGAN: the scorer's default value is not part of their names
+    assert "| max_steps=600, model=fullgrid, architecture=vqgan, ch_mult=[1, 2, 2], keep_ratio=1.0 |" in text
+    assert "| max_steps=600, model=stackformer, architecture=mqvae, ch_mult=[1, 2, 2], keep_ratio=0.75, " \
+           "scorer=random |" in text
