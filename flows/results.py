@@ -338,6 +338,7 @@ def results_markdown(comp: Comparison, verdicts: list[Verdict], groups: list[Gro
     for v in verdicts:
         lines.append(f"- **{v.verdict}**: {v.claim}" + (f" ({v.note})" if v.note else ""))
         lines += [f"  - {c.text()}" for c in v.comparisons]
+    lines += [""] + [f"- {k}: {v}" for k, v in (extra or {}).items()]
     lines += ["", "## How the verdicts are decided", "", RULES.strip(), "",
               "## Every variant: quality (mean +/- spread over seeds)", "", *table(groups, QUALITY), "",
               "## Every variant: cost (training budget, size, speed)", "",
@@ -361,8 +362,6 @@ def results_markdown(comp: Comparison, verdicts: list[Verdict], groups: list[Gro
             cells = [f"![{n}]({pics[n]})" if n in pics else "" for n in names]
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
         lines.append("")
-    for k, v in (extra or {}).items():
-        lines += [f"- {k}: {v}"]
     return "\n".join(lines) + "\n"
 
 
@@ -408,6 +407,36 @@ def fetch_pictures(groups: list[Group], out_dir: Any, tracking_uri: str) -> dict
         if got:
             out[name] = got
     return out
+
+
+def extractor_names(groups: list[Group], tracking_uri: str | None) -> list[str]:
+    """The feature extractors behind the FID/KID/IS figures: each evaluate run's ``mqgen.extractor`` tag (e.g.
+    ``classifier-fashion-mnist``, ``inception-v3-compat``), else the ``evaluate.extractor`` setting."""
+    names: set[str] = set()
+    client = None
+    if tracking_uri:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+    for gr in groups:
+        for row in gr.rows:
+            name = ""
+            run_id = row.tags.get("mqgen.evaluate.run_id")
+            if client is not None and run_id:
+                try:
+                    name = client.get_run(run_id).data.tags.get("mqgen.extractor", "")
+                except Exception:  # noqa: BLE001 - a deleted or unreachable run: fall back to the setting
+                    name = ""
+            names.add(name or row.params.get("evaluate.extractor", "") or "unknown")
+    return sorted(names)
+
+
+def _extractor_text(names: list[str]) -> str:
+    text = ", ".join(names)
+    if any(n.startswith("classifier") for n in names):
+        text += (" (a classifier extractor is trained on the run's own training split by the train_evaluator stage: "
+                 "its FIDs compare the variants here, not with Inception FIDs such as the paper's)")
+    return text
 
 
 def plot_with_error_bars(groups: list[Group], figure: str, path: Any, base: dict[str, str]) -> bool:
@@ -468,7 +497,8 @@ def write_results(comp: Comparison, out_dir: Any, tracking_uri: str | None = Non
             plots[FIGURES[figure][0]] = rel
     pictures = fetch_pictures(groups, out, tracking_uri) if tracking_uri else None
     doc = results_markdown(comp, claims(groups, base=base), groups, plots,
-                           {"compared at": ", ".join(f"{k}={v}" for k, v in base.items()) or "the defaults"},
+                           {"compared at": ", ".join(f"{k}={v}" for k, v in base.items()) or "the defaults",
+                            "FID, KID and IS features": _extractor_text(extractor_names(groups, tracking_uri))},
                            pictures=pictures, sides=side_comparisons(groups, base))
     atomic_write_bytes(out / "results.md", doc.encode())
     return out / "results.md"

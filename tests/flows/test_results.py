@@ -82,7 +82,7 @@ def test_results_show_each_variants_pictures_from_its_evaluate_run_and_the_cost_
 
     tracker = Tracker(tmp_path / "root", "mqgen")
     client = tracker.client
-    run_id = client.create_run(tracker.experiment_id).info.run_id
+    run_id = client.create_run(tracker.experiment_id, tags={"mqgen.extractor": "classifier-fashion-mnist"}).info.run_id
     pic = tmp_path / "samples_grid.png"
     Image.new("L", (8, 8), 200).save(pic)
     client.log_artifact(run_id, str(pic), "pictures")
@@ -100,6 +100,10 @@ def test_results_show_each_variants_pictures_from_its_evaluate_run_and_the_cost_
     rel = shown[0].split("![samples](")[1].split(")")[0]
     assert (out / rel).read_bytes() == pic.read_bytes()
     assert "mask overlay" not in shown[0].split("![samples]")[1]  # not logged: left out, not a broken link
+    # the features behind FID are named: the evaluate run's tag, else (untagged rows) the evaluate.extractor setting
+    named = next(line for line in text.splitlines() if line.startswith("- FID, KID and IS features: "))
+    assert named.startswith("- FID, KID and IS features: classifier-fashion-mnist, unknown (a classifier extractor")
+    assert text.index(named) < text.index("## How the verdicts are decided")
 
 
 def test_a_guidance_grid_is_plotted_against_the_guidance_scale(tmp_path) -> None:
