@@ -265,46 +265,50 @@ def _latent_grid(gr: Group) -> str:
     return f"{side}x{side}"
 
 
+def _an(grid: str) -> str:
+    return ("an " if grid.startswith(("8", "11x", "18x")) else "a ") + grid
+
+
 def side_comparisons(groups: list[Group], base: dict[str, str]) -> list[Side]:
-    """For every key of ``base`` that some variants change: those variants and their comparisons. Equal compute
-    (``stackformer.max_steps``): each masked variant against its equal-steps self and the VQGAN baseline on FID.
-    Another layout (any other key): keep 0.75 against keep 1.0 at that layout, as claim 2 at the base layout."""
-    keep, scorer, model = "tokenizer.keep_ratio", "tokenizer.scorer", "stackformer.model"
+    """The variants off ``base``, one section per set of settings they change, with their comparisons. Equal
+    compute (only ``stackformer.max_steps`` changed): each against its equal-steps self and the VQGAN baseline on
+    FID. Anything else (another latent grid, with whatever budget it needs): keep 0.75 against keep 1.0 there, as
+    claim 2 at the base setting."""
+    keep, scorer, model, steps = "tokenizer.keep_ratio", "tokenizer.scorer", "stackformer.model", "stackformer.max_steps"
+    at_base = [gr for gr in groups if all(gr.get(k) == v for k, v in base.items())]
+    off: dict[tuple[tuple[str, str], ...], list[Group]] = {}
+    for gr in groups:
+        diff = tuple((k, gr.get(k)) for k, v in base.items() if gr.get(k) != v)
+        if diff:
+            off.setdefault(diff if [k for k, _ in diff] != [steps] else ((steps, "*"),), []).append(gr)
     out = []
-    for key, value in base.items():
-        others = {k: v for k, v in base.items() if k != key}
-        off = [gr for gr in groups if gr.get(key) != value and all(gr.get(k) == v for k, v in others.items())]
-        if not off:
-            continue
+    for diff, here in off.items():
         comps: list[Contrast] = []
-        if key == "stackformer.max_steps":
-            vqgan = _find(groups, **base, **{"tokenizer.architecture": "vqgan", model: "fullgrid"})
-            for gr in off:
-                name = f"keep{gr.get(keep)} {gr.get(key)} steps"
-                same = _find(groups, **base, **{keep: gr.get(keep), scorer: gr.get(scorer) or "learned",
-                                                "tokenizer.architecture": "mqvae", model: "stackformer"})
+        if diff == ((steps, "*"),):
+            vqgan = _find(at_base, **{"tokenizer.architecture": "vqgan", model: "fullgrid"})
+            for gr in here:
+                name = f"keep{gr.get(keep)} {gr.get(steps)} steps"
+                same = _find(at_base, **{keep: gr.get(keep), scorer: gr.get(scorer) or "learned",
+                                         "tokenizer.architecture": "mqvae", model: "stackformer"})
                 if same:
-                    comps.append(compare(gr, same, "fid", name, f"keep{gr.get(keep)} {value} steps"))
+                    comps.append(compare(gr, same, "fid", name, f"keep{gr.get(keep)} {base[steps]} steps"))
                 if vqgan:
-                    comps.append(compare(gr, vqgan, "fid", name, f"VQGAN+full grid {value} steps"))
-            out.append(Side("Equal generator training compute", f"`{key}` scaled by 1 / tokens per image (the "
-                            f"others: {value})", off, comps))
+                    comps.append(compare(gr, vqgan, "fid", name, f"VQGAN+full grid {base[steps]} steps"))
+            out.append(Side("Equal generator training compute", f"`{steps}` scaled by 1 / tokens per image (the "
+                            f"others: {base[steps]})", here, comps))
             continue
-        values = sorted({gr.get(key) for gr in off})
-        for v in values:
-            here = [gr for gr in off if gr.get(key) == v]
-            grid = _latent_grid(here[0])
-            masked = _find(here, **{keep: "0.75"}) or _find(here, **{keep: "0.75", scorer: "learned"})
-            full = _find(here, **{keep: "1.0"}) or _find(here, **{keep: "1.0", model: "stackformer"})
-            if masked and full:
-                comps = [compare(masked, full, f, "keep0.75", "keep1.0")
-                         for f in ("recon_psnr", "fid", "sampling_images_per_s")]
-            else:
-                comps = []
-            where = f"a {grid} latent grid" if grid else f"{key}={v}"
-            out.append(Side(f"Another layout: {where}", f"`{key}={v}` (the verdicts: `{key}={value}`"
-                            + (f", a {_latent_grid(groups[0])} latent grid" if _latent_grid(groups[0]) else "")
-                            + "); keep 0.75 against keep 1.0 with the same steps and batch", here, comps))
+        masked = _find(here, **{keep: "0.75"}) or _find(here, **{keep: "0.75", scorer: "learned"})
+        full = _find(here, **{keep: "1.0"}) or _find(here, **{keep: "1.0", model: "stackformer"})
+        if masked and full:
+            comps = [compare(masked, full, f, "keep0.75", "keep1.0")
+                     for f in ("recon_psnr", "fid", "sampling_images_per_s")]
+        grid, base_grid = _latent_grid(here[0]), _latent_grid(at_base[0]) if at_base else ""
+        changed = ", ".join(f"`{k}={v}`" for k, v in diff)
+        was = ", ".join(f"`{k}={base[k]}`" for k, _ in diff)
+        out.append(Side(f"Another layout: {_an(grid) + ' latent grid' if grid else changed}",
+                        f"{changed} (the verdicts: {was}" + (f", {_an(base_grid)} latent grid" if base_grid else "")
+                        + "); keep 0.75 against keep 1.0 with the same settings otherwise. This table's budget may "
+                        "differ from the verdicts': compare its rows with each other", here, comps))
     return out
 
 

@@ -155,19 +155,19 @@ def test_equal_compute_and_another_latent_grid_get_their_own_comparisons() -> No
     comp = _runs(fid_learned=5.0, fid_random=7.0, noise=0.05)
     i = len(comp.rows)
     for r in comp.rows:
-        r.params.update({"data.image_size": "32", "tokenizer.ch_mult": "[1, 2, 2]"})
+        r.params.update({"data.image_size": "32", "tokenizer.ch_mult": "[1, 2, 2]", "stackformer.batch_size": "64"})
     for keep, seed in itertools.product(("0.75", "1.0"), ("0", "1")):
         comp.rows.append(_row(i, {"tokenizer.keep_ratio": keep, "tokenizer.scorer": "learned",
                                   "tokenizer.architecture": "mqvae", "stackformer.model": "stackformer", "seed": seed,
                                   "stackformer.max_steps": "600", "data.image_size": "32",
-                                  "tokenizer.ch_mult": "[1, 2]"},
+                                  "tokenizer.ch_mult": "[1, 2]", "stackformer.batch_size": "32"},
                               {"fid": (3.0 if keep == "0.75" else 9.0) + int(seed), "recon_psnr": 25.0,
                                "sampling_images_per_s": 10.0 if keep == "0.75" else 5.0}))
         i += 1
-    comp.varying.append("tokenizer.ch_mult")
+    comp.varying += ["tokenizer.ch_mult", "stackformer.batch_size"]  # the 16x16 table trains at its own batch
     groups = group_rows(comp)
     base = default_base(groups)
-    assert base == {"stackformer.max_steps": "600", "tokenizer.ch_mult": "[1, 2, 2]"}
+    assert base == {"stackformer.batch_size": "64", "stackformer.max_steps": "600", "tokenizer.ch_mult": "[1, 2, 2]"}
     # the verdicts are unchanged by the extra layout (its keep 1.0 FID of 9.0 would otherwise break claim 2)
     assert {v.claim[0]: v.verdict for v in claims(groups, base=base)}["2"] == "confirmed"
     sides = {s.title: s for s in side_comparisons(groups, base)}
@@ -180,11 +180,14 @@ def test_equal_compute_and_another_latent_grid_get_their_own_comparisons() -> No
     grid = sides["Another layout: a 16x16 latent grid"]
     outcomes = {c.figure: c.outcome for c in grid.comparisons}
     assert outcomes == {"recon_psnr": "overlap", "fid": "a better", "sampling_images_per_s": "a better"}
-    assert len(grid.groups) == 2 and "8x8 latent grid" in grid.text
+    assert len(grid.groups) == 2 and grid.text.startswith(
+        "`stackformer.batch_size=32`, `tokenizer.ch_mult=[1, 2]` (the verdicts: `stackformer.batch_size=64`, "
+        "`tokenizer.ch_mult=[1, 2, 2]`, an 8x8 latent grid)")
     text = results_markdown(comp, claims(groups, base=base), groups, {}, sides=list(sides.values()))
     assert "## Another layout: a 16x16 latent grid (shown, not used by the verdicts)" in text
     assert "keep0.75 3.5 +/- 0.71 vs keep1.0 9.5 +/- 0.71 -> a better" in text
     # nothing is masked at keep 1.0 or in a VQGAN: the scorer's default value is not part of their names
-    assert "| max_steps=600, model=fullgrid, architecture=vqgan, ch_mult=[1, 2, 2], keep_ratio=1.0 |" in text
-    assert "| max_steps=600, model=stackformer, architecture=mqvae, ch_mult=[1, 2, 2], keep_ratio=0.75, " \
+    assert "| batch_size=64, max_steps=600, model=fullgrid, architecture=vqgan, ch_mult=[1, 2, 2], keep_ratio=1.0 |" \
+        in text
+    assert "| batch_size=64, max_steps=600, model=stackformer, architecture=mqvae, ch_mult=[1, 2, 2], keep_ratio=0.75, " \
            "scorer=random |" in text
