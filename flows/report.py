@@ -135,7 +135,7 @@ def _series(comp: Comparison, key: str = X_KEY) -> dict[str, list[RunRow]]:
     others = [k for k in comp.varying if k != key]
     out: dict[str, list[RunRow]] = {}
     for row in comp.rows:
-        name = ",".join(f"{k}={row.params.get(k)}" for k in others) or "runs"
+        name = ", ".join(f"{k.rsplit('.', 1)[-1]}={row.params.get(k)}" for k in others) or "runs"
         out.setdefault(name, []).append(row)
     return {k: sorted(v, key=lambda r: _x(r, key)) for k, v in out.items()}
 
@@ -151,18 +151,26 @@ def plot_png(comp: Comparison, metric: str, ylabel: str, path: Path, key: str = 
     series = _series(comp, key)
     if not any(metric in r.metrics and not math.isnan(_x(r, key)) for rows in series.values() for r in rows):
         return False
-    fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=120)
-    for name, rows in series.items():
+    many = len(series) > 6  # a large grid: the legend goes below the axes, one line per series
+    fig, ax = plt.subplots(figsize=(6.4 if many else 5.0, 3.4 + (0.13 * len(series) if many else 0.0)), dpi=120)
+    colours = plt.get_cmap("tab20").colors if many else [None]
+    markers = "os^Dv<>pP*X"
+    for i, (name, rows) in enumerate(series.items()):
         pts = [(_x(r, key), r.metrics[metric]) for r in rows if metric in r.metrics and not math.isnan(_x(r, key))]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        if pts:  # past tab20's 20 colours the marker tells the series apart
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, color=colours[i % len(colours)],
+                    marker=markers[(i // len(colours)) % len(markers)] if many else "o")
     ax.set_xlabel("keep ratio (share of latent regions kept)" if key == X_KEY else key)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    if many:
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
+        fig.savefig(path, format="png", bbox_inches="tight")
+    else:
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
     plt.close(fig)
     return True
 

@@ -191,3 +191,22 @@ def test_equal_compute_and_another_latent_grid_get_their_own_comparisons() -> No
         in text
     assert "| batch_size=64, max_steps=600, model=stackformer, architecture=mqvae, ch_mult=[1, 2, 2], keep_ratio=0.75, " \
            "scorer=random |" in text
+
+
+def test_a_large_grid_plot_keeps_every_series_legible(tmp_path) -> None:
+    """A grid of many series (every setting but the keep ratio: 9 here, 22 in the claims grid): short labels, a legend
+    under the axes that
+    makes the picture taller instead of covering the data."""
+    from PIL import Image
+
+    from flows.report import _series, plot_png
+
+    comp = _runs(fid_learned=5.0, fid_random=7.0, noise=0.05)
+    series = _series(comp)
+    assert len(series) == 9 and all(name.startswith("seed=") and "tokenizer." not in name for name in series)
+    small = Comparison(title="two", rows=[r for r in comp.rows if r.params["tokenizer.scorer"] == "random"
+                                          and r.params["tokenizer.keep_ratio"] != "1.0"],
+                       parent_run_id=None, varying=comp.varying)
+    assert plot_png(small, "fid", "FID", tmp_path / "small.png") and plot_png(comp, "fid", "FID", tmp_path / "big.png")
+    with Image.open(tmp_path / "small.png") as a, Image.open(tmp_path / "big.png") as b:
+        assert b.size[1] > a.size[1] + 100  # the 9-line legend is below the axes, not over them
