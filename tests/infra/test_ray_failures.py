@@ -78,4 +78,6 @@ def test_a_transient_failure_restarts_from_the_latest_checkpoint(tmp_path: Path)
     result = _fit(_flaky, tmp_path)
     assert result.metrics["step"] == 4
     starts = sorted(n.split("-")[1] for n in _attempts(tmp_path, "start-") if n.startswith("start-"))
-    assert starts == ["0", "0", "2", "2"], starts  # 2 workers, first from scratch, then from step 2
+    # 2 workers, first from scratch, then both from the same checkpoint: step 2's, or step 1's when the failure
+    # reached the controller before step 2's checkpoint was registered (a race Ray allows under load)
+    assert starts[:2] == ["0", "0"] and starts[2] == starts[3] and starts[2] in ("1", "2"), starts
