@@ -243,8 +243,8 @@ def claims(groups: list[Group], *, base: dict[str, str] | None = None) -> list[V
 
 @dataclass
 class Side:
-    """Variants off the verdicts' common setting along one key (more generator steps for equal compute, another
-    latent grid): shown with their own comparisons, not used by the verdicts."""
+    """Variants off the verdicts' common setting in one or more keys (more generator steps for equal compute;
+    another latent grid with its own batch): shown with their own comparisons, not used by the verdicts."""
 
     title: str
     text: str
