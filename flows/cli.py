@@ -557,7 +557,8 @@ def _prompt_ids(generator: Any, prompt: str | None, n: int) -> Any:
     import numpy as np
     import torch
 
-    from infra.text import CaptionTokenizer, TextTokenizerError
+    from infra.refs import caption_tokenizer
+    from infra.text import TextTokenizerError
 
     if not generator.text_len:
         if prompt is not None:
@@ -569,7 +570,7 @@ def _prompt_ids(generator: Any, prompt: str | None, n: int) -> Any:
         typer.secho("error: this model is text-conditional: give --prompt \"a caption\"", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     try:
-        tok = CaptionTokenizer.load(generator.text_tokenizer, generator.text_tokenizer_sha256)
+        tok = caption_tokenizer(generator)
     except TextTokenizerError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None

@@ -8,6 +8,7 @@ and what ``mqgen export`` writes; ``mqgen sample --model DIR`` and the registry 
     generator/config.json      Stackformer / full-grid config          (generator bundles only)
     generator/model.safetensors
     generator/text_tokenizer.json  the caption tokenizer                    (text-conditional generators only)
+    generator/text_encoder/    a frozen pretrained caption encoder, as given (text.pretrained generators only)
     tokenizer/config.json      MQ-VAE config
     tokenizer/model.safetensors
     evaluation.json            the evaluation behind the card          (when one exists)
@@ -28,12 +29,14 @@ from typing import Any
 from infra.refs import StackformerOutput, TokenizerOutput
 from infra.storage import UnsafeCheckpointError, atomic_write_json, sha256_file
 from infra.text import FILENAME as TEXT_TOKENIZER
+from infra.text import TextTokenizerError, pretrained_digest
 
 FORMAT = "mqgen.bundle/1"
 INDEX = "model_index.json"
 CARD = "README.md"
 EVALUATION = "evaluation.json"
 WEIGHTS = "model.safetensors"
+TEXT_ENCODER = "text_encoder"  # a frozen pretrained caption encoder's folder (Hugging Face layout), inside generator/
 MAX_JSON_BYTES = 1 << 20  # a config or index larger than this is not ours
 
 
@@ -100,6 +103,14 @@ def write_bundle(out: str | Path, *, tokenizer: TokenizerOutput, generator: Stac
                 raise BundleError(f"{generator.text_tokenizer}: sha256 differs from the stage reference's; not bundled")
             components["generator"].update(text_tokenizer=f"generator/{TEXT_TOKENIZER}",
                                            text_tokenizer_sha256=generator.text_tokenizer_sha256)
+        if generator.text_encoder:  # a frozen pretrained encoder: copied whole, so the folder samples offline
+            target = out / "generator" / TEXT_ENCODER
+            shutil.copytree(generator.text_encoder, target, ignore=shutil.ignore_patterns(".*"))
+            if pretrained_digest(target) != generator.text_encoder_digest:
+                raise BundleError(f"{generator.text_encoder}: the text encoder changed since the model was trained "
+                                  "on it (digest differs); not bundled")
+            components["generator"].update(text_encoder=f"generator/{TEXT_ENCODER}",
+                                           text_encoder_digest=generator.text_encoder_digest)
     index = {"format": FORMAT, "name": name, "kind": "generator" if generator is not None else "tokenizer",
              "library_name": "mqgen", "components": components, "data": data or {}, "provenance": provenance or {}}
     if evaluation is not None:
@@ -172,12 +183,24 @@ def read_bundle(path: str | Path, *, expected_sha256: dict[str, str] | None = No
                         raise BundleError(f"{root}: {comp['text_tokenizer']} is missing or does not match its sha256 "
                                           f"in {INDEX}")
                     text_tok = str(tpath)
+                text_enc, text_digest = "", ""
+                if comp.get("text_encoder"):
+                    epath = _inside(root, comp["text_encoder"])
+                    text_digest = str(comp.get("text_encoder_digest", ""))
+                    try:
+                        ok = pretrained_digest(epath) == text_digest
+                    except TextTokenizerError:
+                        ok = False
+                    if not ok:
+                        raise BundleError(f"{root}: {comp['text_encoder']} is missing or does not match its digest "
+                                          f"in {INDEX}")
+                    text_enc = str(epath)
                 refs[name] = StackformerOutput(
                     path=str(root), key="bundle", weights=str(weights), sha256=actual, step=int(comp.get("step", 0)),
                     model=str(comp.get("class")), model_config=config, metrics=dict(comp.get("metrics") or {}),
                     mlflow_run_id=str(comp.get("mlflow_run_id", "")), tokenizer_sha256=comps["tokenizer"]["sha256"],
                     num_classes=int(comp.get("num_classes", 0)), text_tokenizer=text_tok,
-                    text_tokenizer_sha256=text_sha)
+                    text_tokenizer_sha256=text_sha, text_encoder=text_enc, text_encoder_digest=text_digest)
         except (TypeError, ValueError) as e:
             raise BundleError(f"{root / str(comp.get('config'))}: not a valid {name} config ({e})") from None
     return Bundle(path=root, kind="generator" if "generator" in refs else "tokenizer", tokenizer=refs["tokenizer"],

@@ -406,8 +406,16 @@ class TextSection:
     vocab_size: int = 1024
     max_len: int = 32
     n_layer: int = 2
+    # A frozen pretrained encoder instead: a local folder in the Hugging Face layout (config.json, *.safetensors,
+    # tokenizer.json; e.g. a CLIP text model). Its tokenizer makes the ids (vocab_size unused), its last hidden
+    # states are the captions' states (n_layer unused); needs the transformers package (mqgen[hf]). Identified
+    # in the stage keys by content (infra.text.pretrained_digest), not by path.
+    pretrained: str | None = None
 
     def __post_init__(self) -> None:
+        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained.strip()):
+            raise ConfigError(f"text.pretrained={self.pretrained!r} must be a folder path (or null for the "
+                              "trained encoder)")
         if not 260 <= self.vocab_size <= 65535:
             raise ConfigError(f"text.vocab_size={self.vocab_size} must be in [260, 65535] (256 byte symbols + "
                               "specials + merges; ids are stored as uint16)")
@@ -476,6 +484,8 @@ class PipelineConfig:
         if self.data.captions_file is not None:
             object.__setattr__(self, "data", dataclasses.replace(
                 self.data, captions_file=absolute_path(self.data.captions_file)))
+        if self.text.pretrained is not None:
+            object.__setattr__(self, "text", dataclasses.replace(self.text, pretrained=absolute_path(self.text.pretrained)))
         if self.evaluate.inception_weights is not None:
             object.__setattr__(self, "evaluate", dataclasses.replace(
                 self.evaluate, inception_weights=absolute_path(self.evaluate.inception_weights)))
@@ -503,7 +513,8 @@ class PipelineConfig:
 
 
 ADDED_FIELDS["registry"] = dataclasses.asdict(RegistrySection())
-ADDED_FIELDS["text"] = dataclasses.asdict(TextSection())
+ADDED_FIELDS["text.pretrained"] = None  # before "text": the whole section compares without it
+ADDED_FIELDS["text"] = {k: v for k, v in dataclasses.asdict(TextSection()).items() if k != "pretrained"}
 
 
 def absolute_path(path: str) -> str:
@@ -1056,6 +1067,8 @@ def _condition(s: StackformerSection, num_classes: int, text: Any) -> dict[str, 
     if s.conditional and text is not None and text.text_len > 0:
         fields = {"num_classes": 0, "text_vocab_size": text.text_vocab_size, "text_len": text.text_len,
                   "n_layer_text": text.n_layer}
+        if text.width:
+            fields["text_width"] = text.width
     else:
         fields = {"num_classes": num_classes if s.conditional else 0}
     if s.cond_dropout > 0 and not fields["num_classes"] and not fields.get("text_len"):
@@ -1071,6 +1084,7 @@ class TextShape:
     text_len: int
     text_vocab_size: int
     n_layer: int
+    width: int = 0  # a frozen pretrained encoder's state width (0: the generator's own encoder)
 
 
 def stackformer_config(s: StackformerSection, tokenizer: Any, *, num_classes: int, text: TextShape | None = None

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from models.mqvae import MQVAE, MQVAEConfig
+    from infra.text import CaptionTokenizer
     from models.stackformer import FullGridTransformer, Stackformer
 
 
@@ -119,6 +120,9 @@ class TokenizeOutput(Ref):
     # captioned data: the caption tokenizer (tokenizer.json of infra.text) whose ids the records hold
     text_tokenizer: str = ""
     text_tokenizer_sha256: str = ""
+    # text.pretrained: the frozen encoder folder whose tokenizer made the ids, and its infra.text.pretrained_digest
+    text_encoder: str = ""
+    text_encoder_digest: str = ""
 
     def db(self, split: str) -> str:
         return {"train": self.train_db, "val": self.val_db}[split]
@@ -173,6 +177,9 @@ class StackformerOutput(Ref):
     # a text-conditional model: the caption tokenizer (infra.text) whose ids it reads, copied beside its weights
     text_tokenizer: str = ""
     text_tokenizer_sha256: str = ""
+    # one reading a frozen pretrained encoder (model_config text_width > 0): its folder and digest (not copied)
+    text_encoder: str = ""
+    text_encoder_digest: str = ""
 
     @property
     def text_len(self) -> int:
@@ -265,17 +272,39 @@ def load_tokenizer(ref: TokenizerOutput, device: torch.device | str = "cpu") -> 
     return _loaded(MQVAE(ref.mqvae_config), ref.weights, ref.sha256, device)
 
 
-def new_generator(kind: str, model_config: dict[str, Any]) -> Stackformer | FullGridTransformer:
-    """A freshly initialised generator of ``kind`` from its config fields (draws from the global torch RNG)."""
+def new_generator(kind: str, model_config: dict[str, Any], text_encoder: Any = None
+                  ) -> Stackformer | FullGridTransformer:
+    """A freshly initialised generator of ``kind`` from its config fields (draws from the global torch RNG);
+    ``text_encoder``: the frozen encoder (:func:`infra.text.load_pretrained_encoder`) of a config with
+    ``text_width > 0``."""
     from models.stackformer import FullGridConfig, FullGridTransformer, Stackformer, StackformerConfig
 
     if kind == "stackformer":
-        return Stackformer(StackformerConfig(**model_config))
+        return Stackformer(StackformerConfig(**model_config), text_encoder)
     if kind == "fullgrid":
-        return FullGridTransformer(FullGridConfig(**model_config))
+        return FullGridTransformer(FullGridConfig(**model_config), text_encoder)
     raise ValueError(f"unknown model kind {kind!r}; allowed: 'stackformer', 'fullgrid'")
 
 
+def frozen_text_encoder(folder: str, digest: str) -> Any:
+    """The frozen pretrained encoder in ``folder`` (verified against ``digest``), or None when ``folder`` is ""."""
+    if not folder:
+        return None
+    from infra.text import load_pretrained_encoder
+
+    return load_pretrained_encoder(folder, digest)
+
+
 def load_generator(ref: StackformerOutput, device: torch.device | str = "cpu") -> Stackformer | FullGridTransformer:
-    """The trained Stackformer / full-grid model of ``ref`` (sha256 verified, strict load), in eval mode."""
-    return _loaded(new_generator(ref.model, ref.model_config), ref.weights, ref.sha256, device)
+    """The trained Stackformer / full-grid model of ``ref`` (sha256 verified, strict load; its frozen text encoder,
+    if any, verified against its digest), in eval mode."""
+    encoder = frozen_text_encoder(ref.text_encoder, ref.text_encoder_digest)
+    return _loaded(new_generator(ref.model, ref.model_config, encoder), ref.weights, ref.sha256, device)
+
+
+def caption_tokenizer(ref: StackformerOutput) -> CaptionTokenizer:
+    """The caption tokenizer a text-conditional generator reads (sha256 verified)."""
+    from infra.text import PRETRAINED_ID_OFFSET, CaptionTokenizer
+
+    return CaptionTokenizer.load(ref.text_tokenizer, ref.text_tokenizer_sha256,
+                                 offset=PRETRAINED_ID_OFFSET if ref.text_encoder else 0)

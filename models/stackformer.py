@@ -24,8 +24,9 @@ Vocabularies (``K`` = ``codebook_size``, ``C`` = ``max(1, num_classes)``):
   KV caches holding both halves) and draws from ``l_null + s * (l_class - l_null)`` for both heads: the code
   logits and the position logits. ``s = 1`` is plain conditional sampling (one pass), ``s = 0`` unconditional.
 
-Text conditioning (``text_vocab_size > 0``): a :class:`models.text.TextEncoder` turns the caption's ``T`` token ids
-into ``T`` states; a linear map of them is a **prefix** of ``T`` tokens before the start token, one map for the
+Text conditioning (``text_vocab_size > 0``): a :class:`models.text.TextEncoder` (or, with ``text_width > 0``, a
+frozen pretrained encoder given at construction, whose weights the generator neither trains nor saves) turns the
+caption's ``T`` token ids into ``T`` states; a linear map of them is a **prefix** of ``T`` tokens before the start token, one map for the
 Code-Transformer and one for the Position-Transformer, so both heads read the caption through causal attention
 (no cross-attention layers: the KV caches hold the prefix once, filled before the first step, and every step
 reads one new token as without text). The empty caption (all padding) is the null condition of guidance:
@@ -54,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.text import TextEncoder, TextEncoderConfig
+from models.text import FrozenTextEncoder, TextEncoder, TextEncoderConfig
 from models.transformer import KVCache, TransformerStack, init_weights
 
 MAX_CODEBOOK_SIZE = 65535  # codes are stored as uint16 downstream
@@ -79,7 +80,7 @@ class SamplingParams:
 
 def _validate_common(name: str, *, codebook_size: int, grid_size: int, num_classes: int, n_embd: int,
                      n_head: int, dropout: float, layers: dict[str, int], cond_dropout: float = 0.0,
-                     text_vocab_size: int = 0, text_len: int = 0) -> None:
+                     text_vocab_size: int = 0, text_len: int = 0, text_width: int = 0) -> None:
     if not 1 <= codebook_size <= MAX_CODEBOOK_SIZE:
         raise ValueError(f"{name}: codebook_size must be in [1, {MAX_CODEBOOK_SIZE}], got {codebook_size}")
     if grid_size < 1:
@@ -95,6 +96,9 @@ def _validate_common(name: str, *, codebook_size: int, grid_size: int, num_class
         raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
     if not 0.0 <= cond_dropout < 1.0:
         raise ValueError(f"{name}: cond_dropout must be in [0, 1), got {cond_dropout}")
+    if text_width < 0 or (text_width > 0 and text_vocab_size == 0):
+        raise ValueError(f"{name}: text_width ({text_width}) > 0 is the width of a text encoder's states; it needs "
+                         "a text-conditional model (text_vocab_size > 0)")
     if cond_dropout > 0 and num_classes == 0 and text_vocab_size == 0:
         raise ValueError(f"{name}: cond_dropout (classifier-free guidance) needs a class- or text-conditional "
                          "model (num_classes > 0 or text_vocab_size > 0)")
@@ -112,6 +116,7 @@ class _Vocabulary:
     text_vocab_size: int
     text_len: int
     n_layer_text: int
+    text_width: int
     n_embd: int
     n_head: int
     dropout: float
@@ -161,12 +166,13 @@ class StackformerConfig(_Vocabulary):
     text_vocab_size: int = 0  # caption token ids (0 = not text-conditional)
     text_len: int = 0  # caption ids per image
     n_layer_text: int = 2  # text encoder depth
+    text_width: int = 0  # > 0: states of a frozen external encoder of this width (given at construction)
 
     def __post_init__(self) -> None:
         _validate_common("StackformerConfig", codebook_size=self.codebook_size, grid_size=self.grid_size,
                          num_classes=self.num_classes, n_embd=self.n_embd, n_head=self.n_head,
                          dropout=self.dropout, cond_dropout=self.cond_dropout,
-                         text_vocab_size=self.text_vocab_size, text_len=self.text_len,
+                         text_vocab_size=self.text_vocab_size, text_len=self.text_len, text_width=self.text_width,
                          layers={"n_layer_code": self.n_layer_code, "n_layer_pos": self.n_layer_pos})
         if not 1 <= self.seq_len <= self.num_positions:
             raise ValueError(f"StackformerConfig: seq_len must be in [1, grid_size**2 = "
@@ -354,16 +360,45 @@ def sample_tokens(model: nn.Module, n: int, labels: torch.Tensor | None, code_pa
 
 
 class _TextPrefix(nn.Module):
-    """The caption encoder and one linear map of its states per transformer stack (the prefix tokens)."""
+    """The caption encoder and one linear map of its states per transformer stack (the prefix tokens).
 
-    def __init__(self, config: Any, stacks: int) -> None:
+    With ``config.text_width > 0`` the encoder is ``frozen`` (a :class:`models.text.FrozenTextEncoder`): held, not
+    registered, so its weights are neither trained nor saved with the generator's; moving the generator moves it.
+    Its states of a caption of padding only (the null condition) are replaced by a learned null prefix, so guidance
+    has a trained unconditional branch although the encoder itself never learns one.
+    """
+
+    def __init__(self, config: Any, stacks: int, frozen: FrozenTextEncoder | None = None) -> None:
         super().__init__()
-        self.encoder = TextEncoder(config.text_encoder_config())
-        self.maps = nn.ModuleList(nn.Linear(config.n_embd, config.n_embd) for _ in range(stacks))
+        self.vocab_size = config.text_vocab_size
+        if config.text_width > 0:
+            if frozen is None or frozen.width != config.text_width:
+                raise ValueError(f"this generator reads the states of a frozen text encoder of width "
+                                 f"{config.text_width}; give it (got {None if frozen is None else frozen.width})")
+            self._frozen: tuple[FrozenTextEncoder, ...] = (frozen,)  # a tuple: not a registered submodule
+            self.encoder = None
+            self.null = nn.Parameter(torch.randn(config.text_len, config.text_width) * 0.02)
+        else:
+            if frozen is not None:
+                raise ValueError("a frozen text encoder was given to a generator with its own (text_width = 0)")
+            self._frozen = ()
+            self.encoder = TextEncoder(config.text_encoder_config())
+        width = config.text_width or config.n_embd
+        self.maps = nn.ModuleList(nn.Linear(width, config.n_embd) for _ in range(stacks))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> _TextPrefix:
+        for frozen in self._frozen:  # .to(device / dtype) reaches the held encoder too
+            frozen.module._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     def forward(self, text: torch.Tensor) -> list[torch.Tensor]:
         """``[B, T]`` ids -> one ``[B, T, C]`` prefix per stack."""
-        states = self.encoder(text)
+        if self.encoder is not None:
+            states = self.encoder(text)
+        else:
+            _check_range(text, self.vocab_size, "caption ids")
+            states = self._frozen[0](text).to(self.null.dtype)
+            states = torch.where((text == 0).all(dim=1)[:, None, None], self.null.expand_as(states), states)
         return [m(states) for m in self.maps]
 
 
@@ -378,7 +413,7 @@ def _run_stack(stack: TransformerStack, x: torch.Tensor, cache: KVCache | None, 
 class Stackformer(nn.Module):
     """Code-Transformer + Position-Transformer over ``N`` (code, cell) tokens; see the module docstring."""
 
-    def __init__(self, config: StackformerConfig) -> None:
+    def __init__(self, config: StackformerConfig, text_encoder: FrozenTextEncoder | None = None) -> None:
         super().__init__()
         self.config = config
         c = config
@@ -395,7 +430,8 @@ class Stackformer(nn.Module):
         self.pos_ln = nn.LayerNorm(c.n_embd)
         self.pos_head = nn.Linear(c.n_embd, c.pos_vocab_size, bias=False)
         self.apply(init_weights)
-        self.text = _TextPrefix(c, 2) if c.has_text else None  # its own init (after apply: position table)
+        # its own init (after apply: position table); text_encoder: the frozen one of a config with text_width > 0
+        self.text = _TextPrefix(c, 2, text_encoder) if c.has_text else None
 
     def num_params(self) -> int:
         """Number of parameters (shared tables counted once)."""
@@ -561,12 +597,13 @@ class FullGridConfig(_Vocabulary):
     text_vocab_size: int = 0  # caption token ids (0 = not text-conditional)
     text_len: int = 0  # caption ids per image
     n_layer_text: int = 2  # text encoder depth
+    text_width: int = 0  # > 0: states of a frozen external encoder of this width (given at construction)
 
     def __post_init__(self) -> None:
         _validate_common("FullGridConfig", codebook_size=self.codebook_size, grid_size=self.grid_size,
                          num_classes=self.num_classes, n_embd=self.n_embd, n_head=self.n_head,
                          dropout=self.dropout, cond_dropout=self.cond_dropout, layers={"n_layer": self.n_layer},
-                         text_vocab_size=self.text_vocab_size, text_len=self.text_len)
+                         text_vocab_size=self.text_vocab_size, text_len=self.text_len, text_width=self.text_width)
 
     @property
     def seq_len(self) -> int:
@@ -585,7 +622,7 @@ class FullGridTransformer(nn.Module):
     Step ``t`` reads ``E_code[idx_t] + A[t]`` with ``idx = [start, c_0..c_{G*G-2}]`` and predicts ``c_t``.
     """
 
-    def __init__(self, config: FullGridConfig) -> None:
+    def __init__(self, config: FullGridConfig, text_encoder: FrozenTextEncoder | None = None) -> None:
         super().__init__()
         self.config = config
         c = config
@@ -596,7 +633,7 @@ class FullGridTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(c.n_embd)
         self.head = nn.Linear(c.n_embd, c.code_vocab_size, bias=False)
         self.apply(init_weights)
-        self.text = _TextPrefix(c, 1) if c.has_text else None
+        self.text = _TextPrefix(c, 1, text_encoder) if c.has_text else None
 
     def num_params(self) -> int:
         """Number of parameters."""

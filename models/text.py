@@ -11,12 +11,24 @@ caption alone; the generators read all ``T`` of them as a fixed-length prefix.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.transformer import MLP, init_weights
+
+
+class FrozenTextEncoder(Protocol):
+    """A pretrained caption encoder a generator reads but does not train (e.g. ``infra.text.PretrainedTextEncoder``):
+    ``[B, T]`` long ids (0 = padding) -> ``[B, T, width]`` states, computed without gradients. ``module`` holds its
+    weights; the generator moves it with itself and leaves it out of its state dict."""
+
+    width: int
+    module: nn.Module
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True, kw_only=True)

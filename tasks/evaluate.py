@@ -52,6 +52,7 @@ from infra.refs import (
     IngestOutput,
     StackformerOutput,
     TokenizerOutput,
+    caption_tokenizer,
     load_generator,
     load_tokenizer,
 )
@@ -353,8 +354,6 @@ def val_captions(shards: Any, n: int) -> list[str]:
 def prompts(model_ref: StackformerOutput, shards: Any, n: int) -> tuple[list[str], torch.Tensor] | None:
     """For a text model: the captions sample ``i`` is drawn from (val caption ``i mod num_val``, shard order) and
     their ids under the model's caption tokenizer; None for other models."""
-    from infra.text import CaptionTokenizer
-
     if not model_ref.text_len:
         return None
     captions = val_captions(shards, n)
@@ -362,8 +361,7 @@ def prompts(model_ref: StackformerOutput, shards: Any, n: int) -> tuple[list[str
         raise ValueError(f"{STAGE}: a text-conditional model needs captions to sample from, and the "
                          f"{REFERENCE_SPLIT} split is empty")
     captions = [captions[i % len(captions)] for i in range(n)]
-    tok = CaptionTokenizer.load(model_ref.text_tokenizer, model_ref.text_tokenizer_sha256)
-    ids, _ = tok.encode(captions, model_ref.text_len)
+    ids, _ = caption_tokenizer(model_ref).encode(captions, model_ref.text_len)
     return captions, torch.from_numpy(ids.astype("int64"))
 
 

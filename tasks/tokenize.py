@@ -50,7 +50,7 @@ from infra.storage import (
     stage_dir,
 )
 from infra.text import FILENAME as TEXT_TOKENIZER
-from infra.text import CaptionTokenizer
+from infra.text import CaptionTokenizer, pretrained_digest
 from infra.tokens import DEFAULT_MAP_SIZE, TokenFormatError, TokenMeta, TokenWriter, read_meta, verify
 from models.metrics import code_stats
 from models.mqvae import to_model_input
@@ -250,10 +250,14 @@ def text_settings(cfg: PipelineConfig, ingest: IngestOutput) -> dict[str, Any] |
     """What shapes the caption ids of captioned data (None for data without captions)."""
     if not ingest.captioned:
         return None
+    if cfg.text.pretrained is not None:  # the folder by content: its tokenizer makes the ids
+        return {"max_len": cfg.text.max_len, "tokenizer": PRETRAINED_TOKENIZER_KIND,
+                "pretrained": pretrained_digest(cfg.text.pretrained)}
     return {"vocab_size": cfg.text.vocab_size, "max_len": cfg.text.max_len, "tokenizer": TEXT_TOKENIZER_KIND}
 
 
 TEXT_TOKENIZER_KIND = "bpe-bytelevel/1"  # bump when infra.text's training recipe changes
+PRETRAINED_TOKENIZER_KIND = "pretrained/1"  # bump when the ids of a pretrained tokenizer are stored differently
 
 
 def split_meta(split: str, tokenizer: TokenizerOutput, ingest: IngestOutput, shards: list[tuple[int, int]],
@@ -366,6 +370,7 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
     inputs = {split: shard_set.shards(split) if split in shard_set.splits else [] for split in SPLITS}
     out_dir.mkdir(parents=True, exist_ok=True)
     text, text_sha = _caption_tokenizer(cfg, ingest, inputs["train"], out_dir)
+    encoder_digest = pretrained_digest(cfg.text.pretrained) if text is not None and cfg.text.pretrained else ""
     metas = {split: split_meta(split, tokenizer, ingest, [(i, s.num_samples) for i, s in enumerate(inputs[split])],
                                text, cfg.text.max_len, text_sha)
              for split in SPLITS}
@@ -377,6 +382,8 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
               "seq_len": m.seq_len, "keep_ratio": m.keep_ratio}
     if text is not None:
         params.update(text_vocab_size=text.vocab_size, text_len=cfg.text.max_len, text_tokenizer_sha256=text_sha)
+        if encoder_digest:
+            params.update(text_encoder=cfg.text.pretrained, text_encoder_digest=encoder_digest)
     tags = {"mqgen.tokenizer_run_id": tokenizer.mlflow_run_id, "mqgen.ingest_run_id": ingest.mlflow_run_id,
             "mqgen.use_gpu": cfg.ray.use_gpu, "mqgen.cpus_per_task": cfg.ray.cpus_per_worker or 1}
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
@@ -428,7 +435,9 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
                              val_db=str((out_dir / "val.lmdb").resolve()), metadata=metadata, checksum=checksum,
                              mlflow_run_id=sr.run_id, metrics={k: float(v) for k, v in metrics.items()},
                              text_tokenizer=str((out_dir / TEXT_TOKENIZER).resolve()) if text is not None else "",
-                             text_tokenizer_sha256=text_sha)
+                             text_tokenizer_sha256=text_sha,
+                             text_encoder=cfg.text.pretrained if encoder_digest else "",
+                             text_encoder_digest=encoder_digest)
         atomic_write_json(out_dir / VERIFIED, {s: _db_stamp(out_dir / f"{s}.lmdb") for s in SPLITS})  # just scanned
         atomic_write_json(out_dir / SUCCESS, ref.to_dict())  # the commit marker: last
         log.info("tokenize %s: %d train + %d val records (%d shards encoded, %d resumed), %.0f images/s -> %s", key,
@@ -438,11 +447,18 @@ def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir:
 
 def _caption_tokenizer(cfg: PipelineConfig, ingest: IngestOutput, train_shards: list[Any], out_dir: Path
                        ) -> tuple[CaptionTokenizer | None, str]:
-    """For captioned data: the caption tokenizer trained on the training captions (in shard order), saved as
-    ``text_tokenizer.json`` in ``out_dir``, and its sha256 (a resumed run retrains it; the databases' metadata
-    then refuses a tokenizer that came out different). ``(None, "")`` without captions."""
+    """For captioned data: the caption tokenizer trained on the training captions (in shard order), or the
+    ``tokenizer.json`` of ``text.pretrained``, saved as ``text_tokenizer.json`` in ``out_dir``, and its sha256 (a
+    resumed run retrains it; the databases' metadata then refuses a tokenizer that came out different).
+    ``(None, "")`` without captions."""
     if not ingest.captioned:
         return None, ""
+    if cfg.text.pretrained is not None:
+        tok = CaptionTokenizer.from_pretrained(cfg.text.pretrained)
+        tok.save(out_dir / TEXT_TOKENIZER)
+        log.info("tokenize: caption ids from the pretrained tokenizer of %s (%d ids)", cfg.text.pretrained,
+                 tok.vocab_size - tok.offset)
+        return tok, sha256_file(out_dir / TEXT_TOKENIZER)
     from infra.shards import read_shard
 
     def captions() -> Iterator[str]:

@@ -30,7 +30,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -56,6 +56,7 @@ from infra.refs import (
     TokenizeOutput,
     TokenizerOutput,
     load_tokenizer,
+    frozen_text_encoder,
     new_generator,
 )
 from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
@@ -76,9 +77,21 @@ ADAMW_BETAS = (0.9, 0.95)  # spec section 6 (released configs)
 TransformerModel = Stackformer | FullGridTransformer
 
 
-def new_model(kind: str, model_config: dict[str, Any]) -> TransformerModel:
-    """A freshly initialised model of ``kind`` from its config fields (draws from the global torch RNG)."""
-    return new_generator(kind, model_config)
+def new_model(kind: str, model_config: dict[str, Any], text_encoder: Any = None) -> TransformerModel:
+    """A freshly initialised model of ``kind`` from its config fields (draws from the global torch RNG);
+    ``text_encoder``: the frozen pretrained encoder of a config with ``text_width > 0``."""
+    return new_generator(kind, model_config, text_encoder)
+
+
+def own_num_params(kind: str, model_config: dict[str, Any]) -> int:
+    """The parameters the generator trains and saves (a frozen text encoder's are not among them), counted on
+    the meta device: no memory, no initialisation, no encoder loaded."""
+    from types import SimpleNamespace
+
+    width = int(model_config.get("text_width", 0))
+    stand_in = SimpleNamespace(width=width, module=torch.nn.Module()) if width else None  # shapes only
+    with torch.device("meta"):
+        return sum(t.numel() for t in new_model(kind, model_config, stand_in).parameters())
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -370,6 +383,8 @@ class TrainPlan:
     local_batch: int
     steps_per_epoch: int
     text_len: int = 0  # caption ids per record the model reads (0: not text-conditional)
+    text_encoder: str = ""  # a frozen pretrained encoder's folder (text.pretrained), and its digest
+    text_encoder_digest: str = ""
 
     def open(self, split: str) -> TokenDataset:
         """The split's reader; refuses a database that no longer matches the plan."""
@@ -430,6 +445,13 @@ def plan(cfg: PipelineConfig, tokens: TokenizeOutput, tokenizer: TokenizerOutput
         raise TokenFormatError(f"{STAGE}: the train and val token databases hold ids of different caption "
                                "tokenizers; rerun the tokenize stage")
     text = TextShape(train.text_len, train.text_vocab_size, cfg.text.n_layer) if train.text_len else None
+    if text is not None and tokens.text_encoder and s.conditional:  # ids of a pretrained tokenizer: its encoder
+        encoder = frozen_text_encoder(tokens.text_encoder, tokens.text_encoder_digest)
+        if train.text_vocab_size - 1 > encoder.vocab_size:
+            raise TokenFormatError(f"{STAGE}: the caption ids reach {train.text_vocab_size - 1}, beyond the "
+                                   f"{encoder.vocab_size} embeddings of the text encoder {tokens.text_encoder}: its "
+                                   "tokenizer.json and weights do not belong together")
+        text = replace(text, width=encoder.width)
     model_cfg = build(s, tokenizer, num_classes=train.num_classes, text=text)
     return TrainPlan(model=s.model, model_config=asdict(model_cfg), num_classes=model_cfg.num_classes,
                      data_num_classes=train.num_classes, codebook_size=tokenizer.codebook_size,
@@ -437,7 +459,9 @@ def plan(cfg: PipelineConfig, tokens: TokenizeOutput, tokenizer: TokenizerOutput
                      train_db=tokens.db("train"), val_db=tokens.db("val"), num_train=train.num_records,
                      num_val=val.num_records, world_size=world, local_batch=local_batch,
                      steps_per_epoch=per_worker // local_batch,
-                     text_len=int(model_cfg.text_len) if model_cfg.has_text else 0)
+                     text_len=int(model_cfg.text_len) if model_cfg.has_text else 0,
+                     text_encoder=tokens.text_encoder if model_cfg.text_width else "",
+                     text_encoder_digest=tokens.text_encoder_digest if model_cfg.text_width else "")
 
 
 # --------------------------------------------------------------------------------------------- Ray loop
@@ -481,8 +505,9 @@ def train_loop(config: dict[str, Any]) -> None:
     w = rayx.worker()
     if w.world_size != p.world_size:
         raise RuntimeError(f"{STAGE}: planned for {p.world_size} workers, running on {w.world_size}")
+    encoder = frozen_text_encoder(p.text_encoder, p.text_encoder_digest)  # loaded before seeding: no RNG effect
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-    model = new_model(p.model, p.model_config).to(w.device)
+    model = new_model(p.model, p.model_config, encoder).to(w.device)
     restored = w.restore()
     start_step = 0
     if restored is not None:
@@ -613,8 +638,8 @@ def stage_key(cfg: PipelineConfig, tokens: Any) -> str:
     d = {"stage": STAGE, "version": VERSION,
          "stackformer": identity("stackformer", to_dict(cfg.stackformer)),  # added fields at default: out
          "seed": cfg.seed, "tokenize": tokens.checksum, "tokenize_key": tokens.key}
-    if getattr(tokens, "text_len", 0) and cfg.stackformer.conditional:
-        d["text_n_layer"] = cfg.text.n_layer
+    if getattr(tokens, "text_len", 0) and cfg.stackformer.conditional and not getattr(tokens, "text_encoder", ""):
+        d["text_n_layer"] = cfg.text.n_layer  # the trained encoder's depth (a pretrained one is in the tokens' key)
     return stable_hash(d)
 
 
@@ -652,8 +677,7 @@ def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: st
 
     tokens, tokenizer = inputs.tokenize, inputs.train_tokenizer
     s = cfg.stackformer
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        num_params = sum(t.numel() for t in new_model(p.model, p.model_config).parameters())
+    num_params = own_num_params(p.model, p.model_config)
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
     srun, ray_name, step_offset = open_training_attempt(
         tracker, STAGE, key, out_dir, force=force, done=load_output(out_dir) is not None, success_name=SUCCESS,
@@ -698,7 +722,8 @@ def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: st
     ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
                             model=p.model, model_config=p.model_config, metrics=metrics, mlflow_run_id=srun.run_id,
                             tokenizer_sha256=p.tokenizer_sha256, num_classes=p.num_classes,
-                            text_tokenizer=text_tok, text_tokenizer_sha256=text_sha)
+                            text_tokenizer=text_tok, text_tokenizer_sha256=text_sha,
+                            text_encoder=p.text_encoder, text_encoder_digest=p.text_encoder_digest)
     srun.log_dict(cfg.to_dict(), "config.json")
     srun.log_dataset(f"tokens-{tokens.key}", tokens.checksum, tokens.path, "training", num_train=tokens.num_train,
                      num_val=tokens.num_val, tokens_per_image=p.seq_len)
