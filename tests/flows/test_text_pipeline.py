@@ -16,12 +16,14 @@ from infra.config import resolve
 pytestmark = pytest.mark.slow
 
 
+def _cfg_overrides() -> list[str]:
+    return ["data.shapes_train=256", "data.shapes_val=64", "tokenizer.max_steps=12", "tokenizer.eval_every=12",
+            "tokenizer.checkpoint_every=12", "stackformer.max_steps=12", "stackformer.eval_every=12",
+            "stackformer.checkpoint_every=12", "evaluate.num_samples=32"]
+
+
 def _cfg(root: Path, *extra: str):
-    return resolve("tiny-text", overrides=[f"run.root={root}", "data.shapes_train=256", "data.shapes_val=64",
-                                           "tokenizer.max_steps=12", "tokenizer.eval_every=12",
-                                           "tokenizer.checkpoint_every=12", "stackformer.max_steps=12",
-                                           "stackformer.eval_every=12", "stackformer.checkpoint_every=12",
-                                           "evaluate.num_samples=32", *extra])
+    return resolve("tiny-text", overrides=[f"run.root={root}", *_cfg_overrides(), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +111,60 @@ def test_mqgen_sample_with_a_prompt_from_the_registry_champion(text_run, tmp_pat
     missing = subprocess.run([*base, "--model", "champion", "--n", "2", "--out", str(tmp_path / "x.png")],
                              capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 2 and "text-conditional: give --prompt" in missing.stderr
+
+
+def test_a_frozen_pretrained_encoder_from_a_local_folder_end_to_end(text_run, tmp_path) -> None:
+    """`text.pretrained=DIR` (a tiny random CLIP text model saved by the real libraries): the tokenize stage stores
+    the folder tokenizer's ids, the Stackformer reads the frozen encoder's states, the evaluation scores captions,
+    and the exported bundle carries the encoder, so `mqgen sample --model DIR --prompt` works after the original
+    folder is gone. Upstream stages are the shared text run's (cache hits)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    from flows.pipeline import run_pipeline
+    from infra.refs import caption_tokenizer, load_generator
+    from infra.shards import ShardSet, read_shard
+    from infra.text import CaptionTokenizer, pretrained_digest
+    from infra.tokens import TokenDataset
+    from tests.fixtures.pretrained_text import tiny_clip_folder
+
+    root, _, refs = text_run
+    folder = tiny_clip_folder(tmp_path / "clip-tiny")
+    overrides = [f"text.pretrained={folder}", "registry.name=tiny-text-clip"]
+    cfg = _cfg(root, *overrides)
+    out = run_pipeline(cfg)
+    for stage in ("ingest", "train_tokenizer", "train_evaluator"):
+        assert out[stage] == refs[stage], stage
+    tokens, model = out["tokenize"], out["train_stackformer"]
+    assert tokens.key != refs["tokenize"].key and tokens.text_encoder_digest == pretrained_digest(folder)
+    # the records hold the folder tokenizer's ids (start and end tokens included), shifted past padding
+    first = next(read_shard(ShardSet.from_output(refs["ingest"]).shards("train")[0].path))
+    expected, _ = CaptionTokenizer.from_pretrained(folder).encode([first.caption], cfg.text.max_len)
+    assert np.array_equal(TokenDataset(tokens.train_db)[0]["text"].numpy(), expected[0].astype(np.int64))
+    # the generator reads the frozen encoder's 32-wide states; its weights file holds no encoder weights
+    assert model.model_config["text_width"] == 32 and model.text_encoder == str(folder)
+    assert model.metrics["num_params"] < refs["train_stackformer"].metrics["num_params"]  # no trained encoder
+    net = load_generator(model)
+    ids, _ = caption_tokenizer(model).encode(["a small red circle above a large blue square"] * 2, model.text_len)
+    codes, _ = net.sample(2, None, text=torch.from_numpy(ids.astype(np.int64)), guidance_scale=3.0)
+    assert codes.shape == (2, net.config.seq_len)
+    m = json.loads(Path(out["evaluate"].evaluation_json).read_text())["metrics"]
+    assert 0.0 <= m["caption_alignment"] <= 1.0 and m["fid"] > 0
+    # the user's path: export, remove the original folder, sample from the bundle with a prompt
+    mqgen = str(Path(sys.executable).parent / "mqgen")
+    base = ["--preset", "tiny-text", f"run.root={root}", *overrides, *_cfg_overrides()]
+    bundle = tmp_path / "bundle"
+    done = subprocess.run([mqgen, "export", str(bundle), *base], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert pretrained_digest(bundle / "generator" / "text_encoder") == model.text_encoder_digest
+    shutil.rmtree(folder)
+    grid = tmp_path / "grid.png"
+    done = subprocess.run([mqgen, "sample", "--model", str(bundle), "--prompt", "a large green triangle", "--n", "4",
+                           "--guidance", "2", "--out", str(grid)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert grid.is_file() and "Loading weights" not in done.stderr
