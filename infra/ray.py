@@ -63,12 +63,46 @@ def _init_ray(num_cpus: int | None) -> None:
 
     adopt_library_loggers()
     quiet = {"log_to_driver": os.environ.get("MQGEN_RAY_LOG_TO_DRIVER", "0") == "1", "configure_logging": False}
+    if quiet["log_to_driver"] is False:
+        route_raylet_messages()
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **quiet)
         return
     cpus = num_cpus or os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 1024 * 1024, **quiet)
+
+
+RAYLET_LOGGER = "ray.raylet_messages"
+_OOM_WORDS = ("out of memory", "outofmemory", "oom")
+
+
+def route_raylet_messages() -> None:
+    """Send the messages the raylet pushes to the driver to the Python log instead of stdout.
+
+    Ray's driver prints them itself (a background thread, whatever ``log_to_driver`` says): "N PYTHON worker
+    processes have been started ... Nx the maximum expected startup concurrency" lines arrive in the middle of
+    a grid's progress lines. They go to logger :data:`RAYLET_LOGGER` at WARNING (the log file; the console with
+    ``--verbose``), except a worker killed for memory, which is an ERROR and stays on the console. Idempotent.
+    """
+    import ray._private.worker as ray_worker  # the function its listener thread looks up on every message
+
+    printer = ray_worker.print_to_stdstream
+    if getattr(printer, "_mqgen_routed", False):
+        return
+    raylog = logging.getLogger(RAYLET_LOGGER)
+
+    def routed(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            printer(data, ignore_prefix)
+            return
+        for line in data.get("lines") or []:
+            text = str(line).strip()
+            oom = any(w in text.lower() for w in _OOM_WORDS)
+            raylog.log(logging.ERROR if oom else logging.WARNING, "%s", text)
+
+    routed._mqgen_routed = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = routed
 
 
 def train_worker_cpus(requested: int | None, num_workers: int) -> int:

@@ -111,3 +111,37 @@ def test_unknown_totals_show_a_count_and_a_rate_without_flooding_a_log() -> None
         p.advance(256)
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("  ingest  256 images") and "images/s" in lines[0]
+
+
+def test_raylet_warnings_go_to_the_log_file_not_the_console(tmp_path: Path) -> None:
+    """Ray's driver prints what the raylet pushes (here its worker-pool warning, provoked by a dozen zero-CPU actors on
+    a one-CPU Ray) to stdout whatever log_to_driver says; mqgen's console keeps it out and its log file keeps it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import time
+        import ray
+        from infra import console
+        from infra.ray import init_ray
+        log_dir = console.setup_logging({str(tmp_path)!r}, "test")
+        init_ray(num_cpus=1)
+
+        @ray.remote(num_cpus=0)
+        class Idle:
+            def ping(self):
+                return 1
+
+        actors = [Idle.remote() for _ in range(12)]
+        assert sum(ray.get([a.ping.remote() for a in actors])) == 12
+        time.sleep(4)  # the message arrives through the driver's listener thread
+        ray.shutdown()
+        print("log dir", log_dir)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "PYTHON worker processes" not in done.stdout + done.stderr
+    log_dir = Path(done.stdout.split("log dir ", 1)[1].strip())
+    assert "PYTHON worker processes have been started" in (log_dir / "mqgen.log").read_text()
