@@ -15,9 +15,11 @@ import json
 import math
 import shutil
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra.storage import replace_dir
 from infra.tracking import TAG_KIND, Tracker
 
 X_KEY = "tokenizer.keep_ratio"
@@ -30,6 +32,9 @@ PLOTS: tuple[tuple[str, str, str], ...] = (
     ("caption_alignment", "samples matching their caption (higher = better)", "higher"),
     ("caption_alignment_heldout", "... with a held-out colour-shape pair (higher = better)", "higher"),
 )
+# What a report folder holds (report.md/html and plots; results.md and the variants' pictures with --claims): an
+# earlier report is replaced only when it holds nothing else.
+REPORT_ENTRIES = frozenset({"report.html", "report.md", "plots", "results.md", "pictures"})
 OPTIONAL_PLOTS = ("caption_alignment", "caption_alignment_heldout")  # text models only: no note when absent
 TABLE_METRICS = ("fid", "isc_mean", "kid_mean", "sample_class_accuracy", "caption_alignment",
                  "caption_alignment_seen", "caption_alignment_heldout", "recon_psnr", "recon_l1",
@@ -161,7 +166,7 @@ def plot_png(comp: Comparison, metric: str, ylabel: str, path: Path, key: str = 
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, color=colours[i % len(colours)],
                     marker=markers[(i // len(colours)) % len(markers)] if many else "o")
     ax.set_xlabel("keep ratio (share of latent regions kept)" if key == X_KEY else key)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel("\n".join(textwrap.wrap(ylabel, 34)))  # a long label on two lines, never cut at the edges
     ax.grid(alpha=0.3)
     if many:
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
@@ -188,6 +193,10 @@ def write_report(comp: Comparison, out_dir: str | Path) -> dict[str, Path]:
                                                        and not (out_dir / "report.html").is_file())):
         raise ValueError(f"{out_dir} exists and is not an earlier report (no report.html): choose another --out; "
                          "a report folder is replaced as a whole")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in REPORT_ENTRIES) if out_dir.is_dir() else []
+    if foreign:  # an earlier report with something else put inside: replacing it would delete that
+        raise ValueError(f"{out_dir} is an earlier report but also holds {', '.join(foreign)}, which a report does "
+                         "not write; move them out or choose another --out (a report folder is replaced as a whole)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -240,9 +249,7 @@ def _write(comp: Comparison, out_dir: Path, tmp: Path) -> dict[str, Path]:
             f"<div>{''.join(f'<img src={json.dumps(p)} alt={json.dumps(m)}>' for m, p in plots.items())}</div>"
             "</body></html>\n")
     (tmp / "report.html").write_text(page)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.replace(out_dir)
+    replace_dir(tmp, out_dir)  # readers see the old report or the new one, never a mixture
     paths = {"html": out_dir / "report.html", "md": out_dir / "report.md"}
     paths.update({m: out_dir / p for m, p in plots.items()})
     return paths

@@ -272,6 +272,10 @@ def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_
     assert (tmp_path / "report" / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="not an earlier report"):
         write_report(comp, root)  # never a folder with other things in it (here: the run root)
+    (tmp_path / "report" / "notes.txt").write_text("mine")  # an earlier report with a user's file put inside
+    with pytest.raises(ValueError, match="also holds notes.txt"):
+        write_report(comp, tmp_path / "report")
+    assert (tmp_path / "report" / "notes.txt").read_text() == "mine" and (tmp_path / "report" / "results.md").is_file()
     assert (root / "mlflow.db").is_file()
     log_report(Tracker(root, "mqgen"), comp, paths)
     logged = {a.path for a in client.list_artifacts(result.grid_run_id, "compare")}
