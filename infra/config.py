@@ -486,6 +486,7 @@ class PipelineConfig:
                 self.data, captions_file=absolute_path(self.data.captions_file)))
         if self.text.pretrained is not None:
             object.__setattr__(self, "text", dataclasses.replace(self.text, pretrained=absolute_path(self.text.pretrained)))
+            _check_pretrained_text(self.text.pretrained)
         if self.evaluate.inception_weights is not None:
             object.__setattr__(self, "evaluate", dataclasses.replace(
                 self.evaluate, inception_weights=absolute_path(self.evaluate.inception_weights)))
@@ -515,6 +516,21 @@ class PipelineConfig:
 ADDED_FIELDS["registry"] = dataclasses.asdict(RegistrySection())
 ADDED_FIELDS["text.pretrained"] = None  # before "text": the whole section compares without it
 ADDED_FIELDS["text"] = {k: v for k, v in dataclasses.asdict(TextSection()).items() if k != "pretrained"}
+
+
+def _check_pretrained_text(folder: str) -> None:
+    """Refuse, when the config is resolved (not minutes later in the tokenize stage), a ``text.pretrained`` folder
+    that cannot be used: missing, incomplete, pickled weights only, or no transformers package to load it."""
+    import importlib.util
+
+    from infra.text import TextTokenizerError, pretrained_files
+
+    try:
+        pretrained_files(folder)
+    except TextTokenizerError as e:
+        raise ConfigError(str(e)) from None
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError("text.pretrained needs the transformers package: pip install 'mqgen[hf]'")
 
 
 def absolute_path(path: str) -> str:

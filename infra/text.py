@@ -89,7 +89,7 @@ class CaptionTokenizer:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> CaptionTokenizer:
         """The ``tokenizer.json`` of a pretrained encoder's folder (ids shifted by :data:`PRETRAINED_ID_OFFSET`)."""
-        return cls.load(_pretrained_files(directory)["tokenizer.json"], offset=PRETRAINED_ID_OFFSET)
+        return cls.load(pretrained_files(directory)["tokenizer.json"], offset=PRETRAINED_ID_OFFSET)
 
     def save(self, path: str | Path) -> None:
         from infra.storage import atomic_write_bytes
@@ -123,7 +123,7 @@ class CaptionTokenizer:
 # ----------------------------------------------------------------------------------- frozen pretrained encoder
 
 
-def _pretrained_files(directory: str | Path) -> dict[str, Path]:
+def pretrained_files(directory: str | Path) -> dict[str, Path]:
     """The files of a pretrained encoder's folder by relative name; :class:`TextTokenizerError` when it is not a
     usable folder (missing, no ``config.json`` / ``tokenizer.json`` / safetensors weights)."""
     d = Path(directory)
@@ -153,7 +153,7 @@ def pretrained_digest(directory: str | Path) -> str:
     from infra.storage import sha256_file
 
     h = hashlib.sha256()
-    for name, path in _pretrained_files(directory).items():
+    for name, path in pretrained_files(directory).items():
         h.update(f"{name}\t{sha256_file(path)}\n".encode())
     return h.hexdigest()
 
@@ -164,7 +164,7 @@ def load_pretrained_encoder(directory: str | Path, expected_digest: str | None =
     if expected_digest is not None and pretrained_digest(d) != expected_digest:
         raise TextTokenizerError(f"text encoder {d} changed since the model was trained on it (digest differs); "
                                  "restore the folder or retrain")
-    _pretrained_files(d)
+    pretrained_files(d)
     try:
         import transformers
     except ImportError as e:

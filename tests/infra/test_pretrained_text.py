@@ -200,3 +200,22 @@ def test_the_folder_is_checked_by_digest_and_pickled_weights_are_refused_unread(
     (copy / "tokenizer.json").unlink()
     with pytest.raises(TextTokenizerError, match="tokenizer.json"):
         CaptionTokenizer.from_pretrained(copy)
+
+
+def test_an_unusable_folder_is_a_config_error_when_the_config_is_resolved(folder: Path, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """Refused at once (the CLI's config error, exit 2), not minutes later in the tokenize stage."""
+    from infra.config import ConfigError, resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no such directory"):
+        resolve("tiny-text", overrides=["text.pretrained=absent"])
+    with pytest.raises(ConfigError, match="tokenizer.json, \\*.safetensors weights missing"):
+        resolve("tiny-text", overrides=["text.pretrained=half"])
+    cfg = resolve("tiny-text", overrides=[f"text.pretrained={folder}"])
+    assert cfg.text.pretrained == str(folder)
+    monkeypatch.chdir(folder.parent)  # a relative path is made absolute against the caller's directory
+    assert resolve("tiny-text", overrides=[f"text.pretrained={folder.name}"]).text.pretrained == str(folder)
+    assert resolve("tiny-text").hash() != cfg.hash()
