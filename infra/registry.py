@@ -118,7 +118,9 @@ def register(tracker: Any, cfg: PipelineConfig, *, kind: str, run_id: str, token
         model_dir = Path(tmp) / "mlflow-model"
         with _warnings_to_log():  # "add type hints" / "no input example": the signature is given explicitly
             mlflow.pyfunc.save_model(str(model_dir), python_model=str(PYFUNC_CODE), artifacts={"bundle": str(bundle)},
-                                     signature=_signature(kind, tokenizer, generator), pip_requirements=["mqgen"],
+                                     signature=_signature(kind, tokenizer, generator),
+                                     pip_requirements=["mqgen[hf]" if generator is not None and generator.text_encoder
+                                                       else "mqgen"],  # a frozen HF text encoder needs transformers
                                      metadata={"mqgen_kind": kind, "mqgen_bundle": "artifacts/bundle"})
         logged = client.create_logged_model(tracker.experiment_id, name=kind, source_run_id=run_id,
                                             model_type=f"mqgen-{kind}",

@@ -153,6 +153,15 @@ def test_a_frozen_pretrained_encoder_from_a_local_folder_end_to_end(text_run, tm
     assert codes.shape == (2, net.config.seq_len)
     m = json.loads(Path(out["evaluate"].evaluation_json).read_text())["metrics"]
     assert 0.0 <= m["caption_alignment"] <= 1.0 and m["fid"] > 0
+    # the registered MLflow model asks for the transformers extra its encoder needs
+    import mlflow.pyfunc
+
+    from infra.tracking import Tracker
+
+    mlflow.set_tracking_uri(Tracker(root, cfg.run.experiment).uri)
+    name = cfg.registry.model_name("stackformer", cfg.preset)
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}@champion")).read_text()
+    assert "mqgen[hf]" in requirements
     # the user's path: export, remove the original folder, sample from the bundle with a prompt
     mqgen = str(Path(sys.executable).parent / "mqgen")
     base = ["--preset", "tiny-text", f"run.root={root}", *overrides, *_cfg_overrides()]
