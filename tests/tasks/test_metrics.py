@@ -333,3 +333,26 @@ def test_on_cuda_metrics_match_the_cpu_and_training_sampling_decoding_run_on_the
     assert recon.shape == b1.images.shape and keep.shape == (16, 64) and counts.sum() == 16 * 32
     assert 0 <= pix["recon_l1"] <= 1
     assert mx.classify(net.to(dev), b1.images).shape == (16,)
+
+
+def test_attribute_evaluators_train_on_softened_copies_and_only_their_key_says_so() -> None:
+    """The degradation an attribute evaluator trains on: seeded, about half the rows, each a blur (less edge energy)
+    plus noise, values kept in [-1, 1]; the key of an evaluator with attribute heads records it, the key of one
+    without (Fashion-MNIST's) is what it was."""
+    from infra.config import resolve
+    from tasks.train_evaluator import degrade, stage_key
+
+    x = torch.zeros(64, 3, 32, 32) - 1
+    x[:, :, 8:24, 8:24] = 1  # a crisp square on black
+    a = degrade(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, degrade(x, torch.Generator().manual_seed(0)))
+    changed = (a != x).flatten(1).any(1)
+    assert 16 < int(changed.sum()) < 48 and a.min() >= -1 and a.max() <= 1
+
+    def edges(t: torch.Tensor) -> torch.Tensor:
+        return (t[..., 1:] - t[..., :-1]).abs().flatten(1).max(1).values
+
+    assert float(edges(a[changed]).mean()) < 1.5 and (edges(a[~changed]) == 2).all()  # the edges are softened
+    cfg = resolve("tiny-text")
+    assert stage_key(cfg, "m" * 64, "shapes") != stage_key(cfg, "m" * 64) == stage_key(cfg, "m" * 64, None)
+    assert stage_key(cfg, "m" * 64, "not-a-grammar") == stage_key(cfg, "m" * 64)
