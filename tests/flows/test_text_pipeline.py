@@ -153,15 +153,17 @@ def test_a_frozen_pretrained_encoder_from_a_local_folder_end_to_end(text_run, tm
     assert codes.shape == (2, net.config.seq_len)
     m = json.loads(Path(out["evaluate"].evaluation_json).read_text())["metrics"]
     assert 0.0 <= m["caption_alignment"] <= 1.0 and m["fid"] > 0
-    # the registered MLflow model asks for the transformers extra its encoder needs
-    import mlflow.pyfunc
+    # the registered MLflow model asks for the transformers extra its encoder needs (explicit tracking URI: the
+    # process-wide one is never set by a test, later tests' stages would log into this root)
+    import mlflow.artifacts
 
     from infra.tracking import Tracker
 
-    mlflow.set_tracking_uri(Tracker(root, cfg.run.experiment).uri)
-    name = cfg.registry.model_name("stackformer", cfg.preset)
-    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}@champion")).read_text()
-    assert "mqgen[hf]" in requirements
+    tracker = Tracker(root, cfg.run.experiment)
+    mv = tracker.client.get_model_version_by_alias(cfg.registry.model_name("stackformer", cfg.preset), "champion")
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp_path / "mlmodel"),
+                                                         tracking_uri=tracker.uri))
+    assert "mqgen[hf]" in (model_dir / "requirements.txt").read_text()
     # the user's path: export, remove the original folder, sample from the bundle with a prompt
     mqgen = str(Path(sys.executable).parent / "mqgen")
     base = ["--preset", "tiny-text", f"run.root={root}", *overrides, *_cfg_overrides()]
