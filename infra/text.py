@@ -146,25 +146,37 @@ def pretrained_files(directory: str | Path) -> dict[str, Path]:
     return files
 
 
+_FILE_SHA256: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime_ns) -> sha256, this process
+
+
 def pretrained_digest(directory: str | Path) -> str:
-    """sha256 over the name and sha256 of every file of a pretrained encoder's folder (dot files aside)."""
+    """sha256 over the name and sha256 of every file of a pretrained encoder's folder (dot files aside).
+
+    One process asks for it several times per run (the tokenize key, the stage, the Stackformer plan, each load),
+    and a text model's weights are hundreds of MB: a file's sha256 is computed once per process and reused while
+    its inode, size and modification time are unchanged."""
     import hashlib
 
     from infra.storage import sha256_file
 
     h = hashlib.sha256()
     for name, path in pretrained_files(directory).items():
-        h.update(f"{name}\t{sha256_file(path)}\n".encode())
+        st = path.stat()
+        stamp = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+        if stamp not in _FILE_SHA256:
+            _FILE_SHA256[stamp] = sha256_file(path)
+        h.update(f"{name}\t{_FILE_SHA256[stamp]}\n".encode())
     return h.hexdigest()
 
 
 def load_pretrained_encoder(directory: str | Path, expected_digest: str | None = None) -> PretrainedTextEncoder:
     """The frozen encoder of a pretrained folder (verified against ``expected_digest`` when given), in eval mode."""
     d = Path(directory)
-    if expected_digest is not None and pretrained_digest(d) != expected_digest:
+    if expected_digest is None:
+        pretrained_files(d)  # the folder checks alone
+    elif pretrained_digest(d) != expected_digest:
         raise TextTokenizerError(f"text encoder {d} changed since the model was trained on it (digest differs); "
                                  "restore the folder or retrain")
-    pretrained_files(d)
     try:
         import transformers
     except ImportError as e:
