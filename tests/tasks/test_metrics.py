@@ -353,6 +353,22 @@ def test_attribute_evaluators_train_on_softened_copies_and_only_their_key_says_s
         return (t[..., 1:] - t[..., :-1]).abs().flatten(1).max(1).values
 
     assert float(edges(a[changed]).mean()) < 1.5 and (edges(a[~changed]) == 2).all()  # the edges are softened
+    # each softened row is torchvision's gaussian_blur (kernel 2 ceil(2 sigma) + 1) of its own sigma, plus the noise
+    import math
+
+    from torchvision.transforms.functional import gaussian_blur
+
+    from tasks import train_evaluator as te
+
+    g = torch.Generator().manual_seed(0)
+    pick = torch.rand(64, generator=g) < te.DEGRADE_P
+    sigmas = torch.empty(64).uniform_(*te.BLUR_SIGMA, generator=g)
+    noise = torch.randn(x.shape, generator=g) * te.NOISE_STD
+    assert torch.equal(pick, changed)
+    for i in torch.nonzero(pick).flatten().tolist():
+        s = float(sigmas[i])
+        ref = (gaussian_blur(x[i:i + 1], kernel_size=2 * math.ceil(2 * s) + 1, sigma=s)[0] + noise[i]).clamp(-1, 1)
+        assert torch.allclose(a[i], ref, atol=1e-5)
     cfg = resolve("tiny-text")
     assert stage_key(cfg, "m" * 64, "shapes") != stage_key(cfg, "m" * 64) == stage_key(cfg, "m" * 64, None)
     assert stage_key(cfg, "m" * 64, "not-a-grammar") == stage_key(cfg, "m" * 64)
