@@ -451,7 +451,10 @@ def test_grid_on_two_nodes_survives_losing_the_worker_node(cluster: Cluster, run
     worker_logs = [f for n in (cluster.head, cluster.worker) for f in n.temp_dir.glob("session_2*/logs/worker-*")]
     recoveries = {
         "infra.ray.fit restart": _log_lines(worker_logs, "restarting from its latest checkpoint"),
-        "Ray Train start retry": _log_lines(worker_logs, "WorkerGroupStartupFailedError: At least one of the worker"),
+        # (Ray Train v2 raises it with two wordings: a worker lost while starting, or while reporting its metadata)
+        "Ray Train start retry": [line for needle in ("WorkerGroupStartupFailedError: At least one of the worker",
+                                                      "WorkerGroupStartupFailedError: One of the worker actors")
+                                  for line in _log_lines(worker_logs, needle)],
         "Prefect stage retry": _log_lines(list((run_root / "logs").glob("*/mqgen.log")), " will start "),
     }
     assert any(recoveries.values()), ("the lost training was redone without a restart or retry being logged; "
