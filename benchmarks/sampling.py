@@ -46,7 +46,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from infra.config import token_layout, fullgrid_config, replace, resolve, stackformer_config
+from infra.config import fullgrid_config, replace, resolve, stackformer_config, token_layout
 from models.mqvae import MQVAE
 from models.stackformer import FullGridTransformer, Stackformer
 from tasks.evaluate import balanced_labels, sample_batch

@@ -48,12 +48,12 @@ import numpy as np
 import torch
 
 from infra.config import resolve
+from infra.refs import TokenizeInputs, TokenizerOutput, load_tokenizer
 from infra.shards import ShardSet, iter_samples
 from infra.storage import sha256_file
 from infra.tokens import TokenMeta, TokenWriter
-from tasks import tokenize as tk
-from infra.refs import TokenizeInputs, TokenizerOutput, load_tokenizer
 from models.mqvae import to_model_input
+from tasks import tokenize as tk
 from tasks.train_tokenizer import _model_config_dict
 
 

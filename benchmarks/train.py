@@ -446,8 +446,8 @@ def synthetic_shards(directory: Path, cfg: PipelineConfig, *, num_images: int, n
     train shards (random labels 0-9); returns ``(path, samples)`` per shard, as the stage passes them."""
     from PIL import Image
 
-    from tasks.ingest.writer import ShardWriter
     from tasks.ingest.sources import encode_png
+    from tasks.ingest.writer import ShardWriter
 
     size, channels = cfg.data.image_size, cfg.data.channels
     rng = np.random.default_rng(seed)

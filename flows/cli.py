@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 import yaml
@@ -60,7 +60,7 @@ def _prepare_environment(cfg: PipelineConfig) -> None:
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # progress threads, Ray callbacks
 
 
-def _resolve_or_exit(preset: str, config: Optional[Path], overrides: list[str]) -> PipelineConfig:
+def _resolve_or_exit(preset: str, config: Path | None, overrides: list[str]) -> PipelineConfig:
     try:
         return resolve(preset, config, overrides)
     except ConfigError as e:
@@ -170,12 +170,12 @@ def _summary(cfg: PipelineConfig, refs: dict[str, Any], seconds: float | None) -
 
 @app.command()
 def run(
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+    overrides: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]...",
                                                     help="Dotted overrides, e.g. tokenizer.keep_ratio=0.75"),
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
-    only: Optional[str] = typer.Option(None, "--only", help=f"Run one stage on cached inputs. {STAGE_HELP}"),
-    from_stage: Optional[str] = typer.Option(None, "--from", help=f"Force a rerun from this stage. {STAGE_HELP}"),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with config values."),
+    only: str | None = typer.Option(None, "--only", help=f"Run one stage on cached inputs. {STAGE_HELP}"),
+    from_stage: str | None = typer.Option(None, "--from", help=f"Force a rerun from this stage. {STAGE_HELP}"),
     as_json: bool = typer.Option(False, "--json", help="Print the stage references as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
@@ -221,16 +221,16 @@ def run(
 
 @app.command()
 def grid(
-    args: Optional[list[str]] = typer.Argument(None, metavar="KEY=[V1,V2,...]... [KEY=VALUE]...",
+    args: list[str] | None = typer.Argument(None, metavar="KEY=[V1,V2,...]... [KEY=VALUE]...",
                                                help="Grid axes (lists) and fixed overrides, e.g. "
                                                     "tokenizer.keep_ratio=[1.0,0.5]"),
-    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP + " Default fmnist; with an experiment "
+    preset: str | None = typer.Option(None, "--preset", help=PRESET_HELP + " Default fmnist; with an experiment "
                                          "file, replaces the file's preset."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values, or an experiment "
+    config: Path | None = typer.Option(None, "--config", help="YAML file with config values, or an experiment "
                                           "file (a union of grids: preset, set, grids; see experiments/)."),
     name: str = typer.Option("", "--name", help="Name of the grid's MLflow parent run."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Also write the comparison report here."),
-    part: Optional[list[str]] = typer.Option(None, "--part", help="Only this grid of an experiment file "
+    report: Path | None = typer.Option(None, "--report", help="Also write the comparison report here."),
+    part: list[str] | None = typer.Option(None, "--part", help="Only this grid of an experiment file "
                                              "(repeatable): run a long experiment in parts, then the whole file, "
                                              "which reuses every finished stage."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
@@ -270,7 +270,7 @@ def grid(
         _compare(variants[0].config, result.grid_run_id, [], report, claims=claims)
 
 
-def _compare(cfg: PipelineConfig, grid_run_id: Optional[str], run_ids: list[str], out: Path,
+def _compare(cfg: PipelineConfig, grid_run_id: str | None, run_ids: list[str], out: Path,
              claims: bool = False) -> None:
     from flows.report import NothingToCompare, collect, log_report, write_report
     from infra.tracking import Tracker
@@ -297,13 +297,13 @@ def _compare(cfg: PipelineConfig, grid_run_id: Optional[str], run_ids: list[str]
 
 @app.command()
 def compare(
-    args: Optional[list[str]] = typer.Argument(None, metavar="[RUN_ID]... [KEY=VALUE]...",
+    args: list[str] | None = typer.Argument(None, metavar="[RUN_ID]... [KEY=VALUE]...",
                                                help="Pipeline runs to compare (default: the latest grid), and "
                                                     "overrides such as run.root=./runs"),
-    grid_run: Optional[str] = typer.Option(None, "--grid", help="Compare the variants of this grid run."),
+    grid_run: str | None = typer.Option(None, "--grid", help="Compare the variants of this grid run."),
     out: Path = typer.Option(Path("compare-report"), "--out", help="Folder for report.html, report.md, plots/."),
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file (for run.root / run.experiment)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file (for run.root / run.experiment)."),
     overrides: list[str] = typer.Option([], "--set", hidden=True, help="Old spelling of a KEY=VALUE argument."),
     claims: bool = typer.Option(False, "--claims", help="Also write results.md: the paper's claims judged on the "
                                 "runs (experiments/claims.yaml), mean and spread over seeds, plots with error bars."),
@@ -319,9 +319,9 @@ def compare(
 
 @app.command()
 def status(
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]..."),
+    overrides: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]..."),
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with config values."),
 ) -> None:
     """A table of the pipeline's stages for a config: done or not, key, artifact path, MLflow run."""
     from rich.console import Console
@@ -348,14 +348,14 @@ def status(
 
 @app.command()
 def serve(
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]..."),
+    overrides: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]..."),
     cron: str = typer.Option(..., "--cron", help="Cron expression (minute hour day month weekday), "
                                                  "e.g. '0 3 * * *' = every day at 03:00."),
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
-    name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default mqgen-<preset>-<hash>)."),
-    timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA timezone of the cron (default UTC)."),
-    from_stage: Optional[str] = typer.Option(None, "--from", help=f"Force a rerun from this stage on every "
+    config: Path | None = typer.Option(None, "--config", help="YAML file with config values."),
+    name: str | None = typer.Option(None, "--name", help="Deployment name (default mqgen-<preset>-<hash>)."),
+    timezone: str | None = typer.Option(None, "--timezone", help="IANA timezone of the cron (default UTC)."),
+    from_stage: str | None = typer.Option(None, "--from", help=f"Force a rerun from this stage on every "
                                              f"scheduled run (default: reuse every unchanged stage). {STAGE_HELP}"),
     port: int = typer.Option(4200, "--port", help="Port of the local Prefect server started when "
                                                   "PREFECT_API_URL is not set (another free one if taken)."),
@@ -421,7 +421,7 @@ MODEL_HELP = ("Model: an alias such as champion, a version (v3), models:/NAME@AL
               "exported folder; default: the finished model of this preset/config.")
 
 
-def _model_source(cfg: PipelineConfig, model: Optional[str]) -> Any:
+def _model_source(cfg: PipelineConfig, model: str | None) -> Any:
     """A context manager yielding ``(bundle, registered version or None, evaluation dict or None)`` for ``model``
     (see :data:`MODEL_HELP`); exits 1 with one clear line when it cannot be found or does not verify."""
     import contextlib
@@ -480,21 +480,21 @@ def _data_facts(cfg: PipelineConfig, refs: dict[str, Any]) -> dict[str, Any]:
 
 @app.command()
 def sample(
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+    overrides: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]...",
                                                     help="Overrides, e.g. run.root=./runs evaluate.sampling.top_k=50"),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
     n: int = typer.Option(64, "--n", min=1, max=10_000, help="Number of images."),
-    label: Optional[int] = typer.Option(None, "--class", help="Class index for a class-conditional model "
+    label: int | None = typer.Option(None, "--class", help="Class index for a class-conditional model "
                                                               "(default: classes in turn)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Caption for a text-conditional model, e.g. "
+    prompt: str | None = typer.Option(None, "--prompt", help="Caption for a text-conditional model, e.g. "
                                                                "\"a small red circle above a large blue square\"."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", min=0.0, help="Classifier-free guidance scale "
+    guidance: float | None = typer.Option(None, "--guidance", min=0.0, help="Classifier-free guidance scale "
                                              "(default: the config's evaluate.sampling.guidance_scale; 1 = none)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same images)."),
     out: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write (.png), or .safetensors for the "
                                                                 "uint8 images and labels."),
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with config values."),
 ) -> None:
     """Sample images from a trained model: the registry's champion, a version, an exported folder, or the
     finished model of a config. Sampling settings are the config's evaluate.sampling."""
@@ -584,10 +584,10 @@ def _prompt_ids(generator: Any, prompt: str | None, n: int) -> Any:
 @app.command()
 def export(
     out: Path = typer.Argument(..., help="New (or empty) folder to write the model into."),
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]..."),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    overrides: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]..."),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with config values."),
 ) -> None:
     """Write a self-contained model folder (Hugging Face Hub layout: model_index.json, README.md model card with
     the evaluation and its provenance, configs and safetensors) that `mqgen sample --model DIR` loads."""
@@ -615,9 +615,9 @@ def export(
 
 @app.command()
 def models(
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]..."),
+    overrides: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]..."),
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with config values."),
 ) -> None:
     """The registered Stackformer versions of this preset/config: aliases, FID with its interval, promotion."""
     from rich.console import Console
@@ -643,7 +643,7 @@ def models(
         table.add_column(col)
     for mv in sorted(versions, key=lambda m: int(m.version)):
         t = mv.tags
-        fids = sorted((k for k in t if k.startswith(EVAL_PREFIX) and k.endswith(".fid")))
+        fids = sorted(k for k in t if k.startswith(EVAL_PREFIX) and k.endswith(".fid"))
         fid = t[fids[-1]] if fids else ""
         p = fids[-1][:-len("fid")] if fids else ""
         interval = f"{float(t[p + 'low']):.4g} .. {float(t[p + 'high']):.4g}" if p and p + "low" in t else ""
@@ -654,9 +654,9 @@ def models(
 
 @config_app.command("show")
 def config_show(
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]..."),
+    overrides: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]..."),
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config values."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with config values."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
 ) -> None:
     """Print the resolved configuration (preset + file + overrides), validated."""

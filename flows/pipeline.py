@@ -11,6 +11,7 @@ stage references, never pickles). Importing this module starts nothing.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def summary_figures(refs: dict[str, Any]) -> dict[str, float]:
     for stage, prefix in SUMMARY_FROM.items():
         ref = refs.get(stage)
         for k, v in (getattr(ref, "metrics", None) or {}).items():
-            if isinstance(v, (int, float)) and v == v:  # drop None and NaN
+            if isinstance(v, (int, float)) and not math.isnan(v):  # drop None and NaN
                 out[prefix + k] = float(v)
     return out
 
@@ -297,7 +298,7 @@ def describe_output(stage: str, ref: Any) -> str:
     parts: list[str] = []
 
     def add(label: str, value: Any, fmt: str = "{:.4g}") -> None:
-        if isinstance(value, (int, float)) and value == value:
+        if isinstance(value, (int, float)) and not math.isnan(value):
             parts.append(f"{label} {fmt.format(value)}")
 
     if stage == "ingest":

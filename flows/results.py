@@ -402,7 +402,7 @@ def fetch_pictures(groups: list[Group], out_dir: Any, tracking_uri: str) -> dict
                 try:
                     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp,
                                                                 tracking_uri=tracking_uri)
-                except Exception:  # noqa: BLE001 - an MlflowException or OSError: the picture is left out
+                except Exception:  # noqa: BLE001, S112 - an MlflowException or OSError: the picture is left out
                     continue
                 rel = f"pictures/{slug}_{Path(artifact).stem}.png"
                 (Path(out_dir) / "pictures").mkdir(parents=True, exist_ok=True)

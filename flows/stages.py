@@ -97,7 +97,7 @@ def cached_refs(cfg: PipelineConfig, skipped: dict[str, str] | None = None,
     missing (what is wrong goes to ``damaged``: the next run sets it aside and builds it again). No work is
     done."""
     refs: dict[str, Any] = {}
-    for name in GRAPH:
+    for name, spec in GRAPH.items():
         try:
             inputs = inputs_for(name, refs)
         except MissingInput:
@@ -109,7 +109,7 @@ def cached_refs(cfg: PipelineConfig, skipped: dict[str, str] | None = None,
                 skipped[name] = why
             continue
         try:
-            ref = GRAPH[name].module.cached(cfg, inputs)
+            ref = spec.module.cached(cfg, inputs)
         except DamagedOutput as e:
             if damaged is not None:
                 damaged[name] = e

@@ -230,13 +230,14 @@ def model_card(index: dict[str, Any], evaluation: dict[str, Any] | None) -> str:
     else:
         lines.append("An MQ-VAE tokenizer (masked vector quantization).")
     tok = json.dumps({k: comps["tokenizer"].get(k) for k in ("step", "sha256")})
-    lines += ["", f"Images: {data.get('image_size', '?')} px, {data.get('channels', '?')} channel(s). "
-              f"Tokenizer: {tok}.", "", "Sample with `mqgen sample --model <this folder> --n 64 --out grid.png`.", ""]
+    lines += ["", (f"Images: {data.get('image_size', '?')} px, {data.get('channels', '?')} channel(s). "
+                   f"Tokenizer: {tok}."), "", "Sample with `mqgen sample --model <this folder> --n 64 --out grid.png`.", ""]
     if evaluation:
         m = evaluation.get("metrics") or {}
         interval = evaluation.get("fid_interval") or {}
-        lines += ["## Evaluation", "", f"Extractor: `{evaluation.get('extractor')}`; {evaluation.get('n')} samples "
-                  f"against {evaluation.get('set_sizes', {}).get('reference')} reference images.", "",
+        lines += ["## Evaluation", "", (f"Extractor: `{evaluation.get('extractor')}`; {evaluation.get('n')} samples "
+                                        f"against {evaluation.get('set_sizes', {}).get('reference')} reference images."),
+                  "",
                   "| figure | value |", "|---|---|"]
         for k in ("fid", "kid_mean", "isc_mean", "recon_psnr", "recon_ssim", "rfid", "sample_class_accuracy",
                   "sampling_images_per_s"):

@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Self
 
 OUR_LOGGERS = ("mqgen", "flows", "tasks", "infra", "models")
 log = logging.getLogger("mqgen")
@@ -32,7 +34,7 @@ def fmt_duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:
         return f"{seconds:.1f} s"
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     if m < 60:
         return f"{m} min {s:02d} s"
     h, m = divmod(m, 60)
@@ -102,7 +104,7 @@ def progress_text(name: str, done: int, total: int | None, unit: str, elapsed: f
     pct = 100.0 * done / total
     eta = (total - done) / rate if rate > 0 else float("nan")
     parts = [f"  {name}  {done}/{total} {unit} ({pct:.0f}%)", *fields_text]
-    parts.append(f"ETA {fmt_duration(eta)}" if eta == eta else "ETA -")
+    parts.append("ETA -" if math.isnan(eta) else f"ETA {fmt_duration(eta)}")
     return "  ".join(parts), pct
 
 
@@ -138,10 +140,10 @@ class Progress:
         if self.line is not None:
             self.line.close()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -231,7 +233,7 @@ class _OneLine(logging.Formatter):
         first = msg[0] if msg else ""
         return f"{record.levelname.lower()}: {record.name}: {first}"
 
-    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging API
+    def formatException(self, ei: Any) -> str:
         return ""
 
 

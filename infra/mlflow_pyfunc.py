@@ -32,7 +32,7 @@ class MqgenModel(mlflow.pyfunc.PythonModel):
         self.generator = load_generator(self.bundle.generator, self.device) if self.bundle.generator else None
 
     # no type hints here: MLflow would try to validate inputs from them; the logged signature says what is expected
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    def predict(self, context, model_input, params=None):
         import numpy as np
         import torch
 
@@ -62,9 +62,9 @@ class MqgenModel(mlflow.pyfunc.PythonModel):
         return torch.cat(batches).numpy()
 
 
-def _given(row, name, default):  # noqa: ANN001, ANN202 - a column left empty in some rows reads as NaN
+def _given(row, name, default):
     value = row.get(name)
-    return default if value is None or value != value else value
+    return default if value is None or value != value else value  # noqa: PLR0124 - NaN (any float type)
 
 
 set_model(MqgenModel())

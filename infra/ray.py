@@ -25,20 +25,21 @@ import socket
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
-import ray  # noqa: E402
-import ray.train  # noqa: E402
-import torch  # noqa: E402
+import ray
+import ray.train
+import torch
 
-from infra.checkpoint import MANIFEST, LoadedCheckpoint, read_checkpoint  # noqa: E402
-from infra.errors import PermanentError, is_permanent  # noqa: E402
-from infra.storage import UnsafeCheckpointError, pid_alive  # noqa: E402
+from infra.checkpoint import MANIFEST, LoadedCheckpoint, read_checkpoint
+from infra.errors import PermanentError, is_permanent
+from infra.storage import UnsafeCheckpointError, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: 
     shared = (storage, storage_id(storage), _node_description())
 
     def entry(config: dict[str, Any]) -> None:  # tells Worker.restore where the run's checkpoints are stored
-        import infra.ray as this  # this function travels by value: set the worker's module, not a copy
+        import infra.ray as this  # noqa: PLW0406 - this function travels by value: set the worker's module, not a copy
 
         this.check_shared_storage(*config[_SHARED_KEY])
         this._RUN_DIR = config[_RUN_DIR_KEY]
@@ -490,7 +491,7 @@ def cancel_all(in_flight: set[Any]) -> int:
     for ref in refs:
         try:
             ray.cancel(ref, force=True, recursive=True)
-        except Exception:  # noqa: BLE001 - already finished or gone: nothing to cancel
+        except Exception:  # noqa: BLE001, S112 - already finished or gone: nothing to cancel
             continue
     return len(refs)
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from models.mqvae import MQVAE, MQVAEConfig
     from infra.text import CaptionTokenizer
+    from models.mqvae import MQVAE, MQVAEConfig
     from models.stackformer import FullGridTransformer, Stackformer
 
 

@@ -22,9 +22,10 @@ import logging
 import math
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from infra.bundle import Bundle, BundleError, read_bundle, write_bundle
 from infra.config import PipelineConfig, stable_hash
@@ -130,7 +131,7 @@ def register(tracker: Any, cfg: PipelineConfig, *, kind: str, run_id: str, token
     try:
         client.create_registered_model(name, description=f"mqgen {kind}s of config {cfg.registry.name or cfg.preset}",
                                        tags={TAG_KIND: kind})
-    except Exception as e:  # noqa: BLE001 - it exists already (RESOURCE_ALREADY_EXISTS), or another writer made it
+    except Exception as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
     tags = {TAG_SHA: main.sha256, TAG_TOKENIZER_SHA: tokenizer.sha256, TAG_KIND: kind, "mqgen.step": str(main.step),

@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import lmdb
 import numpy as np
@@ -431,7 +431,7 @@ class TokenWriter:
             raise RuntimeError(f"TokenWriter({self.path}) is closed")
         return self._env
 
-    def __enter__(self) -> TokenWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

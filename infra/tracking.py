@@ -19,8 +19,10 @@ import signal
 import socket
 import tempfile
 import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Self
 
 from infra.secrets import redact, redact_text
 
@@ -138,7 +140,7 @@ def git_commit() -> str:
 
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                             capture_output=True, timeout=5)
+                             capture_output=True, timeout=5, check=False)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -160,7 +162,12 @@ def standard_tags() -> dict[str, str]:
     import getpass
     import sys
 
-    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_COMMIT,
+        MLFLOW_SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE,
+        MLFLOW_USER,
+    )
 
     argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
     tags = {MLFLOW_SOURCE_NAME: " ".join([argv0, *sys.argv[1:2]]) if argv0 == "mqgen" else argv0,
@@ -254,7 +261,7 @@ class Tracker:
 
     def pipeline_run(self, config_hash: str, params: Mapping[str, Any] | None = None,
                      tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
-                     kind: str = "pipeline", name: str | None = None) -> "StageRun":
+                     kind: str = "pipeline", name: str | None = None) -> StageRun:
         """A new parent run for one pipeline execution (stage runs attach to it as children). A grid makes one
         with ``kind="grid"`` and one ``kind="pipeline"`` run per variant under it (``parent_run_id``)."""
         all_tags = {TAG_KIND: kind, "mqgen.config_hash": config_hash, **standard_tags(), **self._owner_tags(),
@@ -270,7 +277,7 @@ class Tracker:
 
     def stage_run(self, stage: str, stage_key: str, params: Mapping[str, Any] | None = None,
                   tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
-                  run_id: str | None = None) -> "StageRun":
+                  run_id: str | None = None) -> StageRun:
         """Open (or re-attach to) the run of ``stage`` for ``stage_key``; with ``run_id`` (a training worker
         attaching to its driver's run) the run's owner stays the driver."""
         owner = self._owner_tags() if run_id is None else {}
@@ -399,10 +406,11 @@ class StageRun:
                 self.set_tags({"mqgen.mlflow_gap_s": round(s.gap_s, 1), "mqgen.mlflow_backfilled": s.backfilled,
                                "mqgen.mlflow_lost": s.lost + (0 if sent else len(s.pending))})
 
-    def __enter__(self) -> "StageRun":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.finish(exit_status(exc if exc is not None else (exc_type() if exc_type else None)))
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -425,7 +433,7 @@ class StageRun:
         if key not in self._last_step:
             try:
                 hist = self.client.get_metric_history(self.run_id, key)
-            except Exception:  # noqa: BLE001 - a server outage: nothing known to skip (the sender keeps the points)
+            except Exception:
                 if not self._remote:
                     raise
                 hist = []

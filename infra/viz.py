@@ -22,12 +22,12 @@ def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: int
     images = images.cpu()
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    b, c, h, w = images.shape
+    b, _, h, w = images.shape
     if scale > 1:
         images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
         h, w = h * scale, w * scale
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(b))))
-    ncol = int(math.ceil(b / nrow))
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    ncol = math.ceil(b / nrow)
     out = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, 3), pad_value, np.uint8)
     arr = images.permute(0, 2, 3, 1).numpy()
     for i in range(b):
@@ -76,7 +76,7 @@ def captioned_grid(images: torch.Tensor, captions: list[str], ncol: int = 4, cel
     lines = [textwrap.wrap(c, width=max(8, cell // 7))[:4] for c in captions]
     text_h = 12 * max((len(x) for x in lines), default=1) + 4
     b = images.shape[0]
-    rows = int(math.ceil(b / ncol))
+    rows = math.ceil(b / ncol)
     canvas = Image.new("RGB", (ncol * (cell + 8) + 8, rows * (cell + text_h + 8) + 8), "white")
     draw = ImageDraw.Draw(canvas)
     imgs = images.cpu()

@@ -8,12 +8,11 @@ loaded outside ``models/``) to use ``perceptual_weight > 0``.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.configs import LossConfig  # noqa: F401  (the loss's config, re-exported)
+from models.configs import LossConfig
 
 
 class NLayerDiscriminator(nn.Module):

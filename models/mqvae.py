@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from models.configs import KeyMask, MQVAEConfig, Scorer  # noqa: F401  (the model's config, re-exported)
 from models.quantizer import EMAVectorQuantizer, SyncFn
 
+
 class TokenSeq(NamedTuple):
     """Discrete representation of a batch of images.
 
@@ -387,7 +388,7 @@ class PlainHead(nn.Module):
         )
 
     def forward(self, quantized: Tensor) -> Tensor:
-        b, n, dim = quantized.shape
+        b, _, dim = quantized.shape
         h = quantized.transpose(1, 2).reshape(b, dim, self.grid_size, self.grid_size)
         return self.mid(self.conv_in(self.post_quant_conv(h)))
 

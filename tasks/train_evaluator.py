@@ -38,11 +38,11 @@ from infra.metrics import (
     extractor_name,
     save_classifier,
 )
-from models.classifier import ClassifierNet, ClassifierNetConfig, to_classifier_input
 from infra.orchestration import lazy_stage_task
-from infra.training import purpose_seed
 from infra.refs import EvaluatorInputs, EvaluatorOutput
 from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
+from infra.training import purpose_seed
+from models.classifier import ClassifierNet, ClassifierNetConfig, to_classifier_input
 
 STAGE = "train_evaluator"
 VERSION = "1"  # bump when the training code changes what a given config produces
@@ -71,7 +71,7 @@ def degrade(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     noise = torch.randn(x.shape, generator=generator) * NOISE_STD
     # one separable Gaussian per row (radius ceil(2 sigma), as torchvision's gaussian_blur with kernel size
     # 2 ceil(2 sigma) + 1), all rows in one grouped convolution padded for the largest radius
-    r = int(math.ceil(2 * BLUR_SIGMA[1]))
+    r = math.ceil(2 * BLUR_SIGMA[1])
     k = torch.arange(-r, r + 1, dtype=torch.float32)[None]
     taps = torch.exp(-0.5 * (k / sigmas[:, None]) ** 2) * (k.abs() <= torch.ceil(2 * sigmas)[:, None])
     taps = (taps / taps.sum(1, keepdim=True)).repeat_interleave(c, 0).to(x)  # [b * c, 2r + 1]
@@ -214,10 +214,10 @@ def run(cfg: PipelineConfig, inputs: EvaluatorInputs, *, force: bool = False, pa
 
 
 def _train(cfg: PipelineConfig, parent_run_id: str | None, ingest: Any, key: str, out_dir: Path) -> EvaluatorOutput:
+    from infra.console import Progress
     from infra.shards import ShardSet
     from infra.stream import TrainStream, iter_eval_batches
     from infra.tracking import Tracker
-    from infra.console import Progress
 
     c = cfg.evaluate.classifier
     out_dir.mkdir(parents=True, exist_ok=True)

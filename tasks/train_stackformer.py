@@ -29,10 +29,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,8 @@ from infra.refs import (
     StackformerOutput,
     TokenizeOutput,
     TokenizerOutput,
-    load_tokenizer,
     frozen_text_encoder,
+    load_tokenizer,
     new_generator,
 )
 from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
@@ -494,8 +494,8 @@ def train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: everything it needs arrives as one :class:`StackformerLoop` (``config["loop"]``)."""
     from infra import ray as rayx
     from infra.checkpoint import write_checkpoint
-    from infra.tracking import StageRun, Tracker
     from infra.console import Progress
+    from infra.tracking import StageRun, Tracker
     from infra.viz import grid
 
     lc: StackformerLoop = config["loop"]

@@ -8,9 +8,10 @@ rank, trains MQ-VAE and the PatchGAN discriminator, validates, and reports verif
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -175,9 +176,9 @@ def train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: everything it needs arrives as one :class:`TokenizerLoop` (``config["loop"]``)."""
     from infra import ray as rayx
     from infra.checkpoint import rng_state, set_rng_state, write_checkpoint
+    from infra.console import Progress
     from infra.stream import TrainStream, iter_eval_batches
     from infra.tracking import StageRun, Tracker
-    from infra.console import Progress
     from infra.viz import grid, mask_overlay, side_by_side
 
     lc: TokenizerLoop = config["loop"]
@@ -314,8 +315,8 @@ def _train(cfg: PipelineConfig, inputs: TokenizerInputs, key: str, out_dir: Path
            parent_run_id: str | None, on_step: Callable[[StepEvent], None] | None) -> TokenizerOutput:
     from infra import ray as rayx
     from infra.console import watch_progress
-    from infra.shards import ShardSet
     from infra.registry import register_trained
+    from infra.shards import ShardSet
     from infra.tracking import Tracker, exit_status, open_training_attempt
     from infra.training import export_final_weights
 

@@ -35,7 +35,7 @@ def test_a_truncated_shard_is_reported_and_the_ingest_output_rebuilt(run_root: P
     cfg = fx.tiny_config(run_root)
     first = ingest.run(cfg)
     shards = {p.name: sha256_file(p) for p in Path(first.path).glob("*.tar")}
-    shard = sorted(Path(first.path).glob("train-*.tar"))[0]
+    shard = min(Path(first.path).glob("train-*.tar"))
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
         f.truncate(size // 2)

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from infra.shards import ShardSet
-from tasks.ingest.sources import BadInput, ImageSpec, SourceError, decode_image, read_idx, to_target_mode
 from tasks.ingest import IngestError, run, stage_key
+from tasks.ingest.sources import BadInput, ImageSpec, SourceError, decode_image, read_idx, to_target_mode
 from tests.fixtures.ingest_data import config, encode, gradient, png16, truncated, write, write_idx
 
 GOOD = 20

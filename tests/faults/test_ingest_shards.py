@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from infra.shards import ShardIntegrityError, ShardSet, iter_samples
+from tasks.ingest import run
 from tasks.ingest.sources import (
     Good,
     ImageSpec,
@@ -30,7 +31,6 @@ from tasks.ingest.sources import (
     safe_member_name,
     split_member_name,
 )
-from tasks.ingest import run
 from tests.fixtures.ingest_data import (
     config,
     encode,

@@ -46,7 +46,7 @@ def test_private_parameters_stay_in_the_process() -> None:
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves the test shard, with byte ranges (what fsspec's HTTP file system asks for)."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         path = Path(self.directory) / self.path.split("?", 1)[0].lstrip("/")
         data = path.read_bytes()
         rng = self.headers.get("Range")
@@ -64,7 +64,7 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.send_response(403)  # a URL presigned for GET refuses HEAD
         self.end_headers()
 

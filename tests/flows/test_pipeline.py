@@ -199,7 +199,7 @@ def test_a_guided_stackformer_trains_and_evaluates_with_classifier_free_guidance
     from infra.refs import load_generator, load_tokenizer
     from tasks.evaluate import sample_batch
 
-    root, cfg, refs = finished
+    root, _, refs = finished
     guided = run_pipeline(_cfg(root, "stackformer.cond_dropout=0.2", "evaluate.sampling.guidance_scale=2.0"))
     for stage in ("ingest", "train_tokenizer", "tokenize", "train_evaluator"):
         assert guided[stage] == refs[stage], stage
@@ -217,8 +217,8 @@ def test_a_guided_stackformer_trains_and_evaluates_with_classifier_free_guidance
 
 def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_figures(finished, tmp_path) -> None:
     from flows.grid import run_grid
-    from infra.config import expand_grid
     from flows.report import collect, log_report, write_report
+    from infra.config import expand_grid
     from infra.tracking import Tracker
 
     root, _, refs = finished

@@ -70,7 +70,7 @@ def test_text_settings_change_keys_only_for_captioned_data(tmp_path) -> None:
     a = resolve("shapes-text", overrides=[f"run.root={tmp_path}"])
     b = resolve("shapes-text", overrides=[f"run.root={tmp_path}", "text.vocab_size=1024"])
     c = resolve("shapes-text", overrides=[f"run.root={tmp_path}", "text.n_layer=3"])
-    key = lambda cfg: mod["tokenize"].stage_key("e" * 64, m, text_settings(cfg, captioned))  # noqa: E731
+    key = lambda cfg: mod["tokenize"].stage_key("e" * 64, m, text_settings(cfg, captioned))
     assert key(a) != key(b) and key(a) == key(c)
     tokens = NS(checksum="b" * 64, key="c" * 12, text_len=16)
     assert mod["train_stackformer"].stage_key(a, tokens) != mod["train_stackformer"].stage_key(c, tokens)

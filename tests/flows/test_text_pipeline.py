@@ -42,7 +42,7 @@ def test_captions_reach_the_token_databases_and_the_model(text_run) -> None:
     from infra.text import CaptionTokenizer
     from infra.tokens import TokenDataset
 
-    root, cfg, refs = text_run
+    _, cfg, refs = text_run
     ingest, tokens, model = refs["ingest"], refs["tokenize"], refs["train_stackformer"]
     assert ingest.captioned and ingest.caption_grammar == "shapes"
     assert tokens.text_len == cfg.text.max_len and 256 < tokens.text_vocab_size <= cfg.text.vocab_size
@@ -68,7 +68,7 @@ def test_captions_reach_the_token_databases_and_the_model(text_run) -> None:
 def test_the_evaluation_scores_caption_alignment_and_guidance_reaches_it(text_run) -> None:
     from flows.pipeline import run_pipeline
 
-    root, cfg, refs = text_run
+    root, _, refs = text_run
     report = json.loads(Path(refs["evaluate"].evaluation_json).read_text())
     m = report["metrics"]
     for name in ("caption_alignment", "caption_alignment_seen", "caption_alignment_count",

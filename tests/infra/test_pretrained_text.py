@@ -20,7 +20,13 @@ from infra.text import (
     load_pretrained_encoder,
     pretrained_digest,
 )
-from models.stackformer import FullGridConfig, FullGridTransformer, SamplingParams, Stackformer, StackformerConfig
+from models.stackformer import (
+    FullGridConfig,
+    FullGridTransformer,
+    SamplingParams,
+    Stackformer,
+    StackformerConfig,
+)
 from tests.fixtures.pretrained_text import BOS, CAPTIONS, EOS, tiny_clip_folder
 
 pytest.importorskip("transformers")

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from infra.storage import sha256_file
 from infra.text import PAD_ID, CaptionTokenizer, TextTokenizerError
 from infra.tokens import TokenFormatError, TokenMeta, TokenWriter, pack_records, read_meta
-from infra.storage import sha256_file
 
 CAPTIONS = [f"a {s} {c} {sh}" + (f" above a {c2} circle" if i % 3 == 0 else "")
             for i, (s, c, sh, c2) in enumerate((s, c, sh, c2) for s in ("small", "large")
@@ -45,8 +45,8 @@ def test_a_wrong_or_damaged_tokenizer_file_is_refused(tmp_path: Path) -> None:
 
 
 def _meta(**kw) -> TokenMeta:
-    base = dict(split="train", codebook_size=8, grid_size=4, seq_len=2, keep_ratio=0.125, num_classes=0,
-                tokenizer_sha256="t", source_sha256="s", shards=((0, 3),))
+    base = {"split": "train", "codebook_size": 8, "grid_size": 4, "seq_len": 2, "keep_ratio": 0.125, "num_classes": 0,
+            "tokenizer_sha256": "t", "source_sha256": "s", "shards": ((0, 3),)}
     return TokenMeta(**{**base, **kw})
 
 

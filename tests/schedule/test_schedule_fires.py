@@ -54,7 +54,12 @@ def _wait_for(what: str, check: Any, log: Path, proc: subprocess.Popen, timeout_
 def test_a_served_one_minute_schedule_runs_the_pipeline_then_hits_the_cache_and_a_failure_keeps_the_champion(
         tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.serve import deployment_name, free_port

@@ -38,7 +38,7 @@ def test_shard_captions_from_txt_and_json_members(run_root: Path, tmp_path: Path
         members.append((name, data))
         stem = name.split(".")[0]
         if i == 0:
-            members.append((f"{stem}.txt", "  a red\ncircle  ".encode()))
+            members.append((f"{stem}.txt", b"  a red\ncircle  "))
         elif i == 1:
             members.append((f"{stem}.json", json.dumps({"caption": "a blue square", "width": 24}).encode()))
         elif i == 2:
@@ -146,7 +146,7 @@ def test_shapes_source_is_deterministic_captioned_and_holds_out_pairs(run_root: 
     assert m["captioned"] and m["caption_grammar"] == "shapes" and out.caption_grammar == "shapes"
     records = {split: [r for sh in m["splits"][split]["shards"] for r in read_shard(Path(out.path) / sh["name"])]
                for split in ("train", "val")}
-    for split, recs in records.items():
+    for recs in records.values():
         for r in recs:
             scene = shapes.parse_caption(r.caption)
             assert scene is not None and scene.label == r.label, r

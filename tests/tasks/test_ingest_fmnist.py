@@ -15,9 +15,9 @@ import pytest
 
 from infra.refs import IngestOutput
 from infra.shards import MANIFEST_NAME, ShardIntegrityError, ShardSet, iter_samples, read_shard
-from tasks.ingest.sources import read_idx
 from infra.storage import sha256_file
 from tasks.ingest import run, stage_key
+from tasks.ingest.sources import read_idx
 from tests.fixtures.ingest_data import FMNIST_DIR, config
 
 pytestmark = pytest.mark.skipif(not FMNIST_DIR.is_dir(), reason="Debian package dataset-fashion-mnist missing")

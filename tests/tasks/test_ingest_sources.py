@@ -17,8 +17,8 @@ import pytest
 
 from infra.config import ConfigError
 from infra.shards import ShardSet, read_shard
-from tasks.ingest.sources import DOWNLOADS, SourceError, download_verified
 from tasks.ingest import run
+from tasks.ingest.sources import DOWNLOADS, SourceError, download_verified
 from tests.fixtures.ingest_data import config, encode, gradient, solid, write, write_mnist_like
 
 REPO = Path(__file__).resolve().parents[2]

@@ -45,4 +45,4 @@ def test_each_stage_has_a_json_result_task_wrapping_its_run(stage: str) -> None:
     assert task.fn is module.run and task.name == stage
     assert task.persist_result is True and task.result_serializer == "json" and task.cache_policy is NO_CACHE
     with pytest.raises(AttributeError):
-        getattr(module, "no_such_task")
+        module.no_such_task

@@ -17,7 +17,7 @@ import torch
 from infra.config import resolve
 from infra.refs import TokenizerInputs, load_tokenizer
 from infra.tracking import Tracker
-from tests.fixtures.hooks import FailOnce, KillOnce
+from tests.fixtures.hooks import KillOnce
 from tests.fixtures.ray_runs import stored_checkpoints
 
 pytestmark = pytest.mark.slow
