@@ -213,8 +213,10 @@ class PretrainedTextEncoder:
             module = model.get_encoder()
         module.eval().requires_grad_(False)
         self.module = module
-        self.width = int(module.get_input_embeddings().embedding_dim)
-        self.vocab_size = int(module.get_input_embeddings().num_embeddings)
+        embeddings = module.get_input_embeddings()
+        # the states' width is the hidden size, which a factorised embedding (ALBERT) makes wider than the table
+        self.width = int(getattr(module.config, "hidden_size", None) or embeddings.embedding_dim)
+        self.vocab_size = int(embeddings.num_embeddings)
         self._torch = torch
 
     def to(self, *args: object, **kwargs: object) -> PretrainedTextEncoder:

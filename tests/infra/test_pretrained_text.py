@@ -93,6 +93,26 @@ def test_the_frozen_encoder_states_are_the_hugging_face_model_states(folder: Pat
         encoder(torch.full((1, T), encoder.vocab_size + 5))
 
 
+def test_the_state_width_is_the_hidden_size_when_the_embeddings_are_narrower() -> None:
+    import transformers
+
+    from infra.text import PretrainedTextEncoder
+
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(vocab_size=40, embedding_size=8, hidden_size=24, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32, max_position_embeddings=T)
+    encoder = PretrainedTextEncoder(transformers.AlbertModel(config))
+    assert (encoder.width, encoder.vocab_size) == (24, 40)
+    ids = torch.tensor([[3, 9, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    assert encoder(ids).shape == (1, T, encoder.width)
+    generator = Stackformer(StackformerConfig(seq_len=8, n_layer_code=1, n_layer_pos=1, codebook_size=16, grid_size=4,
+                                              num_classes=0, n_embd=32, n_head=2, text_vocab_size=41, text_len=T,
+                                              text_width=encoder.width), encoder)
+    codes, positions = torch.randint(0, 16, (1, 8)), torch.arange(8)[None] * 2
+    out = generator(codes, positions, text=ids)
+    assert out.code_logits.shape[:2] == (1, 8) and torch.isfinite(out.loss)
+
+
 @pytest.mark.parametrize("kind", ["stackformer", "fullgrid"])
 def test_the_generator_neither_trains_nor_saves_the_frozen_encoder_and_reloads_exactly(folder: Path, tok,
                                                                                       kind: str) -> None:
