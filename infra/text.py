@@ -47,6 +47,12 @@ class CaptionTokenizer:
     def __init__(self, tokenizer: object, offset: int = 0) -> None:
         self._tok = tokenizer
         self.offset = offset
+        if offset > 0:
+            # a saved tokenizer.json may pad to the longest caption of a batch and truncate (many Hub tokenizers
+            # do): a caption's ids would then depend on its neighbours and padding would not read 0. Ids are
+            # padded and cut here, to the configured length.
+            tokenizer.no_padding()  # type: ignore[attr-defined]
+            tokenizer.no_truncation()  # type: ignore[attr-defined]
         if offset == 0 and tokenizer.token_to_id(PAD) != PAD_ID:  # type: ignore[attr-defined]
             raise TextTokenizerError(f"the caption tokenizer's {PAD} id is not {PAD_ID}")
         if self.vocab_size > 65535:

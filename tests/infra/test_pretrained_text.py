@@ -76,6 +76,23 @@ def test_the_pretrained_tokenizer_stores_shifted_ids_with_its_model_special_toke
     assert np.array_equal(again.encode([caption], T)[0], ids[:1])
 
 
+def test_a_saved_padding_and_truncation_do_not_change_the_ids(folder: Path, tok, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    hf.enable_padding(pad_id=hf.token_to_id(EOS), pad_token=EOS)  # as many Hub tokenizer.json files are saved
+    hf.enable_truncation(max_length=6)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    padded = CaptionTokenizer.load(tmp_path / "tokenizer.json", offset=PRETRAINED_ID_OFFSET)
+    short, long = "a large green triangle", CAPTIONS[0]
+    alone, _ = padded.encode([short], T)
+    batch, cut = padded.encode([short, long], T)
+    assert np.array_equal(alone[0], batch[0])  # a caption's ids do not depend on the others in its batch
+    assert np.array_equal(batch, tok.encode([short, long], T)[0])  # the same ids as the folder's own tokenizer
+    assert cut == 0 and (batch[0, len(Tokenizer.from_file(str(folder / "tokenizer.json")).encode(short).ids):] == 0).all()
+    assert int((batch[1] != 0).sum()) > 6  # not cut at the saved truncation length
+
+
 def test_the_frozen_encoder_states_are_the_hugging_face_model_states(folder: Path, tok) -> None:
     import transformers
 
