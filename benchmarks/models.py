@@ -62,7 +62,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"mqgen model benchmarks: torch {torch.__version__}, device {device} ({name}), "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load_start}, "
         f"headline clock: {args.clock}")
-    result: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                     "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
                     "device_name": name, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "clock": args.clock, "preset": args.preset, "overrides": args.overrides,

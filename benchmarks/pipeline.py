@@ -36,7 +36,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 WALL_TARGET_S = 15 * 60
 ORCHESTRATION_TARGET = 0.10
@@ -113,7 +113,7 @@ def main() -> None:
         "rerun_s": round(rerun, 1), "rerun_target_s": RERUN_TARGET_S, "figures": figures,
         "cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if not args.keep and args.root is None:
         shutil.rmtree(root, ignore_errors=True)

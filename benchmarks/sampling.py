@@ -42,7 +42,7 @@ import os
 import platform
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         return round(statistics.median(f / s for f, s in zip(rounds["fullgrid"][key], rounds["stackformer"][key],
                                                              strict=True)), 3)
 
-    result: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+    result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
                     "device": str(device), "device_name": dev_name, "threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "preset": args.preset, "batch_size": B, "rounds": args.rounds,
                     "argv": sys.argv[1:] if argv is None else argv, "models": info}

@@ -84,7 +84,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
            f", {args.threads} threads, {os.cpu_count()} CPUs, load average {load_start}"))
     result: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
         "python": platform.python_version(), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(),

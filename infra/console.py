@@ -24,7 +24,10 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations only (postponed evaluation)
 
 OUR_LOGGERS = ("mqgen", "flows", "tasks", "infra", "models")
 log = logging.getLogger("mqgen")

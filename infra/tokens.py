@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 import numpy as np
@@ -43,6 +43,9 @@ from torch.utils.data import Dataset
 
 from infra.errors import PermanentError, is_no_space, looks_full
 from infra.storage import fsync_dir, remove_tree
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations only (postponed evaluation)
 
 FORMAT = "mqgen.tokens"
 FORMAT_VERSION = 1

@@ -22,9 +22,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 from infra.secrets import redact, redact_text
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations only (postponed evaluation)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")

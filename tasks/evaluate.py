@@ -37,7 +37,7 @@ import math
 import platform
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -713,7 +713,7 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
         report = {
             "format": FORMAT,
             "stage_key": key,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "extractor": ext_name or None,
             "extractor_info": ext.to_dict() if ext is not None else {"unavailable": inputs.extractor_unavailable},
             "fid_interval": ({"method": f"fid -/+ 1.96 x the standard deviation of the FIDs of {e.fid_bootstrap} "

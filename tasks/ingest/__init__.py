@@ -35,7 +35,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -657,7 +657,7 @@ def _finalize(cfg: PipelineConfig, key: str, plan: Plan, jobs: list[ChunkJob],
         "ignored": {"by_reason": dict(sorted(stats.ignored.items())), "examples": stats.ignored_examples},
         "damaged_inputs": stats.damaged,
         "mlflow_run_id": run_id,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
         "workers": workers,
         "software": {"python": platform.python_version(), "numpy": np.__version__,
