@@ -29,7 +29,7 @@ from typing import Any
 from infra.refs import StackformerOutput, TokenizerOutput
 from infra.storage import UnsafeCheckpointError, atomic_write_json, sha256_file
 from infra.text import FILENAME as TEXT_TOKENIZER
-from infra.text import TextTokenizerError, pretrained_digest
+from infra.text import TextTokenizerError, pretrained_digest, pretrained_files
 
 FORMAT = "mqgen.bundle/1"
 INDEX = "model_index.json"
@@ -105,7 +105,9 @@ def write_bundle(out: str | Path, *, tokenizer: TokenizerOutput, generator: Stac
                                            text_tokenizer_sha256=generator.text_tokenizer_sha256)
         if generator.text_encoder:  # a frozen pretrained encoder: copied whole, so the folder samples offline
             target = out / "generator" / TEXT_ENCODER
-            shutil.copytree(generator.text_encoder, target, ignore=shutil.ignore_patterns(".*"))
+            for rel, src in pretrained_files(generator.text_encoder).items():  # what the digest reads, as files
+                (target / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, target / rel)
             if pretrained_digest(target) != generator.text_encoder_digest:
                 raise BundleError(f"{generator.text_encoder}: the text encoder changed since the model was trained "
                                   "on it (digest differs); not bundled")
@@ -188,6 +190,10 @@ def read_bundle(path: str | Path, *, expected_sha256: dict[str, str] | None = No
                     epath = _inside(root, comp["text_encoder"])
                     text_digest = str(comp.get("text_encoder_digest", ""))
                     try:
+                        outside = [n for n, p in pretrained_files(epath).items()
+                                   if not p.resolve().is_relative_to(root.resolve())]
+                        if outside:
+                            raise BundleError(f"{root}: {comp['text_encoder']}/{outside[0]} points outside the bundle")
                         ok = pretrained_digest(epath) == text_digest
                     except TextTokenizerError:
                         ok = False

@@ -486,7 +486,7 @@ class PipelineConfig:
                 self.data, captions_file=absolute_path(self.data.captions_file)))
         if self.text.pretrained is not None:
             object.__setattr__(self, "text", dataclasses.replace(self.text, pretrained=absolute_path(self.text.pretrained)))
-            _check_pretrained_text(self.text.pretrained)
+            _check_pretrained_text(self.text.pretrained, self.text.max_len)
         if self.evaluate.inception_weights is not None:
             object.__setattr__(self, "evaluate", dataclasses.replace(
                 self.evaluate, inception_weights=absolute_path(self.evaluate.inception_weights)))
@@ -518,19 +518,24 @@ ADDED_FIELDS["text.pretrained"] = None  # before "text": the whole section compa
 ADDED_FIELDS["text"] = {k: v for k, v in dataclasses.asdict(TextSection()).items() if k != "pretrained"}
 
 
-def _check_pretrained_text(folder: str) -> None:
+def _check_pretrained_text(folder: str, max_len: int) -> None:
     """Refuse, when the config is resolved (not minutes later in the tokenize stage), a ``text.pretrained`` folder
-    that cannot be used: missing, incomplete, pickled weights only, or no transformers package to load it."""
+    that cannot be used: missing, incomplete, pickled weights only, no transformers package to load it, or
+    captions (``text.max_len`` ids) longer than the positions its model has (the training step would fail)."""
     import importlib.util
 
-    from infra.text import TextTokenizerError, pretrained_files
+    from infra.text import TextTokenizerError, pretrained_files, pretrained_max_positions
 
     try:
-        pretrained_files(folder)
+        files = pretrained_files(folder)
+        positions = pretrained_max_positions(files["config.json"])
     except TextTokenizerError as e:
         raise ConfigError(str(e)) from None
     if importlib.util.find_spec("transformers") is None:
         raise ConfigError("text.pretrained needs the transformers package: pip install 'mqgen[hf]'")
+    if positions is not None and max_len > positions:
+        raise ConfigError(f"text.max_len={max_len} is longer than the {positions} positions of the text encoder in "
+                          f"{folder}; set text.max_len={positions} or less")
 
 
 def absolute_path(path: str) -> str:

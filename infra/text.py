@@ -152,6 +152,22 @@ def pretrained_files(directory: str | Path) -> dict[str, Path]:
     return files
 
 
+def pretrained_max_positions(config_json: str | Path) -> int | None:
+    """The positions of the text model a folder's ``config.json`` describes (a dual model's text tower), or None
+    where it sets no limit (relative positions, as T5's)."""
+    import json
+
+    try:
+        doc = json.loads(Path(config_json).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TextTokenizerError(f"{config_json} cannot be read as JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise TextTokenizerError(f"{config_json} is not a model config (a JSON object)")
+    text = doc["text_config"] if isinstance(doc.get("text_config"), dict) else doc
+    value = text.get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 _FILE_SHA256: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime_ns) -> sha256, this process
 
 
@@ -219,9 +235,14 @@ class PretrainedTextEncoder:
             module = model.get_encoder()
         module.eval().requires_grad_(False)
         self.module = module
-        embeddings = module.get_input_embeddings()
+        get = getattr(module, "get_input_embeddings", None)  # (a text tower of transformers 4 is a bare module)
+        embeddings = get() if callable(get) else getattr(getattr(module, "embeddings", None), "token_embedding", None)
+        if embeddings is None or not hasattr(embeddings, "num_embeddings"):
+            raise TextTokenizerError(f"{type(module).__name__}: no token embedding table found; text.pretrained takes "
+                                     "a text encoder (CLIP's text model, BERT-like, T5's encoder)")
         # the states' width is the hidden size, which a factorised embedding (ALBERT) makes wider than the table
-        self.width = int(getattr(module.config, "hidden_size", None) or embeddings.embedding_dim)
+        config = getattr(module, "config", None)
+        self.width = int(getattr(config, "hidden_size", None) or embeddings.embedding_dim)
         self.vocab_size = int(embeddings.num_embeddings)
         self._torch = torch
 

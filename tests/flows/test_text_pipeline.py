@@ -179,3 +179,14 @@ def test_a_frozen_pretrained_encoder_from_a_local_folder_end_to_end(text_run, tm
                           env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-2000:]
     assert grid.is_file() and "Loading weights" not in done.stderr
+    # a bundle whose encoder file is a link out of the bundle is refused, even with the same bytes (same digest)
+    from infra.bundle import BundleError, read_bundle
+
+    config = bundle / "generator" / "text_encoder" / "config.json"
+    outside = tmp_path / "elsewhere.json"
+    outside.write_bytes(config.read_bytes())
+    config.unlink()
+    config.symlink_to(outside)
+    assert pretrained_digest(bundle / "generator" / "text_encoder") == model.text_encoder_digest
+    with pytest.raises(BundleError, match="config.json points outside the bundle"):
+        read_bundle(bundle)

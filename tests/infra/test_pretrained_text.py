@@ -257,8 +257,24 @@ def test_an_unusable_folder_is_a_config_error_when_the_config_is_resolved(folder
         resolve("tiny-text", overrides=["text.pretrained=absent"])
     with pytest.raises(ConfigError, match="tokenizer.json, \\*.safetensors weights missing"):
         resolve("tiny-text", overrides=["text.pretrained=half"])
+    with pytest.raises(ConfigError, match="text.max_len=64 is longer than the 32 positions"):
+        resolve("tiny-text", overrides=[f"text.pretrained={folder}", "text.max_len=64"])
     cfg = resolve("tiny-text", overrides=[f"text.pretrained={folder}"])
     assert cfg.text.pretrained == str(folder)
     monkeypatch.chdir(folder.parent)  # a relative path is made absolute against the caller's directory
     assert resolve("tiny-text", overrides=[f"text.pretrained={folder.name}"]).text.pretrained == str(folder)
     assert resolve("tiny-text").hash() != cfg.hash()
+
+
+def test_the_positions_of_a_text_model_are_read_from_its_config(tmp_path: Path) -> None:
+    from infra.text import pretrained_max_positions
+
+    cases = {"text.json": ('{"max_position_embeddings": 77, "hidden_size": 512}', 77),
+             "dual.json": ('{"text_config": {"max_position_embeddings": 64}, "vision_config": {}}', 64),
+             "t5.json": ('{"d_model": 512, "relative_attention_num_buckets": 32}', None)}
+    for name, (text, expected) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert pretrained_max_positions(tmp_path / name) == expected, name
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TextTokenizerError, match="cannot be read as JSON"):
+        pretrained_max_positions(tmp_path / "bad.json")
