@@ -14,9 +14,9 @@ The loaders at the end rebuild a trained model from its reference after verifyin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -284,6 +284,18 @@ def new_generator(kind: str, model_config: dict[str, Any], text_encoder: Any = N
     if kind == "fullgrid":
         return FullGridTransformer(FullGridConfig(**model_config), text_encoder)
     raise ValueError(f"unknown model kind {kind!r}; allowed: 'stackformer', 'fullgrid'")
+
+
+_WithEncoder = TypeVar("_WithEncoder", "TokenizeOutput", "StackformerOutput")
+
+
+def at_configured_encoder(ref: _WithEncoder | None, folder: str) -> _WithEncoder | None:
+    """``ref`` reading its frozen text encoder from ``folder``, the config's ``text.pretrained``. A stage key holds
+    the folder's digest, not its path, so an output found for the config was made with these very files, maybe
+    at another path (the folder moved since, or another user's copy on a shared root): read them where they are."""
+    if ref is not None and ref.text_encoder and folder and ref.text_encoder != folder:
+        return replace(ref, text_encoder=folder)
+    return ref
 
 
 def frozen_text_encoder(folder: str, digest: str) -> Any:

@@ -38,7 +38,14 @@ import torch
 
 from infra.config import PipelineConfig, stable_hash
 from infra.orchestration import lazy_stage_task
-from infra.refs import IngestOutput, TokenizeInputs, TokenizeOutput, TokenizerOutput, load_tokenizer
+from infra.refs import (
+    IngestOutput,
+    TokenizeInputs,
+    TokenizeOutput,
+    TokenizerOutput,
+    at_configured_encoder,
+    load_tokenizer,
+)
 from infra.storage import (
     DamagedOutput,
     atomic_write_json,
@@ -324,9 +331,9 @@ def load_output(out_dir: Path) -> TokenizeOutput | None:
 
 def cached(cfg: PipelineConfig, inputs: TokenizeInputs) -> TokenizeOutput | None:
     """The complete output for ``inputs`` if it exists (no computation), else None."""
-    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(inputs.train_tokenizer.sha256,
-                                                                inputs.ingest.manifest_sha256,
-                                                                text_settings(cfg, inputs.ingest))))
+    out_dir = stage_dir(cfg.run.root, STAGE, stage_key(inputs.train_tokenizer.sha256, inputs.ingest.manifest_sha256,
+                                                       text_settings(cfg, inputs.ingest)))
+    return at_configured_encoder(load_output(out_dir), cfg.text.pretrained)
 
 
 def check_inputs(inputs: TokenizeInputs) -> None:
@@ -357,7 +364,8 @@ def run(cfg: PipelineConfig, inputs: TokenizeInputs, *, force: bool = False, par
         (out_dir / SUCCESS).unlink(missing_ok=True)
         return _tokenize(cfg, parent_run_id, key, out_dir, tokenizer, ingest, map_size)
 
-    return cached_run(out_dir, key, lambda: load_output(out_dir), compute, force=force)
+    return cached_run(out_dir, key, lambda: at_configured_encoder(load_output(out_dir), cfg.text.pretrained), compute,
+                      force=force)
 
 
 def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir: Path, tokenizer: TokenizerOutput,

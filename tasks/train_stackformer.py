@@ -55,6 +55,7 @@ from infra.refs import (
     StackformerOutput,
     TokenizeOutput,
     TokenizerOutput,
+    at_configured_encoder,
     frozen_text_encoder,
     load_tokenizer,
     new_generator,
@@ -650,7 +651,8 @@ def load_output(out_dir: Path) -> StackformerOutput | None:
 
 def cached(cfg: PipelineConfig, inputs: StackformerInputs) -> StackformerOutput | None:
     """The complete output for ``cfg`` on ``inputs`` if it exists (no computation), else None."""
-    return load_output(stage_dir(cfg.run.root, STAGE, stage_key(cfg, inputs.tokenize)))
+    out_dir = stage_dir(cfg.run.root, STAGE, stage_key(cfg, inputs.tokenize))
+    return at_configured_encoder(load_output(out_dir), cfg.text.pretrained)
 
 
 def run(cfg: PipelineConfig, inputs: StackformerInputs, *, force: bool = False, parent_run_id: str | None = None,
@@ -663,7 +665,7 @@ def run(cfg: PipelineConfig, inputs: StackformerInputs, *, force: bool = False, 
     p = plan(cfg, inputs.tokenize, inputs.train_tokenizer)  # every data/model check happens before any training
     key = stage_key(cfg, inputs.tokenize)
     out_dir = stage_dir(cfg.run.root, STAGE, key)
-    return cached_run(out_dir, key, lambda: load_output(out_dir),
+    return cached_run(out_dir, key, lambda: at_configured_encoder(load_output(out_dir), cfg.text.pretrained),
                       lambda: _train(cfg, inputs, p, key, out_dir, force, parent_run_id, on_step), force=force)
 
 

@@ -164,6 +164,13 @@ def test_a_frozen_pretrained_encoder_from_a_local_folder_end_to_end(text_run, tm
     model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp_path / "mlmodel"),
                                                          tracking_uri=tracker.uri))
     assert "mqgen[hf]" in (model_dir / "requirements.txt").read_text()
+    # the folder moved: the keys hold its digest, not its path; the finished stages are found and read it there
+    moved = folder.rename(tmp_path / "moved-clip")
+    again = run_pipeline(_cfg(root, f"text.pretrained={moved}", "registry.name=tiny-text-clip"))
+    assert again["train_stackformer"].key == model.key and again["tokenize"].key == tokens.key
+    assert again["train_stackformer"].text_encoder == again["tokenize"].text_encoder == str(moved)
+    assert load_generator(again["train_stackformer"]).config.text_width == 32
+    moved.rename(folder)
     # the user's path: export, remove the original folder, sample from the bundle with a prompt
     mqgen = str(Path(sys.executable).parent / "mqgen")
     base = ["--preset", "tiny-text", f"run.root={root}", *overrides, *_cfg_overrides()]
