@@ -168,7 +168,14 @@ def pretrained_max_positions(config_json: str | Path) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-_FILE_SHA256: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime_ns) -> sha256, this process
+_FILE_SHA256: dict[tuple[str, int, int, int, int], str] = {}  # _stamp(path) -> sha256, in this process
+
+
+def _stamp(path: Path) -> tuple[str, int, int, int, int]:
+    """A file's identity and state: a write changes the size or the times (the change time too, which no tool
+    can set back, unlike the modification time that ``rsync -t`` or ``tar`` restore)."""
+    st = path.stat()
+    return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def pretrained_digest(directory: str | Path) -> str:
@@ -176,18 +183,21 @@ def pretrained_digest(directory: str | Path) -> str:
 
     One process asks for it several times per run (the tokenize key, the stage, the Stackformer plan, each load),
     and a text model's weights are hundreds of MB: a file's sha256 is computed once per process and reused while
-    its inode, size and modification time are unchanged."""
+    its inode, size, modification and change times are unchanged."""
     import hashlib
 
     from infra.storage import sha256_file
 
     h = hashlib.sha256()
     for name, path in pretrained_files(directory).items():
-        st = path.stat()
-        stamp = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+        stamp = _stamp(path)
         if stamp not in _FILE_SHA256:
-            _FILE_SHA256[stamp] = sha256_file(path)
-        h.update(f"{name}\t{_FILE_SHA256[stamp]}\n".encode())
+            digest = sha256_file(path)
+            if _stamp(path) == stamp:  # not written to while it was read
+                _FILE_SHA256[stamp] = digest
+        else:
+            digest = _FILE_SHA256[stamp]
+        h.update(f"{name}\t{digest}\n".encode())
     return h.hexdigest()
 
 

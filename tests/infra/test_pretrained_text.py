@@ -278,3 +278,24 @@ def test_the_positions_of_a_text_model_are_read_from_its_config(tmp_path: Path) 
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(TextTokenizerError, match="cannot be read as JSON"):
         pretrained_max_positions(tmp_path / "bad.json")
+
+
+def test_a_file_rewritten_in_place_with_its_old_modification_time_changes_the_digest(folder: Path,
+                                                                                     tmp_path: Path) -> None:
+    """The digest's per-process sha256 cache is not fooled by a tool that restores modification times
+    (``rsync -t --inplace``, ``tar x``): same inode, same size, same mtime, other bytes."""
+    import os
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    before = pretrained_digest(copy)
+    config = copy / "config.json"
+    st = config.stat()
+    text = config.read_text()
+    with open(config, "r+") as f:  # in place: the inode stays
+        f.write(text.replace('"hidden_act"', '"hidden_acT"', 1))
+    os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = config.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    assert pretrained_digest(copy) != before
