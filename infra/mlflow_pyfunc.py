@@ -2,8 +2,9 @@
 copies this file into the model and runs it on ``mlflow.pyfunc.load_model``; no Python object is pickled.
 It is never imported by mqgen itself (it calls ``set_model`` at import).
 
-- A generator model: ``predict`` takes rows ``{"n": int, "class": int (-1 = none), "seed": int}`` and returns
-  the sampled images of every row, uint8 ``[N, C, H, W]``.
+- A generator model: ``predict`` takes rows ``{"n": int, "class": int (-1 = none), "seed": int,
+  "guidance_scale": float, "prompt": str}`` (``prompt``: the caption of a text-conditional model, required there
+  and refused elsewhere) and returns the sampled images of every row, uint8 ``[N, C, H, W]``.
 - A tokenizer model: ``predict`` takes uint8 images ``[N, C, H, W]`` and returns ``[N, 2, K]`` int64: the kept
   codes and their positions (raster order).
 
@@ -24,12 +25,14 @@ class MqgenModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from infra.bundle import read_bundle
-        from infra.refs import load_generator, load_tokenizer
+        from infra.refs import caption_tokenizer, load_generator, load_tokenizer
 
         self.bundle = read_bundle(context.artifacts["bundle"])
         self.device = torch.device("cpu")
         self.tokenizer = load_tokenizer(self.bundle.tokenizer, self.device)
         self.generator = load_generator(self.bundle.generator, self.device) if self.bundle.generator else None
+        text = self.bundle.generator is not None and self.bundle.generator.text_len
+        self.captions = caption_tokenizer(self.bundle.generator) if text else None
 
     # no type hints here: MLflow would try to validate inputs from them; the logged signature says what is expected
     def predict(self, context, model_input, params=None):
@@ -54,12 +57,27 @@ class MqgenModel(mlflow.pyfunc.PythonModel):
             labels = torch.full((n,), cls, dtype=torch.long) if self.bundle.num_classes and cls >= 0 else None
             if self.bundle.num_classes and labels is None:
                 labels = torch.arange(n) % self.bundle.num_classes
+            text = self._caption_ids(_given(row, "prompt", None), n)
             g = torch.Generator().manual_seed(seed)
             with torch.inference_mode():
                 codes, positions, _ = sample_tokens(self.generator, n, labels, code_params, pos_params, generator=g,
-                                                    guidance_scale=scale)
+                                                    guidance_scale=scale, text=text)
                 batches.append(to_uint8(self.tokenizer.decode(codes, positions)))
         return torch.cat(batches).numpy()
+
+
+    def _caption_ids(self, prompt, n):
+        import numpy as np
+        import torch
+
+        if self.captions is None:
+            if prompt:
+                raise ValueError("a prompt was given, but this model is not text-conditional")
+            return None
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("this model is text-conditional: give each row a 'prompt' (a caption)")
+        ids, _ = self.captions.encode([prompt], self.bundle.generator.text_len)
+        return torch.from_numpy(ids.astype(np.int64)).expand(n, -1)
 
 
 def _given(row, name, default):

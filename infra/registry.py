@@ -69,7 +69,8 @@ def _signature(kind: str, tokenizer: Any, generator: Any) -> Any:
                                                                                   (-1, 2, mc.num_kept))]))
     return ModelSignature(inputs=Schema([ColSpec("long", "n"), ColSpec("long", "class", required=False),
                                          ColSpec("long", "seed", required=False),
-                                         ColSpec("double", "guidance_scale", required=False)]),
+                                         ColSpec("double", "guidance_scale", required=False),
+                                         ColSpec("string", "prompt", required=False)]),
                           outputs=Schema([images]))
 
 

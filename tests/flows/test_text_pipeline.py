@@ -164,6 +164,16 @@ def test_a_frozen_pretrained_encoder_from_a_local_folder_end_to_end(text_run, tm
     model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp_path / "mlmodel"),
                                                          tracking_uri=tracker.uri))
     assert "mqgen[hf]" in (model_dir / "requirements.txt").read_text()
+    # ... and MLflow's own loader samples it from a prompt per row (the caption changes the images)
+    import pandas as pd
+
+    pyfunc = mlflow.pyfunc.load_model(str(model_dir))
+    prompts = ["a large green triangle", "a small red circle above a large blue square"]
+    images = pyfunc.predict(pd.DataFrame({"n": [2, 2], "seed": [0, 0], "prompt": prompts}))
+    assert images.shape == (4, 3, 16, 16) and str(images.dtype) == "uint8"
+    assert not (images[:2] == images[2:]).all()
+    with pytest.raises(Exception, match="give each row a 'prompt'"):
+        pyfunc.predict(pd.DataFrame({"n": [1], "seed": [0]}))
     # the folder moved: the keys hold its digest, not its path; the finished stages are found and read it there
     moved = folder.rename(tmp_path / "moved-clip")
     again = run_pipeline(_cfg(root, f"text.pretrained={moved}", "registry.name=tiny-text-clip"))
