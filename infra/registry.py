@@ -36,6 +36,7 @@ log = logging.getLogger("mqgen.registry")
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 TAG_SHA = "mqgen.weights_sha256"
 TAG_TOKENIZER_SHA = "mqgen.tokenizer_sha256"
+TAG_TEXT = "mqgen.text_sha256"  # a text-conditional generator: "<caption tokenizer sha256> <frozen encoder digest>"
 TAG_KIND = "mqgen.kind"
 TAG_DECISION = "mqgen.promotion"
 EVAL_PREFIX = "mqgen.eval."  # + <protocol>.<field>
@@ -137,6 +138,8 @@ def register(tracker: Any, cfg: PipelineConfig, *, kind: str, run_id: str, token
             raise
     tags = {TAG_SHA: main.sha256, TAG_TOKENIZER_SHA: tokenizer.sha256, TAG_KIND: kind, "mqgen.step": str(main.step),
             "mqgen.config_hash": cfg.hash()}
+    if generator is not None and generator.text_tokenizer:
+        tags[TAG_TEXT] = _text_pin(generator)
     mv = client.create_model_version(name, source=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
                                      tags=tags)
     log.info("registered %s version %s (run %s)", name, mv.version, run_id)
@@ -380,9 +383,17 @@ def load_bundle(spec: str, cfg: PipelineConfig) -> Iterator[tuple[Bundle, Versio
         expected = {"tokenizer": version.tags.get(TAG_TOKENIZER_SHA, ""), main: version.tags.get(TAG_SHA, "")}
         try:
             bundle = read_bundle(bundle_dir, expected_sha256={k: v for k, v in expected.items() if v})
+            pinned = version.tags.get(TAG_TEXT)
+            if pinned and (bundle.generator is None or _text_pin(bundle.generator) != pinned):
+                raise BundleError("its caption tokenizer or text encoder is not the one registered "
+                                  f"({TAG_TEXT} differs)")
         except BundleError as e:
             raise BundleError(f"{version.name} v{version.version}: {e}") from None
         yield bundle, version
+
+
+def _text_pin(generator: Any) -> str:
+    return f"{generator.text_tokenizer_sha256} {generator.text_encoder_digest or '-'}"
 
 
 def evaluation_of(tracker: Any, version: Version) -> dict[str, Any] | None:

@@ -174,6 +174,28 @@ def test_a_frozen_pretrained_encoder_from_a_local_folder_end_to_end(text_run, tm
     assert not (images[:2] == images[2:]).all()
     with pytest.raises(Exception, match="give each row a 'prompt'"):
         pyfunc.predict(pd.DataFrame({"n": [1], "seed": [0]}))
+    # the registry pins the caption tokenizer and the encoder: one swapped in the artifact store (its bundle index
+    # rewritten to match) is refused when the version is loaded
+    from infra.bundle import BundleError
+    from infra.registry import load_bundle
+    from infra.storage import sha256_file
+
+    with load_bundle("champion", cfg) as (bundle, version):
+        assert version.tags["mqgen.text_sha256"].split() == [bundle.generator.text_tokenizer_sha256,
+                                                             model.text_encoder_digest]
+    [stored] = [p.parent for p in (root / "mlartifacts").rglob("bundle/model_index.json")
+                if model.text_encoder_digest in p.read_text()]
+    index_file, tok_file = stored / "model_index.json", stored / "generator" / "text_tokenizer.json"
+    index_bytes, tok_bytes = index_file.read_bytes(), tok_file.read_bytes()
+    try:
+        tok_file.write_bytes(tok_bytes.replace(b'"<|endoftext|>"', b'"<|endoftexT|>"', 1))
+        index_file.write_text(index_bytes.decode().replace(json.loads(index_bytes)["components"]["generator"][
+            "text_tokenizer_sha256"], sha256_file(tok_file)))
+        with pytest.raises(BundleError, match="not the one registered"), load_bundle("champion", cfg):
+            pass
+    finally:
+        index_file.write_bytes(index_bytes)
+        tok_file.write_bytes(tok_bytes)
     # the folder moved: the keys hold its digest, not its path; the finished stages are found and read it there
     moved = folder.rename(tmp_path / "moved-clip")
     again = run_pipeline(_cfg(root, f"text.pretrained={moved}", "registry.name=tiny-text-clip"))
