@@ -554,8 +554,6 @@ def sample(
 def _prompt_ids(generator: Any, prompt: str | None, n: int) -> Any:
     """``[n, text_len]`` caption ids of ``prompt`` for a text-conditional generator (None for another model);
     exits 2 with one line when the prompt and the model do not go together."""
-    import numpy as np
-    import torch
 
     from infra.refs import caption_tokenizer
     from infra.text import TextTokenizerError
@@ -574,11 +572,11 @@ def _prompt_ids(generator: Any, prompt: str | None, n: int) -> Any:
     except TextTokenizerError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
-    ids, cut = tok.encode([prompt], generator.text_len)
+    ids, cut = tok.prompt_ids(prompt, generator.text_len, n)
     if cut:
         typer.secho(f"warning: the prompt is longer than the model's {generator.text_len} caption tokens; its end is "
                     "ignored", fg=typer.colors.YELLOW, err=True)
-    return torch.from_numpy(ids.astype(np.int64)).expand(n, -1)
+    return ids
 
 
 @app.command()

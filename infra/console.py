@@ -236,7 +236,7 @@ class _OneLine(logging.Formatter):
         first = msg[0] if msg else ""
         return f"{record.levelname.lower()}: {record.name}: {first}"
 
-    def formatException(self, ei: Any) -> str:
+    def formatException(self, ei: Any) -> str:  # (logging's API spelling)
         return ""
 
 

@@ -67,20 +67,16 @@ class MqgenModel(mlflow.pyfunc.PythonModel):
 
 
     def _caption_ids(self, prompt, n):
-        import numpy as np
-        import torch
-
         if self.captions is None:
             if prompt:
                 raise ValueError("a prompt was given, but this model is not text-conditional")
             return None
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("this model is text-conditional: give each row a 'prompt' (a caption)")
-        ids, _ = self.captions.encode([prompt], self.bundle.generator.text_len)
-        return torch.from_numpy(ids.astype(np.int64)).expand(n, -1)
+        return self.captions.prompt_ids(prompt, self.bundle.generator.text_len, n)[0]
 
 
-def _given(row, name, default):
+def _given(row, name, default):  # a column left empty in some rows reads as NaN
     value = row.get(name)
     return default if value is None or value != value else value  # noqa: PLR0124 - NaN (any float type)
 

@@ -133,7 +133,7 @@ def register(tracker: Any, cfg: PipelineConfig, *, kind: str, run_id: str, token
     try:
         client.create_registered_model(name, description=f"mqgen {kind}s of config {cfg.registry.name or cfg.preset}",
                                        tags={TAG_KIND: kind})
-    except Exception as e:
+    except Exception as e:  # it exists already (RESOURCE_ALREADY_EXISTS), or another writer made it
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
     tags = {TAG_SHA: main.sha256, TAG_TOKENIZER_SHA: tokenizer.sha256, TAG_KIND: kind, "mqgen.step": str(main.step),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -119,6 +120,13 @@ class CaptionTokenizer:
                 cut += len(ids) > max_len
                 out[i, :min(len(ids), max_len)] = np.asarray(ids[:max_len], np.int64) + self.offset
         return out, cut
+
+    def prompt_ids(self, prompt: str, max_len: int, n: int) -> tuple[Any, bool]:
+        """``[n, max_len]`` int64 torch ids of one prompt for ``n`` samples, and whether it was cut."""
+        import torch
+
+        ids, cut = self.encode([prompt], max_len)
+        return torch.from_numpy(ids.astype(np.int64)).expand(n, -1), bool(cut)
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of one row of ids (padding and special tokens dropped)."""

@@ -436,7 +436,7 @@ class StageRun:
         if key not in self._last_step:
             try:
                 hist = self.client.get_metric_history(self.run_id, key)
-            except Exception:
+            except Exception:  # a server outage: nothing known to skip (the sender keeps the points)
                 if not self._remote:
                     raise
                 hist = []
