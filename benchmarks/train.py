@@ -344,7 +344,7 @@ class StackformerBench(_StepBench):
     """
 
     def __init__(self, lc: dict[str, Any], device: torch.device, worker: Any = None) -> None:
-        from infra.config import fullgrid_config, stackformer_config
+        from infra.config import TokenLayout, fullgrid_config, stackformer_config
         from infra.tokens import TokenDataset
         from tasks.train_stackformer import IndexedTokens, StackformerTrainer, TrainBatches, new_model
 
@@ -355,7 +355,8 @@ class StackformerBench(_StepBench):
         self.device = device
         self.dataset = TokenDataset(lc["db"])
         build = stackformer_config if s.model == "stackformer" else fullgrid_config
-        model_cfg = build(self.cfg, num_classes=self.dataset.meta.num_classes)
+        meta = self.dataset.meta  # the layout of the tokens timed, as the stage reads it from its inputs
+        model_cfg = build(s, TokenLayout(meta.codebook_size, meta.grid_size, meta.seq_len), num_classes=meta.num_classes)
         torch.manual_seed(self.cfg.seed)
         self.model = new_model(s.model, asdict(model_cfg)).to(device)
         self.trainer = StackformerTrainer(self.model, lr=s.lr, weight_decay=s.weight_decay,
