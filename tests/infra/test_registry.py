@@ -172,3 +172,80 @@ def test_a_registered_model_loads_by_alias_verified_and_a_tampered_bundle_is_ref
     with pytest.raises(BundleError, match="not the registered"):
         read_bundle(folder, expected_sha256={"generator": "0" * 64})
     assert read_bundle(folder).generator.sha256 == gen.sha256
+
+
+# One promotion gate in its own process: builds the config and the tracker on the shared root, widens the window
+# between reading the alias holder and moving the alias (the seam: ``registry.decide``, which runs inside it), says
+# it is ready, waits for the start moment the test sends on stdin, and prints its decision as JSON.
+GATE_PROCESS = r"""
+import json, sys, time
+from infra import registry
+from infra.config import resolve
+from infra.tracking import Tracker
+
+spec = json.loads(sys.argv[1])
+cfg = resolve("tiny", overrides=[f"run.root={spec['root']}", "registry.name=gate"])
+tracker = Tracker(cfg.run.root, cfg.run.experiment)
+version = registry.resolve_version(tracker, f"models:/mqgen-stackformer-gate/{spec['version']}")
+decide = registry.decide
+
+def slow_decide(*a, **k):
+    time.sleep(2.0)  # another gate that read the same holder would decide on stale facts in this window
+    return decide(*a, **k)
+
+registry.decide = slow_decide
+ev = {"extractor": "classifier-test", "extractor_info": {"weights_sha256": "e" * 64}, "n": 64,
+      "set_sizes": {"reference": 256}, "data": {"reference_set_hash": "r" * 16},
+      "metrics": {"fid": spec["fid"]}, "fid_interval": {"std": 0.1, "low": 0.0, "high": 99.0, "level": 0.95}}
+print("ready", flush=True)
+start = float(sys.stdin.readline())
+while time.time() < start:
+    time.sleep(0.005)
+d = registry.promote(tracker, cfg, generator=None, tokenizer_version=None, version=version, evaluation=ev,
+                     evaluate_run_id=spec["run_id"])
+print(json.dumps({"version": version.version, "decision": d.decision, "champion": d.champion_version}))
+"""
+
+
+def test_two_gates_at_once_decide_one_after_the_other(setting, run_root: Path) -> None:
+    """Two pipelines finishing their evaluation at the same moment (a scheduled retrain beside a manual run on one
+    root): the gates run one after the other, so exactly one version is "first" and the other is compared with it;
+    the alias ends on the better version whichever gate ran first (without the lock both would see no holder, both
+    call themselves "first", and the alias would end on whichever wrote last)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from infra import registry
+
+    cfg, tracker, tok = setting
+    _, v1, e1 = _register(cfg, tracker, tok, run_root, 1)
+    _, v2, e2 = _register(cfg, tracker, tok, run_root, 2)
+    repo = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, "-c", GATE_PROCESS,
+                               json.dumps({"root": str(run_root), "version": v.version, "fid": fid, "run_id": run_id})],
+                              cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for v, fid, run_id in ((v1, 10.0, e1), (v2, 5.0, e2))]
+    for p in procs:  # both imported, resolved and holding their version: now start them at one moment
+        seen = []
+        while not seen or seen[-1] not in ("ready", ""):
+            seen.append(p.stdout.readline().strip())
+        assert seen[-1] == "ready", "\n".join(seen) + p.stderr.read()[-3000:]
+    start = time.time() + 0.5
+    for p in procs:
+        p.stdin.write(f"{start}\n")
+        p.stdin.flush()
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    # each gate holds its decision for 2 s: one after the other they take at least 4 s from the common start
+    assert time.time() - start >= 4.0
+    by_decision = {o["decision"]: o for o in outs}
+    assert sorted(by_decision) in (["first", "promoted"], ["first", "kept"]), outs
+    first = by_decision["first"]
+    second = next(o for o in outs if o is not first)
+    assert second["champion"] == first["version"], outs  # the second gate saw the first one's alias
+    assert registry.alias_version(tracker, v1.name, "champion").version == v2.version  # FID 5 beats 10 by > noise
