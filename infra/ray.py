@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -40,6 +40,9 @@ import torch
 from infra.checkpoint import MANIFEST, LoadedCheckpoint, read_checkpoint
 from infra.errors import PermanentError, is_permanent
 from infra.storage import UnsafeCheckpointError, pid_alive
+
+if TYPE_CHECKING:
+    from infra.tracking import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +307,23 @@ class Worker:
         self.is_main = self.rank == 0
         self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
         self.skipped_checkpoints: list[str] = []
+
+    def stage_run(self, cfg: Any, stage: str, lc: Any, restored: LoadedCheckpoint | None) -> StageRun | None:
+        """Rank 0: the stage's MLflow run that the driver opened (``lc.mlflow_run_id``, ``lc.key``, metric steps
+        shifted by ``lc.metric_step_offset``), tagged with the step it resumed from and the checkpoints skipped on
+        the way; None on the other ranks."""
+        if not self.is_main:
+            return None
+        from infra.tracking import Tracker
+
+        run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc.tracking_uri).stage_run(
+            stage, lc.key, run_id=lc.mlflow_run_id)
+        run.step_offset = lc.metric_step_offset
+        if restored is not None:
+            run.set_tags({"mqgen.resumed_from_step": restored.step})
+            if self.skipped_checkpoints:
+                run.set_tags({"mqgen.skipped_checkpoints": " | ".join(self.skipped_checkpoints)[:4000]})
+        return run
 
     @property
     def distributed(self) -> bool:

@@ -204,22 +204,6 @@ def _check_range(x: torch.Tensor, high: int, what: str) -> None:
         raise ValueError(f"{what} must lie in [0, {high}); got values in [{int(x.min())}, {int(x.max())}]")
 
 
-def _start_tokens(labels: torch.Tensor | None, batch_size: int, codebook_size: int, num_classes: int,
-                  device: torch.device, null_class: int | None = None) -> torch.Tensor:
-    """Start codes ``[B]``: ``K`` when unconditional, ``K + labels`` when class-conditional (a label may be
-    ``null_class`` when the model has one)."""
-    if num_classes == 0:
-        if labels is not None:
-            raise ValueError("labels given to an unconditional model (num_classes == 0)")
-        return torch.full((batch_size,), codebook_size, dtype=torch.long, device=device)
-    if labels is None:
-        raise ValueError(f"a class-conditional model (num_classes={num_classes}) needs labels")
-    if labels.shape != (batch_size,):
-        raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
-    _check_range(labels, num_classes + (null_class is not None), "labels")
-    return codebook_size + labels.to(device=device, dtype=torch.long)
-
-
 def _drop_conditions(config: Any, labels: torch.Tensor | None, text: torch.Tensor | None, training: bool
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """In training, each row's condition replaced by the null one with probability ``cond_dropout`` (one draw
@@ -410,7 +394,34 @@ def _run_stack(stack: TransformerStack, x: torch.Tensor, cache: KVCache | None, 
     return stack(torch.cat([prefix, x], dim=1), cache)[:, prefix.shape[1]:]
 
 
-class Stackformer(nn.Module):
+class _CodeModel(nn.Module):
+    """What the Stackformer and the full-grid baseline share: a code table ``code_emb`` whose start rows follow the
+    ``K`` codes, and a ``config`` with ``codebook_size``, ``num_classes`` and ``null_class``."""
+
+    config: Any
+    code_emb: nn.Embedding
+
+    def num_params(self) -> int:
+        """Number of parameters (shared tables counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def start_tokens(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Start codes ``[B]`` long: ``K`` when unconditional, ``K + labels`` when class-conditional (a label may
+        be ``null_class`` when the model has one)."""
+        c, device = self.config, self.code_emb.weight.device
+        if c.num_classes == 0:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional model (num_classes == 0)")
+            return torch.full((batch_size,), c.codebook_size, dtype=torch.long, device=device)
+        if labels is None:
+            raise ValueError(f"a class-conditional model (num_classes={c.num_classes}) needs labels")
+        if labels.shape != (batch_size,):
+            raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
+        _check_range(labels, c.num_classes + (c.null_class is not None), "labels")
+        return c.codebook_size + labels.to(device=device, dtype=torch.long)
+
+
+class Stackformer(_CodeModel):
     """Code-Transformer + Position-Transformer over ``N`` (code, cell) tokens; see the module docstring."""
 
     def __init__(self, config: StackformerConfig, text_encoder: FrozenTextEncoder | None = None) -> None:
@@ -432,15 +443,6 @@ class Stackformer(nn.Module):
         self.apply(init_weights)
         # its own init (after apply: position table); text_encoder: the frozen one of a config with text_width > 0
         self.text = _TextPrefix(c, 2, text_encoder) if c.has_text else None
-
-    def num_params(self) -> int:
-        """Number of parameters (shared tables counted once)."""
-        return sum(p.numel() for p in self.parameters())
-
-    def start_tokens(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        """Start codes ``[B]`` long: ``K``, or ``K + labels`` for a class-conditional model."""
-        return _start_tokens(labels, batch_size, self.config.codebook_size, self.config.num_classes,
-                             self.code_emb.weight.device, self.config.null_class)
 
     def _code_hidden(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache | None = None,
                      prefix: torch.Tensor | None = None) -> torch.Tensor:
@@ -616,7 +618,7 @@ class FullGridOutput(NamedTuple):
     loss: torch.Tensor  # mean cross-entropy over all B*L codes
 
 
-class FullGridTransformer(nn.Module):
+class FullGridTransformer(_CodeModel):
     """Baseline: a causal transformer over the full ``G x G`` code grid in raster order.
 
     Step ``t`` reads ``E_code[idx_t] + A[t]`` with ``idx = [start, c_0..c_{G*G-2}]`` and predicts ``c_t``.
@@ -634,15 +636,6 @@ class FullGridTransformer(nn.Module):
         self.head = nn.Linear(c.n_embd, c.code_vocab_size, bias=False)
         self.apply(init_weights)
         self.text = _TextPrefix(c, 1, text_encoder) if c.has_text else None
-
-    def num_params(self) -> int:
-        """Number of parameters."""
-        return sum(p.numel() for p in self.parameters())
-
-    def start_tokens(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        """Start codes ``[B]`` long: ``K``, or ``K + labels`` for a class-conditional model."""
-        return _start_tokens(labels, batch_size, self.config.codebook_size, self.config.num_classes,
-                             self.code_emb.weight.device, self.config.null_class)
 
     def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None, prefix: torch.Tensor | None = None
                 ) -> torch.Tensor:

@@ -496,7 +496,6 @@ def train_loop(config: dict[str, Any]) -> None:
     from infra import ray as rayx
     from infra.checkpoint import write_checkpoint
     from infra.console import Progress
-    from infra.tracking import StageRun, Tracker
     from infra.viz import grid
 
     lc: StackformerLoop = config["loop"]
@@ -526,21 +525,15 @@ def train_loop(config: dict[str, Any]) -> None:
                         batch_size=p.local_batch, seed=cfg.seed, num_workers=s.num_loader_workers,
                         pin_memory=w.device.type == "cuda")
 
-    run: StageRun | None = None
     val_ds: TokenDataset | None = None
     decoder = None
     code_params, pos_params = sampling_params(cfg.evaluate.sampling)
-    if w.is_main:
-        run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc.tracking_uri).stage_run(
-            STAGE, lc.key, run_id=lc.mlflow_run_id)
-        run.step_offset = lc.metric_step_offset
+    run = w.stage_run(cfg, STAGE, lc, restored)
+    if run is not None:
         if restored is not None:
-            run.set_tags({"mqgen.resumed_from_step": restored.step})
             was = restored.state.get("data", {}).get("world_size", w.world_size)
             if was != w.world_size:  # same steps and epochs, but each epoch's order is cut differently
                 run.set_tags({"mqgen.resumed_world_size": f"{was} -> {w.world_size}"})
-            if w.skipped_checkpoints:
-                run.set_tags({"mqgen.skipped_checkpoints": " | ".join(w.skipped_checkpoints)[:4000]})
         val_ds = p.open("val")
         if s.num_eval_samples:
             decoder = load_tokenizer(lc.tokenizer, w.device)

@@ -178,7 +178,6 @@ def train_loop(config: dict[str, Any]) -> None:
     from infra.checkpoint import rng_state, set_rng_state, write_checkpoint
     from infra.console import Progress
     from infra.stream import TrainStream, iter_eval_batches
-    from infra.tracking import StageRun, Tracker
     from infra.viz import grid, mask_overlay, side_by_side
 
     lc: TokenizerLoop = config["loop"]
@@ -213,15 +212,7 @@ def train_loop(config: dict[str, Any]) -> None:
     stream = TrainStream(list(lc.train_shards), rank=w.rank, world_size=w.world_size,
                          batch_size=local_batch, channels=cfg.data.channels, seed=cfg.seed,
                          start_sample=start_step * local_batch)
-    run: StageRun | None = None
-    if w.is_main:
-        run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc.tracking_uri).stage_run(
-            STAGE, lc.key, run_id=lc.mlflow_run_id)
-        run.step_offset = lc.metric_step_offset
-        if restored is not None:
-            run.set_tags({"mqgen.resumed_from_step": restored.step})
-            if w.skipped_checkpoints:
-                run.set_tags({"mqgen.skipped_checkpoints": " | ".join(w.skipped_checkpoints)[:4000]})
+    run = w.stage_run(cfg, STAGE, lc, restored)
     progress = Progress(STAGE, t.max_steps, start=start_step, file=lc.progress_file, enabled=w.is_main)
     speed = Throughput()
     step = start_step

@@ -48,3 +48,15 @@ def make_run_root(tmp_path: Path, mlflow_db_template: Path, monkeypatch: pytest.
         return root
 
     return make
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a test module (``pytest.mark.usefixtures("single_thread")``): tiny models and small
+    convolutions run fastest on one thread, and intra-op threads crawl on a shared, busy CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,17 +16,10 @@ from models.stackformer import (
 )
 from models.transformer import TransformerStack, param_groups
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # (tests/conftest.py)
+
 K, G, N = 16, 4, 6
 P = G * G  # grid cells; also the start position
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread, and intra-op threads crawl on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

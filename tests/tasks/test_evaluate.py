@@ -30,19 +30,10 @@ from tasks import evaluate
 from tests.fixtures.ingest_data import gradient
 from tests.fixtures.tokenize_data import make_tokenizer, ray_cluster  # noqa: F401
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 EVAL = ["evaluate.num_samples=40", "evaluate.batch_size=16", "evaluate.num_recon_images=48",
         "evaluate.classifier.max_steps=40", "evaluate.classifier.width=8", "evaluate.classifier.batch_size=64"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread, and intra-op threads crawl on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cfg(root: Path, *extra: str):

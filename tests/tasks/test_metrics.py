@@ -24,19 +24,12 @@ from infra.storage import sha256_file
 from models import metrics as pm
 from tasks.train_evaluator import evaluate_accuracy, train_steps
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # (tests/conftest.py)
+
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 N = 600  # images per compared set
 EXTRACTOR = "classifier-fashion-mnist-test"
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small convolutions run fastest on one thread, and intra-op threads crawl on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -35,17 +35,10 @@ from tasks import train_stackformer as ts
 from tests.fixtures.hooks import FailOnce, RecordBatches
 from tests.fixtures.tokenize_data import make_tokenizer, ray_cluster  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # (tests/conftest.py)
+
 CPU = torch.device("cpu")
 MAX_STEPS, CKPT_EVERY, EVAL_EVERY, FAIL_AT = 48, 12, 24, 30
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, and intra-op threads crawl on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cfg(root: Path, *extra: str):
