@@ -650,6 +650,49 @@ def models(
     Console().print(table)
 
 
+@app.command()
+def gc(
+    overrides: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]..."),
+    preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with config values."),
+    keep_days: float = typer.Option(7.0, "--keep-days", min=0.0,
+                                    help="Keep what a run of the last N days used, and anything changed since."),
+    yes: bool = typer.Option(False, "--yes", help="Remove (without it, only show what would be removed)."),
+    show_kept: bool = typer.Option(False, "--show-kept", help="Also list what is kept, with the reason."),
+) -> None:
+    """Reclaim disk on the run root: stage outputs no recent run and not this config uses, spent Ray checkpoints,
+    old logs. Shows what it would remove unless --yes. The registry's models are never touched."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows import gc as collector
+
+    cfg = _resolve_or_exit(preset, config, overrides or [])
+    items = collector.plan(cfg, keep_days=keep_days)
+    shown = [it for it in items if show_kept or it.removable]
+    table = Table(title=f"mqgen gc: {cfg.run.root}")
+    for col in ("what", "stage", "key", "size", "days", "decision"):
+        table.add_column(col, no_wrap=col != "decision")
+    for it in shown:
+        table.add_row(it.what, it.stage, it.key, collector.human(it.size), f"{it.age_days:.1f}",
+                      "[yellow]remove[/]" if it.removable else f"[green]keep[/] ({it.keep})")
+    if shown:
+        Console(width=None if sys.stdout.isatty() else 140).print(table)  # a log keeps whole rows
+    totals = collector.summary(items)
+    typer.echo(f"{totals['removable']} removable ({collector.human(totals['removable_bytes'])}), "
+               f"{totals['kept']} kept ({collector.human(totals['kept_bytes'])}): kept are the outputs of config "
+               f"{cfg.preset} {cfg.hash()}, of the runs of the last {keep_days:g} days and of running ones, anything "
+               "changed since, and the resume state of unfinished stages")
+    if not yes:
+        if totals["removable"]:
+            typer.echo("nothing removed: run again with --yes to remove them")
+        return
+    done = collector.remove(cfg, items)
+    typer.echo(f"removed {done.count} ({collector.human(done.size)} freed)")
+    for it in done.in_use:
+        typer.echo(f"in use, left for the next gc: {it.what} {it.stage} {it.key} ({it.path})")
+
+
 @config_app.command("show")
 def config_show(
     overrides: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]..."),

@@ -280,3 +280,76 @@ def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_
     log_report(Tracker(root, "mqgen"), comp, paths)
     logged = {a.path for a in client.list_artifacts(result.grid_run_id, "compare")}
     assert {"compare/report.html", "compare/report.md", "compare/plots"} <= logged
+
+
+def test_gc_keeps_the_given_config_and_recent_runs_and_removes_the_rest(finished) -> None:
+    """Last in this module: it removes outputs the tests above made. With the default 7 days every output is in
+    use by a recent run and only the spent Ray Train runs go; with ``--keep-days 0`` (through the CLI, as a user
+    runs it) everything but the given config's chain goes, except an output whose stage lock another process
+    holds; the registry's champion still loads, and the MLflow run of a removed output says so."""
+    import os
+    import subprocess
+    import sys
+
+    from flows import gc
+    from flows.pipeline import stage_status
+    from infra.registry import load_bundle
+    from infra.storage import file_lock
+
+    root, _, refs = finished
+    extra = ["tokenizer.keep_ratio=0.75"]
+    keep = _cfg(root, *extra)
+    chain = {(row["stage"], row["key"]) for row in stage_status(keep)}
+    assert len(chain) == len(STAGES)
+
+    items = gc.plan(keep)
+    outputs = [i for i in items if i.what == "output"]
+    assert len(outputs) > len(STAGES) and not any(i.removable for i in outputs)
+    ray_runs = [i for i in items if i.what == "ray run"]
+    assert ray_runs and all(i.removable for i in ray_runs), [(i.path.name, i.keep) for i in ray_runs]
+    # the first test's --from train_stackformer superseded attempt a0 of the first config's Stackformer
+    assert {f"train_stackformer-{refs['train_stackformer'].key}-a0",
+            f"train_stackformer-{refs['train_stackformer'].key}-a1"} <= {i.path.name for i in ray_runs}
+
+    later = {(i.stage, i.key) for i in gc.plan(keep, keep_days=0) if i.what == "output" and i.removable}
+    assert later == {(i.stage, i.key) for i in outputs} - chain
+    assert ("train_tokenizer", refs["train_tokenizer"].key) in later and ("ingest", refs["ingest"].key) not in later
+    held = refs["evaluate"]
+    assert ("evaluate", held.key) in later
+    removed_bytes = sum(i.size for i in gc.plan(keep, keep_days=0) if i.removable and i.key != held.key)
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    overrides = [f"run.root={root}", "tokenizer.max_steps=12", "tokenizer.eval_every=12",
+                 "tokenizer.checkpoint_every=12", "stackformer.max_steps=12", "stackformer.eval_every=12",
+                 "stackformer.checkpoint_every=12", "evaluate.num_samples=32", *extra]
+    assert _cfg(root, *extra).hash() == resolve("tiny", overrides=overrides).hash()
+    mqgen = [str(Path(sys.executable).parent / "mqgen"), "gc", "--preset", "tiny", *overrides, "--keep-days", "0"]
+    dry = subprocess.run(mqgen, env=env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0 and "nothing removed: run again with --yes" in dry.stdout, dry.stdout + dry.stderr
+    assert Path(refs["train_tokenizer"].path).is_dir()  # a dry run removes nothing
+
+    with file_lock(root / "evaluate" / f".{held.key}.lock", what="a test holding it"):  # a run evaluating it
+        wet = subprocess.run([*mqgen, "--yes"], env=env, capture_output=True, text=True, timeout=300)
+    assert wet.returncode == 0, wet.stdout + wet.stderr
+    assert f"in use, left for the next gc: output evaluate {held.key}" in wet.stdout, wet.stdout
+    count = int(wet.stdout.split("\nremoved ")[1].split()[0])  # the outputs, Ray runs (and old logs) it removed
+    assert count >= len(later) - 1 + len(ray_runs), wet.stdout
+    assert Path(held.path).is_dir()
+    for stage, key in later - {("evaluate", held.key)}:
+        assert not (root / stage / key).exists(), (stage, key)
+    assert not [p for p in (root / "ray").iterdir() if p.is_dir()]
+    assert not any((root / ".trash").iterdir())
+    # the given config is still done (a rerun would reuse all of it), the shared upstream outputs too
+    assert [row["state"] for row in stage_status(keep)] == ["done"] * len(STAGES)
+    tags = _client(root).get_run(refs["train_tokenizer"].mlflow_run_id).data.tags
+    assert tags["mqgen.output_removed"].endswith("by mqgen gc")
+    # the registry is self-contained: the champion (whichever config's it is) loads and verifies
+    with load_bundle("champion", keep) as (bundle, version):
+        assert version is not None and bundle.generator is not None
+    assert removed_bytes > 0
+
+    # the next gc, the lock free: the held output goes, nothing of the chain does
+    again = gc.plan(keep, keep_days=0)
+    assert [(i.stage, i.key) for i in again if i.what == "output" and i.removable] == [("evaluate", held.key)]
+    assert gc.remove(keep, again).count >= 1 and not Path(held.path).exists()
+    assert [row["state"] for row in stage_status(keep)] == ["done"] * len(STAGES)
