@@ -20,9 +20,9 @@ keeps; :func:`remove` removes the removable ones. What is kept:
 The model registry is not touched: a registered version carries its own copy of the weights and configs in the
 MLflow artifact store, so ``mqgen sample --model champion`` works after its stage outputs are gone. The MLflow runs
 stay (the history and the comparison reports read them); a stage run whose output was removed is tagged
-``mqgen.output_removed``. Removal renames a folder into ``<root>/.trash`` first (one atomic step, so no half-removed
-output ever looks like an output), then deletes it; a gc killed midway leaves only ``.trash``, which the next one
-clears.
+``mqgen.output_removed``. Removal first renames a folder to ``.gc-trash-<name>-<random>`` beside it (one atomic
+step on the same file system, also where a stage folder is a link to another disk, so no half-removed output ever
+looks like an output), then deletes it; a gc killed midway leaves only such folders, which the next one clears.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from infra.config import STAGES, PipelineConfig
 log = logging.getLogger("mqgen.gc")
 
 SUCCESS = "_SUCCESS.json"  # the training stages' success marker (their attempt.json says which attempt)
-TRASH = ".trash"
+TRASH = ".gc-trash-"  # the prefix of a folder being removed
 _RAY_DIR = re.compile(r"^(?P<stage>[a-z_]+)-(?P<key>[0-9a-f]+)-a(?P<attempt>\d+)$")
 _DAMAGED = re.compile(r"^\.(?P<key>[0-9a-f]+)\.damaged-")
 _LOG_DIR = re.compile(r"-run-(?P<pid>\d+)$")
@@ -149,6 +149,9 @@ def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, now: float | None = Non
         for path in sorted(folder.iterdir()):
             if not path.is_dir():
                 continue
+            if path.name.startswith(TRASH):
+                item("trash", stage, "", path)
+                continue
             damaged = _DAMAGED.match(path.name)
             if damaged:
                 it = item("damaged copy", stage, damaged["key"], path)
@@ -166,6 +169,9 @@ def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, now: float | None = Non
     ray_root = root / "ray"
     if ray_root.is_dir():
         for path in sorted(ray_root.iterdir()):
+            if path.is_dir() and path.name.startswith(TRASH):
+                item("trash", "", "", path)
+                continue
             m = _RAY_DIR.match(path.name)
             if not path.is_dir() or not m or m["stage"] not in STAGES:
                 continue
@@ -181,15 +187,14 @@ def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, now: float | None = Non
             else:
                 it.keep = "resume state"
 
-    for folder, what in ((root / "logs", "logs"), (root / TRASH, "trash")):
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
+    if (root / "logs").is_dir():
+        for path in sorted((root / "logs").iterdir()):
             if not path.is_dir():
                 continue
-            it = item(what, "", "", path)
-            if what == "trash":
+            if path.name.startswith(TRASH):
+                item("trash", "", "", path)
                 continue
+            it = item("logs", "", "", path)
             pid = _LOG_DIR.search(path.name)
             from infra.storage import pid_alive
 
@@ -225,11 +230,9 @@ def _stage_lock(root: Path, stage: str, key: str) -> Iterator[bool]:
         os.close(fd)
 
 
-def _discard(root: Path, path: Path) -> None:
-    """Move ``path`` into ``<root>/.trash`` (atomic), then delete it."""
-    trash = root / TRASH
-    trash.mkdir(exist_ok=True)
-    target = trash / f"{path.parent.name}-{path.name.lstrip('.')}-{uuid.uuid4().hex[:8]}"
+def _discard(path: Path) -> None:
+    """Rename ``path`` to a ``.gc-trash-`` folder beside it (atomic), then delete that."""
+    target = path.with_name(f"{TRASH}{path.name.lstrip('.')}-{uuid.uuid4().hex[:8]}")
     os.rename(path, target)
     shutil.rmtree(target)
 
@@ -257,9 +260,9 @@ def remove(cfg: PipelineConfig, items: list[Item]) -> Removed:
                 if not free:
                     in_use.append(it)
                     continue
-                _discard(root, it.path)
+                _discard(it.path)
         else:
-            _discard(root, it.path)
+            _discard(it.path)
         count += 1
         size += it.size
         if it.what == "output":
