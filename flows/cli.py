@@ -657,6 +657,8 @@ def gc(
     config: Path | None = typer.Option(None, "--config", help="YAML file with config values."),
     keep_days: float = typer.Option(7.0, "--keep-days", min=0.0,
                                     help="Keep what a run of the last N days used, and anything changed since."),
+    keep_last: int = typer.Option(3, "--keep-last", min=0,
+                                  help="Also keep what the last N pipeline runs used, however old."),
     yes: bool = typer.Option(False, "--yes", help="Remove (without it, only show what would be removed)."),
     show_kept: bool = typer.Option(False, "--show-kept", help="Also list what is kept, with the reason."),
 ) -> None:
@@ -668,7 +670,7 @@ def gc(
     from flows import gc as collector
 
     cfg = _resolve_or_exit(preset, config, overrides or [])
-    items = collector.plan(cfg, keep_days=keep_days)
+    items = collector.plan(cfg, keep_days=keep_days, keep_last=keep_last)
     shown = [it for it in items if show_kept or it.removable]
     table = Table(title=f"mqgen gc: {cfg.run.root}")
     for col in ("what", "stage", "key", "size", "days", "decision"):
@@ -681,8 +683,8 @@ def gc(
     totals = collector.summary(items)
     typer.echo(f"{totals['removable']} removable ({collector.human(totals['removable_bytes'])}), "
                f"{totals['kept']} kept ({collector.human(totals['kept_bytes'])}): kept are the outputs of config "
-               f"{cfg.preset} {cfg.hash()}, of the runs of the last {keep_days:g} days and of running ones, anything "
-               "changed since, and the resume state of unfinished stages")
+               f"{cfg.preset} {cfg.hash()}, of the runs of the last {keep_days:g} days, of the last {keep_last} pipeline "
+               "runs and of running ones, anything changed since, and the resume state of unfinished stages")
     if not yes:
         if totals["removable"]:
             typer.echo("nothing removed: run again with --yes to remove them")

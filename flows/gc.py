@@ -10,8 +10,9 @@ keeps; :func:`remove` removes the removable ones. What is kept:
 
 - the outputs of the config given (``mqgen status`` of it: the chain the next ``mqgen run`` of it reuses);
 - the outputs of every pipeline or grid execution recorded in MLflow in the last ``keep_days`` days, or still
-  RUNNING (their stage keys are tags of the pipeline and grid-variant runs), and of none other, since one
-  removed upstream output (a new ingest manifest) gives every stage after it new keys anyway;
+  RUNNING, and of the last ``keep_last`` pipeline runs whatever their age (their stage keys are tags of the
+  pipeline and grid-variant runs); whole chains, since one removed upstream output (a new ingest manifest) gives
+  every stage after it new keys anyway;
 - any output, log folder or damaged copy changed in the last ``keep_days`` days (lineage unknown, or just made);
 - a Ray Train run folder while its stage is unfinished and the folder is its current attempt (a rerun resumes from
   its checkpoints); a finished stage's (its weights are exported) and a superseded attempt's are removable;
@@ -86,9 +87,11 @@ def _changed(path: Path) -> float:
     return newest
 
 
-def recent_chains(cfg: PipelineConfig, keep_days: float, now: float) -> dict[tuple[str, str], str]:
+def recent_chains(cfg: PipelineConfig, keep_days: float, now: float, keep_last: int = 3
+                  ) -> dict[tuple[str, str], str]:
     """``(stage, key) -> why`` for the stage keys of every pipeline / grid-variant run in the root's MLflow store
-    started in the last ``keep_days`` days or still running."""
+    started in the last ``keep_days`` days or still running, and of the last ``keep_last`` pipeline runs whatever
+    their age (a nightly schedule whose nights are all cache hits records no new run, yet uses its chain)."""
     from infra.tracking import Tracker
 
     tracker = Tracker(cfg.run.root, cfg.run.experiment)
@@ -96,16 +99,23 @@ def recent_chains(cfg: PipelineConfig, keep_days: float, now: float) -> dict[tup
     ids = [e.experiment_id for e in client.search_experiments()]
     since_ms = int((now - keep_days * 86400) * 1000)
     kept: dict[tuple[str, str], str] = {}
+    pipelines = 0
     token = None
     while True:
         page = client.search_runs(ids, filter_string="tags.`mqgen.kind` != 'stage'", max_results=1000,
-                                  page_token=token)
+                                  order_by=["attributes.start_time DESC"], page_token=token)
         for run in page:
-            recent = run.info.start_time >= since_ms
-            if not (recent or run.info.status == "RUNNING"):
-                continue
+            kind = run.data.tags.get("mqgen.kind", "run")
+            pipelines += kind == "pipeline"
             when = time.strftime("%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
-            why = f"{'running' if not recent else 'used by'} {run.data.tags.get('mqgen.kind', 'run')} {when}"
+            if run.info.start_time >= since_ms:
+                why = f"used by {kind} {when}"
+            elif run.info.status == "RUNNING":
+                why = f"running {kind} {when}"
+            elif kind == "pipeline" and pipelines <= keep_last:
+                why = f"last {keep_last} pipelines ({when})"
+            else:
+                continue
             for stage in STAGES:
                 key = run.data.tags.get(f"mqgen.{stage}.key")
                 if key:
@@ -124,7 +134,8 @@ def _attempt(out_dir: Path) -> int | None:
         return None
 
 
-def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, now: float | None = None) -> list[Item]:
+def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, keep_last: int = 3, now: float | None = None
+         ) -> list[Item]:
     """Everything gc found under ``cfg.run.root``, each removable or with the reason it is kept."""
     from flows.pipeline import stage_status
 
@@ -134,7 +145,7 @@ def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, now: float | None = Non
         return []
     current = {(r["stage"], r["key"]): "this config"
                for r in stage_status(cfg) if r["key"]}
-    chains = recent_chains(cfg, keep_days, now)
+    chains = recent_chains(cfg, keep_days, now, keep_last)
     items: list[Item] = []
 
     def item(what: str, stage: str, key: str, path: Path) -> Item:

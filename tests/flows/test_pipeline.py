@@ -311,19 +311,31 @@ def test_gc_keeps_the_given_config_and_recent_runs_and_removes_the_rest(finished
     assert {f"train_stackformer-{refs['train_stackformer'].key}-a0",
             f"train_stackformer-{refs['train_stackformer'].key}-a1"} <= {i.path.name for i in ray_runs}
 
-    later = {(i.stage, i.key) for i in gc.plan(keep, keep_days=0) if i.what == "output" and i.removable}
-    assert later == {(i.stage, i.key) for i in outputs} - chain
+    # --keep-last 3: the chains of the 3 latest pipeline runs (here the grid's two variants and the guided run) are
+    # kept however old
+    client = _client(root)
+    latest = client.search_runs([client.get_experiment_by_name("mqgen").experiment_id],
+                                "tags.`mqgen.kind` = 'pipeline'", order_by=["attributes.start_time DESC"])[:3]
+    by_latest = {(stage, run.data.tags[f"mqgen.{stage}.key"]) for run in latest for stage in STAGES
+                 if f"mqgen.{stage}.key" in run.data.tags} - chain
+    assert by_latest
+    by_last = {(i.stage, i.key): i for i in gc.plan(keep, keep_days=0, keep_last=3) if i.what == "output"}
+    assert all(by_last[k].keep.startswith("last 3 pipelines") for k in by_latest), by_latest
+    later = {(i.stage, i.key) for i in gc.plan(keep, keep_days=0, keep_last=0) if i.what == "output" and i.removable}
+    assert later == {(i.stage, i.key) for i in outputs} - chain and by_latest <= later
     assert ("train_tokenizer", refs["train_tokenizer"].key) in later and ("ingest", refs["ingest"].key) not in later
     held = refs["evaluate"]
     assert ("evaluate", held.key) in later
-    removed_bytes = sum(i.size for i in gc.plan(keep, keep_days=0) if i.removable and i.key != held.key)
+    removed_bytes = sum(i.size for i in gc.plan(keep, keep_days=0, keep_last=0)
+                        if i.removable and i.key != held.key)
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
     overrides = [f"run.root={root}", "tokenizer.max_steps=12", "tokenizer.eval_every=12",
                  "tokenizer.checkpoint_every=12", "stackformer.max_steps=12", "stackformer.eval_every=12",
                  "stackformer.checkpoint_every=12", "evaluate.num_samples=32", *extra]
     assert _cfg(root, *extra).hash() == resolve("tiny", overrides=overrides).hash()
-    mqgen = [str(Path(sys.executable).parent / "mqgen"), "gc", "--preset", "tiny", *overrides, "--keep-days", "0"]
+    mqgen = [str(Path(sys.executable).parent / "mqgen"), "gc", "--preset", "tiny", *overrides, "--keep-days", "0",
+             "--keep-last", "0"]
     dry = subprocess.run(mqgen, env=env, capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0 and "nothing removed: run again with --yes" in dry.stdout, dry.stdout + dry.stderr
     assert Path(refs["train_tokenizer"].path).is_dir()  # a dry run removes nothing
@@ -349,7 +361,7 @@ def test_gc_keeps_the_given_config_and_recent_runs_and_removes_the_rest(finished
     assert removed_bytes > 0
 
     # the next gc, the lock free: the held output goes, nothing of the chain does
-    again = gc.plan(keep, keep_days=0)
+    again = gc.plan(keep, keep_days=0, keep_last=0)
     assert [(i.stage, i.key) for i in again if i.what == "output" and i.removable] == [("evaluate", held.key)]
     assert gc.remove(keep, again).count >= 1 and not Path(held.path).exists()
     assert [row["state"] for row in stage_status(keep)] == ["done"] * len(STAGES)
