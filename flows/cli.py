@@ -177,6 +177,9 @@ def run(
     only: str | None = typer.Option(None, "--only", help=f"Run one stage on cached inputs. {STAGE_HELP}"),
     from_stage: str | None = typer.Option(None, "--from", help=f"Force a rerun from this stage. {STAGE_HELP}"),
     as_json: bool = typer.Option(False, "--json", help="Print the stage references as JSON on stdout."),
+    gc_keep_days: float | None = typer.Option(None, "--gc-keep-days", min=0.0,
+                                              help="After the run, reclaim disk on the root like `mqgen gc --yes "
+                                                   "--keep-days N` (never this config's outputs)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
@@ -186,7 +189,7 @@ def run(
     t0 = time.perf_counter()
     cfg = _resolve_or_exit(preset, config, overrides or [])
     _prepare_environment(cfg)  # before Prefect is imported: it reads its settings once, at import
-    from flows.pipeline import cached_refs, run_pipeline, select_stages
+    from flows.pipeline import cached_refs, collect_garbage, run_pipeline, select_stages
     from infra.orchestration import start_local_api
 
     try:
@@ -201,12 +204,14 @@ def run(
                         "to run (--from STAGE forces a rerun)", err=True)
             refs = {s: done[s] for s in stages if done[s] is not None}
             seconds = None
+            if gc_keep_days is not None:
+                collect_garbage(cfg, gc_keep_days)
         else:
             _start_logging(cfg, "run", verbose)
             typer.echo(redact_text(f"mqgen run: preset {cfg.preset}, config {cfg.hash()}, run root {cfg.run.root}"),
                        err=True)
             start_local_api()
-            refs = run_pipeline(cfg, only=only, from_stage=from_stage)
+            refs = run_pipeline(cfg, only=only, from_stage=from_stage, gc_keep_days=gc_keep_days)
             seconds = time.perf_counter() - t0
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one readable paragraph, the traceback in the log
         if isinstance(e, KeyboardInterrupt):
@@ -359,6 +364,9 @@ def serve(
                                              f"scheduled run (default: reuse every unchanged stage). {STAGE_HELP}"),
     port: int = typer.Option(4200, "--port", help="Port of the local Prefect server started when "
                                                   "PREFECT_API_URL is not set (another free one if taken)."),
+    gc_keep_days: float | None = typer.Option(None, "--gc-keep-days", min=0.0,
+                                              help="After each scheduled run, reclaim disk on the root like `mqgen gc --yes "
+                                                   "--keep-days N` (never this config's outputs)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Serve the pipeline on a cron schedule (scheduled retraining); blocks until Ctrl-C / SIGTERM.
@@ -410,7 +418,8 @@ def serve(
                     "\nEach run reuses every unchanged stage. Ctrl-C or SIGTERM stops serving (the schedule is "
                     "paused until served again).")
                 sys.stdout.flush()
-                serving.serve_pipeline(cfg, cron, timezone=timezone, name=name, from_stage=from_stage)
+                serving.serve_pipeline(cfg, cron, timezone=timezone, name=name, from_stage=from_stage,
+                                       gc_keep_days=gc_keep_days)
         except serving.ServerError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None

@@ -174,10 +174,11 @@ def _flow_run_name() -> str:
 
 
 @flow(name="mqgen-pipeline", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=False)
-def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: str | None = None
-                  ) -> dict[str, Any]:
+def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: str | None = None,
+                  gc_keep_days: float | None = None) -> dict[str, Any]:
     """The whole pipeline (or ``only`` one stage, or ``from_stage`` on) for one config, given as a dict (a
-    deployment's parameters). One MLflow parent run; each selected stage as a Prefect task, in order."""
+    deployment's parameters). One MLflow parent run; each selected stage as a Prefect task, in order. With
+    ``gc_keep_days``, a finished run then reclaims disk on its root (:mod:`flows.gc`; never this config's outputs)."""
     from infra.tracking import Tracker, git_commit, sigterm_raises
 
     cfg = from_dict(PipelineConfig, private_value(config))
@@ -220,7 +221,25 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
             say(f"promotion: {decision.summary()}")
         publish_artifacts(cfg, {s: refs.get(s) for s in stages if s in refs}, durations, decision, tracker,
                           parent.run_id)
+        if gc_keep_days is not None:
+            collect_garbage(cfg, gc_keep_days, parent)
     return {k: v for k, v in refs.items() if k in stages and v is not None}
+
+
+def collect_garbage(cfg: PipelineConfig, keep_days: float, parent: Any = None) -> None:
+    """``mqgen gc --yes --keep-days N`` for this config after its run, recorded on the pipeline run (when given).
+    A failure here is logged, never the run's: the stages are done."""
+    from flows import gc
+
+    try:
+        done = gc.remove(cfg, gc.plan(cfg, keep_days=keep_days))
+    except Exception as e:  # noqa: BLE001 - reclaiming disk is a courtesy after a finished run
+        log.warning("gc after the run failed (%s: %s); the run's outputs are complete", type(e).__name__, e)
+        return
+    in_use = f", {len(done.in_use)} in use left" if done.in_use else ""
+    say(f"gc: removed {done.count} folder(s), {gc.human(done.size)} freed{in_use} (kept {keep_days:g} days)")
+    if parent is not None:
+        parent.log_metrics({"gc_removed": done.count, "gc_freed_bytes": done.size})
 
 
 class StageFailed(RuntimeError):
@@ -325,7 +344,8 @@ def describe_output(stage: str, ref: Any) -> str:
     return ", ".join(parts)
 
 
-def run_pipeline(cfg: PipelineConfig, only: str | None = None, from_stage: str | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: PipelineConfig, only: str | None = None, from_stage: str | None = None,
+                 gc_keep_days: float | None = None) -> dict[str, Any]:
     """Run the selected stages as a Prefect flow (ephemeral API unless ``PREFECT_API_URL`` is set)."""
     # a data.path or run.root with credentials: Prefect records the redacted config, the flow reads the real one
-    return pipeline_flow(keep_private(cfg.to_dict()), only=only, from_stage=from_stage)
+    return pipeline_flow(keep_private(cfg.to_dict()), only=only, from_stage=from_stage, gc_keep_days=gc_keep_days)

@@ -138,7 +138,7 @@ def local_server(api_url: str, home: Path, timeout_s: float = 300.0) -> Iterator
 
 
 def build_deployment(cfg: PipelineConfig, cron: str, *, timezone: str | None = None, name: str | None = None,
-                     from_stage: str | None = None) -> Any:
+                     from_stage: str | None = None, gc_keep_days: float | None = None) -> Any:
     """The ``RunnerDeployment`` of ``pipeline_flow`` for this config on this cron schedule. Its entrypoint is
     the module path ``flows.pipeline.pipeline_flow``, so scheduled runs import the installed package
     whatever the working directory."""
@@ -156,22 +156,26 @@ def build_deployment(cfg: PipelineConfig, cron: str, *, timezone: str | None = N
     parameters: dict[str, Any] = {"config": cfg.to_dict()}
     if from_stage:
         parameters["from_stage"] = from_stage
+    if gc_keep_days is not None:
+        parameters["gc_keep_days"] = gc_keep_days
     return pipeline_flow.to_deployment(
         name=name or deployment_name(cfg), schedules=[cron_schedule(cron, timezone)], parameters=parameters,
         paused=False, entrypoint_type=EntrypointType.MODULE_PATH,
         tags=["mqgen", f"preset:{cfg.preset}", f"config:{cfg.hash()}"],
         description=f"mqgen pipeline, preset {cfg.preset}, config {cfg.hash()}, run root {cfg.run.root}; "
-                    f"cron {cron!r} ({timezone or 'UTC'})" + (f", forced from {from_stage}" if from_stage else ""))
+                    f"cron {cron!r} ({timezone or 'UTC'})" + (f", forced from {from_stage}" if from_stage else "")
+                    + (f", then gc keeping {gc_keep_days:g} days" if gc_keep_days is not None else ""))
 
 
 def serve_pipeline(cfg: PipelineConfig, cron: str, *, timezone: str | None = None, name: str | None = None,
-                   from_stage: str | None = None) -> None:
+                   from_stage: str | None = None, gc_keep_days: float | None = None) -> None:
     """Create/update the deployment and serve it until Ctrl-C or SIGTERM (blocks). One run at a time: a run
     still going when the next one is due makes that one wait. Needs ``PREFECT_API_URL`` to point at a
     server with its scheduler (see :func:`local_server`)."""
     from prefect import serve
 
-    deployment = build_deployment(cfg, cron, timezone=timezone, name=name, from_stage=from_stage)
+    deployment = build_deployment(cfg, cron, timezone=timezone, name=name, from_stage=from_stage,
+                                  gc_keep_days=gc_keep_days)
     serve(deployment, limit=1, pause_on_shutdown=True, print_starting_message=False)
 
 

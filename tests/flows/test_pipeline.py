@@ -365,3 +365,20 @@ def test_gc_keeps_the_given_config_and_recent_runs_and_removes_the_rest(finished
     assert [(i.stage, i.key) for i in again if i.what == "output" and i.removable] == [("evaluate", held.key)]
     assert gc.remove(keep, again).count >= 1 and not Path(held.path).exists()
     assert [row["state"] for row in stage_status(keep)] == ["done"] * len(STAGES)
+
+    # a run with gc_keep_days (what `mqgen serve --gc-keep-days 7` runs each night) reclaims an output a month old
+    # after its stages, keeps its own chain, and records what it freed on its pipeline run
+    from flows.pipeline import run_pipeline
+
+    stale = root / "tokenize" / "0123456789ab"
+    stale.mkdir()
+    (stale / "train.lmdb").write_bytes(b"x" * 4096)
+    month = time.time() - 30 * 86400
+    os.utime(stale / "train.lmdb", (month, month))
+    os.utime(stale, (month, month))
+    assert run_pipeline(keep, gc_keep_days=7)["evaluate"].key == dict(chain)["evaluate"]
+    assert not stale.exists()
+    assert [row["state"] for row in stage_status(keep)] == ["done"] * len(STAGES)
+    last = client.search_runs([client.get_experiment_by_name("mqgen").experiment_id], "tags.`mqgen.kind` = 'pipeline'",
+                              order_by=["attributes.start_time DESC"])[0]
+    assert last.data.metrics["gc_removed"] >= 1 and last.data.metrics["gc_freed_bytes"] >= 4096

@@ -72,10 +72,10 @@ def _read(name: str) -> Any:
         return client.read_deployment_by_name(name)
 
 
-def _check_deployment(deployment: Any, cfg: PipelineConfig) -> None:
+def _check_deployment(deployment: Any, cfg: PipelineConfig, **parameters: Any) -> None:
     assert [s.schedule.cron for s in deployment.schedules] == [CRON]
     assert all(s.active for s in deployment.schedules)
-    assert deployment.parameters == {"config": cfg.to_dict()}
+    assert deployment.parameters == {"config": cfg.to_dict(), **parameters}
     assert deployment.entrypoint == "flows.pipeline.pipeline_flow"
     assert not deployment.paused
 
@@ -90,10 +90,10 @@ def test_serve_registers_the_scheduled_deployment_then_stops_cleanly_on_sigterm(
     name = f"mqgen-pipeline/{deployment_name(cfg)}"
     log = tmp_path / "serve.log"
     api = prefect_api
-    proc = _start_serve(root, log, _env(PREFECT_API_URL=api))
+    proc = _start_serve(root, log, _env(PREFECT_API_URL=api), "--gc-keep-days", "7")
     try:
         deployment = _wait_for_deployment(proc, log, name)
-        _check_deployment(deployment, cfg)
+        _check_deployment(deployment, cfg, gc_keep_days=7.0)  # each scheduled run reclaims disk after its stages
         assert name.split("/")[1] == f"mqgen-tiny-{cfg.hash()}"
         out = log.read_text()
         assert name in out and "prefect deployment ls" in out and api in out
@@ -169,5 +169,5 @@ def test_prefect_yaml_deploys_the_pipeline_flow_nightly_on_the_mqgen_pool() -> N
     (pull,) = doc["pull"]
     assert "directory" in pull["prefect.deployments.steps.set_working_directory"]
     params = dep["parameters"]
-    assert set(params) <= {"config", "only", "from_stage"}
+    assert set(params) <= {"config", "only", "from_stage", "gc_keep_days"}
     assert from_dict(PipelineConfig, params["config"]).to_dict() == resolve("fmnist").to_dict()
