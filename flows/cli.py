@@ -189,7 +189,7 @@ def run(
     t0 = time.perf_counter()
     cfg = _resolve_or_exit(preset, config, overrides or [])
     _prepare_environment(cfg)  # before Prefect is imported: it reads its settings once, at import
-    from flows.pipeline import cached_refs, collect_garbage, run_pipeline, select_stages
+    from flows.pipeline import cached_refs, collect_garbage, run_pipeline, select_stages, touch_outputs
     from infra.orchestration import start_local_api
 
     try:
@@ -204,6 +204,7 @@ def run(
                         "to run (--from STAGE forces a rerun)", err=True)
             refs = {s: done[s] for s in stages if done[s] is not None}
             seconds = None
+            touch_outputs(refs)  # used now: `mqgen gc` counts an output changed lately as in use
             if gc_keep_days is not None:
                 collect_garbage(cfg, gc_keep_days)
         else:
@@ -670,6 +671,9 @@ def gc(
                                   help="Also keep what the last N pipeline runs used, however old."),
     yes: bool = typer.Option(False, "--yes", help="Remove (without it, only show what would be removed)."),
     show_kept: bool = typer.Option(False, "--show-kept", help="Also list what is kept, with the reason."),
+    drop_unfinished: bool = typer.Option(False, "--drop-unfinished",
+                                         help="Also remove unfinished outputs (and their checkpoints) older than "
+                                              "--keep-days: an abandoned run's resume state."),
 ) -> None:
     """Reclaim disk on the run root: stage outputs no recent run and not this config uses, spent Ray checkpoints,
     old logs. Shows what it would remove unless --yes. The registry's models are never touched."""
@@ -679,29 +683,43 @@ def gc(
     from flows import gc as collector
 
     cfg = _resolve_or_exit(preset, config, overrides or [])
-    items = collector.plan(cfg, keep_days=keep_days, keep_last=keep_last)
+    try:
+        if yes:
+            items, done = collector.collect(cfg, keep_days=keep_days, keep_last=keep_last,
+                                            drop_unfinished=drop_unfinished)
+        else:
+            items, done = collector.plan(cfg, keep_days=keep_days, keep_last=keep_last,
+                                         drop_unfinished=drop_unfinished), None
+    except collector.GcRefused as e:
+        typer.secho(f"error: gc refused: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except Exception as e:  # noqa: BLE001 - one readable line; nothing is removed before the plan is complete
+        typer.secho(f"error: gc failed: {type(e).__name__}: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
     shown = [it for it in items if show_kept or it.removable]
     table = Table(title=f"mqgen gc: {cfg.run.root}")
     for col in ("what", "stage", "key", "size", "days", "decision"):
         table.add_column(col, no_wrap=col != "decision")
     for it in shown:
-        table.add_row(it.what, it.stage, it.key, collector.human(it.size), f"{it.age_days:.1f}",
-                      "[yellow]remove[/]" if it.removable else f"[green]keep[/] ({it.keep})")
+        table.add_row(it.what + (" (link)" if it.link else ""), it.stage, it.key, collector.human(it.size),
+                      f"{it.age_days:.1f}", "[yellow]remove[/]" if it.removable else f"[green]keep[/] ({it.keep})")
     if shown:
         Console(width=None if sys.stdout.isatty() else 140).print(table)  # a log keeps whole rows
     totals = collector.summary(items)
     typer.echo(f"{totals['removable']} removable ({collector.human(totals['removable_bytes'])}), "
                f"{totals['kept']} kept ({collector.human(totals['kept_bytes'])}): kept are the outputs of config "
                f"{cfg.preset} {cfg.hash()}, of the runs of the last {keep_days:g} days, of the last {keep_last} pipeline "
-               "runs and of running ones, anything changed since, and the resume state of unfinished stages")
-    if not yes:
+               "runs and of running ones, anything changed since, and unfinished stages' resume state"
+               + (" (not kept: --drop-unfinished)" if drop_unfinished else ""))
+    if done is None:
         if totals["removable"]:
             typer.echo("nothing removed: run again with --yes to remove them")
         return
-    done = collector.remove(cfg, items)
     typer.echo(f"removed {done.count} ({collector.human(done.size)} freed)")
     for it in done.in_use:
         typer.echo(f"in use, left for the next gc: {it.what} {it.stage} {it.key} ({it.path})")
+    for why in done.failed:
+        typer.secho(f"could not remove {why}", fg=typer.colors.YELLOW, err=True)
 
 
 @config_app.command("show")

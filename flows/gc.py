@@ -14,9 +14,15 @@ keeps; :func:`remove` removes the removable ones. What is kept:
   pipeline and grid-variant runs); whole chains, since one removed upstream output (a new ingest manifest) gives
   every stage after it new keys anyway;
 - any output, log folder or damaged copy changed in the last ``keep_days`` days (lineage unknown, or just made);
-- a Ray Train run folder while its stage is unfinished and the folder is its current attempt (a rerun resumes from
-  its checkpoints); a finished stage's (its weights are exported) and a superseded attempt's are removable;
+- an unfinished output (no completion marker: a training killed or failed midway, a partial token database, an
+  ingest build folder), whatever its age, and the Ray Train run folder of its current attempt (a rerun resumes
+  from them), unless ``drop_unfinished``; a finished stage's Ray run folder (its weights are exported) and a
+  superseded attempt's are removable;
 - anything whose stage lock another process holds at removal time (reported as in use, left for the next gc).
+
+It refuses (:class:`GcRefused`) when the MLflow store it reads knows none of the runs that made the outputs it
+would remove (``MLFLOW_TRACKING_URI`` set for the runs but not for gc, or the other way round): the chains of
+recent runs would then look unused. Two gcs on one root take turns (``<root>/.gc.lock``).
 
 The model registry is not touched: a registered version carries its own copy of the weights and configs in the
 MLflow artifact store, so ``mqgen sample --model champion`` works after its stage outputs are gone. The MLflow runs
@@ -44,11 +50,13 @@ from infra.config import STAGES, PipelineConfig
 
 log = logging.getLogger("mqgen.gc")
 
-SUCCESS = "_SUCCESS.json"  # the training stages' success marker (their attempt.json says which attempt)
+SUCCESS = "_SUCCESS.json"  # the completion marker of every stage but ingest (training stages: attempt.json too)
+MARKERS = {"ingest": "manifest.json"}  # the others: SUCCESS
 TRASH = ".gc-trash-"  # the prefix of a folder being removed
 _RAY_DIR = re.compile(r"^(?P<stage>[a-z_]+)-(?P<key>[0-9a-f]+)-a(?P<attempt>\d+)$")
 _DAMAGED = re.compile(r"^\.(?P<key>[0-9a-f]+)\.damaged-")
-_LOG_DIR = re.compile(r"-run-(?P<pid>\d+)$")
+_LEFTOVER = re.compile(r"^\.(?P<key>[0-9a-f]+)\.(?P<kind>build|old-[0-9a-f]+)$")
+_LOG_DIR = re.compile(r"-(?P<pid>\d+)$")  # <time>-<command>-<pid> (run, grid, serve)
 
 
 @dataclass
@@ -62,13 +70,20 @@ class Item:
     size: int  # bytes
     age_days: float  # since it last changed
     keep: str | None = None  # why it is kept; None: removable
+    link: bool = False  # a symbolic link (removing it removes the link, not what it points to)
 
     @property
     def removable(self) -> bool:
         return self.keep is None
 
 
+class GcRefused(RuntimeError):
+    """gc cannot tell safely what is in use on this root."""
+
+
 def _size(path: Path) -> int:
+    if path.is_symlink():
+        return 0
     total = 0
     for dirpath, _, files in os.walk(path):
         for name in files:
@@ -79,7 +94,9 @@ def _size(path: Path) -> int:
 
 def _changed(path: Path) -> float:
     """The newest modification time of ``path`` and of what it directly holds."""
-    newest = path.stat().st_mtime
+    newest = path.lstat().st_mtime
+    if path.is_symlink():
+        return newest
     with contextlib.suppress(OSError):
         for entry in os.scandir(path):
             with contextlib.suppress(OSError):
@@ -87,17 +104,29 @@ def _changed(path: Path) -> float:
     return newest
 
 
+def _experiment_ids(client: Any) -> list[str]:
+    ids: list[str] = []
+    token = None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            return ids
+
+
 def recent_chains(cfg: PipelineConfig, keep_days: float, now: float, keep_last: int = 3
                   ) -> dict[tuple[str, str], str]:
-    """``(stage, key) -> why`` for the stage keys of every pipeline / grid-variant run in the root's MLflow store
-    started in the last ``keep_days`` days or still running, and of the last ``keep_last`` pipeline runs whatever
-    their age (a nightly schedule whose nights are all cache hits records no new run, yet uses its chain)."""
+    """``(stage, key) -> why`` for the stage keys of every pipeline / grid-variant run on this run root (its
+    ``run.root`` param) started in the last ``keep_days`` days or still running, and of the last ``keep_last``
+    pipeline runs whatever their age (a nightly schedule whose nights are all cache hits records no new run, yet
+    uses its chain)."""
     from infra.tracking import Tracker
 
-    tracker = Tracker(cfg.run.root, cfg.run.experiment)
-    client = tracker.client
-    ids = [e.experiment_id for e in client.search_experiments()]
+    client = Tracker(cfg.run.root, cfg.run.experiment).client
+    ids = _experiment_ids(client)
     since_ms = int((now - keep_days * 86400) * 1000)
+    real_root = os.path.realpath(cfg.run.root)
     kept: dict[tuple[str, str], str] = {}
     pipelines = 0
     token = None
@@ -105,6 +134,9 @@ def recent_chains(cfg: PipelineConfig, keep_days: float, now: float, keep_last: 
         page = client.search_runs(ids, filter_string="tags.`mqgen.kind` != 'stage'", max_results=1000,
                                   order_by=["attributes.start_time DESC"], page_token=token)
         for run in page:
+            their_root = run.data.params.get("run.root")
+            if their_root and os.path.realpath(their_root) != real_root:
+                continue  # a tracking server shared by several roots: only this root's runs count
             kind = run.data.tags.get("mqgen.kind", "run")
             pipelines += kind == "pipeline"
             when = time.strftime("%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
@@ -125,6 +157,37 @@ def recent_chains(cfg: PipelineConfig, keep_days: float, now: float, keep_last: 
             return kept
 
 
+def _run_id(out_dir: Path, stage: str) -> str | None:
+    """The MLflow run that made an output, from its completion marker."""
+    from infra.storage import read_json
+
+    try:
+        run_id = read_json(out_dir / MARKERS.get(stage, SUCCESS)).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def _check_store_knows(cfg: PipelineConfig, items: list[Item]) -> None:
+    """Refuse when the removable outputs name MLflow runs and this store knows none of them."""
+    from infra.tracking import Tracker
+
+    named = [(it, _run_id(it.path, it.stage)) for it in items if it.what == "output" and it.removable]
+    run_ids = [r for _, r in named if r][:20]
+    if not run_ids:
+        return
+    tracker = Tracker(cfg.run.root, cfg.run.experiment)
+    for run_id in run_ids:
+        try:
+            tracker.client.get_run(run_id)
+            return
+        except Exception:  # noqa: BLE001, S112 - MLflow says "not found" in several ways; try the next one
+            continue
+    raise GcRefused(f"the MLflow store {tracker.uri} knows none of the runs that made the outputs gc would remove "
+                    f"under {cfg.run.root} (e.g. run {run_ids[0]}), so it cannot tell which of them recent runs used: "
+                    "point gc at the tracking store those runs used (MLFLOW_TRACKING_URI) and run it again")
+
+
 def _attempt(out_dir: Path) -> int | None:
     from infra.storage import read_json
 
@@ -134,53 +197,73 @@ def _attempt(out_dir: Path) -> int | None:
         return None
 
 
-def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, keep_last: int = 3, now: float | None = None
-         ) -> list[Item]:
-    """Everything gc found under ``cfg.run.root``, each removable or with the reason it is kept."""
+def _finished(out_dir: Path, stage: str) -> bool:
+    return (out_dir / MARKERS.get(stage, SUCCESS)).is_file()
+
+
+def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, keep_last: int = 3, drop_unfinished: bool = False,
+         now: float | None = None) -> list[Item]:
+    """Everything gc found under ``cfg.run.root``, each removable or with the reason it is kept. Raises
+    :class:`GcRefused` when the MLflow store cannot tell what recent runs used."""
     from flows.pipeline import stage_status
+    from infra.storage import pid_alive
 
     now = time.time() if now is None else now
     root = Path(cfg.run.root)
     if not root.is_dir():
         return []
-    current = {(r["stage"], r["key"]): "this config"
-               for r in stage_status(cfg) if r["key"]}
+    current = {(r["stage"], r["key"]): "this config" for r in stage_status(cfg) if r["key"]}
     chains = recent_chains(cfg, keep_days, now, keep_last)
     items: list[Item] = []
+    unfinished_kept = "unfinished (resume state)"
 
-    def item(what: str, stage: str, key: str, path: Path) -> Item:
-        it = Item(what, stage, key, path, _size(path), max(0.0, (now - _changed(path)) / 86400))
+    def item(what: str, stage: str, key: str, path: Path) -> Item | None:
+        try:  # (a stage or another gc may move it meanwhile)
+            it = Item(what, stage, key, path, _size(path), max(0.0, (now - _changed(path)) / 86400),
+                      link=path.is_symlink())
+        except FileNotFoundError:
+            return None
         items.append(it)
         return it
+
+    def by_age(it: Item | None) -> None:
+        if it is not None and it.keep is None and it.age_days < keep_days:
+            it.keep = "recent"
 
     for stage in STAGES:
         folder = root / stage
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            if not path.is_dir():
+            if not (path.is_dir() or path.is_symlink()):
                 continue
             if path.name.startswith(TRASH):
                 item("trash", stage, "", path)
                 continue
-            damaged = _DAMAGED.match(path.name)
-            if damaged:
-                it = item("damaged copy", stage, damaged["key"], path)
-                if it.age_days < keep_days:
-                    it.keep = "recent"
+            if damaged := _DAMAGED.match(path.name):
+                by_age(item("damaged copy", stage, damaged["key"], path))
+                continue
+            if leftover := _LEFTOVER.match(path.name):
+                it = item("leftover", stage, leftover["key"], path)
+                if it is not None and leftover["kind"] == "build" and not drop_unfinished:
+                    it.keep = unfinished_kept  # an ingest that resumes from its finished chunks
+                by_age(it)
                 continue
             if path.name.startswith("."):
                 continue
             it = item("output", stage, path.name, path)
+            if it is None:
+                continue
             it.keep = current.get((stage, path.name)) or chains.get((stage, path.name))
-            if it.keep is None and it.age_days < keep_days:
-                it.keep = "recent"
+            if it.keep is None and not drop_unfinished and not _finished(path, stage):
+                it.keep = unfinished_kept
+            by_age(it)
 
     outputs = {(i.stage, i.key): i for i in items if i.what == "output"}
     ray_root = root / "ray"
     if ray_root.is_dir():
         for path in sorted(ray_root.iterdir()):
-            if path.is_dir() and path.name.startswith(TRASH):
+            if path.name.startswith(TRASH):
                 item("trash", "", "", path)
                 continue
             m = _RAY_DIR.match(path.name)
@@ -188,12 +271,14 @@ def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, keep_last: int = 3, now
                 continue
             it = item("ray run", m["stage"], m["key"], path)
             out = outputs.get((m["stage"], m["key"]))
+            if it is None:
+                continue
             attempt, current_attempt = int(m["attempt"]), _attempt(root / m["stage"] / m["key"])
             if out is None or out.removable:
                 pass  # its output is gone or goes: nothing can resume from it
             elif current_attempt is not None and attempt < current_attempt:
                 pass  # a superseded attempt (``--from`` retrained the stage under a new attempt)
-            elif (out.path / SUCCESS).is_file():
+            elif _finished(out.path, out.stage):
                 pass  # finished: the stage exported its weights, the checkpoints are spent
             else:
                 it.keep = "resume state"
@@ -207,12 +292,10 @@ def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, keep_last: int = 3, now
                 continue
             it = item("logs", "", "", path)
             pid = _LOG_DIR.search(path.name)
-            from infra.storage import pid_alive
-
-            if pid and pid_alive(int(pid["pid"])):
+            if it is not None and pid and pid_alive(int(pid["pid"])):
                 it.keep = f"process {pid['pid']} running"
-            elif it.age_days < keep_days:
-                it.keep = "recent"
+            by_age(it)
+    _check_store_knows(cfg, items)
     return items
 
 
@@ -223,10 +306,11 @@ def _stage_lock(root: Path, stage: str, key: str) -> Iterator[bool]:
     import fcntl
 
     lock = root / stage / f".{key}.lock"
-    if not lock.exists():
+    try:
+        fd = os.open(str(lock), os.O_RDONLY)  # (flock needs no write access: a root shared by several users)
+    except FileNotFoundError:
         yield True
         return
-    fd = os.open(str(lock), os.O_RDWR)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -242,10 +326,17 @@ def _stage_lock(root: Path, stage: str, key: str) -> Iterator[bool]:
 
 
 def _discard(path: Path) -> None:
-    """Rename ``path`` to a ``.gc-trash-`` folder beside it (atomic), then delete that."""
+    """Rename ``path`` to a ``.gc-trash-`` entry beside it (atomic), then delete that (a link: the link only)."""
     target = path.with_name(f"{TRASH}{path.name.lstrip('.')}-{uuid.uuid4().hex[:8]}")
     os.rename(path, target)
-    shutil.rmtree(target)
+    _delete(target)
+
+
+def _delete(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
 
 
 @dataclass
@@ -253,51 +344,68 @@ class Removed:
     count: int
     size: int
     in_use: list[Item]
+    failed: list[str]
 
 
 def remove(cfg: PipelineConfig, items: list[Item]) -> Removed:
-    """Remove the removable ``items`` (of :func:`plan`); an output or Ray run whose stage lock is held is left."""
+    """Remove the removable ``items`` (of :func:`plan`); an output or Ray run whose stage lock is held is left,
+    and so is one that cannot be removed (counted in ``failed``, with the reason)."""
     root = Path(cfg.run.root)
-    count = size = 0
-    in_use: list[Item] = []
-    gone: list[Item] = []
-    for it in items:
-        if not it.removable or not it.path.exists():
-            continue
-        if it.what == "trash":
-            shutil.rmtree(it.path, ignore_errors=True)
-        elif it.stage and it.what != "damaged copy":
-            with _stage_lock(root, it.stage, it.key) as free:
-                if not free:
-                    in_use.append(it)
-                    continue
-                _discard(it.path)
-        else:
-            _discard(it.path)
-        count += 1
-        size += it.size
-        if it.what == "output":
-            gone.append(it)
-    if gone:
-        _tag_removed(cfg, gone)
-    return Removed(count, size, in_use)
+    done = Removed(0, 0, [], [])
+    gone: list[str] = []
+    try:
+        for it in items:
+            if not it.removable or not (it.path.exists() or it.path.is_symlink()):
+                continue
+            try:
+                if it.what == "trash":
+                    _delete(it.path)
+                elif it.what in ("output", "ray run"):
+                    with _stage_lock(root, it.stage, it.key) as free:
+                        if not free:
+                            done.in_use.append(it)
+                            continue
+                        run_id = _run_id(it.path, it.stage) if it.what == "output" else None
+                        _discard(it.path)
+                        if run_id:
+                            gone.append(run_id)
+                else:
+                    _discard(it.path)
+            except FileNotFoundError:
+                continue  # another gc (or the stage) removed it meanwhile
+            except OSError as e:
+                done.failed.append(f"{it.path}: {e.strerror or e}")
+                continue
+            done.count += 1
+            done.size += it.size
+    finally:
+        if gone:
+            _tag_removed(cfg, gone)
+    return done
 
 
-def _tag_removed(cfg: PipelineConfig, gone: list[Item]) -> None:
-    """Tag the stage runs of removed outputs (``mqgen.output_removed``), so MLflow says why their paths are gone."""
+def collect(cfg: PipelineConfig, *, keep_days: float, keep_last: int = 3, drop_unfinished: bool = False
+            ) -> tuple[list[Item], Removed]:
+    """:func:`plan` then :func:`remove`, one gc at a time on a root (``<root>/.gc.lock``)."""
+    from infra.storage import file_lock
+
+    with file_lock(Path(cfg.run.root) / ".gc.lock", what="another gc on this root"):
+        items = plan(cfg, keep_days=keep_days, keep_last=keep_last, drop_unfinished=drop_unfinished)
+        return items, remove(cfg, items)
+
+
+def _tag_removed(cfg: PipelineConfig, run_ids: list[str]) -> None:
+    """Tag the stage runs that made the removed outputs (``mqgen.output_removed``), so MLflow says why their paths
+    are gone."""
     from infra.tracking import Tracker
 
     client = Tracker(cfg.run.root, cfg.run.experiment).client
-    ids = [e.experiment_id for e in client.search_experiments()]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S") + " by mqgen gc"
-    for it in gone:
+    for run_id in run_ids:
         try:
-            runs = client.search_runs(ids, filter_string=f"tags.`mqgen.stage` = '{it.stage}' and "
-                                      f"tags.`mqgen.stage_key` = '{it.key}'", max_results=100)
-            for run in runs:
-                client.set_tag(run.info.run_id, "mqgen.output_removed", stamp)
+            client.set_tag(run_id, "mqgen.output_removed", stamp)
         except Exception as e:  # noqa: BLE001 - a courtesy to the MLflow history: never fail the removal on it
-            log.warning("could not tag the MLflow run of %s %s: %s", it.stage, it.key, e)
+            log.warning("could not tag MLflow run %s: %s", run_id, e)
 
 
 def human(n: float) -> str:

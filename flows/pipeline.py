@@ -201,6 +201,8 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
                 try:
                     if any(n not in refs for n in GRAPH[stage].needs):  # stages not selected: their cached outputs
                         refs = {**cached_refs(cfg), **refs}
+                        # the chain this run reads, recorded now: `mqgen gc` keeps what a running run uses
+                        parent.set_tags({f"mqgen.{s}.key": r.key for s, r in refs.items() if r is not None})
                     inputs = inputs_for(stage, refs)
                     why = skip_reason(stage, cfg, inputs)
                     if why is not None:
@@ -226,14 +228,28 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
     return {k: v for k, v in refs.items() if k in stages and v is not None}
 
 
+def touch_outputs(refs: dict[str, Any]) -> None:
+    """Mark the outputs a cached run reused as used now (their folders' modification time), since such a run records
+    no MLflow run: ``mqgen gc`` keeps what changed in its last ``--keep-days``."""
+    import os
+
+    for ref in refs.values():
+        path = getattr(ref, "path", None)
+        if path and "://" not in str(path):
+            try:
+                os.utime(path)
+            except OSError:
+                pass  # (a read-only root: its outputs stay as they are)
+
+
 def collect_garbage(cfg: PipelineConfig, keep_days: float, parent: Any = None) -> None:
     """``mqgen gc --yes --keep-days N`` for this config after its run, recorded on the pipeline run (when given).
     A failure here is logged, never the run's: the stages are done."""
     from flows import gc
 
     try:
-        done = gc.remove(cfg, gc.plan(cfg, keep_days=keep_days))
-    except Exception as e:  # noqa: BLE001 - reclaiming disk is a courtesy after a finished run
+        _, done = gc.collect(cfg, keep_days=keep_days)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - reclaiming disk is a courtesy after a finished run
         log.warning("gc after the run failed (%s: %s); the run's outputs are complete", type(e).__name__, e)
         return
     in_use = f", {len(done.in_use)} in use left" if done.in_use else ""

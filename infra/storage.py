@@ -174,8 +174,9 @@ def load_weights_ref(marker: str | Path, cls: type) -> Any:
 
 
 def set_aside(out_dir: str | Path) -> Path:
-    """Move a damaged output out of the way (``<stage>/.<key>.damaged-<UTC time>``, kept for inspection, never
-    deleted) so that the stage builds it again; returns where it went."""
+    """Move a damaged output out of the way (``<stage>/.<key>.damaged-<UTC time>``, kept for inspection; only
+    ``mqgen gc`` removes it, once older than its ``--keep-days``) so that the stage builds it again; returns where
+    it went."""
     import time
 
     out_dir = Path(out_dir)

@@ -1,12 +1,15 @@
 """``mqgen gc`` on a hand-made run root (no training; the pipeline case is in test_pipeline.py): the age rule,
-damaged copies, the leftovers of a killed gc, a stage folder that links to another disk, the unfinished stage's
-resume state, and a live run's log folder."""
+unfinished outputs and their checkpoints, damaged copies and leftovers, the leftovers of a killed gc, links, live
+runs' log folders, and the refusal when the MLflow store does not know the runs behind the outputs."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
+
+import pytest
 
 from infra.config import resolve
 
@@ -20,59 +23,90 @@ def _touch_tree(path: Path, age_days: float) -> None:
         os.utime(dirpath, (t, t))
 
 
-def _output(folder: Path, size: int, age_days: float, *files: str) -> Path:
+def _output(folder: Path, size: int, age_days: float, **files: str) -> Path:
     folder.mkdir(parents=True)
     (folder / "data.bin").write_bytes(b"x" * size)
-    for name in files:
-        (folder / name).write_text("{}")
+    for name, text in files.items():
+        (folder / name).write_text(text)
     _touch_tree(folder, age_days)
     return folder
 
 
-def test_gc_by_age_with_trash_damaged_copies_links_resume_state_and_live_logs(run_root: Path, tmp_path: Path) -> None:
+DONE = {"_SUCCESS.json": "{}"}
+
+
+def test_gc_by_age_keeps_resume_state_and_live_logs_and_removes_links_and_leftovers(run_root: Path,
+                                                                                    tmp_path: Path) -> None:
     from flows import gc
 
     cfg = resolve("tiny", overrides=[f"run.root={run_root}"])
-    old = _output(run_root / "train_tokenizer" / "aaaa00000001", 1000, 30, "_SUCCESS.json", "attempt.json")
-    (old / "attempt.json").write_text('{"attempt": 0}')
-    _touch_tree(old, 30)
-    new = _output(run_root / "train_tokenizer" / "aaaa00000002", 10, 1)
-    unfinished = _output(run_root / "train_stackformer" / "bbbb00000001", 10, 1, "attempt.json")
-    (unfinished / "attempt.json").write_text('{"attempt": 1}')
-    resume = _output(run_root / "ray" / "train_stackformer-bbbb00000001-a1", 500, 1)
-    superseded = _output(run_root / "ray" / "train_stackformer-bbbb00000001-a0", 500, 1)
+    old = _output(run_root / "train_tokenizer" / "aaaa00000001", 1000, 30, **DONE, **{"attempt.json": '{"attempt": 0}'})
+    new = _output(run_root / "train_tokenizer" / "aaaa00000002", 10, 1, **DONE)
     spent = _output(run_root / "ray" / "train_tokenizer-aaaa00000001-a0", 700, 30)
-    damaged = _output(run_root / "train_tokenizer" / ".aaaa00000003.damaged-20261101-000000", 10, 30)
+    # a training killed a month ago, never rerun: its output (attempt 1) and that attempt's checkpoints are its
+    # resume state; attempt 0's are superseded
+    unfinished = _output(run_root / "train_stackformer" / "bbbb00000001", 10, 30, **{"attempt.json": '{"attempt": 1}'})
+    resume = _output(run_root / "ray" / "train_stackformer-bbbb00000001-a1", 500, 30)
+    superseded = _output(run_root / "ray" / "train_stackformer-bbbb00000001-a0", 500, 30)
+    damaged = _output(run_root / "train_tokenizer" / ".aaaa00000003.damaged-20261101T000000Z", 10, 30)
+    build = _output(run_root / "ingest" / ".cccc00000002.build", 10, 30)  # an ingest that resumes from its chunks
+    old_copy = _output(run_root / "tokenize" / ".dddd00000001.old-0123abcd", 10, 30)  # a killed replace_dir
     leftover = _output(run_root / "ray" / ".gc-trash-train_tokenizer-aaaa00000009-a0-0123abcd", 10, 0)
-    # the ingest folder is a link to another disk: a removed output is renamed inside it, not across
-    disk = tmp_path / "other-disk" / "ingest"
-    disk.mkdir(parents=True)
-    (run_root / "ingest").symlink_to(disk)
-    linked = _output(disk / "cccc00000001", 10, 30, "manifest.json")
-    live_logs = _output(run_root / "logs" / f"20261101-000000-run-{os.getpid()}", 10, 30)
-    dead_logs = _output(run_root / "logs" / "20261101-000000-run-999999999", 10, 30)
+    # an output that is a link to a folder elsewhere: removing it removes the link, never what it points to
+    elsewhere = _output(tmp_path / "elsewhere" / "shards", 10, 30, **{"manifest.json": "{}"})
+    link = run_root / "ingest" / "cccc00000001"
+    link.symlink_to(elsewhere)
+    os.utime(link, (time.time() - 30 * 86400,) * 2, follow_symlinks=False)
+    live_run = _output(run_root / "logs" / f"20261101-000000-serve-{os.getpid()}", 10, 30)
+    dead_run = _output(run_root / "logs" / "20261101-000000-run-999999999", 10, 30)
 
     items = {i.path: i for i in gc.plan(cfg, keep_days=7)}
-    decisions = {p: (i.what, i.removable) for p, i in items.items()}
-    assert decisions[old] == ("output", True) and items[old].size == 1000 + len("{}") + len('{"attempt": 0}')
-    assert decisions[new] == ("output", False) and items[new].keep == "recent"
-    assert decisions[unfinished] == ("output", False)
-    assert decisions[resume] == ("ray run", False) and items[resume].keep == "resume state"
-    assert decisions[superseded] == ("ray run", True)  # attempt 0 of a stage now at attempt 1
-    assert decisions[spent] == ("ray run", True)  # its output goes (and it was finished anyway)
-    assert decisions[damaged] == ("damaged copy", True)
-    assert decisions[leftover] == ("trash", True)
-    assert decisions[run_root / "ingest" / "cccc00000001"] == ("output", True)
-    assert decisions[live_logs] == ("logs", False) and "running" in items[live_logs].keep
-    assert decisions[dead_logs] == ("logs", True)
+    decision = {p: (i.what, i.keep) for p, i in items.items()}
+    assert decision[old] == ("output", None) and items[old].size == 1000 + 2 + len('{"attempt": 0}')
+    assert decision[new] == ("output", "recent")
+    assert decision[spent] == ("ray run", None)  # its output goes (and it was finished anyway)
+    assert decision[unfinished] == ("output", "unfinished (resume state)")
+    assert decision[resume] == ("ray run", "resume state")
+    assert decision[superseded] == ("ray run", None)
+    assert decision[damaged] == ("damaged copy", None)
+    assert decision[build] == ("leftover", "unfinished (resume state)")
+    assert decision[old_copy] == ("leftover", None)
+    assert decision[leftover] == ("trash", None)
+    assert decision[link] == ("output", None) and items[link].link and items[link].size == 0
+    assert decision[live_run] == ("logs", f"process {os.getpid()} running")
+    assert decision[dead_run] == ("logs", None)
+    # --drop-unfinished: an abandoned run's resume state goes too
+    dropping = {i.path: i.keep for i in gc.plan(cfg, keep_days=7, drop_unfinished=True)}
+    assert dropping[unfinished] is None and dropping[resume] is None and dropping[build] is None
 
     done = gc.remove(cfg, list(items.values()))
-    assert done.count == 7 and not done.in_use
-    assert done.size == sum(i.size for i in items.values() if i.removable)
-    for path in (old, superseded, spent, damaged, leftover, linked, dead_logs):
-        assert not path.exists(), path
-    for path in (new, unfinished, resume, live_logs):
+    removable = [p for p, i in items.items() if i.removable]
+    assert done.count == len(removable) == 8 and not done.in_use and not done.failed
+    assert done.size == sum(items[p].size for p in removable)
+    for path in removable:
+        assert not (path.exists() or path.is_symlink()), path
+    for path in (new, unfinished, resume, build, live_run):
         assert path.is_dir(), path
-    assert disk.is_dir() and not list(disk.iterdir())  # removed inside the other disk, nothing left there
-    assert not [p for p in run_root.rglob(".gc-trash-*")]
+    assert (elsewhere / "data.bin").is_file()  # the link went, not the folder it pointed to
+    assert not list(run_root.rglob(".gc-trash-*"))
     assert not [i for i in gc.plan(cfg, keep_days=7) if i.removable]
+
+
+def test_gc_refuses_when_the_mlflow_store_knows_none_of_the_runs_behind_the_outputs(run_root: Path) -> None:
+    """The runs were tracked elsewhere (``MLFLOW_TRACKING_URI`` set then, not now): which outputs recent runs used
+    cannot be told, so nothing is removed, through the CLI too (exit 1, one line)."""
+    import subprocess
+    import sys
+
+    from flows import gc
+
+    cfg = resolve("tiny", overrides=[f"run.root={run_root}"])
+    marker = {"_SUCCESS.json": json.dumps({"mlflow_run_id": "0123456789abcdef0123456789abcdef"})}
+    old = _output(run_root / "train_tokenizer" / "aaaa00000001", 10, 30, **marker)
+    with pytest.raises(gc.GcRefused, match="knows none of the runs"):
+        gc.plan(cfg, keep_days=7)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([str(Path(sys.executable).parent / "mqgen"), "gc", "--preset", "tiny", f"run.root={run_root}",
+                          "--yes"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "gc refused" in out.stderr and "Traceback" not in out.stderr, out
+    assert old.is_dir()

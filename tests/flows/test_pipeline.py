@@ -373,9 +373,10 @@ def test_gc_keeps_the_given_config_and_recent_runs_and_removes_the_rest(finished
     stale = root / "tokenize" / "0123456789ab"
     stale.mkdir()
     (stale / "train.lmdb").write_bytes(b"x" * 4096)
+    (stale / "_SUCCESS.json").write_text("{}")  # finished (an unfinished one would be kept as resume state)
     month = time.time() - 30 * 86400
-    os.utime(stale / "train.lmdb", (month, month))
-    os.utime(stale, (month, month))
+    for path in (stale / "train.lmdb", stale / "_SUCCESS.json", stale):
+        os.utime(path, (month, month))
     assert run_pipeline(keep, gc_keep_days=7)["evaluate"].key == dict(chain)["evaluate"]
     assert not stale.exists()
     assert [row["state"] for row in stage_status(keep)] == ["done"] * len(STAGES)
