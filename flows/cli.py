@@ -683,6 +683,9 @@ def gc(
     from flows import gc as collector
 
     cfg = _resolve_or_exit(preset, config, overrides or [])
+    if not Path(cfg.run.root).is_dir():
+        typer.echo(f"nothing to collect: there is no run root at {cfg.run.root} (run.root=...)")
+        return
     try:
         if yes:
             items, done = collector.collect(cfg, keep_days=keep_days, keep_last=keep_last,

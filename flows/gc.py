@@ -104,6 +104,17 @@ def _changed(path: Path) -> float:
     return newest
 
 
+def _client(cfg: PipelineConfig) -> Any | None:
+    """The MLflow client of the root's tracking store, or None when it is the root's own SQLite file and that
+    does not exist (nothing was tracked there; gc does not create it)."""
+    from infra.tracking import Tracker, tracking_uri_for
+
+    uri = tracking_uri_for(cfg.run.root)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    return Tracker(cfg.run.root, cfg.run.experiment).client
+
+
 def _experiment_ids(client: Any) -> list[str]:
     ids: list[str] = []
     token = None
@@ -121,9 +132,9 @@ def recent_chains(cfg: PipelineConfig, keep_days: float, now: float, keep_last: 
     ``run.root`` param) started in the last ``keep_days`` days or still running, and of the last ``keep_last``
     pipeline runs whatever their age (a nightly schedule whose nights are all cache hits records no new run, yet
     uses its chain)."""
-    from infra.tracking import Tracker
-
-    client = Tracker(cfg.run.root, cfg.run.experiment).client
+    client = _client(cfg)
+    if client is None:
+        return {}
     ids = _experiment_ids(client)
     since_ms = int((now - keep_days * 86400) * 1000)
     real_root = os.path.realpath(cfg.run.root)
@@ -170,20 +181,20 @@ def _run_id(out_dir: Path, stage: str) -> str | None:
 
 def _check_store_knows(cfg: PipelineConfig, items: list[Item]) -> None:
     """Refuse when the removable outputs name MLflow runs and this store knows none of them."""
-    from infra.tracking import Tracker
+    from infra.tracking import tracking_uri_for
 
     named = [(it, _run_id(it.path, it.stage)) for it in items if it.what == "output" and it.removable]
     run_ids = [r for _, r in named if r][:20]
     if not run_ids:
         return
-    tracker = Tracker(cfg.run.root, cfg.run.experiment)
-    for run_id in run_ids:
+    client = _client(cfg)
+    for run_id in run_ids if client is not None else []:
         try:
-            tracker.client.get_run(run_id)
+            client.get_run(run_id)
             return
         except Exception:  # noqa: BLE001, S112 - MLflow says "not found" in several ways; try the next one
             continue
-    raise GcRefused(f"the MLflow store {tracker.uri} knows none of the runs that made the outputs gc would remove "
+    raise GcRefused(f"the MLflow store {tracking_uri_for(cfg.run.root)} knows none of the runs that made the outputs gc would remove "
                     f"under {cfg.run.root} (e.g. run {run_ids[0]}), so it cannot tell which of them recent runs used: "
                     "point gc at the tracking store those runs used (MLFLOW_TRACKING_URI) and run it again")
 

@@ -110,3 +110,22 @@ def test_gc_refuses_when_the_mlflow_store_knows_none_of_the_runs_behind_the_outp
                           "--yes"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "gc refused" in out.stderr and "Traceback" not in out.stderr, out
     assert old.is_dir()
+
+
+def test_gc_on_a_root_without_a_tracking_store_creates_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A root whose runs were never tracked here: gc reads what it can, creates no MLflow database (a dry run
+    changes nothing), removes an old unnamed output, and refuses where outputs name runs it cannot look up."""
+    from flows import gc
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "bare"
+    cfg = resolve("tiny", overrides=[f"run.root={root}"])
+    old = _output(root / "train_tokenizer" / "aaaa00000001", 10, 30, **DONE)
+    items = gc.plan(cfg, keep_days=7)
+    assert [(i.path, i.removable) for i in items] == [(old, True)]
+    assert not (root / "mlflow.db").exists()
+    named = _output(root / "train_tokenizer" / "aaaa00000002", 10, 30,
+                    **{"_SUCCESS.json": json.dumps({"mlflow_run_id": "0123456789abcdef0123456789abcdef"})})
+    with pytest.raises(gc.GcRefused):
+        gc.plan(cfg, keep_days=7)
+    assert old.is_dir() and named.is_dir() and not (root / "mlflow.db").exists()
