@@ -681,6 +681,7 @@ def gc(
     from rich.table import Table
 
     from flows import gc as collector
+    from infra.console import fmt_bytes
 
     cfg = _resolve_or_exit(preset, config, overrides or [])
     if not Path(cfg.run.root).is_dir():
@@ -704,13 +705,13 @@ def gc(
     for col in ("what", "stage", "key", "size", "days", "decision"):
         table.add_column(col, no_wrap=col != "decision")
     for it in shown:
-        table.add_row(it.what + (" (link)" if it.link else ""), it.stage, it.key, collector.human(it.size),
+        table.add_row(it.what + (" (link)" if it.link else ""), it.stage, it.key, fmt_bytes(it.size),
                       f"{it.age_days:.1f}", "[yellow]remove[/]" if it.removable else f"[green]keep[/] ({it.keep})")
     if shown:
         Console(width=None if sys.stdout.isatty() else 140).print(table)  # a log keeps whole rows
     totals = collector.summary(items)
-    typer.echo(f"{totals['removable']} removable ({collector.human(totals['removable_bytes'])}), "
-               f"{totals['kept']} kept ({collector.human(totals['kept_bytes'])}): kept are the outputs of config "
+    typer.echo(f"{totals['removable']} removable ({fmt_bytes(totals['removable_bytes'])}), "
+               f"{totals['kept']} kept ({fmt_bytes(totals['kept_bytes'])}): kept are the outputs of config "
                f"{cfg.preset} {cfg.hash()}, of the runs of the last {keep_days:g} days, of the last {keep_last} pipeline "
                "runs and of running ones, anything changed since, and unfinished stages' resume state"
                + (" (not kept: --drop-unfinished)" if drop_unfinished else ""))
@@ -718,7 +719,7 @@ def gc(
         if totals["removable"]:
             typer.echo("nothing removed: run again with --yes to remove them")
         return
-    typer.echo(f"removed {done.count} ({collector.human(done.size)} freed)")
+    typer.echo(f"removed {done.count} ({fmt_bytes(done.size)} freed)")
     for it in done.in_use:
         typer.echo(f"in use, left for the next gc: {it.what} {it.stage} {it.key} ({it.path})")
     for why in done.failed:

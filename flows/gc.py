@@ -38,15 +38,14 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from infra.config import STAGES, PipelineConfig
+from infra.storage import pid_alive, read_json, remove_tree, try_file_lock
 
 log = logging.getLogger("mqgen.gc")
 
@@ -63,7 +62,7 @@ _LOG_DIR = re.compile(r"-(?P<pid>\d+)$")  # <time>-<command>-<pid> (run, grid, s
 class Item:
     """One folder under the run root that gc looked at."""
 
-    what: str  # "output", "ray run", "damaged copy", "logs", "trash"
+    what: str  # "output", "ray run", "damaged copy", "leftover", "logs", "trash"
     stage: str  # the stage it belongs to ("" for logs and trash)
     key: str  # the stage key ("" for logs and trash)
     path: Path
@@ -126,13 +125,12 @@ def _experiment_ids(client: Any) -> list[str]:
             return ids
 
 
-def recent_chains(cfg: PipelineConfig, keep_days: float, now: float, keep_last: int = 3
+def recent_chains(cfg: PipelineConfig, client: Any | None, keep_days: float, now: float, keep_last: int = 3
                   ) -> dict[tuple[str, str], str]:
     """``(stage, key) -> why`` for the stage keys of every pipeline / grid-variant run on this run root (its
     ``run.root`` param) started in the last ``keep_days`` days or still running, and of the last ``keep_last``
     pipeline runs whatever their age (a nightly schedule whose nights are all cache hits records no new run, yet
-    uses its chain)."""
-    client = _client(cfg)
+    uses its chain). ``client``: :func:`_client`'s."""
     if client is None:
         return {}
     ids = _experiment_ids(client)
@@ -170,8 +168,6 @@ def recent_chains(cfg: PipelineConfig, keep_days: float, now: float, keep_last: 
 
 def _run_id(out_dir: Path, stage: str) -> str | None:
     """The MLflow run that made an output, from its completion marker."""
-    from infra.storage import read_json
-
     try:
         run_id = read_json(out_dir / MARKERS.get(stage, SUCCESS)).get("mlflow_run_id")
     except (OSError, ValueError, AttributeError):
@@ -179,29 +175,25 @@ def _run_id(out_dir: Path, stage: str) -> str | None:
     return run_id if isinstance(run_id, str) and run_id else None
 
 
-def _check_store_knows(cfg: PipelineConfig, items: list[Item]) -> None:
-    """Refuse when the removable outputs name MLflow runs and this store knows none of them."""
+def _check_store_knows(cfg: PipelineConfig, client: Any | None, items: list[Item]) -> None:
+    """Refuse when the removable outputs name MLflow runs and this store (``client``) knows none of them."""
     from infra.tracking import tracking_uri_for
 
-    named = [(it, _run_id(it.path, it.stage)) for it in items if it.what == "output" and it.removable]
-    run_ids = [r for _, r in named if r][:20]
+    run_ids = [r for it in items if it.what == "output" and it.removable if (r := _run_id(it.path, it.stage))][:20]
     if not run_ids:
         return
-    client = _client(cfg)
     for run_id in run_ids if client is not None else []:
         try:
             client.get_run(run_id)
             return
         except Exception:  # noqa: BLE001, S112 - MLflow says "not found" in several ways; try the next one
             continue
-    raise GcRefused(f"the MLflow store {tracking_uri_for(cfg.run.root)} knows none of the runs that made the outputs gc would remove "
-                    f"under {cfg.run.root} (e.g. run {run_ids[0]}), so it cannot tell which of them recent runs used: "
+    raise GcRefused(f"the MLflow store {tracking_uri_for(cfg.run.root)} knows none of the runs that made the "
+                    f"outputs gc would remove under {cfg.run.root} (e.g. run {run_ids[0]}), so it cannot tell which of them recent runs used: "
                     "point gc at the tracking store those runs used (MLFLOW_TRACKING_URI) and run it again")
 
 
 def _attempt(out_dir: Path) -> int | None:
-    from infra.storage import read_json
-
     try:
         return int(read_json(out_dir / "attempt.json")["attempt"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -217,14 +209,13 @@ def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, keep_last: int = 3, dro
     """Everything gc found under ``cfg.run.root``, each removable or with the reason it is kept. Raises
     :class:`GcRefused` when the MLflow store cannot tell what recent runs used."""
     from flows.pipeline import stage_status
-    from infra.storage import pid_alive
-
     now = time.time() if now is None else now
     root = Path(cfg.run.root)
     if not root.is_dir():
         return []
     current = {(r["stage"], r["key"]): "this config" for r in stage_status(cfg) if r["key"]}
-    chains = recent_chains(cfg, keep_days, now, keep_last)
+    client = _client(cfg)
+    chains = recent_chains(cfg, client, keep_days, now, keep_last)
     items: list[Item] = []
     unfinished_kept = "unfinished (resume state)"
 
@@ -306,48 +297,15 @@ def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, keep_last: int = 3, dro
             if it is not None and pid and pid_alive(int(pid["pid"])):
                 it.keep = f"process {pid['pid']} running"
             by_age(it)
-    _check_store_knows(cfg, items)
+    _check_store_knows(cfg, client, items)
     return items
-
-
-@contextlib.contextmanager
-def _stage_lock(root: Path, stage: str, key: str) -> Iterator[bool]:
-    """The lock a stage holds while it computes ``key`` (:func:`infra.storage.cached_run`), taken without
-    waiting: yields False when another process holds it."""
-    import fcntl
-
-    lock = root / stage / f".{key}.lock"
-    try:
-        fd = os.open(str(lock), os.O_RDONLY)  # (flock needs no write access: a root shared by several users)
-    except FileNotFoundError:
-        yield True
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 def _discard(path: Path) -> None:
     """Rename ``path`` to a ``.gc-trash-`` entry beside it (atomic), then delete that (a link: the link only)."""
     target = path.with_name(f"{TRASH}{path.name.lstrip('.')}-{uuid.uuid4().hex[:8]}")
     os.rename(path, target)
-    _delete(target)
-
-
-def _delete(path: Path) -> None:
-    if path.is_symlink():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path)
+    remove_tree(target)
 
 
 @dataclass
@@ -370,9 +328,9 @@ def remove(cfg: PipelineConfig, items: list[Item]) -> Removed:
                 continue
             try:
                 if it.what == "trash":
-                    _delete(it.path)
-                elif it.what in ("output", "ray run"):
-                    with _stage_lock(root, it.stage, it.key) as free:
+                    remove_tree(it.path)
+                elif it.what in ("output", "ray run"):  # the lock its stage holds while computing it (cached_run)
+                    with try_file_lock(root / it.stage / f".{it.key}.lock") as free:
                         if not free:
                             done.in_use.append(it)
                             continue
@@ -419,16 +377,8 @@ def _tag_removed(cfg: PipelineConfig, run_ids: list[str]) -> None:
             log.warning("could not tag MLflow run %s: %s", run_id, e)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def summary(items: list[Item]) -> dict[str, Any]:
-    """Counts and sizes: removable and kept, per kind."""
+    """How many items and bytes are removable and how many kept."""
     out: dict[str, Any] = {"removable": 0, "removable_bytes": 0, "kept": 0, "kept_bytes": 0}
     for it in items:
         k = "removable" if it.removable else "kept"

@@ -21,7 +21,7 @@ from prefect import flow
 from flows.publish import promote_evaluated, publish_artifacts
 from flows.stages import GRAPH, cached_refs, descendants, inputs_for, skip_reason
 from infra.config import STAGES, PipelineConfig, from_dict
-from infra.console import fmt_duration, route_stage_logs_to_prefect, say, stage_log, stage_log_path
+from infra.console import fmt_bytes, fmt_duration, route_stage_logs_to_prefect, say, stage_log, stage_log_path
 from infra.errors import NoSpaceLeft, exception_chain, is_no_space, no_space_message
 from infra.secrets import keep_private, private_value
 
@@ -253,7 +253,7 @@ def collect_garbage(cfg: PipelineConfig, keep_days: float, parent: Any = None) -
         log.warning("gc after the run failed (%s: %s); the run's outputs are complete", type(e).__name__, e)
         return
     in_use = f", {len(done.in_use)} in use left" if done.in_use else ""
-    say(f"gc: removed {done.count} folder(s), {gc.human(done.size)} freed{in_use} (kept {keep_days:g} days)")
+    say(f"gc: removed {done.count} folder(s), {fmt_bytes(done.size)} freed{in_use} (kept {keep_days:g} days)")
     if parent is not None:
         parent.log_metrics({"gc_removed": done.count, "gc_freed_bytes": done.size})
 

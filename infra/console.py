@@ -44,6 +44,17 @@ def fmt_duration(seconds: float) -> str:
     return f"{h} h {m:02d} min"
 
 
+def fmt_bytes(n: float) -> str:
+    """A size for people: ``12 B``, ``3.4 KB``, ``56.7 MB``, ``1.23 GB`` (powers of 1000)."""
+    if n >= 1e8:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e5:
+        return f"{n / 1e6:.1f} MB"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} KB"
+    return f"{n:.0f} B"
+
+
 def _fmt_value(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 

@@ -91,12 +91,10 @@ def is_no_space(exc: BaseException) -> bool:
 
 def no_space_message(path: str, need_bytes: int | None = None) -> str:
     """``no space left on <mount> (writing under <path>): <free> free[, this stage needs about <N> more]; ...``."""
+    from infra.console import fmt_bytes
+
     mount, free = _free_space(path)
-    need = f", this stage needs about {_gb(need_bytes)} more" if need_bytes else ""
+    need = f", this stage needs about {fmt_bytes(need_bytes)} more" if need_bytes else ""
     return (f"no space left on {mount} (writing under {path}): "
-            f"{_gb(free) + ' free' if free is not None else 'free space unknown'}{need}; free space there (or point "
+            f"{fmt_bytes(free) + ' free' if free is not None else 'free space unknown'}{need}; free space there (or point "
             "run.root at a larger disk) and run the same command again: finished work is kept and the stage resumes")
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -383,6 +383,32 @@ def file_lock(path: str | Path, what: str = "") -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def try_file_lock(path: str | Path) -> Iterator[bool]:
+    """The lock :func:`file_lock` takes on ``path``, without waiting: yields True while holding it, False when
+    another process holds it. A missing lock file means nobody holds it (it is not created); the file is opened
+    read-only, so a lock file of another user on a shared root can be tested too."""
+    import fcntl
+
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def cached_run(out_dir: Path, key: str, load: Callable[[], T | None], compute: Callable[[], T], *,
                force: bool = False) -> T:
     """A stage's cache discipline, written once: return the verified output ``load()`` finds, else take
