@@ -43,7 +43,8 @@ def read_idx(path: Path) -> np.ndarray:
 def fmnist() -> dict[str, torch.Tensor]:
     """The first 6,000 train and 3,000 test images (uint8 [N, 1, 28, 28]) with their labels."""
     if not FMNIST_DIR.is_dir():
-        pytest.skip("Debian package dataset-fashion-mnist missing (make setup installs it)")
+        pytest.fail(f"{FMNIST_DIR} is missing: the Debian package dataset-fashion-mnist is part of the set-up "
+                    "(make setup / make test install it)")
     out = {}
     for split, stem, n in (("train", "train", 6000), ("test", "t10k", 3000)):
         x = read_idx(FMNIST_DIR / f"{stem}-images-idx3-ubyte.gz")[:n]
