@@ -15,7 +15,7 @@ keeps; :func:`remove` removes the removable ones. What is kept:
   every stage after it new keys anyway;
 - any output, log folder or damaged copy changed in the last ``keep_days`` days (lineage unknown, or just made);
 - an unfinished output (no completion marker: a training killed or failed midway, a partial token database, an
-  ingest build folder), whatever its age, and the Ray Train run folder of its current attempt (a rerun resumes
+  ingest build folder with no finished output beside it), whatever its age, and the Ray Train run folder of its current attempt (a rerun resumes
   from them), unless ``drop_unfinished``; a finished stage's Ray run folder (its weights are exported) and a
   superseded attempt's are removable;
 - anything whose stage lock another process holds at removal time (reported as in use, left for the next gc).
@@ -247,8 +247,10 @@ def plan(cfg: PipelineConfig, *, keep_days: float = 7.0, keep_last: int = 3, dro
                 continue
             if leftover := _LEFTOVER.match(path.name):
                 it = item("leftover", stage, leftover["key"], path)
-                if it is not None and leftover["kind"] == "build" and not drop_unfinished:
+                if (it is not None and leftover["kind"] == "build" and not drop_unfinished
+                        and not _finished(folder / leftover["key"], stage)):
                     it.keep = unfinished_kept  # an ingest that resumes from its finished chunks
+                # (a build beside its finished output is spent: a killed ``--force`` rebuild; a rerun is a hit)
                 by_age(it)
                 continue
             if path.name.startswith("."):

@@ -50,6 +50,9 @@ def test_gc_by_age_keeps_resume_state_and_live_logs_and_removes_links_and_leftov
     superseded = _output(run_root / "ray" / "train_stackformer-bbbb00000001-a0", 500, 30)
     damaged = _output(run_root / "train_tokenizer" / ".aaaa00000003.damaged-20261101T000000Z", 10, 30)
     build = _output(run_root / "ingest" / ".cccc00000002.build", 10, 30)  # an ingest that resumes from its chunks
+    # a killed ``--force`` rebuild beside its finished output: a rerun is a cache hit, nothing resumes from it
+    spent_build = _output(run_root / "ingest" / ".cccc00000003.build", 10, 30)
+    _output(run_root / "ingest" / "cccc00000003", 10, 1, **{"manifest.json": "{}"})
     old_copy = _output(run_root / "tokenize" / ".dddd00000001.old-0123abcd", 10, 30)  # a killed replace_dir
     leftover = _output(run_root / "ray" / ".gc-trash-train_tokenizer-aaaa00000009-a0-0123abcd", 10, 0)
     # an output that is a link to a folder elsewhere: removing it removes the link, never what it points to
@@ -70,6 +73,7 @@ def test_gc_by_age_keeps_resume_state_and_live_logs_and_removes_links_and_leftov
     assert decision[superseded] == ("ray run", None)
     assert decision[damaged] == ("damaged copy", None)
     assert decision[build] == ("leftover", "unfinished (resume state)")
+    assert decision[spent_build] == ("leftover", None)
     assert decision[old_copy] == ("leftover", None)
     assert decision[leftover] == ("trash", None)
     assert decision[link] == ("output", None) and items[link].link and items[link].size == 0
@@ -81,7 +85,7 @@ def test_gc_by_age_keeps_resume_state_and_live_logs_and_removes_links_and_leftov
 
     done = gc.remove(cfg, list(items.values()))
     removable = [p for p, i in items.items() if i.removable]
-    assert done.count == len(removable) == 8 and not done.in_use and not done.failed
+    assert done.count == len(removable) == 9 and not done.in_use and not done.failed
     assert done.size == sum(items[p].size for p in removable)
     for path in removable:
         assert not (path.exists() or path.is_symlink()), path
