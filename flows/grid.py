@@ -32,18 +32,23 @@ from flows.stages import GRAPH, inputs_for, skip_reason
 from infra.config import ConfigError, GridVariant, PipelineConfig, from_dict, replace, stable_hash
 from infra.secrets import keep_private, private_value
 
-# What each stage reads from the config, cumulatively (a stage's inputs come from the stages before it). Two
-# variants that agree on these sections share the stage's execution; the stage's own key still decides what
-# is computed, so an over-wide list only costs sharing, never correctness.
+# What each stage reads from the config (sections or single fields), cumulatively (a stage's inputs come from the
+# stages before it). Two variants that agree on these share the stage's execution: it runs with the first
+# variant's config and its output goes to all of them, so a field missing here that moves the stage's key gives
+# every variant the first one's output. tests/flows/test_grid_grouping.py checks the table against the stages'
+# keys, field by field. An over-wide entry only costs sharing.
 # Performance settings (``ray.*``, ``data.num_workers``) are left out: they never change a stage's output, and
 # two groups with equal stage keys must not run at once. Variants that differ only in them share executions.
+# ``text`` counts for captioned data: tokenize builds the caption ids (vocab_size, max_len or a pretrained
+# encoder's tokenizer), train_stackformer trains the text encoder (n_layer).
+TOKENIZE_TEXT = ("text.vocab_size", "text.max_len", "text.pretrained")
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "ingest": ("seed", "data"),
     "train_tokenizer": ("seed", "data", "tokenizer"),
-    "tokenize": ("seed", "data", "tokenizer"),
+    "tokenize": ("seed", "data", "tokenizer", *TOKENIZE_TEXT),
     "train_evaluator": ("seed", "data", "evaluate.classifier"),
-    "train_stackformer": ("seed", "data", "tokenizer", "stackformer"),
-    "evaluate": ("seed", "data", "tokenizer", "stackformer", "evaluate"),
+    "train_stackformer": ("seed", "data", "tokenizer", "text", "stackformer"),
+    "evaluate": ("seed", "data", "tokenizer", "text", "stackformer", "evaluate"),
 }
 PERFORMANCE_FIELDS = {"data": ("num_workers",)}
 GRID_STAGES = tuple(GRAPH)

@@ -14,6 +14,8 @@ from typing import Any
 from flows.report import Comparison, RunRow
 
 SEED_KEY = "seed"
+MIN_SHARED_SEEDS = 2  # two groups are compared over the seeds both ran, when they share at least this many
+TOO_FEW_SEEDS = "too few shared seeds"  # the outcome of a comparison of groups that share fewer
 # figure -> (label, "lower" | "higher" is better)
 FIGURES: dict[str, tuple[str, str]] = {
     "recon_l1": ("recon L1", "lower"), "recon_psnr": ("recon PSNR dB", "higher"),
@@ -31,19 +33,21 @@ COST = ("sampling_images_per_s", "tokens_per_image", "tokenizer.num_params", "st
 PICTURES = {"samples": "pictures/samples_grid.png", "mask overlay (samples)": "pictures/mask_overlay_samples.png",
             "reconstructions": "pictures/reconstructions.png"}
 RULES = """\
-- Two groups (a variant over its seeds) are compared on one figure by their means. The difference counts only
-  when the intervals `mean -/+ spread` do not overlap; the spread of a group is the larger of the standard
-  deviation over its seeds and, for FID, the mean bootstrap standard error of its FIDs (`fid_boot_std`).
-  Overlapping intervals: *overlap*.
+- Two groups (a variant over its seeds) are compared on one figure over the seeds both ran, by their means over
+  those seeds: the global seed also fixes a variant's evaluator classifier (the FID/KID/IS features), so only
+  runs of one seed share the extractor. Each comparison names its seeds. Groups that share fewer than 2 seeds are
+  not compared (*too few shared seeds*). The tables show every variant over all of its seeds.
+- The difference counts only when the intervals `mean -/+ spread` do not overlap; the spread of a group is the
+  larger of the standard deviation over the compared seeds and, for FID, the mean bootstrap standard error of
+  those FIDs (`fid_boot_std`). Overlapping intervals: *overlap*.
 - A claim is *confirmed* when every comparison it names goes its way without overlap, *not confirmed* when one goes
   the other way without overlap, *inconclusive* otherwise, and *not testable* when its runs are missing.
 - The compared variants share the data and the training budget in steps and batch; the equal-compute variants
   (more second-stage steps for fewer tokens) are shown in the table, not used by the verdicts.
-- *Paired by seed* (shown, not used by the verdicts): the global seed also fixes a variant's evaluator classifier
-  (the FID/KID/IS features), so FIDs of different seeds come from different extractors and the spread over seeds
-  mixes model and extractor noise. Variants of one seed share the extractor; the paired line gives the mean and
-  standard deviation over the shared seeds of the per-seed difference `a - b`, and how many seeds went a's way.
-  This view was added after the first part of the grid had been read; the verdict rule above was not changed."""
+- *Paired by seed* (shown, not used by the verdicts): the mean and standard deviation over the compared seeds of
+  the per-seed difference `a - b`, and how many seeds went a's way. This view was added after the first part of
+  the grid had been read; restricting the comparisons to shared seeds came after the first report, whose groups
+  had unequal seed sets. The overlap rule was not changed."""
 
 
 @dataclass
@@ -106,14 +110,23 @@ class Contrast:
     b_mean: float | None
     a_spread: float | None
     b_spread: float | None
-    outcome: str  # "a better" | "b better" | "overlap" | "missing"
-    paired: list[float] = field(default_factory=list)  # per shared seed: a - b
+    outcome: str  # "a better" | "b better" | "overlap" | TOO_FEW_SEEDS | "missing"
+    paired: list[float] = field(default_factory=list)  # per compared seed: a - b
+    seeds: list[str] = field(default_factory=list)  # the seeds compared: those both groups ran
+    why: str = ""  # for TOO_FEW_SEEDS: the seeds each group ran
+
+    @property
+    def compared(self) -> bool:
+        return self.outcome in ("a better", "b better", "overlap")
 
     def text(self) -> str:
         if self.outcome == "missing":
             return f"{FIGURES[self.figure][0]}: missing for {self.a if self.a_mean is None else self.b}"
+        if self.outcome == TOO_FEW_SEEDS:
+            return f"{FIGURES[self.figure][0]}: {self.why} -> not compared (inconclusive)"
         out = (f"{FIGURES[self.figure][0]}: {self.a} {self.a_mean:.4g} +/- {self.a_spread:.2g} vs {self.b} "
-               f"{self.b_mean:.4g} +/- {self.b_spread:.2g} -> {self.outcome}")
+               f"{self.b_mean:.4g} +/- {self.b_spread:.2g} on seeds {','.join(self.seeds)} (n={len(self.seeds)}) "
+               f"-> {self.outcome}")
         if len(self.paired) > 1:
             lower = FIGURES[self.figure][1] == "lower"
             wins = sum((d < 0) == lower and d != 0 for d in self.paired)
@@ -123,25 +136,32 @@ class Contrast:
 
 
 def compare(a: Group, b: Group, figure: str, a_name: str, b_name: str) -> Contrast:
-    am, bm, asp, bsp = a.mean(figure), b.mean(figure), a.spread(figure), b.spread(figure)
-    if am is None or bm is None or asp is None or bsp is None:
-        return Contrast(figure, a_name, b_name, am, bm, asp, bsp, "missing")
+    """``a`` against ``b`` on ``figure`` over the seeds both ran (see :data:`RULES`)."""
+    ra, rb = _by_seed(a, figure), _by_seed(b, figure)
+    if not ra or not rb:
+        return Contrast(figure, a_name, b_name, a.mean(figure), b.mean(figure), a.spread(figure), b.spread(figure),
+                        "missing")
+    seeds = sorted(set(ra) & set(rb))
+    if len(seeds) < MIN_SHARED_SEEDS:
+        why = (f"{a_name} ran seeds {','.join(sorted(ra))}, {b_name} seeds {','.join(sorted(rb))}: "
+               f"{len(seeds)} shared, a comparison needs {MIN_SHARED_SEEDS}")
+        return Contrast(figure, a_name, b_name, None, None, None, None, TOO_FEW_SEEDS, seeds=seeds, why=why)
+    sa, sb = Group(a.key, [ra[s] for s in seeds]), Group(b.key, [rb[s] for s in seeds])
+    am, bm, asp, bsp = sa.mean(figure), sb.mean(figure), sa.spread(figure), sb.spread(figure)
+    assert am is not None and bm is not None and asp is not None and bsp is not None
     lower = FIGURES[figure][1] == "lower"
     if abs(am - bm) <= asp + bsp:
         outcome = "overlap"
     else:
         outcome = "a better" if (am < bm) == lower else "b better"
-    return Contrast(figure, a_name, b_name, am, bm, asp, bsp, outcome, paired=_paired(a, b, figure))
+    paired = [ra[s].metrics[figure] - rb[s].metrics[figure] for s in seeds]
+    return Contrast(figure, a_name, b_name, am, bm, asp, bsp, outcome, paired=paired, seeds=seeds)
 
 
-def _paired(a: Group, b: Group, figure: str) -> list[float]:
-    """``a - b`` on ``figure`` for every seed both groups ran, in seed order."""
-    def by_seed(g: Group) -> dict[str, float]:
-        return {r.params.get(SEED_KEY, "?"): r.metrics[figure] for r in g.rows
-                if isinstance(r.metrics.get(figure), (int, float)) and math.isfinite(r.metrics[figure])}
-
-    va, vb = by_seed(a), by_seed(b)
-    return [va[s] - vb[s] for s in sorted(set(va) & set(vb))]
+def _by_seed(g: Group, figure: str) -> dict[str, RunRow]:
+    """The group's run of each seed that has ``figure`` (the last one where a seed ran twice)."""
+    return {r.params.get(SEED_KEY, "?"): r for r in g.rows
+            if isinstance(r.metrics.get(figure), (int, float)) and math.isfinite(r.metrics[figure])}
 
 
 @dataclass
@@ -156,6 +176,10 @@ def judge(claim: str, comparisons: list[Contrast], note: str = "") -> Verdict:
     """Every comparison "a better" (a is the claim's side) -> confirmed; any "b better" -> not confirmed."""
     if not comparisons or all(c.outcome == "missing" for c in comparisons):
         return Verdict(claim, "not testable", comparisons, note or "the runs it needs are missing")
+    few = sum(c.outcome == TOO_FEW_SEEDS for c in comparisons)
+    if few:
+        why = f"{few} of {len(comparisons)} comparisons not made: their groups share fewer than {MIN_SHARED_SEEDS} seeds"
+        note = f"{note}; {why}" if note else why
     if any(c.outcome == "b better" for c in comparisons):
         return Verdict(claim, "not confirmed", comparisons, note)
     if all(c.outcome == "a better" for c in comparisons):
@@ -210,14 +234,15 @@ def claims(groups: list[Group], *, base: dict[str, str] | None = None) -> list[V
     note = ""
     if masked and full:
         psnr = compare(masked, full, "recon_psnr", "keep0.75", "keep1.0")
-        close = psnr.outcome != "missing" and abs(psnr.a_mean - psnr.b_mean) <= 1.0
-        note = (f"reconstruction within 1 dB of keep 1.0: {'yes' if close else 'no'} "
-                f"({psnr.a_mean:.2f} vs {psnr.b_mean:.2f} dB)" if psnr.outcome != "missing" else "")
+        close = abs(psnr.a_mean - psnr.b_mean) <= 1.0 if psnr.compared else None
+        note = (f"reconstruction within 1 dB of keep 1.0: {'yes' if close else 'no'} ({psnr.a_mean:.2f} vs "
+                f"{psnr.b_mean:.2f} dB on seeds {','.join(psnr.seeds)})" if psnr.compared
+                else f"reconstruction not judged: {psnr.text()}")
         comps = [compare(masked, full, "fid", "keep0.75", "keep1.0")]
         verdict = judge("2. A moderate mask (keep 0.75) keeps reconstruction close to the unmasked tokenizer "
                         "(within 1 dB PSNR) and improves generation (FID).", comps, note)
         if verdict.verdict == "confirmed" and not close:
-            verdict.verdict = "not confirmed"
+            verdict.verdict = "not confirmed" if close is False else "inconclusive"
         out.append(verdict)
     else:
         out.append(judge("2. A moderate mask keeps reconstruction close and improves generation.", []))
@@ -381,11 +406,12 @@ def fetch_pictures(groups: list[Group], out_dir: Any, tracking_uri: str) -> dict
     """The evaluate run's pictures of each group's first seed, copied under ``out_dir/pictures``; returns
     ``{variant: {picture name: relative path}}`` (a variant whose run has no such artifact is left out)."""
     import re
-    import shutil
     import tempfile
     from pathlib import Path
 
     import mlflow
+
+    from infra.storage import atomic_copy
 
     keys = sorted({k for gr in groups for k in gr.key})
     out: dict[str, dict[str, str]] = {}
@@ -406,7 +432,7 @@ def fetch_pictures(groups: list[Group], out_dir: Any, tracking_uri: str) -> dict
                     continue
                 rel = f"pictures/{slug}_{Path(artifact).stem}.png"
                 (Path(out_dir) / "pictures").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(local, Path(out_dir) / rel)
+                atomic_copy(local, Path(out_dir) / rel)
                 got[label] = rel
         if got:
             out[name] = got

@@ -89,6 +89,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    """Copy ``src`` to ``dst`` durably: into a temporary file beside ``dst``, fsynced, renamed over it."""
+    import shutil
+
+    with atomic_target(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 

@@ -146,6 +146,38 @@ def test_comparisons_show_the_per_seed_paired_difference() -> None:
     assert "paired by seed: a - b = +0.867 +/- 0.35 over 3 seeds, mq better in 0" in c.text()
 
 
+def test_groups_are_compared_on_the_seeds_both_ran() -> None:
+    """As in the claims grid, the headline arm (keep 0.75, learned) and the VQGAN baseline ran a third seed that keep
+    1.0 did not, and seed 2's evaluator happens to give lower FIDs. Over each group's own seeds keep 0.75 would
+    beat keep 1.0 (claim 2 confirmed); over the seeds both ran the difference is inside the spread."""
+    comp = _runs(fid_learned=5.0, fid_random=7.0, noise=0.25)
+    headline = {"tokenizer.keep_ratio": "0.75", "tokenizer.scorer": "learned", "tokenizer.architecture": "mqvae",
+                "stackformer.model": "stackformer", "stackformer.max_steps": "600", "seed": "2"}
+    vqgan = {**headline, "tokenizer.keep_ratio": "1.0", "tokenizer.architecture": "vqgan", "stackformer.model": "fullgrid"}
+    comp.rows += [_row(100, headline, {"fid": 4.5, "fid_boot_std": 0.05, "recon_psnr": 19.75,
+                                       "sampling_images_per_s": 133.0}),
+                  _row(101, vqgan, {"fid": 7.5, "fid_boot_std": 0.05, "recon_psnr": 20.0,
+                                    "sampling_images_per_s": 100.0})]
+    groups = group_rows(comp)
+    masked = next(g for g in groups if all(g.get(k) == v for k, v in headline.items() if k != "seed"))
+    full = next(g for g in groups if g.get("tokenizer.keep_ratio") == "1.0" and g.get("stackformer.model") ==
+                "stackformer")
+    assert masked.seeds == ["0", "1", "2"] and full.seeds == ["0", "1"]
+    assert full.mean("fid") - masked.mean("fid") > masked.spread("fid") + full.spread("fid")  # unpaired: a better
+    verdicts = {v.claim[0]: v for v in claims(groups)}
+    assert verdicts["2"].verdict == "inconclusive", verdicts["2"]
+    assert "keep0.75 5 +/- 0.35 vs keep1.0 5.6 +/- 0.35 on seeds 0,1 (n=2) -> overlap" in \
+        verdicts["2"].comparisons[0].text()
+    assert "on seeds 0,1,2 (n=3) -> a better" in verdicts["3"].comparisons[0].text()  # both ran 3 seeds: all 3 used
+    # fewer than 2 shared seeds: not compared, and the verdict says why
+    comp.rows = [r for r in comp.rows if not (r.params["tokenizer.keep_ratio"] == "1.0" and r.params["seed"] == "0"
+                                              and r.params["stackformer.model"] == "stackformer")]
+    lone = {v.claim[0]: v for v in claims(group_rows(comp))}["2"]
+    assert lone.verdict == "inconclusive" and "1 of 1 comparisons not made" in lone.note
+    assert lone.comparisons[0].text() == ("FID: keep0.75 ran seeds 0,1,2, keep1.0 seeds 1: 1 shared, a comparison "
+                                          "needs 2 -> not compared (inconclusive)")
+
+
 def test_equal_compute_and_another_latent_grid_get_their_own_comparisons() -> None:
     """Variants off the common setting (more generator steps; a 16x16 latent grid) are compared in their own
     sections: the equal-compute variant against its equal-steps self and the VQGAN baseline, the other layout's
@@ -154,6 +186,8 @@ def test_equal_compute_and_another_latent_grid_get_their_own_comparisons() -> No
 
     comp = _runs(fid_learned=5.0, fid_random=7.0, noise=0.05)
     i = len(comp.rows)
+    comp.rows.append(_row(i, {**comp.rows[-1].params, "seed": "1"}, dict(comp.rows[-1].metrics)))  # 800 steps, 2 seeds
+    i += 1
     for r in comp.rows:
         r.params.update({"data.image_size": "32", "tokenizer.ch_mult": "[1, 2, 2]", "stackformer.batch_size": "64"})
     for keep, seed in itertools.product(("0.75", "1.0"), ("0", "1")):
@@ -185,7 +219,7 @@ def test_equal_compute_and_another_latent_grid_get_their_own_comparisons() -> No
         "`tokenizer.ch_mult=[1, 2, 2]`, an 8x8 latent grid)")
     text = results_markdown(comp, claims(groups, base=base), groups, {}, sides=list(sides.values()))
     assert "## Another layout: a 16x16 latent grid (shown, not used by the verdicts)" in text
-    assert "keep0.75 3.5 +/- 0.71 vs keep1.0 9.5 +/- 0.71 -> a better" in text
+    assert "keep0.75 3.5 +/- 0.71 vs keep1.0 9.5 +/- 0.71 on seeds 0,1 (n=2) -> a better" in text
     # nothing is masked at keep 1.0 or in a VQGAN: the scorer's default value is not part of their names
     assert "| batch_size=64, max_steps=600, model=fullgrid, architecture=vqgan, ch_mult=[1, 2, 2], keep_ratio=1.0 |" \
         in text
