@@ -209,8 +209,10 @@ def encode_shard(job: ShardJob, model: torch.nn.Module | None = None) -> Encoded
     if n != job.count:
         raise ShardIntegrityError(f"{job.path}: {n} samples, the manifest lists {job.count}")
     name = "cpu" if device.type == "cpu" else f"{device.type}:{torch.cuda.get_device_name(device)}"
-    if job.captioned and any(c is None for c in captions):
-        raise ShardIntegrityError(f"{job.path}: a sample has no caption in a captioned dataset")
+    if job.captioned and None in captions:
+        raise ShardIntegrityError(f"{job.path}: sample {captions.index(None)} has no caption (.txt member) in a "
+                                  "captioned dataset, whose ingest manifest promises one for every sample: rerun "
+                                  "ingest")
     return EncodedShard(job.split, job.shard, codes, positions, labels, time.perf_counter() - t0,
                         time.process_time() - cpu0, name, [c or "" for c in captions] if job.captioned else None)
 

@@ -1,6 +1,6 @@
 """Stage 1, ingest: a source (``data.*``) -> train/val WebDataset shards, a manifest, an MLflow run.
 
-Output: ``<run.root>/ingest/<key>/{train,val}-%06d.tar`` (members ``<key>.png``, ``<key>.cls``),
+Output: ``<run.root>/ingest/<key>/{train,val}-%06d.tar`` (members ``<key>.png``, ``<key>.cls``, ``<key>.txt``),
 ``samples.png`` and ``manifest.json``, written last. The stage key hashes the data section (minus
 ``num_workers``), the seed and :data:`INGEST_VERSION`; a complete manifest for the key is a cache hit.
 
@@ -67,7 +67,8 @@ from infra.storage import (
     sha256_file,
     stage_dir,
 )
-from tasks.ingest.sources import (
+
+from .sources import (
     SPLITS,
     ImageSpec,
     IngestError,
@@ -77,13 +78,26 @@ from tasks.ingest.sources import (
     TarChunk,
     source_from_config,
 )
-from tasks.ingest.writer import ChunkJob, ChunkResult, build_chunk, pool_build_chunk, pool_init, sample_grid
+from .writer import (
+    ChunkJob,
+    ChunkResult,
+    build_chunk,
+    complete_captions,
+    pool_build_chunk,
+    pool_init,
+    sample_grid,
+)
 
 __all__ = ["INGEST_VERSION", "IngestError", "IngestOutput", "SourceError", "run", "stage_key"]
 
 STAGE = "ingest"
 INGEST_VERSION = "1"  # bump when the bytes ingest writes for a given config change
 CAPTION_READING_SOURCES = ("image-folder", "shards")  # sources that read captions beside their images
+# 2: every sample of a captioned dataset has a caption (mixed inputs used to leave some without one, which
+# tokenize refused), oversized sidecars are cut instead of skipped. Recorded in a captioned manifest; an older
+# captioned output of a caption-reading source is rebuilt under the same key (uncaptioned data keeps its output and
+# its key: its computation did not change).
+CAPTIONS_VERSION = 2
 PERFORMANCE_FIELDS = ("num_workers",)  # data fields that change speed, never the output
 MAX_EXAMPLES = 20  # skipped/ignored examples kept per reason in the manifest
 
@@ -97,7 +111,7 @@ def stage_key(cfg: PipelineConfig) -> str:
     data = {k: v for k, v in identity("data", to_dict(cfg.data)).items() if k not in PERFORMANCE_FIELDS}
     version = INGEST_VERSION
     if cfg.data.source in CAPTION_READING_SOURCES:
-        version += "+captions"  # their output gained the .txt captions of their input
+        version += "+captions"  # their output gained the .txt captions of their input (see CAPTIONS_VERSION)
     if cfg.data.captions_file is not None:  # a changed caption file is different data under the same path
         data["captions_file_sha256"] = _file_sha256_or_missing(cfg.data.captions_file)
     return stable_hash({"stage": STAGE, "version": version, "seed": cfg.seed, "data": data})
@@ -161,6 +175,10 @@ def _cached(out: Path, key: str) -> IngestOutput | None:
         raise DamagedOutput(out, str(e)) from None
     if m.get("key") != key:
         raise DamagedOutput(out, f"its manifest holds key {m.get('key')!r}")
+    if (m.get("captioned") and (m.get("config") or {}).get("data", {}).get("source") in CAPTION_READING_SOURCES
+            and int(m.get("captions_version", 1)) < CAPTIONS_VERSION):
+        raise DamagedOutput(out, "its captions were stored by an older mqgen (some samples of mixed inputs had "
+                                 "none, long sidecar captions were skipped): built again")
     problems = check_shards(out, m)
     if problems:
         raise DamagedOutput(out, "; ".join(problems[:3]))
@@ -205,7 +223,9 @@ def _ingest(cfg: PipelineConfig, root: Path, key: str, out: Path, force: bool,
                      plan.description.get("path"), plan.num_inputs if plan.num_inputs is not None else "?")
             runner = _Runner(cfg, key, plan, spec, build, pool)
             try:
-                results, stopped_early = runner.run(), False
+                runner.run()
+                runner.complete_captions()
+                results, stopped_early = runner.results, False
             except _EarlyBadStop:
                 results, stopped_early = runner.results, True
         finally:
@@ -362,6 +382,22 @@ class _Runner:
         finally:
             bar.close()
         return self.results
+
+    def complete_captions(self) -> None:
+        """A captioned dataset (some stored sample has a caption) stores one with every sample: the chunks
+        holding samples without (inputs without captions, or a shard's samples before its first caption) get
+        ``data.missing_caption`` applied (:func:`~tasks.ingest.writer.complete_captions`) and their done
+        records rewritten, so the manifest's ``captioned`` holds for every shard. A no-op otherwise."""
+        parts = [p for r in self.results.values() for p in r.parts]
+        if not any(p.num_captioned for p in parts):
+            return
+        for job in self.jobs_in_order:
+            r = self.results.get(job.job_id)
+            if r is None or all(p.num_captioned == p.num_samples for p in r.parts):
+                continue
+            r = complete_captions(r, self.parts_dir, self.spec.missing_caption, getattr(job.chunk, "url", r.job_id))
+            atomic_write_json(self.done_dir / f"{r.job_id}.json", r.to_json())
+            self.results[r.job_id] = r
 
     def _reuse(self, job: ChunkJob, fp: str, recorded: dict[str, ChunkResult], bar: Any) -> bool:
         """Accept the recorded result of ``job`` if it was built from the same inputs; drop a stale one."""
@@ -610,7 +646,7 @@ def _finalize(cfg: PipelineConfig, key: str, plan: Plan, jobs: list[ChunkJob],
                 if part.split != split:
                     continue
                 name = f"{split}-{len(shards):06d}.tar"
-                os.replace(build / "parts" / part.name, build / name)
+                replace_dir(build / "parts" / part.name, build / name)  # a file too: renamed, directory fsynced
                 shards.append({"name": name, "num_samples": part.num_samples, "num_bytes": part.num_bytes,
                                "sha256": part.sha256, "first_key": part.first_key, "last_key": part.last_key})
         hist = stats.histogram[split]
@@ -644,8 +680,10 @@ def _finalize(cfg: PipelineConfig, key: str, plan: Plan, jobs: list[ChunkJob],
         "classes": classes,
         "num_classes": len(classes),
         # captioned: every stored sample has a .txt member (an empty one where the input had none and
-        # data.missing_caption=empty); caption_grammar names a grammar the captions follow (shapes), if any
+        # data.missing_caption=empty; _Runner.complete_captions makes it so across inputs); caption_grammar
+        # names a grammar the captions follow (shapes), if any
         "captioned": any(s["num_captioned"] for s in splits.values()),
+        "captions_version": CAPTIONS_VERSION,
         "caption_grammar": plan.description.get("caption_grammar"),
         "splits": splits,
         "totals": {"num_samples": sum(s["num_samples"] for s in splits.values()),

@@ -25,6 +25,7 @@ Output keys are ``<split>_<index:08d>`` (index in the split's deterministic orde
 
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import hashlib
@@ -37,7 +38,7 @@ import struct
 import urllib.request
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
@@ -126,7 +127,10 @@ MISSING_CAPTION = "missing_caption"      # no caption in a captioned dataset (da
 CAPTION_TRUNCATED = "caption_truncated"  # longer than data.max_caption_bytes: cut at a character boundary
 CAPTION_UTF8_ERRORS = "caption_utf8_errors"  # not valid UTF-8: the bad bytes became U+FFFD
 CAPTION_BAD_JSON = "caption_bad_json"    # a .json member that is not JSON or has no string "caption" field
-CAPTION_MEMBER_EXTS = ("txt", "json")
+CAPTION_BAD_LINE = "caption_bad_line"    # a captions-file row without a path and a string caption, or too long
+EMPTY_CAPTION = "empty_caption"          # no caption in a captioned dataset: stored empty (data.missing_caption)
+MAX_CAPTION_ROW_CHARS = 131072  # a data.captions_file row (CSV field, JSONL line) longer than this is a bad line
+MAX_CAPTIONS_FILE_BYTES = 1 << 30  # a larger data.captions_file is refused (it is read row by row)
 
 
 class IngestError(PermanentError, RuntimeError):
@@ -209,16 +213,30 @@ class ImageSpec:
 # --------------------------------------------------------------------------------------------- captions
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_ESCAPED_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # surrogates that surrogateescape never makes
+
+
 def decode_caption(data: bytes | str, max_bytes: int) -> tuple[str, list[str]]:
     """A caption as stored: UTF-8 (invalid bytes replaced), whitespace runs (newlines included) folded to one
     space, control characters dropped, cut to ``max_bytes`` at a character boundary. Returns the text and the
-    notes to count (:data:`CAPTION_UTF8_ERRORS`, :data:`CAPTION_TRUNCATED`). Never evaluates anything."""
+    notes to count (:data:`CAPTION_UTF8_ERRORS`, :data:`CAPTION_TRUNCATED`). Never evaluates anything.
+
+    A ``str`` may carry the bytes its reader could not decode as surrogates (``errors="surrogateescape"``, as
+    the captions-file and ``.json`` readers decode); they, and any other lone surrogate, count as invalid UTF-8
+    exactly as in ``bytes``, so every layout reports the same notes for the same caption bytes."""
     notes: list[str] = []
+    if isinstance(data, str) and _SURROGATE.search(data):
+        data = _NOT_ESCAPED_BYTE.sub("\udcff", data).encode("utf-8", "surrogateescape")
     if isinstance(data, bytes):
-        text = data[:4 * max_bytes + 4].decode("utf-8", errors="replace")  # bounded work on a huge member
-        if "\ufffd" in text and "\ufffd".encode() not in data:
+        limit = 4 * max_bytes + 4  # bounded work on a huge member; the cut is made below anyway
+        final = len(data) <= limit  # a cut prefix may end inside a character: not an error
+        try:
+            text = codecs.getincrementaldecoder("utf-8")("strict").decode(data[:limit], final=final)
+        except UnicodeDecodeError:
             notes.append(CAPTION_UTF8_ERRORS)
-        if len(data) > 4 * max_bytes + 4:
+            text = codecs.getincrementaldecoder("utf-8")("replace").decode(data[:limit], final=final)
+        if not final:
             notes.append(CAPTION_TRUNCATED)
     else:
         text = data
@@ -232,13 +250,14 @@ def decode_caption(data: bytes | str, max_bytes: int) -> tuple[str, list[str]]:
 
 
 def caption_from_json(data: bytes, max_bytes: int) -> tuple[str | None, list[str]]:
-    """The ``caption`` field of a ``.json`` member (img2dataset's layout), or None and a note."""
+    """The ``caption`` field of a ``.json`` member (img2dataset's layout), or None and a note. Invalid UTF-8 in
+    the caption is counted as in a ``.txt`` member (the bytes reach :func:`decode_caption` undecoded)."""
     import json
 
     if len(data) > 64 * max_bytes + 1024:
         return None, [CAPTION_BAD_JSON]
     try:
-        obj = json.loads(data.decode("utf-8", errors="replace"))
+        obj = json.loads(data.decode("utf-8", errors="surrogateescape"))
     except (ValueError, RecursionError):
         return None, [CAPTION_BAD_JSON]
     value = obj.get("caption") if isinstance(obj, dict) else None
@@ -594,8 +613,11 @@ def _iter_file_chunk(chunk: FileChunk, spec: ImageSpec) -> Iterator[ChunkItem]:
                    caption)
 
 
-def read_regular_file(path: Path, max_bytes: int) -> bytes:
-    """Read a whole regular file (following file symlinks); FIFOs/devices are refused without blocking."""
+def read_regular_file(path: Path, max_bytes: int, *, prefix: bool = False) -> bytes:
+    """Read a whole regular file (following file symlinks); FIFOs/devices are refused without blocking.
+
+    A file over ``max_bytes`` is a :data:`TOO_LARGE` input (``data.max_input_bytes``), or with ``prefix`` read
+    only up to ``max_bytes + 1`` bytes (the caller cuts it and sees that it was longer)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
@@ -604,10 +626,11 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise BadInput(NOT_REGULAR_FILE, "not a regular file (FIFO, socket or device)")
-        if st.st_size > max_bytes:
+        if st.st_size > max_bytes and not prefix:
             raise BadInput(TOO_LARGE, f"{st.st_size} bytes > data.max_input_bytes={max_bytes}")
         chunks = []
-        remaining = st.st_size + 1  # one extra byte detects a file that grew past the cap meanwhile
+        # one extra byte detects a file that grew past the cap meanwhile
+        remaining = min(st.st_size, max_bytes) + 1
         while remaining > 0:
             b = os.read(fd, min(remaining, 1 << 22))
             if not b:
@@ -615,7 +638,7 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
             chunks.append(b)
             remaining -= len(b)
         data = b"".join(chunks)
-        if len(data) > max_bytes:
+        if len(data) > max_bytes and not prefix:
             raise BadInput(TOO_LARGE, f"more than data.max_input_bytes={max_bytes} bytes")
         return data
     except OSError as e:
@@ -641,7 +664,10 @@ def _iter_tar_chunk(chunk: TarChunk, spec: ImageSpec) -> Iterator[ChunkItem]:
     remaining = dict(chunk.limits) if chunk.limits is not None else None
     possible = chunk.possible_splits()
     labelled: bool | None = None  # decided by the shard's first well-formed sample
-    captioned: bool | None = None  # likewise: a shard's first sample with a caption member makes it captioned
+    # Captions are decided per sample. Once an image of this shard had a usable caption, a later one without
+    # gets data.missing_caption here; one before it (or in a shard without any) is stored with caption None,
+    # and the stage completes those once it knows whether any input had captions (writer.complete_captions).
+    captioned = False
     shard_name = chunk.url.rstrip("/").rsplit("/", 1)[-1]
     try:
         f = _open_url(chunk.url)
@@ -669,14 +695,15 @@ def _iter_tar_chunk(chunk: TarChunk, spec: ImageSpec) -> Iterator[ChunkItem]:
             if labelled is False and "cls" in item.members:
                 yield Skip(UNEXPECTED_LABEL, ref, "a .cls member in a shard whose first sample has none")
                 continue
-            if captioned is None and any(e in item.members for e in IMAGE_MEMBER_EXTS):
-                captioned = any(e in item.members for e in CAPTION_MEMBER_EXTS)
             caption, notes = sample_caption(item.members, spec.max_caption_bytes)
+            if not captioned and caption is not None:
+                captioned = any(e in item.members for e in IMAGE_MEMBER_EXTS)
             for note in notes:
                 yield Ignore(note, ref)
-            if captioned and caption is None:
+            empty = captioned and caption is None
+            if empty:
                 if spec.missing_caption == "skip":
-                    yield Skip(MISSING_CAPTION, ref, "no usable .txt/.json caption in a captioned shard")
+                    yield Skip(MISSING_CAPTION, ref, "no usable .txt/.json caption in a captioned dataset")
                     continue
                 caption = ""
             split = chunk.split
@@ -694,6 +721,8 @@ def _iter_tar_chunk(chunk: TarChunk, spec: ImageSpec) -> Iterator[ChunkItem]:
                 continue
             if remaining is not None:
                 remaining[split] -= 1
+            if empty:
+                yield Ignore(EMPTY_CAPTION, ref)
             yield good
         if reader.status != "ok":
             yield InputDamage(chunk.url, reader.status, reader.detail or "empty file (no tar header)")
@@ -1126,8 +1155,8 @@ def _folder_captions(root: Path, images: list[str], captions_file: str | None, s
             side = rel.rsplit(".", 1)[0] + ".txt"
             if side in sidecars:
                 used.add(side)
-                try:
-                    data = read_regular_file(root / side, 4 * spec.max_caption_bytes + 4)
+                try:  # a longer sidecar is cut like a long .txt member (decode_caption sees the extra byte)
+                    data = read_regular_file(root / side, 4 * spec.max_caption_bytes + 4, prefix=True)
                 except BadInput as e:
                     skipped.append(Skip(e.reason, side, e.detail))
                     continue
@@ -1142,53 +1171,91 @@ def _folder_captions(root: Path, images: list[str], captions_file: str | None, s
         if text is None and spec.missing_caption == "skip":
             skipped.append(Skip(MISSING_CAPTION, rel, "no caption for this image"))
         elif text is None:
-            ignored.append(Ignore("empty_caption", rel))
+            ignored.append(Ignore(EMPTY_CAPTION, rel))
     return out
 
 
 def _read_captions_file(path: Path, images: set[str], spec: ImageSpec, ignored: list[Ignore]) -> dict[str, str]:
-    """``path,caption`` rows of a CSV (header with ``path`` and ``caption``) or a JSONL file."""
+    """``path,caption`` rows of a CSV (header with ``path`` and ``caption``; ``.tsv``: tab-separated) or a JSONL
+    file, read row by row as UTF-8 (a byte-order mark is dropped; invalid bytes reach :func:`decode_caption`
+    undecoded and are counted there).
+    A row without a path and a string caption, or longer than :data:`MAX_CAPTION_ROW_CHARS`, is a counted
+    :data:`CAPTION_BAD_LINE`; a file over :data:`MAX_CAPTIONS_FILE_BYTES` is refused."""
     import csv
-    import json
 
     if not path.is_file():
         raise SourceError(f"data.captions_file={path}: no such file")
-    rows: list[tuple[str, Any]] = []
+    found: dict[str, str] = {}
+
+    def add(rel: Any, text: Any, where: str) -> None:
+        if not isinstance(rel, str) or not rel:
+            ignored.append(Ignore(CAPTION_BAD_LINE, where))
+            return
+        rel = os.path.normpath(rel.replace("\\", "/")).lstrip("/")
+        if rel not in images:
+            ignored.append(Ignore("caption_without_image", rel[:200]))
+        elif not isinstance(text, str):
+            ignored.append(Ignore(CAPTION_BAD_LINE, rel))
+        else:
+            found[rel], notes = decode_caption(text, spec.max_caption_bytes)
+            ignored.extend(Ignore(n, rel) for n in notes)
+
     try:
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        with open(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
+                                                       newline="") as f:
+            size = os.fstat(raw.fileno()).st_size
+            if size > MAX_CAPTIONS_FILE_BYTES:
+                raise SourceError(f"data.captions_file={path}: {size} bytes, more than the {MAX_CAPTIONS_FILE_BYTES} "
+                                  "a captions file may have; keep only the rows of the images under data.path")
             if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except ValueError:
-                        ignored.append(Ignore("caption_bad_line", f"{path.name}:{n}"))
-                        continue
-                    if not isinstance(obj, dict) or not isinstance(obj.get("path"), str):
-                        ignored.append(Ignore("caption_bad_line", f"{path.name}:{n}"))
-                        continue
-                    rows.append((obj["path"], obj.get("caption")))
+                _read_captions_jsonl(f, path.name, add, ignored)
             else:
-                reader = csv.DictReader(f, dialect=csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel)
-                if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
+                reader = csv.reader(f, dialect=csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel)
+                header = next(reader, None)
+                if not header or not {"path", "caption"} <= set(header):
                     raise SourceError(f"data.captions_file={path}: the header must name the columns 'path' and "
-                                      f"'caption' (found {reader.fieldnames})")
-                rows.extend((r["path"], r["caption"]) for r in reader)
+                                      f"'caption' (found {header})")
+                col_path, col_caption = header.index("path"), header.index("caption")
+                while True:
+                    try:
+                        row = next(reader)
+                    except StopIteration:
+                        break
+                    except csv.Error:  # e.g. a field over csv's limit: the reader goes on after that row
+                        ignored.append(Ignore(CAPTION_BAD_LINE, f"{path.name}:{reader.line_num}"))
+                        continue
+                    if row:  # blank lines are no rows
+                        add(row[col_path] if col_path < len(row) else None,
+                            row[col_caption] if col_caption < len(row) else None, f"{path.name}:{reader.line_num}")
     except (OSError, csv.Error) as e:
         raise SourceError(f"data.captions_file={path}: cannot read it: {e}") from e
-    found: dict[str, str] = {}
-    for rel, text in rows:
-        rel = os.path.normpath(rel.replace("\\", "/")).lstrip("/") if rel else rel
-        if rel not in images:
-            ignored.append(Ignore("caption_without_image", str(rel)[:200]))
-            continue
-        if not isinstance(text, str):
-            ignored.append(Ignore("caption_bad_line", rel))
-            continue
-        found[rel], notes = decode_caption(text, spec.max_caption_bytes)
-        ignored.extend(Ignore(n, rel) for n in notes)
     return found
+
+
+def _read_captions_jsonl(f: io.TextIOWrapper, name: str, add: Callable[[Any, Any, str], None],
+                         ignored: list[Ignore]) -> None:
+    """The ``{"path", "caption"}`` lines of a JSONL captions file, each read with a bounded length."""
+    import json
+
+    n = 0
+    while line := f.readline(MAX_CAPTION_ROW_CHARS + 1):
+        n += 1
+        if len(line) > MAX_CAPTION_ROW_CHARS and not line.endswith(("\n", "\r")):
+            while line and not line.endswith(("\n", "\r")):  # skip the rest of the overlong line
+                line = f.readline(MAX_CAPTION_ROW_CHARS)
+            ignored.append(Ignore(CAPTION_BAD_LINE, f"{name}:{n}"))
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            ignored.append(Ignore(CAPTION_BAD_LINE, f"{name}:{n}"))
+            continue
+        if not isinstance(obj, dict):
+            ignored.append(Ignore(CAPTION_BAD_LINE, f"{name}:{n}"))
+            continue
+        add(obj.get("path"), obj.get("caption"), f"{name}:{n}")
 
 
 def _walk(root: Path, rel_dir: str, out: list[str], skipped: list[Skip], ignored: list[Ignore]) -> None:
@@ -1232,7 +1299,9 @@ class ShardsSource:
     shard name and key). A sample is one image member (png/jpg/jpeg/webp) plus an optional ``.cls``
     (ASCII integer); other members are ignored and never decoded. A shard's first sample decides whether
     it is labelled: later samples that disagree are skipped (``missing_label`` / ``unexpected_label``), so
-    a sample whose ``.cls`` arrives non-adjacent can never pass as unlabelled."""
+    a sample whose ``.cls`` arrives non-adjacent can never pass as unlabelled. Captions (``.txt``, or the
+    ``caption`` of a ``.json``) are decided per sample: once any input has one, every stored sample has one
+    (``data.missing_caption`` for the others, applied by the stage after all inputs are read)."""
 
     urls: tuple[str, ...]
     spec_text: str

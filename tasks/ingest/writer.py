@@ -13,7 +13,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ import numpy as np
 from infra.shards import KEY_PATTERN, read_shard
 from infra.storage import HashingWriter, partial_open
 from infra.tar import Ignore
-from tasks.ingest.sources import Chunk, Good, ImageSpec, InputDamage, Skip, iter_chunk
+
+from .sources import EMPTY_CAPTION, MISSING_CAPTION, Chunk, Good, ImageSpec, InputDamage, Skip, iter_chunk
 
 _KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")  # KEY_PATTERN, fast
 _BLOCK = 512
@@ -48,6 +49,28 @@ def ustar_header(name: bytes, size: int, name_sum: int | None = None) -> bytes:
     size_field = b"%011o\0" % size
     checksum = _HDR_SUM + (sum(name) if name_sum is None else name_sum) + sum(size_field)
     return _HDR.pack(name, _HDR_IDS, size_field, _HDR_MTIME, b"%06o\0 " % checksum, _HDR_TAIL)
+
+
+def encode_sample(key: str, png: bytes, label: int, caption: str | None) -> tuple[list[bytes], int]:
+    """The tar bytes of one sample (``<key>.png``, ``<key>.cls`` when ``label >= 0``, ``<key>.txt`` in UTF-8 when
+    ``caption`` is not None) as pieces to write, and their total size."""
+    if not key or not _KEY_CHARS.issuperset(key):
+        raise ValueError(f"sample key {key!r} does not match {KEY_PATTERN.pattern}")
+    k = key.encode("ascii")
+    k_sum = sum(k)
+    pad = -len(png) % _BLOCK
+    pieces = [ustar_header(k + b".png", len(png), k_sum + _PNG_EXT_SUM), png, _PADDING[pad]]
+    size = _BLOCK + len(png) + pad
+    if label >= 0:
+        cls = b"%d" % label
+        pieces += (ustar_header(k + b".cls", len(cls), k_sum + _CLS_EXT_SUM), cls, _PADDING[-len(cls) % _BLOCK])
+        size += 2 * _BLOCK
+    if caption is not None:
+        txt = caption.encode("utf-8")
+        pad = -len(txt) % _BLOCK
+        pieces += (ustar_header(k + b".txt", len(txt), k_sum + _TXT_EXT_SUM), txt, _PADDING[pad])
+        size += _BLOCK + len(txt) + pad
+    return pieces, size
 
 
 @dataclass
@@ -82,6 +105,18 @@ class _OpenPart:
         self.hist: Counter[int] = Counter()
         self.unlabeled = 0
         self.captioned = 0
+
+    def add(self, key: str, pieces: Sequence[bytes], size: int, label: int, caption: str | None) -> None:
+        """Append one sample's :func:`encode_sample` and count it."""
+        self.write(pieces, size)
+        if label >= 0:
+            self.hist[label] += 1
+        else:
+            self.unlabeled += 1
+        self.captioned += caption is not None
+        self.first_key = self.first_key or key
+        self.last_key = key
+        self.count += 1
 
     def write(self, pieces: Sequence[bytes], size: int) -> None:
         self._buf.extend(pieces)
@@ -128,22 +163,7 @@ class ShardWriter:
     def add(self, key: str, png: bytes, label: int, caption: str | None = None) -> None:
         """Append one sample: ``<key>.png``, ``<key>.cls`` when ``label >= 0``, ``<key>.txt`` (UTF-8) when
         ``caption`` is not None."""
-        if not key or not _KEY_CHARS.issuperset(key):
-            raise ValueError(f"sample key {key!r} does not match {KEY_PATTERN.pattern}")
-        k = key.encode("ascii")
-        k_sum = sum(k)
-        pad = -len(png) % _BLOCK
-        pieces = [ustar_header(k + b".png", len(png), k_sum + _PNG_EXT_SUM), png, _PADDING[pad]]
-        size = _BLOCK + len(png) + pad
-        if label >= 0:
-            cls = b"%d" % label
-            pieces += (ustar_header(k + b".cls", len(cls), k_sum + _CLS_EXT_SUM), cls, _PADDING[-len(cls) % _BLOCK])
-            size += 2 * _BLOCK
-        if caption is not None:
-            txt = caption.encode("utf-8")
-            pad = -len(txt) % _BLOCK
-            pieces += (ustar_header(k + b".txt", len(txt), k_sum + _TXT_EXT_SUM), txt, _PADDING[pad])
-            size += _BLOCK + len(txt) + pad
+        pieces, size = encode_sample(key, png, label, caption)
         part = self._open
         if part is not None and (part.count >= self.max_count
                                  or part.num_bytes + size + 2 * _BLOCK > self.max_bytes):
@@ -152,15 +172,7 @@ class ShardWriter:
         if part is None:
             name = f"{self.split}-c{self.chunk_index:06d}-p{len(self.parts):03d}.tar"
             part = self._open = _OpenPart(self.directory / name)
-        part.write(pieces, size)
-        if label >= 0:
-            part.hist[label] += 1
-        else:
-            part.unlabeled += 1
-        part.captioned += caption is not None
-        part.first_key = part.first_key or key
-        part.last_key = key
-        part.count += 1
+        part.add(key, pieces, size, label, caption)
 
     def close(self) -> list[PartInfo]:
         if self._open is not None:
@@ -272,6 +284,49 @@ def build_chunk(job: ChunkJob, fingerprint: str = "", progress: Callable[[int], 
         progress(pending)
     return ChunkResult(job.job_id, fingerprint, parts, n_inputs, dict(skipped), skipped_ex, dict(ignored),
                        ignored_ex, damaged, time.perf_counter() - t0, time.thread_time() - c0, os.getpid())
+
+
+def complete_captions(result: ChunkResult, parts_dir: str | Path, missing_caption: str, ref: str) -> ChunkResult:
+    """``result`` once every sample it stored has a caption, for a dataset that turned out captioned (another of
+    its inputs has captions): a sample stored without one gets an empty ``.txt`` (``data.missing_caption=empty``,
+    counted as ``empty_caption``) or is dropped (``skip``: a counted ``missing_caption`` skip, as when a shard
+    already known to be captioned lacks one). Each part concerned is rewritten under its own name (``.partial``,
+    then renamed over it; a part left empty is deleted); ``ref`` names the chunk's input in the examples."""
+    skip = missing_caption == "skip"
+    counts = Counter(result.skipped if skip else result.ignored)
+    examples = {k: list(v) for k, v in (result.skipped_examples if skip else result.ignored_examples).items()}
+    reason = MISSING_CAPTION if skip else EMPTY_CAPTION
+    parts: list[PartInfo] = []
+    for info in result.parts:
+        if info.num_captioned == info.num_samples:
+            parts.append(info)
+            continue
+        path = Path(parts_dir) / info.name
+        part = _OpenPart(path)
+        try:
+            for r in read_shard(path):
+                caption = r.caption
+                if caption is None:
+                    counts[reason] += 1
+                    ex = examples.setdefault(reason, [])
+                    if len(ex) < _EXAMPLES_PER_REASON:
+                        where = f"{ref} (output key {r.key})"
+                        ex.append(f"{where}: no caption in a captioned dataset" if skip else where)
+                    if skip:
+                        continue
+                    caption = ""
+                part.add(r.key, *encode_sample(r.key, r.png, r.label, caption), r.label, caption)
+        except BaseException:
+            part.abort()
+            raise
+        if part.count:
+            parts.append(part.close(info.split))
+        else:
+            part.abort()
+            path.unlink()
+    if skip:
+        return replace(result, parts=parts, skipped=dict(counts), skipped_examples=examples)
+    return replace(result, parts=parts, ignored=dict(counts), ignored_examples=examples)
 
 
 def _split_order(split: str) -> int:

@@ -1,10 +1,13 @@
 """Captions through ingest, in the three layouts users have, and the generated ``shapes`` source.
 
-- WebDataset shards: ``.txt`` members, or ``.json`` members with a ``caption`` field (img2dataset's layout);
-  a sample without one in a captioned shard gets an empty caption or is a counted skip (``data.missing_caption``).
+- WebDataset shards: ``.txt`` members, or ``.json`` members with a ``caption`` field (img2dataset's layout),
+  decided per sample: in a captioned dataset every stored sample has a ``.txt`` member, whichever input shard it
+  came from (a sample without a caption gets an empty one or is a counted skip, ``data.missing_caption``), so
+  tokenize reads a caption from every sample.
 - Image folders: sidecar ``<name>.txt`` files, or a CSV / JSONL ``data.captions_file`` of ``path,caption``.
-- Captions are UTF-8 with invalid bytes counted, cut at ``data.max_caption_bytes`` (counted), and stored as our
-  shards' ``.txt`` members; the manifest counts the captioned samples; a JSON member is parsed, never evaluated.
+- Captions are UTF-8 with invalid bytes counted in every layout, cut at ``data.max_caption_bytes`` (counted; an
+  oversized sidecar too), and stored as our shards' ``.txt`` members; the manifest counts the captioned samples;
+  a JSON member is parsed, never evaluated; a captions-file row too long for its reader is a counted bad line.
 - ``shapes``: deterministic, training scenes never hold a held-out pair, every caption parses back to its scene.
 """
 
@@ -18,7 +21,8 @@ import pytest
 
 from infra import shapes
 from infra.shards import ShardSet, read_shard
-from tasks.ingest import run, stage_key
+from tasks.ingest import IngestError, run, stage_key
+from tasks.ingest import sources as src
 from tests.fixtures.ingest_data import config, encode, gradient, sample_members, write_tar
 
 
@@ -54,12 +58,13 @@ def test_shard_captions_from_txt_and_json_members(run_root: Path, tmp_path: Path
     caps = _captions(out)
     train = sorted(v for k, v in caps.items() if k.startswith("train"))
     assert train == sorted(["a red circle", "a blue square", "café \ufffd bad by", "x" * 16, "", ""])
-    # the val shard has no caption member anywhere: not captioned, no .txt stored
-    assert all(v is None for k, v in caps.items() if k.startswith("val"))
+    # the val shard has no caption member anywhere, but the dataset is captioned: empty captions, counted
+    assert [v for k, v in caps.items() if k.startswith("val")] == ["", ""]
     m = _manifest(out)
     assert m["captioned"] is True
-    assert m["splits"]["train"]["num_captioned"] == 6 and m["splits"]["val"]["num_captioned"] == 0
-    assert m["ignored"]["by_reason"] == {"caption_bad_json": 1, "caption_truncated": 2, "caption_utf8_errors": 1}
+    assert m["splits"]["train"]["num_captioned"] == 6 and m["splits"]["val"]["num_captioned"] == 2
+    assert m["ignored"]["by_reason"] == {"caption_bad_json": 1, "caption_truncated": 2, "caption_utf8_errors": 1,
+                                         "empty_caption": 4}
 
 
 def test_missing_caption_skip_is_counted(run_root: Path, tmp_path: Path) -> None:
@@ -73,6 +78,95 @@ def test_missing_caption_skip_is_counted(run_root: Path, tmp_path: Path) -> None
                      "data.max_bad_fraction=0.5"))
     assert sorted(c for c in _captions(out).values()) == ["caption 0", "caption 1", "caption 2", "caption 4"]
     assert _manifest(out)["skipped"]["by_reason"] == {"missing_caption": 1}
+
+
+def _captioned(start: int, pattern: str) -> list[tuple[str, bytes]]:
+    """Unlabelled samples ``s<start>...``, one per character of ``pattern``: ``c`` with a ``.txt`` caption,
+    ``j`` with a ``.json`` one, ``-`` without."""
+    members = []
+    for i, kind in enumerate(pattern):
+        (name, data), = sample_members(1, start=start + i, labelled=False)
+        members.append((name, data))
+        stem = name.split(".")[0]
+        if kind == "c":
+            members.append((f"{stem}.txt", f"caption {stem}".encode()))
+        elif kind == "j":
+            members.append((f"{stem}.json", json.dumps({"caption": f"caption {stem}"}).encode()))
+    return members
+
+
+@pytest.mark.parametrize("missing", ["empty", "skip"])
+def test_mixed_captioned_and_uncaptioned_shards_give_every_sample_a_caption(run_root: Path, tmp_path: Path,
+                                                                            missing: str) -> None:
+    import torch
+
+    from infra.shards import ShardIntegrityError
+    from models.mqvae import MQVAE
+    from tasks import tokenize as tk
+    from tests.fixtures.tokenize_data import make_tokenizer
+
+    # a shard without captions; one whose first sample has none (the old rule judged it uncaptioned); a val
+    # shard whose captioned sample comes after uncaptioned ones
+    shards = [write_tar(tmp_path / "in" / "train-000000.tar", _captioned(0, "----")),
+              write_tar(tmp_path / "in" / "train-000001.tar", _captioned(10, "-cjc-")),
+              write_tar(tmp_path / "in" / "val-000000.tar", _captioned(20, "--c"))]
+    cfg = config(run_root, "data.source=shards", f"data.path={' '.join(map(str, shards))}",
+                 f"data.missing_caption={missing}", "data.max_bad_fraction=0.9")
+    out = run(cfg)
+    ss = ShardSet.from_output(out, verify=True)
+    m = ss.manifest
+    records = {split: [r for sh in ss.shards(split) for r in read_shard(sh.path)] for split in ("train", "val")}
+    # the invariant the manifest's "captioned" claims: every stored sample has a .txt member
+    assert m["captioned"] is True and out.captioned
+    assert all(r.caption is not None for recs in records.values() for r in recs)
+    captioned = {f"caption s{i:05d}" for i in (11, 12, 13, 22)}
+    if missing == "empty":
+        assert {split: len(recs) for split, recs in records.items()} == {"train": 9, "val": 3}
+        assert sorted(r.caption for recs in records.values() for r in recs) == [""] * 8 + sorted(captioned)
+        assert m["ignored"]["by_reason"] == {"empty_caption": 8}
+        assert m["skipped"]["by_reason"] == {}
+    else:
+        assert {r.caption for recs in records.values() for r in recs} == captioned
+        assert m["skipped"]["by_reason"] == {"missing_caption": 8}
+        assert "empty_caption" not in m["ignored"]["by_reason"]
+        assert m["totals"]["num_skipped"] == 8 and m["totals"]["num_inputs"] == 12
+    for split, recs in records.items():
+        assert m["splits"][split]["num_samples"] == m["splits"][split]["num_captioned"] == len(recs)
+        assert [s.num_samples for s in ss.shards(split)] == [s["num_samples"] for s in m["splits"][split]["shards"]]
+    # tokenize's caption reader takes a caption from every sample (an untrained model encodes the images)
+    tokenizer = make_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = MQVAE(cfg.tokenizer.model).eval()
+    for split in ("train", "val"):
+        for i, sh in enumerate(ss.shards(split)):
+            job = tk.ShardJob(split=split, shard=i, path=sh.path, count=sh.num_samples, sha256=sh.sha256,
+                              tokenizer=tokenizer, image_size=out.image_size, channels=out.channels, captioned=True)
+            try:
+                enc = tk.encode_shard(job, model)
+            except ShardIntegrityError as e:  # what the first-sample rule led to
+                pytest.fail(f"tokenize refused {sh.path}: {e}")
+            assert enc.captions == [r.caption for r in read_shard(sh.path)]
+
+
+def test_invalid_utf8_in_a_json_member_is_counted(run_root: Path, tmp_path: Path) -> None:
+    members = sample_members(3, labelled=False)
+    members.insert(1, ("s00000.json", b'{"caption": "caf\xc3\xa9 \xff!", "url": "x"}'))
+    members.insert(3, ("s00001.json", b'{"caption": "fine", "note": "\xfe"}'))  # outside the caption: not counted
+    members.append(("s00002.json", b'{"caption": "lone \\ud83d surrogate"}'))  # escaped, not UTF-8 either
+    shard = write_tar(tmp_path / "train-000000.tar", members)
+    out = run(config(run_root, "data.source=shards", f"data.path={shard}"))
+    assert sorted(_captions(out).values()) == sorted(["café \ufffd!", "fine", "lone \ufffd surrogate"])
+    assert _manifest(out)["ignored"]["by_reason"] == {"caption_utf8_errors": 2}
+
+
+def test_a_cut_inside_a_character_is_not_a_utf8_error() -> None:
+    # the bounded prefix decode_caption reads ends inside an "é": only a cut, no invalid byte
+    text, notes = src.decode_caption(b"a" + "é".encode() * 100, 16)
+    assert (text, notes) == ("a" + "é" * 7, [src.CAPTION_TRUNCATED])
+    # a str reader keeps undecodable bytes as surrogates (surrogateescape): counted as in bytes
+    assert src.decode_caption("ok \udcff", 16) == ("ok \ufffd", [src.CAPTION_UTF8_ERRORS])
+    assert src.decode_caption(b"ok \xff", 16) == ("ok \ufffd", [src.CAPTION_UTF8_ERRORS])
+    assert src.decode_caption("a real \ufffd", 16) == ("a real \ufffd", [])
 
 
 def _folder(root: Path, n: int = 12) -> Path:
@@ -94,6 +188,38 @@ def test_folder_sidecar_captions(run_root: Path, tmp_path: Path) -> None:
     assert m["ignored"]["by_reason"] == {"empty_caption": 1}  # the sidecars are captions, not ignored files
     assert m["splits"]["train"]["num_captioned"] + m["splits"]["val"]["num_captioned"] == 12
     assert m["num_classes"] == 2
+
+
+def test_a_captioned_output_of_an_older_mqgen_is_rebuilt_under_its_key_and_uncaptioned_data_kept(
+        run_root: Path, tmp_path: Path) -> None:
+    """Captions handling changed (mixed inputs, cut sidecars): an older captioned output is damaged, never reused
+    with samples tokenize refuses; an uncaptioned output of the same source keeps its key and stays a cache hit."""
+    from infra.storage import atomic_write_json
+    from tasks.ingest import MANIFEST_NAME
+
+    root = _folder(tmp_path / "imgs")
+    for p in sorted(root.rglob("*.png")):
+        p.with_suffix(".txt").write_text(f"photo of {p.stem}\n")
+    cfg = config(run_root, "data.source=image-folder", f"data.path={root}")
+    out = run(cfg)
+    manifest = json.loads((Path(out.path) / MANIFEST_NAME).read_text())
+    assert manifest["captioned"] and manifest["captions_version"] == 2
+    del manifest["captions_version"]  # as an older mqgen wrote it
+    atomic_write_json(Path(out.path) / MANIFEST_NAME, manifest)
+    rebuilt = run(cfg)
+    assert rebuilt.key == out.key and rebuilt.manifest_sha256 != out.manifest_sha256
+    assert json.loads((Path(rebuilt.path) / MANIFEST_NAME).read_text())["captions_version"] == 2
+    assert list(Path(out.path).parent.glob(f".{out.key}.damaged-*"))  # the old one set aside, not deleted
+
+    plain_root = _folder(tmp_path / "plain")  # no captions at all
+    plain_cfg = config(run_root, "data.source=image-folder", f"data.path={plain_root}")
+    plain = run(plain_cfg)
+    plain_manifest = json.loads((Path(plain.path) / MANIFEST_NAME).read_text())
+    del plain_manifest["captions_version"]
+    atomic_write_json(Path(plain.path) / MANIFEST_NAME, plain_manifest)
+    again = run(plain_cfg)
+    assert again.path == plain.path and (Path(plain.path) / MANIFEST_NAME).read_text() == \
+        (Path(again.path) / MANIFEST_NAME).read_text()  # a hit: not rebuilt
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
@@ -127,9 +253,68 @@ def test_folder_captions_file(run_root: Path, tmp_path: Path, fmt: str) -> None:
                             "data.missing_caption=skip", "data.max_bad_fraction=0.5")) != key
 
 
-def test_captions_file_without_the_columns_is_refused(run_root: Path, tmp_path: Path) -> None:
-    from tasks.ingest import IngestError
+def _caption_rows(fmt: str, rows: list[tuple[str, bytes]]) -> bytes:
+    """A captions file of ``(path, caption bytes)`` rows, the caption bytes written as they are (even invalid)."""
+    if fmt == "csv":
+        return b"path,caption\n" + b"".join(p.encode() + b',"' + c.replace(b'"', b'""') + b'"\n' for p, c in rows)
+    return b"".join(b'{"path": "' + p.encode() + b'", "caption": "' + c + b'"}\n' for p, c in rows)
 
+
+@pytest.mark.parametrize("layout", ["sidecar", "csv", "jsonl"])
+def test_invalid_utf8_is_counted_in_every_folder_layout(run_root: Path, tmp_path: Path, layout: str) -> None:
+    root = _folder(tmp_path / "imgs", 4)
+    rels = sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
+    captions = [b"caf\xc3\xa9 \xff one", b"two \xfe\xfe", b"three", b"four \xef\xbf\xbd"]  # the last: a real U+FFFD
+    extra: list[str] = []
+    if layout == "sidecar":
+        for rel, c in zip(rels, captions):
+            (root / rel).with_suffix(".txt").write_bytes(c)
+    else:
+        f = tmp_path / f"captions.{layout}"
+        f.write_bytes(_caption_rows(layout, list(zip(rels, captions))))
+        extra.append(f"data.captions_file={f}")
+    out = run(config(run_root, "data.source=image-folder", f"data.path={root}", *extra))
+    assert sorted(_captions(out).values()) == sorted(["café \ufffd one", "two \ufffd\ufffd", "three", "four \ufffd"])
+    assert _manifest(out)["ignored"]["by_reason"] == {"caption_utf8_errors": 2}
+
+
+def test_an_oversized_sidecar_is_cut_like_the_other_layouts(run_root: Path, tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs", 4)
+    pngs = sorted(root.rglob("*.png"))
+    for i, p in enumerate(pngs):
+        p.with_suffix(".txt").write_text(f"caption {i}")
+    pngs[0].with_suffix(".txt").write_bytes(("é" * 5000).encode())  # far over 4 x data.max_caption_bytes
+    out = run(config(run_root, "data.source=image-folder", f"data.path={root}", "data.max_caption_bytes=16"))
+    assert sorted(_captions(out).values()) == sorted(["é" * 8, "caption 1", "caption 2", "caption 3"])
+    m = _manifest(out)
+    assert m["skipped"]["by_reason"] == {} and m["ignored"]["by_reason"] == {"caption_truncated": 1}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_an_overlong_captions_file_row_is_a_counted_bad_line(run_root: Path, tmp_path: Path, fmt: str) -> None:
+    root = _folder(tmp_path / "imgs", 4)
+    rels = sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
+    huge = b"x" * (src.MAX_CAPTION_ROW_CHARS + 10)  # over csv's field limit: csv.Error aborted the ingest before
+    f = tmp_path / f"captions.{fmt}"
+    f.write_bytes(_caption_rows(fmt, [(rels[0], b"first"), (rels[1], huge), (rels[2], b"third"), (rels[3], b"last")]))
+    out = run(config(run_root, "data.source=image-folder", f"data.path={root}", f"data.captions_file={f}"))
+    assert sorted(_captions(out).values()) == ["", "first", "last", "third"]  # the rows after it are read
+    m = _manifest(out)
+    assert m["ignored"]["by_reason"] == {"caption_bad_line": 1, "empty_caption": 1}
+    assert m["ignored"]["examples"]["caption_bad_line"] == [f"{f.name}:{3 if fmt == 'csv' else 2}"]  # its line
+
+
+def test_a_captions_file_over_the_size_limit_is_refused(run_root: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _folder(tmp_path / "imgs", 4)
+    f = tmp_path / "captions.csv"
+    f.write_text("path,caption\n" + "".join(f"{p.relative_to(root)},hello\n" for p in root.rglob("*.png")))
+    monkeypatch.setattr(src, "MAX_CAPTIONS_FILE_BYTES", 64)
+    with pytest.raises(IngestError, match=r"data\.captions_file=.*captions\.csv: \d+ bytes, more than the 64"):
+        run(config(run_root, "data.source=image-folder", f"data.path={root}", f"data.captions_file={f}"))
+
+
+def test_captions_file_without_the_columns_is_refused(run_root: Path, tmp_path: Path) -> None:
     root = _folder(tmp_path / "imgs", 4)
     f = tmp_path / "c.csv"
     f.write_text("file,text\na.png,hello\n")
