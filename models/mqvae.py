@@ -296,13 +296,13 @@ class AdaptiveMasker(nn.Module):
             keep_mask = torch.ones(b, self.num_positions, dtype=torch.bool, device=h.device)
             return MaskerOutput(self.pre_projection(features), positions, keep_mask, None)
 
+        # scores in fp32 also under bf16 autocast: bf16 scores tie at the k-th value, and ties would then be
+        # broken by index in training but not in fp32 tokenisation
         if self.score_net is not None:
-            # in fp32 also under bf16 autocast: bf16 scores tie at the k-th value, and ties would then be broken
-            # by index in training but not in fp32 tokenisation
             with torch.autocast(h.device.type, enabled=False):
                 scores = self.score_net(h.float()).flatten(1)  # [B, HW]
         else:
-            scores = torch.rand(b, self.num_positions, device=h.device, dtype=h.dtype)
+            scores = torch.rand(b, self.num_positions, device=h.device, dtype=torch.float32)
         positions = scores.detach().topk(self.num_kept, dim=1).indices.sort(dim=1).values  # [B, N]
         kept = F.layer_norm(tokens.gather(1, positions.unsqueeze(-1).expand(-1, -1, c)), (c,))
         if self.score_net is not None:

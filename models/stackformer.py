@@ -231,11 +231,15 @@ def _check_text(config: Any, text: torch.Tensor | None, batch_size: int) -> None
 
 def _guided(logits: torch.Tensor, batch_size: int, scale: float | None) -> torch.Tensor:
     """``[B, V]`` logits to draw from: the rows as they are (``scale`` None: one pass), or, for a stacked
-    ``[2B, V]`` (classes, then null class), ``l_null + scale * (l_class - l_null)``."""
+    ``[2B, V]`` (classes, then null class), ``l_null + scale * (l_class - l_null)``.
+
+    ``torch.lerp`` computes it as ``l_class - (1 - scale) * (l_class - l_null)`` for ``scale >= 0.5``, so scale 1
+    gives ``l_class`` and scale 0 ``l_null`` exactly (the plain formula rounds ``l_class`` off at scale 1).
+    """
     if scale is None:
         return logits
     cond, null = logits[:batch_size].float(), logits[batch_size:].float()
-    return null + scale * (cond - null)
+    return torch.lerp(null, cond, scale)
 
 
 def _guidance(config: Any, labels: torch.Tensor | None, text: torch.Tensor | None, batch_size: int, scale: float

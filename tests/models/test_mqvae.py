@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.losses import LossConfig, NLayerDiscriminator, VQGANLoss, adaptive_gan_weight
-from models.mqvae import MQVAE, AttnBlock, MQVAEConfig
+from models.mqvae import MQVAE, AdaptiveMasker, AttnBlock, MQVAEConfig
 from models.quantizer import EMAVectorQuantizer
 
 R, G, K, D = 16, 8, 32, 16  # image side, latent grid side, codebook size, code dim
@@ -281,6 +281,58 @@ def test_random_scorer_keeps_the_count_and_differs_between_images():
 
     learned = MQVAE(tiny_config(keep_ratio=0.5)).eval()
     assert len({tuple(row.tolist()) for row in learned.encode(x).positions}) == 1
+
+
+def tied_in_bf16_masker() -> tuple[AdaptiveMasker, torch.Tensor]:
+    """A learned-scorer masker whose score is ``sigmoid(LN(h)[channel 0])``, and ``h`` [2, z, G, G] whose k-th
+    score sits in a group of 4 that differ by ~1e-5 (apart in fp32, one value in bf16): image 0 keeps the group's
+    2 highest indices, image 1 its 2 lowest, so no tie-breaking by index gives the fp32 selection for both."""
+    cfg = tiny_config(keep_ratio=0.5)
+    masker = AdaptiveMasker(cfg).eval()
+    _, conv3, _, conv1, _, _ = masker.score_net
+    with torch.no_grad():
+        for conv in (conv3, conv1):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        conv3.weight[0, 0, 1, 1] = 1.0  # channel 0 at the centre tap
+        conv3.bias[0] = 10.0  # all positive through the ReLU...
+        conv1.weight[0, 0, 0, 0] = 1.0
+        conv1.bias[0] = -10.0  # ...and back
+    k = cfg.num_kept
+    order = torch.randperm(P, generator=torch.Generator().manual_seed(0))
+    group = order[:4].sort().values  # the near-tied cells, in index order
+    values = torch.full((2, P), -2.0)
+    values[:, order[4:k + 2]] = 2.0  # k - 2 clear winners, then 2 of the group
+    step = 1e-5 * torch.arange(4.0)
+    values[0, group] = 0.5 + step  # increasing with the index: fp32 keeps the last 2
+    values[1, group] = 0.5 - step  # decreasing: fp32 keeps the first 2
+    h = torch.zeros(2, cfg.z_channels, G, G)
+    h[:, 0] = values.view(2, G, G)
+    return masker, h
+
+
+def test_the_scores_and_their_top_k_are_float32_under_bf16_autocast():
+    masker, h = tied_in_bf16_masker()
+    want = masker(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = masker(h)
+    assert torch.equal(got.positions, want.positions)  # bf16 scores would tie the group: a kept cell changes
+    assert want.scores.dtype == got.scores.dtype == torch.float32 and torch.equal(got.scores, want.scores)
+    # the group is apart in fp32 and one value in bf16, and fp32 keeps its last 2 cells in image 0, first 2 in 1
+    group = (want.scores[0] - want.scores[0, want.positions[0]].min()).abs() < 1e-4
+    assert group.sum() == 4 and len(set(want.scores[0, group].tolist())) == 4
+    assert len(set(want.scores[:, group].bfloat16().flatten().tolist())) == 1
+    kept = want.keep_mask[:, group]
+    assert kept.tolist() == [[False, False, True, True], [True, True, False, False]]
+
+    random = AdaptiveMasker(tiny_config(keep_ratio=0.5, scorer="random"))
+    torch.manual_seed(3)
+    want = random(h)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = random(h.bfloat16())  # the encoder's output under autocast
+    assert torch.equal(got.positions, want.positions)
+    assert got.scores.dtype == torch.float32 and torch.equal(got.scores, want.scores)
 
 
 # ---------------------------------------------------------------- quantizer

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import stackformer
 from models.stackformer import (
     FullGridConfig,
     FullGridTransformer,
@@ -370,6 +371,37 @@ def test_param_groups_decay_only_linear_weights():
 # ------------------------------------------------------------------------------- classifier-free guidance
 
 
+def guide_at_scale_1_too(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, float | None]]:
+    """From here on the samplers run ``guidance_scale=1.0`` as any other scale (conditions stacked over null
+    ones, logits mixed by ``_guided``), not as their one plain conditional pass. Returns the ``(rows, scale)``
+    of every ``_guided`` call made from then on, so a test can see that the mixing ran."""
+    guidance, guided = stackformer._guidance, stackformer._guided
+    calls: list[tuple[int, float | None]] = []
+
+    def stacked(config, labels, text, batch_size, scale):
+        run_labels, run_text, _ = guidance(config, labels, text, batch_size, 2.0)  # any scale but 1 stacks
+        return run_labels, run_text, float(scale)
+
+    def recorded(logits, batch_size, scale):
+        calls.append((logits.shape[0], scale))
+        return guided(logits, batch_size, scale)
+
+    monkeypatch.setattr(stackformer, "_guidance", stacked)
+    monkeypatch.setattr(stackformer, "_guided", recorded)
+    return calls
+
+
+def test_guided_logits_are_exactly_the_conditional_ones_at_1_and_the_null_ones_at_0():
+    g = torch.Generator().manual_seed(0)
+    cond, null = 3 * torch.randn(4, 9, generator=g), 3 * torch.randn(4, 9, generator=g)
+    stacked = torch.cat([cond, null])
+    assert torch.equal(stackformer._guided(stacked, 4, 1.0), cond)
+    assert torch.equal(stackformer._guided(stacked, 4, 0.0), null)
+    strong = stackformer._guided(stacked, 4, 3.0)
+    assert torch.allclose(strong, null + 3 * (cond - null), atol=1e-5) and not torch.allclose(strong, cond)
+    assert stackformer._guided(stacked, 4, None) is stacked
+
+
 def _greedy_first_step_logits(model: Stackformer, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The code logits of step 0 and the position logits after a fixed first code, by teacher forcing."""
     codes = torch.zeros(labels.shape[0], 1, dtype=torch.long)
@@ -405,7 +437,7 @@ def test_guidance_adds_a_null_class_and_training_drops_labels_to_it():
 
 
 @pytest.mark.parametrize("raster_order", [False, True])
-def test_guidance_scale_0_is_unconditional_1_is_conditional_and_cached_equals_uncached(raster_order):
+def test_guidance_scale_0_is_unconditional_1_is_conditional_and_cached_equals_uncached(raster_order, monkeypatch):
     model = scrambled(Stackformer(stackformer_config(num_classes=3, cond_dropout=0.1)))
     labels = torch.arange(8) % 3
     null = torch.full_like(labels, 3)
@@ -414,9 +446,11 @@ def test_guidance_scale_0_is_unconditional_1_is_conditional_and_cached_equals_un
         return model.sample(8, lab, raster_order=raster_order, use_cache=use_cache,
                             generator=torch.Generator().manual_seed(seed), guidance_scale=scale)
 
-    conditional, unconditional = draw(1.0), draw(1.0, lab=null)
+    conditional, unconditional = draw(1.0), draw(1.0, lab=null)  # one plain pass each: no null rows, no mixing
+    calls = guide_at_scale_1_too(monkeypatch)
     for got, want in ((draw(0.0), unconditional), (draw(1.0), conditional)):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert set(calls) == {(16, 0.0), (16, 1.0)}  # both ran on stacked rows through the mixing
     strong = draw(4.0)
     assert not torch.equal(strong[0], conditional[0])  # guidance changes what is drawn
     uncached = draw(4.0, use_cache=False)
@@ -440,7 +474,7 @@ def test_guidance_extrapolates_both_heads_logits_greedily():
     assert torch.equal(positions[:, 0], (out_n + s * (out_c - out_n))[:, :P].argmax(-1))
 
 
-def test_fullgrid_guidance_and_refusals():
+def test_fullgrid_guidance_and_refusals(monkeypatch):
     model = scrambled(FullGridTransformer(fullgrid_config(num_classes=3, cond_dropout=0.1)))
     labels = torch.arange(6) % 3
 
@@ -448,10 +482,13 @@ def test_fullgrid_guidance_and_refusals():
         return model.sample(6, lab, use_cache=use_cache, generator=torch.Generator().manual_seed(0),
                             guidance_scale=scale)
 
+    conditional = draw(1.0)
     assert torch.equal(draw(0.0), draw(1.0, lab=torch.full_like(labels, 3)))
-    assert torch.equal(draw(2.5), draw(2.5, use_cache=False)) and not torch.equal(draw(2.5), draw(1.0))
+    assert torch.equal(draw(2.5), draw(2.5, use_cache=False)) and not torch.equal(draw(2.5), conditional)
     plain = scrambled(Stackformer(stackformer_config(num_classes=3)))
     with pytest.raises(ValueError, match="needs a model trained for classifier-free guidance"):
         plain.sample(2, torch.tensor([0, 1]), guidance_scale=2.0)
     with pytest.raises(ValueError, match="labels must lie in"):
         plain.sample(2, torch.tensor([0, 3]))  # no null class without cond_dropout
+    calls = guide_at_scale_1_too(monkeypatch)
+    assert torch.equal(draw(1.0), conditional) and set(calls) == {(12, 1.0)}

@@ -13,6 +13,7 @@ from tests.models.test_stackformer import (
     N,
     P,
     fullgrid_config,
+    guide_at_scale_1_too,
     random_tokens,
     scrambled,
     stackformer_config,
@@ -105,7 +106,7 @@ def test_cached_sampling_equals_uncached_with_captions(make, scale):
 
 
 @pytest.mark.parametrize("make", [text_stackformer, text_fullgrid])
-def test_guidance_scale_0_is_the_empty_caption_and_1_is_plain_conditional(make):
+def test_guidance_scale_0_is_the_empty_caption_and_1_is_plain_conditional(make, monkeypatch):
     model = scrambled(make(cond_dropout=0.1))
     text = captions(6)
     null = torch.zeros_like(text)
@@ -116,14 +117,17 @@ def test_guidance_scale_0_is_the_empty_caption_and_1_is_plain_conditional(make):
                                             guidance_scale=scale, text=t)
         return codes, positions
 
-    for a, b in zip(draw(0.0, text), draw(1.0, null)):
-        assert torch.equal(a, b)
-    plain = draw(1.0, text)
-    guided = draw(4.0, text)
-    assert not all(torch.equal(a, b) for a, b in zip(plain, guided))
     with pytest.raises(ValueError, match="classifier-free guidance"):
         draw_model = scrambled(make())  # no cond_dropout: not trained for guidance
         sample_tokens(draw_model, 2, None, SamplingParams(), SamplingParams(), guidance_scale=2.0, text=text[:2])
+    plain, empty = draw(1.0, text), draw(1.0, null)  # one plain pass each: no empty-caption rows, no mixing
+    for a, b in zip(draw(0.0, text), empty):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(plain, draw(4.0, text)))  # guidance changes what is drawn
+    calls = guide_at_scale_1_too(monkeypatch)
+    for a, b in zip(draw(1.0, text), plain):
+        assert torch.equal(a, b)
+    assert set(calls) == {(12, 1.0)}  # scale 1 ran on the captions stacked over empty ones, through the mixing
 
 
 def test_training_drops_captions_to_the_empty_one():
