@@ -608,8 +608,9 @@ def export(
             provenance.update(registered_model=version.name, version=version.version,
                               promotion=version.tags.get("mqgen.promotion", ""))
         if evaluation is not None:
-            provenance["evaluation"] = {k: evaluation.get(k) for k in ("stage_key", "extractor", "n", "seeds",
-                                                                          "fid_interval", "reference_statistics")}
+            provenance["evaluation"] = {k: evaluation.get(k) for k in ("stage_key", "extractor", "extractor_info", "n",
+                                                                          "seeds", "fid_interval",
+                                                                          "reference_statistics")}
             provenance["evaluation"]["reference_set_hash"] = (evaluation.get("data") or {}).get("reference_set_hash")
         try:
             write_bundle(out, tokenizer=bundle.tokenizer, generator=bundle.generator, data=bundle.index.get("data"),

@@ -193,10 +193,11 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
                                         "mqgen.stages": ",".join(stages), **prefect_run_tag()})
     refs: dict[str, Any] = {}
     durations: dict[str, float] = {}
+    reused: set[str] = set()
     with sigterm_raises(), parent:
         for i, stage in enumerate(stages, 1):
             say(f"[{i}/{len(stages)}] {stage}")
-            t0 = time.perf_counter()
+            t0, started = time.perf_counter(), time.time()
             with stage_log(stage):
                 try:
                     if any(n not in refs for n in GRAPH[stage].needs):  # stages not selected: their cached outputs
@@ -215,6 +216,8 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
                     raise stage_failed(stage, e, cfg, tracker, parent.run_id, refs) from e
             refs[stage] = ref
             durations[stage] = time.perf_counter() - t0
+            if was_reused(stage, ref, started):
+                reused.add(stage)
             say(f"  done in {fmt_duration(durations[stage])}: {describe_output(stage, ref)}")
             parent.set_tags({f"mqgen.{stage}.key": ref.key, f"mqgen.{stage}.run_id": ref.mlflow_run_id})
         parent.log_metrics(summary_figures(refs))
@@ -222,10 +225,24 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
         if decision is not None:
             say(f"promotion: {decision.summary()}")
         publish_artifacts(cfg, {s: refs.get(s) for s in stages if s in refs}, durations, decision, tracker,
-                          parent.run_id)
+                          parent.run_id, reused=reused)
         if gc_keep_days is not None:
             collect_garbage(cfg, gc_keep_days, parent)
     return {k: v for k, v in refs.items() if k in stages and v is not None}
+
+
+def was_reused(stage: str, ref: Any, started: float) -> bool:
+    """Whether ``ref`` was a cache hit: its completion marker was written before the stage started (at ``started``,
+    wall clock)."""
+    from flows.gc import MARKERS, SUCCESS
+
+    path = getattr(ref, "path", None)
+    if not path or "://" in str(path):
+        return False
+    try:
+        return (Path(path) / MARKERS.get(stage, SUCCESS)).stat().st_mtime < started
+    except OSError:
+        return False
 
 
 def touch_outputs(refs: dict[str, Any]) -> None:

@@ -33,8 +33,27 @@ def promote_evaluated(cfg: PipelineConfig, refs: dict[str, Any], tracker: Any, p
         return None
     tok_version = registry.find_version(tracker, cfg, "tokenizer", tok.mlflow_run_id, tok.sha256)
     evaluation = json.loads(Path(ev.evaluation_json).read_text())
+
+    def rescore(holder: Any) -> tuple[dict[str, Any], str]:
+        """The evaluate stage on the champion's registered weights, with this run's data, evaluator and settings
+        (a cached stage output like any other: a second gate against the same champion reuses it)."""
+        from infra.refs import EvaluateInputs
+        from tasks import evaluate
+
+        log.info("promotion: evaluating the %s v%s on this run's evaluation protocol", cfg.registry.alias,
+                 holder.version)
+        with registry.load_bundle(f"models:/{holder.name}/{holder.version}", cfg) as (bundle, _):
+            if bundle.generator is None:
+                raise ValueError(f"{holder.name} v{holder.version} holds no generator")
+            out = evaluate.run(cfg, EvaluateInputs(ingest=refs["ingest"], train_tokenizer=bundle.tokenizer,
+                                                   train_stackformer=bundle.generator,
+                                                   train_evaluator=refs.get("train_evaluator")),
+                               parent_run_id=parent.run_id)
+        return json.loads(Path(out.evaluation_json).read_text()), out.mlflow_run_id
+
     decision = registry.promote(tracker, cfg, generator=gen, tokenizer_version=tok_version, version=version,
-                                evaluation=evaluation, evaluate_run_id=ev.mlflow_run_id)
+                                evaluation=evaluation, evaluate_run_id=ev.mlflow_run_id,
+                                rescore=rescore if cfg.registry.reevaluate_champion else None)
     if decision is not None:
         parent.set_tags(decision.tags())
         figures = {"promotion.new_fid": decision.new.fid}
@@ -58,13 +77,13 @@ def _slug(text: str) -> str:
 
 
 def summary_markdown(cfg: PipelineConfig, refs: dict[str, Any], durations: dict[str, float], decision: Any,
-                     mlflow_url: str, how: str) -> str:
+                     mlflow_url: str, how: str, reused: set[str] | frozenset[str] = frozenset()) -> str:
     from flows.pipeline import describe_output
 
     lines = [f"# mqgen pipeline: preset {cfg.preset}, config {cfg.hash()}", "",
              "| stage | duration | result |", "|---|---|---|"]
     for stage, ref in refs.items():
-        took = f"{durations[stage]:.1f} s" if stage in durations else "cached"
+        took = "cached" if stage in reused or stage not in durations else f"{durations[stage]:.1f} s"
         lines.append(f"| {stage} | {took} | {describe_output(stage, ref) if ref is not None else 'skipped'} |")
     ev = refs.get("evaluate")
     if ev is not None:
@@ -82,9 +101,9 @@ def summary_markdown(cfg: PipelineConfig, refs: dict[str, Any], durations: dict[
 
 
 def publish_artifacts(cfg: PipelineConfig, refs: dict[str, Any], durations: dict[str, float], decision: Any,
-                      tracker: Any, parent_run_id: str) -> None:
-    """The Prefect artifacts of this flow run (a no-op outside one). A failure to publish is logged, never
-    raised: the pipeline's outputs are already written."""
+                      tracker: Any, parent_run_id: str, *, reused: set[str] | frozenset[str] = frozenset()) -> None:
+    """The Prefect artifacts of this flow run (a no-op outside one; ``reused``: the stages that were cache hits). A
+    failure to publish is logged, never raised: the pipeline's outputs are already written."""
     from prefect.runtime import flow_run
 
     if not flow_run.id:
@@ -94,9 +113,9 @@ def publish_artifacts(cfg: PipelineConfig, refs: dict[str, Any], durations: dict
 
         key = _slug(f"mqgen-{cfg.preset}-{cfg.hash()}")
         url, how = _mlflow_link(tracker, parent_run_id)
-        create_markdown_artifact(summary_markdown(cfg, refs, durations, decision, url, how), key=key,
+        create_markdown_artifact(summary_markdown(cfg, refs, durations, decision, url, how, reused), key=key,
                                  description=f"mqgen {cfg.preset} {cfg.hash()}: stage figures and the promotion")
-        rows = [{"stage": s, "seconds": round(durations.get(s, 0.0), 1), "cached": s not in durations,
+        rows = [{"stage": s, "seconds": round(durations.get(s, 0.0), 1), "cached": s in reused or s not in durations,
                  "key": getattr(r, "key", ""), **{k: round(v, 4) for k, v in (getattr(r, "metrics", None) or {}).items()
                                                   if isinstance(v, (int, float)) and k in FIGURES}}
                 for s, r in refs.items() if r is not None]

@@ -19,7 +19,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.storage import replace_dir
+from infra.storage import atomic_write_bytes, replace_dir
 from infra.tracking import TAG_KIND, Tracker
 
 X_KEY = "tokenizer.keep_ratio"
@@ -238,7 +238,7 @@ def _write(comp: Comparison, out_dir: Path, tmp: Path) -> dict[str, Path]:
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(c) for c in row) + " |" for row in table]
     md += [""] + [f"![{m}]({p})" for m, p in plots.items()]
-    (tmp / "report.md").write_text("\n".join(md) + "\n")
+    atomic_write_bytes(tmp / "report.md", ("\n".join(md) + "\n").encode())
 
     esc = html.escape
     rows_html = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in table)
@@ -249,7 +249,7 @@ def _write(comp: Comparison, out_dir: Path, tmp: Path) -> dict[str, Path]:
             f"<table><tr>{''.join(f'<th>{esc(c)}</th>' for c in cols)}</tr>{rows_html}</table>"
             f"<div>{''.join(f'<img src={json.dumps(p)} alt={json.dumps(m)}>' for m, p in plots.items())}</div>"
             "</body></html>\n")
-    (tmp / "report.html").write_text(page)
+    atomic_write_bytes(tmp / "report.html", page.encode())
     replace_dir(tmp, out_dir)  # readers see the old report or the new one, never a mixture
     paths = {"html": out_dir / "report.html", "md": out_dir / "report.md"}
     paths.update({m: out_dir / p for m, p in plots.items()})

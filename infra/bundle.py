@@ -21,13 +21,18 @@ bundle is executed or unpickled: configs are JSON, weights safetensors, each che
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from infra.refs import StackformerOutput, TokenizerOutput
-from infra.storage import UnsafeCheckpointError, atomic_write_json, sha256_file
+from infra.storage import (
+    UnsafeCheckpointError,
+    atomic_copy,
+    atomic_write_bytes,
+    atomic_write_json,
+    sha256_file,
+)
 from infra.text import FILENAME as TEXT_TOKENIZER
 from infra.text import TextTokenizerError, pretrained_digest, pretrained_files
 
@@ -67,7 +72,7 @@ class Bundle:
 def _component(out: Path, name: str, weights: str, sha256: str, config: dict[str, Any]) -> dict[str, Any]:
     (out / name).mkdir(parents=True, exist_ok=True)
     target = out / name / WEIGHTS
-    shutil.copyfile(weights, target)
+    atomic_copy(weights, target)
     actual = sha256_file(target)
     if actual != sha256:
         raise BundleError(f"{weights}: sha256 {actual[:12]} != the stage reference's {sha256[:12]}; not bundled")
@@ -98,7 +103,7 @@ def write_bundle(out: str | Path, *, tokenizer: TokenizerOutput, generator: Stac
                                                 generator.model_config)}
         if generator.text_tokenizer:  # a text-conditional generator reads captions through its own tokenizer
             target = out / "generator" / TEXT_TOKENIZER
-            shutil.copyfile(generator.text_tokenizer, target)
+            atomic_copy(generator.text_tokenizer, target)
             if sha256_file(target) != generator.text_tokenizer_sha256:
                 raise BundleError(f"{generator.text_tokenizer}: sha256 differs from the stage reference's; not bundled")
             components["generator"].update(text_tokenizer=f"generator/{TEXT_TOKENIZER}",
@@ -107,7 +112,7 @@ def write_bundle(out: str | Path, *, tokenizer: TokenizerOutput, generator: Stac
             target = out / "generator" / TEXT_ENCODER
             for rel, src in pretrained_files(generator.text_encoder).items():  # what the digest reads, as files
                 (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, target / rel)
+                atomic_copy(src, target / rel)
             if pretrained_digest(target) != generator.text_encoder_digest:
                 raise BundleError(f"{generator.text_encoder}: the text encoder changed since the model was trained "
                                   "on it (digest differs); not bundled")
@@ -119,7 +124,7 @@ def write_bundle(out: str | Path, *, tokenizer: TokenizerOutput, generator: Stac
         atomic_write_json(out / EVALUATION, evaluation)
         index["evaluation"] = EVALUATION
     atomic_write_json(out / INDEX, index)
-    (out / CARD).write_text(model_card(index, evaluation))
+    atomic_write_bytes(out / CARD, model_card(index, evaluation).encode())
     return out
 
 

@@ -22,7 +22,7 @@ import logging
 import math
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,9 @@ def register(tracker: Any, cfg: PipelineConfig, *, kind: str, run_id: str, token
                                             params={"sha256": main.sha256, "step": str(main.step)})
         client.log_model_artifacts(logged.model_id, str(model_dir))
     client.finalize_logged_model(logged.model_id, "READY")
+    from mlflow.entities import LoggedModelOutput
+
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, int(main.step))])  # the run page's Models column
     try:
         client.create_registered_model(name, description=f"mqgen {kind}s of config {cfg.registry.name or cfg.preset}",
                                        tags={TAG_KIND: kind})
@@ -288,10 +291,35 @@ def _lock(cfg: PipelineConfig) -> Iterator[None]:
         yield
 
 
+Rescore = Callable[[Version], tuple[dict[str, Any], str]]
+
+
+def _rescored(tracker: Any, holder: Version, pid: str, rescore: Rescore | None) -> tuple[Figure | None, str]:
+    """The champion's figure on protocol ``pid`` from a fresh evaluation of it (``rescore``: its evaluation dict
+    and evaluate run id), recorded on its version; ``(None, why not)`` when it cannot be had."""
+    if rescore is None:
+        return None, "registry.reevaluate_champion=false"
+    try:
+        evaluation, run_id = rescore(holder)
+    except Exception as e:  # (the run's own model is evaluated; the gate then keeps the champion)
+        log.warning("promotion: re-evaluating v%s failed", holder.version, exc_info=True)
+        return None, f"re-evaluating it failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+    if protocol_id(evaluation) != pid:  # (its evaluation ran on other settings: nothing to compare)
+        return None, f"its re-evaluation ran on another protocol ({json.dumps(protocol(evaluation), sort_keys=True)})"
+    fig = record_evaluation(tracker, holder, evaluation, run_id)
+    return fig, "" if fig is not None else "its re-evaluation has no FID"
+
+
 def promote(tracker: Any, cfg: PipelineConfig, *, generator: Any, tokenizer_version: Version | None,
-            version: Version, evaluation: dict[str, Any], evaluate_run_id: str) -> Decision | None:
+            version: Version, evaluation: dict[str, Any], evaluate_run_id: str,
+            rescore: Rescore | None = None) -> Decision | None:
     """Record the evaluation on ``version`` and run the promotion gate (under a lock for a local root); None when
-    the evaluation has no FID (nothing to compare)."""
+    the evaluation has no FID (nothing to compare).
+
+    A champion with no figure on this evaluation's protocol (a retrain on new data: another reference set, another
+    evaluator) is first evaluated on it by ``rescore`` (the evaluate stage on the champion's registered weights with
+    this run's reference, extractor and sampling seeds), so new data can still promote; without ``rescore``, or when
+    that fails, the gate says "not comparable" and keeps the champion."""
     client = _client(tracker)
     alias = cfg.registry.alias
     with _lock(cfg):
@@ -305,14 +333,18 @@ def promote(tracker: Any, cfg: PipelineConfig, *, generator: Any, tokenizer_vers
                          version.version, alias, new, holder.version, new)
         else:
             champ = _figure(holder.tags, pid) if holder is not None else None
+            rescored = ""
+            if holder is not None and champ is None:
+                champ, why_not = _rescored(tracker, holder, pid, rescore)
+                rescored = f"; the {alias} v{holder.version} was re-evaluated on this protocol first"
             if holder is not None and champ is None:
                 d = Decision("not comparable", f"the {alias} v{holder.version} has no evaluation on this protocol "
-                             f"({json.dumps(protocol(evaluation), sort_keys=True)}); evaluate it with the same "
-                             "evaluate settings, or move the alias by hand", version.name, version.version, alias,
-                             new, holder.version)
+                             f"({json.dumps(protocol(evaluation), sort_keys=True)}) and {why_not}; evaluate it "
+                             "with the same evaluate settings, or move the alias by hand", version.name,
+                             version.version, alias, new, holder.version)
             else:
                 what, why, threshold = decide(cfg, new, champ)
-                d = Decision(what, why, version.name, version.version, alias, new,
+                d = Decision(what, why + rescored, version.name, version.version, alias, new,
                              holder.version if holder else None, champ, threshold)
         if d.moved:
             client.set_registered_model_alias(version.name, alias, version.version)

@@ -49,6 +49,7 @@ from infra.orchestration import lazy_stage_task
 from infra.refs import (
     EvaluateInputs,
     EvaluateOutput,
+    EvaluatorOutput,
     IngestOutput,
     StackformerOutput,
     TokenizerOutput,
@@ -97,7 +98,7 @@ class Inputs:
     model: StackformerOutput
     extractor: Extractor | None
     extractor_unavailable: str  # why there is no extractor ("" when there is one)
-    evaluator: Any  # EvaluatorOutput or None
+    evaluator: EvaluatorOutput | None  # None: no classifier (another extractor, or unlabelled data)
 
 
 def resolve_extractor(cfg: PipelineConfig, inputs: EvaluateInputs) -> tuple[Extractor | None, str]:

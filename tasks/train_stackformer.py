@@ -1,12 +1,13 @@
 """train_stackformer stage: the Stackformer (or the full-grid baseline), trained with Ray Train on token LMDB.
 
-``run(cfg, upstream)`` is the stage (testable without Prefect); ``train_stackformer_task`` wraps it.
+``run(cfg, inputs: StackformerInputs, *, force=False)`` is the stage (testable without Prefect);
+``train_stackformer_task`` wraps it.
 
 How a run goes:
 
-1. Resolve the upstream references (the tokenize output and the tokenizer that made it) and check, before
-   anything starts, that the token databases fit the model the config describes: codebook size, latent
-   grid, sequence length, labels and tokenizer (:func:`plan`). A mismatch raises here, naming the field.
+1. Take the inputs the flow resolved (the tokenize output and the tokenizer that made it) and check, before
+   anything starts, that the token databases fit that tokenizer: codebook size, latent grid, sequence length,
+   labels and its weights (:func:`plan`). A mismatch raises here, naming the field.
 2. The stage key hashes :data:`VERSION`, the stackformer section, the seed and the tokenize output's
    checksum; a complete output for the key (``_SUCCESS.json`` whose weights verify) is a cache hit.
 3. Ray Train runs :func:`train_loop` on every worker: each reads its ``DistributedSampler`` share of the
@@ -60,7 +61,7 @@ from infra.refs import (
     load_tokenizer,
     new_generator,
 )
-from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
+from infra.storage import atomic_copy, atomic_write_json, cached_run, load_weights_ref, stage_dir
 from infra.tokens import TokenDataset, TokenFormatError
 from infra.training import StepEvent, Throughput, TrainClock, autocast, warmup_cosine
 from models.stackformer import (
@@ -399,22 +400,22 @@ class TrainPlan:
 
 
 def plan(cfg: PipelineConfig, tokens: TokenizeOutput, tokenizer: TokenizerOutput) -> TrainPlan:
-    """Check the token databases against the model ``cfg`` describes and size the run; raises before training.
+    """Check the token databases against the trained tokenizer they came from and size the run; raises before
+    training.
 
     :class:`~infra.tokens.TokenFormatError` names every field (codebook size, grid, sequence length) where a
-    database differs from the model; ``ValueError`` covers the tokenizer and the batch layout.
+    database differs from the tokenizer; ``ValueError`` covers the tokenizer and the batch layout.
     """
     s = cfg.stackformer
-    tok = cfg.tokenizer.model
-    seq_len = tok.grid_size ** 2 if s.model == "fullgrid" else tok.num_kept
+    # the full-grid baseline reads every cell, so it needs a tokenizer that keeps them all (keep_ratio 1.0)
+    seq_len = tokenizer.grid_size ** 2 if s.model == "fullgrid" else tokenizer.seq_len
     metas = {}
     for split in ("train", "val"):
         try:
-            ds = TokenDataset(tokens.db(split), expect_codebook_size=tok.codebook_size,
-                              expect_grid_size=tok.grid_size, expect_seq_len=seq_len)
+            ds = TokenDataset(tokens.db(split), expect_codebook_size=tokenizer.codebook_size,
+                              expect_grid_size=tokenizer.grid_size, expect_seq_len=seq_len)
         except TokenFormatError as e:
-            raise TokenFormatError(f"{STAGE} ({s.model}, from the tokenizer section of the config): {e}"
-                                   ) from e
+            raise TokenFormatError(f"{STAGE} ({s.model}, on the tokenizer {tokenizer.key}): {e}") from e
         metas[split] = ds.meta
     train, val = metas["train"], metas["val"]
     if val.num_classes != train.num_classes or val.tokenizer_sha256 != train.tokenizer_sha256:
@@ -707,11 +708,8 @@ def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: st
     metrics["num_params"] = float(num_params)
     text_tok, text_sha = "", ""
     if p.text_len:  # the caption tokenizer travels with the model that reads its ids
-        import shutil
-
         text_tok = str(out_dir / Path(tokens.text_tokenizer).name)
-        shutil.copyfile(tokens.text_tokenizer, text_tok + ".partial")
-        Path(text_tok + ".partial").replace(text_tok)
+        atomic_copy(tokens.text_tokenizer, text_tok)
         text_sha = tokens.text_tokenizer_sha256
         srun.log_artifact(Path(text_tok), "model")
     ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,

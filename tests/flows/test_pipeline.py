@@ -45,6 +45,12 @@ def test_end_to_end_then_cached_rerun_then_only_and_from(finished) -> None:
     assert time.time() - t0 < 60
     assert {k: v.to_dict() for k, v in again.items()} == {k: v.to_dict() for k, v in refs.items()}
     assert sorted(p.name for p in (root / "ray").iterdir()) == ray_dirs  # no new training run
+    # the Prefect table artifact of that run says so, stage by stage (the first run's says computed)
+    def cached(run) -> dict:
+        return {r["stage"]: r.get("cached") for r in _figures_table(run) if r["stage"] in STAGES}
+
+    assert cached(_runs(root, "pipeline")[-1]) == dict.fromkeys(STAGES, True)
+    assert cached(first) == dict.fromkeys(STAGES, False)
 
     # --only runs one stage on cached inputs; --from forces a rerun of that stage and every later one
     only = run_pipeline(cfg, only="tokenize")
@@ -61,6 +67,18 @@ def test_end_to_end_then_cached_rerun_then_only_and_from(finished) -> None:
     steps = [m.step for m in client.get_metric_history(refs["train_stackformer"].mlflow_run_id, "train_loss")]
     assert forced["train_stackformer"].mlflow_run_id == refs["train_stackformer"].mlflow_run_id
     assert len(steps) == len(set(steps)) and max(steps) > 12 and min(steps) <= 12
+
+
+def _figures_table(pipeline_run) -> list[dict]:
+    """The rows of the Prefect table artifact the pipeline run published."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[pipeline_run.data.tags["mqgen.prefect_flow_run_id"]])))
+    [table] = [a for a in arts if a.type == "table"]
+    return json.loads(table.data) if isinstance(table.data, str) else table.data
 
 
 def _client(root: Path):
@@ -134,6 +152,9 @@ def _check_registry_and_lineage(root: Path, refs: dict, parent) -> None:
     assert float(parent.data.tags["mqgen.promotion.new_fid"]) == pytest.approx(ev["metrics"]["fid"])
     logged = client.search_logged_models([parent.info.experiment_id])
     assert {m.source_run_id for m in logged} >= {gen.run_id, tok.run_id}
+    for version in (gen, tok):  # the stage run lists its model as an output (the runs table's Models column)
+        outputs = {o.model_id for o in client.get_run(version.run_id).outputs.model_outputs}
+        assert outputs and outputs <= {m.model_id for m in logged if m.source_run_id == version.run_id}, outputs
     inputs = {stage: {d.dataset.name: {t.key: t.value for t in d.tags}["mlflow.data.context"]
                       for d in client.get_run(refs[stage].mlflow_run_id).inputs.dataset_inputs}
               for stage in ("train_tokenizer", "tokenize", "train_stackformer", "evaluate")}
@@ -189,6 +210,28 @@ def test_changing_a_tokenizer_field_reruns_exactly_the_downstream_stages(finishe
     assert champion.version == (v2.version if decision.startswith("promoted") else before.version)
     tok_champion = client.get_model_version_by_alias("mqgen-tokenizer-tiny", "champion")
     assert tok_champion.tags["mqgen.weights_sha256"] == champion.tags["mqgen.tokenizer_sha256"]
+
+    # A new evaluation protocol (here another sample count; on a nightly retrain, new data and a new evaluator):
+    # the champion has no figure on it, so the gate first evaluates the champion there (the evaluate stage on its
+    # registered weights) and then decides, instead of keeping it as "not comparable" for ever.
+    from infra import registry
+
+    client.set_registered_model_alias("mqgen-stackformer-tiny", "champion", v2.version)  # (as a user may do)
+    before_protocols = {k for k in v2.tags if k.startswith(registry.EVAL_PREFIX) and k.endswith(".fid")}
+    other = run_pipeline(_cfg(root, "evaluate.num_samples=24"), only="evaluate")
+    tags = client.get_run(other["evaluate"].mlflow_run_id).data.tags
+    assert tags["mqgen.promotion.decision"] in ("promoted", "kept"), tags
+    assert "re-evaluated on this protocol" in tags["mqgen.promotion.reason"]
+    assert tags["mqgen.promotion.champion_version"] == str(v2.version)
+    v2_now = client.get_model_version("mqgen-stackformer-tiny", v2.version)
+    [new_protocol] = {k for k in v2_now.tags if k.startswith(registry.EVAL_PREFIX) and k.endswith(".fid")} - before_protocols
+    assert float(v2_now.tags[new_protocol]) == float(tags["mqgen.promotion.champion_fid"])
+    rescored_run = client.get_run(v2_now.tags[new_protocol[:-len("fid")] + "run_id"])
+    assert rescored_run.data.tags["mqgen.model_sha256"] == v2.tags[registry.TAG_SHA]  # the champion's weights
+    assert json.loads(v2_now.tags[new_protocol[:-len("fid")] + "protocol"])["samples"] == 24
+    holder = str(client.get_model_version_by_alias("mqgen-stackformer-tiny", "champion").version)
+    assert holder == (str(v2.version) if tags["mqgen.promotion.decision"] == "kept" else
+                      tags["mqgen.promotion.model"].rsplit("/", 1)[1])
 
 
 def test_a_guided_stackformer_trains_and_evaluates_with_classifier_free_guidance(finished) -> None:

@@ -127,6 +127,7 @@ def test_mqgen_run_with_the_default_relative_root_then_cached_from_another_direc
     assert exported.returncode == 0, _describe(exported)
     card = (b / "exported" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: mqgen") and "| fid |" in card and "reference_set_hash" in card
+    assert '"weights_sha256"' in card  # the extractor's, with its name
     from_folder = _cli(c, "sample", "--model", str(b / "exported"), "--n", "6", "--seed", "7", "--out",
                        "folder.safetensors")
     assert from_folder.returncode == 0, _describe(from_folder)

@@ -109,6 +109,36 @@ def test_the_gate_moves_the_alias_only_beyond_the_noise_and_on_the_same_protocol
     assert gate(v5, _evaluation(1.0, None), e5).decision == "kept"
     assert registry.alias_version(tracker, v1.name, "champion").version == "4"
 
+    # a new protocol with a way to evaluate the champion on it (the flow's: the evaluate stage on its registered
+    # weights): the champion's figure there is recorded on it, and the gate decides on the two
+    asked = []
+
+    def rescore(holder):
+        asked.append(holder.version)
+        return _evaluation(3.0, 0.1, n=128), e4
+
+    _, v6, e6 = _register(cfg, tracker, tok, run_root, 6)
+    d6 = registry.promote(tracker, cfg, generator=None, tokenizer_version=None, version=v6,
+                          evaluation=_evaluation(2.0, 0.1, n=128), evaluate_run_id=e6, rescore=rescore)
+    assert asked == ["4"] and d6.decision == "promoted" and d6.champion.fid == 3.0
+    assert "re-evaluated on this protocol" in d6.reason
+    pid = registry.protocol_id(_evaluation(3.0, 0.1, n=128))
+    assert tracker.client.get_model_version(v1.name, "4").tags[f"{registry.EVAL_PREFIX}{pid}.fid"] == "3.0"
+    # a champion that fails to evaluate (or evaluates on other settings) is kept, with the reason
+    _, v7, e7 = _register(cfg, tracker, tok, run_root, 7)
+
+    def broken(holder):
+        raise RuntimeError("its tokenizer does not fit this data")
+
+    d7 = registry.promote(tracker, cfg, generator=None, tokenizer_version=None, version=v7,
+                          evaluation=_evaluation(0.5, 0.1, n=256), evaluate_run_id=e7, rescore=broken)
+    assert d7.decision == "not comparable" and "does not fit this data" in d7.reason
+    d7b = registry.promote(tracker, cfg, generator=None, tokenizer_version=None, version=v7,
+                           evaluation=_evaluation(0.5, 0.1, n=256), evaluate_run_id=e7,
+                           rescore=lambda h: (_evaluation(0.4, 0.1, n=64), e6))
+    assert d7b.decision == "not comparable" and "another protocol" in d7b.reason
+    assert registry.alias_version(tracker, v1.name, "champion").version == "6"
+
 
 def test_a_registered_model_loads_by_alias_verified_and_a_tampered_bundle_is_refused(setting, run_root: Path,
                                                                                      tmp_path: Path,

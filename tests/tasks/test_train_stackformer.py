@@ -211,16 +211,19 @@ def test_fullgrid_baseline_trains_through_the_same_stage(inputs: dict[str, Any])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, message", [
-    (["tokenizer.codebook_size=64"], r"codebook_size=32 in the token database, but the model expects 64"),
-    (["data.image_size=32"], r"grid_size=8 in the token database, but the model expects 16"),
-    (["tokenizer.keep_ratio=0.75"], r"seq_len=32 in the token database, but the model expects 48"),
-    (["tokenizer.keep_ratio=1.0", "stackformer.model=fullgrid"],
-     r"\(fullgrid, .*seq_len=32 in the token database, but the model expects 64"),
+@pytest.mark.parametrize("tokenizer_fields, overrides, message", [
+    ({"codebook_size": 64}, [], r"codebook_size=32 in the token database, but the model expects 64"),
+    ({"resolution": 32}, [], r"grid_size=8 in the token database, but the model expects 16"),
+    ({"keep_ratio": 0.75}, [], r"seq_len=32 in the token database, but the model expects 48"),
+    ({}, ["stackformer.model=fullgrid"], r"\(fullgrid, .*seq_len=32 in the token database, but the model expects 64"),
 ])
 def test_reader_model_mismatch_fails_before_training(inputs: dict[str, Any], tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch, overrides: list[str],
-                                                     message: str) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch, tokenizer_fields: dict,
+                                                     overrides: list[str], message: str) -> None:
+    """The token databases are checked against the tokenizer input they are said to come from (its codebook,
+    grid and kept positions are read from it, never recomputed from the config)."""
+    import dataclasses
+
     from infra import ray as rayx
 
     def no_training(*args: Any, **kwargs: Any) -> None:
@@ -228,8 +231,11 @@ def test_reader_model_mismatch_fails_before_training(inputs: dict[str, Any], tmp
 
     monkeypatch.setattr(rayx, "fit", no_training)
     cfg = _cfg(tmp_path, *overrides)
+    upstream = dict(inputs["upstream"])
+    tok = upstream["train_tokenizer"]
+    upstream["train_tokenizer"] = dataclasses.replace(tok, model_config={**tok.model_config, **tokenizer_fields})
     with pytest.raises(TokenFormatError, match=message):
-        ts.run(cfg, inputs_for(ts.STAGE, inputs["upstream"]))
+        ts.run(cfg, inputs_for(ts.STAGE, upstream))
     assert not (tmp_path / ts.STAGE).exists()
 
 
