@@ -38,7 +38,8 @@ class MQVAEConfig:
         z_channels: encoder output channels.
         codebook_size: number of codes K.
         codebook_dim: code dimension (the masker's bias-free pre-projection maps z_channels to it).
-        keep_ratio: fraction of latent positions kept and quantized, in (0, 1]; 1 = plain VQ baseline.
+        keep_ratio: fraction of latent positions kept and quantized, in (0, 1]; 1 = the no-masking ablation
+            (every position kept; the de-masker still runs: the plain baseline is ``architecture="vqgan"``).
         scorer: "learned" (content-aware score network) or "random" (uniform scores, ablation).
         demask_layers: (ResnetBlock + direction-constrained attention) layers in the de-masker.
         demask_mask_init: masked-key attention weight at the first de-masker layer (soft mode).

@@ -266,7 +266,8 @@ class AdaptiveMasker(nn.Module):
       ``pre_projection`` (bias-free Linear z_channels -> codebook_dim).
     * ``keep_ratio == 1`` (the config forbids ratios < 1 that round to every position): bypassed; no scorer
       is built, every position is kept and features are ``pre_projection(LN(h_token))`` without score
-      scaling, so the model is plain VQ with the same encoder, de-masker and decoder.
+      scaling, so the model is the no-masking ablation: VQ with the same encoder, de-masker and decoder (the
+      plain VQGAN baseline, without the de-masker, is ``architecture="vqgan"``).
     """
 
     def __init__(self, cfg: MQVAEConfig) -> None:

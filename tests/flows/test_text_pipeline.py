@@ -120,6 +120,14 @@ def test_mqgen_sample_with_a_prompt_from_the_registry_champion(text_run, tmp_pat
     missing = subprocess.run([*base, "--model", "champion", "--n", "2", "--out", str(tmp_path / "x.png")],
                              capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 2 and "text-conditional: give --prompt" in missing.stderr
+    # without --model: the finished model of the preset and overrides given (the README's form), which is the
+    # champion here, so the same seed draws the same picture
+    by_config = tmp_path / "by_config.png"
+    done = subprocess.run([*base, *_cfg_overrides(), "--prompt", "a small red circle above a large blue square",
+                           "--n", "8", "--guidance", "3", "--out", str(by_config)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert by_config.read_bytes() == out.read_bytes()
 
 
 def test_a_frozen_pretrained_encoder_from_a_local_folder_end_to_end(text_run, tmp_path) -> None:

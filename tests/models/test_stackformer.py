@@ -17,8 +17,6 @@ from models.stackformer import (
 )
 from models.transformer import TransformerStack, param_groups
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # (tests/conftest.py)
-
 K, G, N = 16, 4, 6
 P = G * G  # grid cells; also the start position
 

@@ -30,7 +30,7 @@ from tasks import evaluate
 from tests.fixtures.ingest_data import gradient
 from tests.fixtures.tokenize_data import make_tokenizer, ray_cluster  # noqa: F401
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+pytestmark = pytest.mark.slow
 
 EVAL = ["evaluate.num_samples=40", "evaluate.batch_size=16", "evaluate.num_recon_images=48",
         "evaluate.classifier.max_steps=40", "evaluate.classifier.width=8", "evaluate.classifier.batch_size=64"]

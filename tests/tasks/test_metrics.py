@@ -24,8 +24,6 @@ from infra.storage import sha256_file
 from models import metrics as pm
 from tasks.train_evaluator import evaluate_accuracy, train_steps
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # (tests/conftest.py)
-
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 N = 600  # images per compared set
 EXTRACTOR = "classifier-fashion-mnist-test"

@@ -35,8 +35,6 @@ from tasks import train_stackformer as ts
 from tests.fixtures.hooks import FailOnce, RecordBatches
 from tests.fixtures.tokenize_data import make_tokenizer, ray_cluster  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # (tests/conftest.py)
-
 CPU = torch.device("cpu")
 MAX_STEPS, CKPT_EVERY, EVAL_EVERY, FAIL_AT = 48, 12, 24, 30
 
@@ -215,7 +213,9 @@ def test_fullgrid_baseline_trains_through_the_same_stage(inputs: dict[str, Any])
     ({"codebook_size": 64}, [], r"codebook_size=32 in the token database, but the model expects 64"),
     ({"resolution": 32}, [], r"grid_size=8 in the token database, but the model expects 16"),
     ({"keep_ratio": 0.75}, [], r"seq_len=32 in the token database, but the model expects 48"),
-    ({}, ["stackformer.model=fullgrid"], r"\(fullgrid, .*seq_len=32 in the token database, but the model expects 64"),
+    # the config asks for the full grid (so keep 1.0), the tokens come from a keep-0.5 tokenizer
+    ({}, ["tokenizer.keep_ratio=1.0", "stackformer.model=fullgrid"],
+     r"\(fullgrid, .*seq_len=32 in the token database, but the model expects 64"),
 ])
 def test_reader_model_mismatch_fails_before_training(inputs: dict[str, Any], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch, tokenizer_fields: dict,
