@@ -83,22 +83,6 @@ def _start_logging(cfg: PipelineConfig, command: str, verbose: bool) -> None:
     setup_logging(cfg.run.root, command, verbose=verbose)
 
 
-ADVICE = {
-    "ConfigError": "fix the configuration value named above (`mqgen config show` prints the resolved config) "
-                   "and run the same command again",
-    "UnsafeCheckpointError": "a stored file failed verification and was not loaded; delete it (or the stage "
-                             "folder named above) and run again to recompute it",
-    "IngestError": "check the input data named above (data.source / data.path), then run again: images "
-                   "already ingested are reused",
-    "SourceError": "check data.source / data.path, then run again",
-    "ShardIntegrityError": "a shard is damaged; delete the ingest folder named above and run again",
-    "TokenFormatError": "the token database is damaged or from another version; rerun with --from tokenize",
-    "FileNotFoundError": "a file this stage reads is missing; rerun the stage that writes it (`mqgen run --from "
-                         "STAGE`), or check the paths in the config",
-    "MetricsUnavailable": "see the message above: the figure needs something this run lacks",
-    "InceptionWeightsMissing": "see the message above for where the Inception weights are looked for",
-    "NoSpaceLeft": "free disk space as the message above says, then run the same command again (exit code 3)",
-}
 # Exit codes of `mqgen run` / `mqgen grid` (docs/reliability.md): 0 done, 1 a stage failed, 2 a bad config or
 # command line, 3 a full disk, 130 interrupted (Ctrl-C / SIGTERM).
 EXIT_CODES = {"ConfigError": 2, "NoSpaceLeft": 3}
@@ -108,20 +92,15 @@ def _fail(e: BaseException, debug: bool) -> None:
     """Print one paragraph about a failure (no traceback unless ``--debug``) and exit non-zero."""
     import traceback
 
-    from flows.pipeline import StageFailed
+    from flows.pipeline import StageFailed, what_to_do
     from infra.console import log_path
-    from infra.errors import is_permanent
 
     stage = e.stage if isinstance(e, StageFailed) else None
     cause = e.cause if isinstance(e, StageFailed) else e
     where = f"stage {stage}" if stage else "mqgen"
     name = type(cause).__name__
     message = str(cause).strip() or name
-    advice = next((ADVICE[k.__name__] for k in type(cause).__mro__ if k.__name__ in ADVICE), None)
-    if advice is None:
-        advice = ("the same command would fail the same way: fix the cause above first" if is_permanent(cause)
-                  else "run the same command again: finished stages are reused and training resumes from its "
-                       "last checkpoint")
+    advice = what_to_do(cause)
     lines = [f"error: {where} failed: {name}: {message}"]
     if isinstance(e, StageFailed):
         lines.append(f"  config {e.config_hash}, run root {e.root}")
@@ -622,13 +601,23 @@ def export(
                + f" to {out} (sample with: mqgen sample --model {out})")
 
 
+def _run_start(client: Any, run_id: str) -> int:
+    """When the MLflow run started (ms since the epoch); 0 for a run that is gone."""
+    try:
+        return int(client.get_run(run_id).info.start_time or 0)
+    except Exception:  # noqa: BLE001 - a deleted run, or none recorded
+        return 0
+
+
 @app.command()
 def models(
     overrides: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]..."),
     preset: str = typer.Option("fmnist", "--preset", help=PRESET_HELP),
     config: Path | None = typer.Option(None, "--config", help="YAML file with config values."),
 ) -> None:
-    """The registered Stackformer versions of this preset/config: aliases, FID with its interval, promotion."""
+    """The registered Stackformer versions of this preset/config: aliases, FID with its interval, promotion. FIDs are
+    on the evaluation protocol of the champion's latest evaluation; a version never evaluated there shows its own
+    latest FID, with its protocol named (not comparable)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -647,18 +636,41 @@ def models(
     by_version: dict[str, list[str]] = {}
     for alias, v in aliases.items():
         by_version.setdefault(str(v), []).append(alias)
+
+    def evaluations(tags: dict[str, str]) -> list[tuple[int, str]]:
+        """``(start of its evaluate run, protocol id)`` of each FID recorded in ``tags``, the latest last."""
+        pids = [k[len(EVAL_PREFIX):-len(".fid")] for k in tags if k.startswith(EVAL_PREFIX) and k.endswith(".fid")]
+        return sorted((_run_start(client, tags.get(f"{EVAL_PREFIX}{pid}.run_id", "")), pid) for pid in pids)
+
+    def protocol_text(pid: str) -> str:
+        """The protocol's id, extractor and sample count (its JSON is on every version evaluated on it)."""
+        raw = next((mv.tags[k] for mv in versions if (k := f"{EVAL_PREFIX}{pid}.protocol") in mv.tags), "{}")
+        proto = json.loads(raw)
+        return f"{pid} ({proto.get('extractor') or '?'}, {proto.get('samples') or '?'} samples)"
+
+    ordered = sorted(versions, key=lambda m: int(m.version))
+    evals = {str(mv.version): evaluations(mv.tags) for mv in ordered}
+    champion = str(aliases.get(cfg.registry.alias, ""))
+    if evals.get(champion):
+        current, whose = evals[champion][-1][1], f"the latest evaluation of v{champion} ({cfg.registry.alias})"
+    else:  # no champion, or one never evaluated: the latest evaluation of any version
+        latest = max((e[-1] for e in evals.values() if e), default=None)
+        current, whose = (latest[1] if latest else None), "the latest evaluation"
     table = Table(title=f"{name} ({cfg.run.root})")
-    for col in ("version", "aliases", "FID", "FID 95% interval", "promotion", "run"):
+    for col in ("version", "aliases", "FID", "FID 95% interval", "protocol", "promotion", "run"):
         table.add_column(col)
-    for mv in sorted(versions, key=lambda m: int(m.version)):
-        t = mv.tags
-        fids = sorted(k for k in t if k.startswith(EVAL_PREFIX) and k.endswith(".fid"))
-        fid = t[fids[-1]] if fids else ""
-        p = fids[-1][:-len("fid")] if fids else ""
-        interval = f"{float(t[p + 'low']):.4g} .. {float(t[p + 'high']):.4g}" if p and p + "low" in t else ""
-        table.add_row(str(mv.version), ", ".join(by_version.get(str(mv.version), [])),
-                      f"{float(fid):.4g}" if fid else "", interval, t.get(TAG_DECISION, "").split(":")[0], mv.run_id)
-    Console().print(table)
+    for mv in ordered:
+        t, pids = mv.tags, [pid for _, pid in evals[str(mv.version)]]
+        pid = current if current in pids else (pids[-1] if pids else None)
+        p = f"{EVAL_PREFIX}{pid}."
+        fid = f"{float(t[p + 'fid']):.4g}" if pid else ""
+        interval = f"{float(t[p + 'low']):.4g} .. {float(t[p + 'high']):.4g}" if pid and p + "low" in t else ""
+        shown = "" if pid is None else pid if pid == current else f"other: {protocol_text(pid)}, not comparable"
+        table.add_row(str(mv.version), ", ".join(by_version.get(str(mv.version), [])), fid, interval, shown,
+                      t.get(TAG_DECISION, "").split(":")[0], mv.run_id)
+    if current is not None:
+        table.caption = f"FID on evaluation protocol {protocol_text(current)}: {whose}"
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log keeps whole rows
 
 
 @app.command()

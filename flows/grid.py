@@ -28,6 +28,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import mark_crashed, prefect_run_tag, retry_unless_permanent, summary_figures
+from flows.publish import publish_grid
 from flows.stages import GRAPH, inputs_for, skip_reason
 from infra.config import ConfigError, GridVariant, PipelineConfig, from_dict, replace, stable_hash
 from infra.secrets import keep_private, private_value
@@ -238,6 +239,8 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
             for run in runs:
                 run.finish(exit_status(e))
             raise
+    publish_grid(cfgs[0], grid_hash, name or f"grid-{grid_hash}", gvs, refs, [r.run_id for r in runs], executions,
+                 tracker, grid_run.run_id)
     return {"grid_run_id": grid_run.run_id, "variant_run_ids": [r.run_id for r in runs],
             "labels": [gv.label for gv in gvs], "executions": executions,
             "refs": [{k: v.to_dict() for k, v in r.items() if v is not None} for r in refs]}

@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.publish import promote_evaluated, publish_artifacts
+from flows.publish import promote_evaluated, publish_artifacts, publish_failure
 from flows.stages import GRAPH, cached_refs, descendants, inputs_for, skip_reason
 from infra.config import STAGES, PipelineConfig, from_dict
 from infra.console import fmt_bytes, fmt_duration, route_stage_logs_to_prefect, say, stage_log, stage_log_path
@@ -213,7 +213,9 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
                     ref = tasks[stage](cfg, inputs, force=from_stage is not None,  # --from: this stage and later
                                        parent_run_id=parent.run_id)
                 except BaseException as e:
-                    raise stage_failed(stage, e, cfg, tracker, parent.run_id, refs) from e
+                    failed = stage_failed(stage, e, cfg, tracker, parent.run_id, refs)
+                    publish_failure(cfg, stages, refs, durations, stage, failed, tracker, parent.run_id, reused=reused)
+                    raise failed from e
             refs[stage] = ref
             durations[stage] = time.perf_counter() - t0
             if was_reused(stage, ref, started):
@@ -273,6 +275,38 @@ def collect_garbage(cfg: PipelineConfig, keep_days: float, parent: Any = None) -
     say(f"gc: removed {done.count} folder(s), {fmt_bytes(done.size)} freed{in_use} (kept {keep_days:g} days)")
     if parent is not None:
         parent.log_metrics({"gc_removed": done.count, "gc_freed_bytes": done.size})
+
+
+# What `mqgen run` (and the failure summary in Prefect) advises per kind of error.
+ADVICE = {
+    "ConfigError": "fix the configuration value named above (`mqgen config show` prints the resolved config) "
+                   "and run the same command again",
+    "UnsafeCheckpointError": "a stored file failed verification and was not loaded; delete it (or the stage "
+                             "folder named above) and run again to recompute it",
+    "IngestError": "check the input data named above (data.source / data.path), then run again: images "
+                   "already ingested are reused",
+    "SourceError": "check data.source / data.path, then run again",
+    "ShardIntegrityError": "a shard is damaged; delete the ingest folder named above and run again",
+    "TokenFormatError": "the token database is damaged or from another version; rerun with --from tokenize",
+    "FileNotFoundError": "a file this stage reads is missing; rerun the stage that writes it (`mqgen run --from "
+                         "STAGE`), or check the paths in the config",
+    "MetricsUnavailable": "see the message above: the figure needs something this run lacks",
+    "InceptionWeightsMissing": "see the message above for where the Inception weights are looked for",
+    "NoSpaceLeft": "free disk space as the message above says, then run the same command again (exit code 3)",
+}
+
+
+def what_to_do(cause: BaseException) -> str:
+    """The advice under a failure: :data:`ADVICE` for the error's kind, else fix the cause (a permanent error) or
+    run again (a transient one)."""
+    from infra.errors import is_permanent
+
+    advice = next((ADVICE[k.__name__] for k in type(cause).__mro__ if k.__name__ in ADVICE), None)
+    if advice is not None:
+        return advice
+    return ("the same command would fail the same way: fix the cause above first" if is_permanent(cause)
+            else "run the same command again: finished stages are reused and training resumes from its last "
+                 "checkpoint")
 
 
 class StageFailed(RuntimeError):

@@ -4,6 +4,8 @@
 evaluated Stackformer version takes the alias (``champion``) when it beats the holder by more than the noise.
 :func:`publish_artifacts` leaves the run's result in the Prefect UI: a markdown summary (stage figures, durations,
 the promotion decision), a table artifact of the figures, and a link artifact to the MLflow run.
+:func:`publish_failure` leaves a failed run's summary under the same key (the failed stage, the cause and what to do,
+the stages done before it), and :func:`publish_grid` a grid's (one row per variant with its figures).
 """
 
 from __future__ import annotations
@@ -76,15 +78,24 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:100]
 
 
-def summary_markdown(cfg: PipelineConfig, refs: dict[str, Any], durations: dict[str, float], decision: Any,
-                     mlflow_url: str, how: str, reused: set[str] | frozenset[str] = frozenset()) -> str:
+def _artifact_key(cfg: PipelineConfig) -> str:
+    """The key of a pipeline run's artifacts (``-figures``, ``-mlflow`` appended): one per config, so the Artifacts
+    page shows each config's latest run, finished or failed."""
+    return _slug(f"mqgen-{cfg.preset}-{cfg.hash()}")
+
+
+def _stage_line(stage: str, ref: Any, durations: dict[str, float], reused: set[str] | frozenset[str]) -> str:
     from flows.pipeline import describe_output
 
+    took = "cached" if stage in reused or stage not in durations else f"{durations[stage]:.1f} s"
+    return f"| {stage} | {took} | {describe_output(stage, ref) if ref is not None else 'skipped'} |"
+
+
+def summary_markdown(cfg: PipelineConfig, refs: dict[str, Any], durations: dict[str, float], decision: Any,
+                     mlflow_url: str, how: str, reused: set[str] | frozenset[str] = frozenset()) -> str:
     lines = [f"# mqgen pipeline: preset {cfg.preset}, config {cfg.hash()}", "",
              "| stage | duration | result |", "|---|---|---|"]
-    for stage, ref in refs.items():
-        took = "cached" if stage in reused or stage not in durations else f"{durations[stage]:.1f} s"
-        lines.append(f"| {stage} | {took} | {describe_output(stage, ref) if ref is not None else 'skipped'} |")
+    lines += [_stage_line(stage, ref, durations, reused) for stage, ref in refs.items()]
     ev = refs.get("evaluate")
     if ev is not None:
         m = ev.metrics or {}
@@ -111,14 +122,11 @@ def publish_artifacts(cfg: PipelineConfig, refs: dict[str, Any], durations: dict
     try:
         from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-        key = _slug(f"mqgen-{cfg.preset}-{cfg.hash()}")
+        key = _artifact_key(cfg)
         url, how = _mlflow_link(tracker, parent_run_id)
         create_markdown_artifact(summary_markdown(cfg, refs, durations, decision, url, how, reused), key=key,
                                  description=f"mqgen {cfg.preset} {cfg.hash()}: stage figures and the promotion")
-        rows = [{"stage": s, "seconds": round(durations.get(s, 0.0), 1), "cached": s in reused or s not in durations,
-                 "key": getattr(r, "key", ""), **{k: round(v, 4) for k, v in (getattr(r, "metrics", None) or {}).items()
-                                                  if isinstance(v, (int, float)) and k in FIGURES}}
-                for s, r in refs.items() if r is not None]
+        rows = _figure_rows(refs, durations, reused)
         if decision is not None:
             rows.append({"stage": "promotion", "decision": decision.decision, "version": decision.version,
                          "fid": decision.new.fid, "champion_fid": decision.champion.fid if decision.champion else None})
@@ -127,6 +135,134 @@ def publish_artifacts(cfg: PipelineConfig, refs: dict[str, Any], durations: dict
                              description="the pipeline's MLflow run" + how)
     except Exception as e:  # noqa: BLE001 - the UI summary is a courtesy; the run's results stand
         log.warning("could not publish the Prefect artifacts: %s", e)
+
+
+def _figure_rows(refs: dict[str, Any], durations: dict[str, float],
+                 reused: set[str] | frozenset[str]) -> list[dict[str, Any]]:
+    """Rows of the table artifact: per stage its time, whether it was a cache hit, its key and figures."""
+    return [{"stage": s, "seconds": round(durations.get(s, 0.0), 1), "cached": s in reused or s not in durations,
+             "key": getattr(r, "key", ""), **{k: round(v, 4) for k, v in (getattr(r, "metrics", None) or {}).items()
+                                              if isinstance(v, (int, float)) and k in FIGURES}}
+            for s, r in refs.items() if r is not None]
+
+
+def failure_markdown(cfg: PipelineConfig, stages: list[str], refs: dict[str, Any], durations: dict[str, float],
+                     failed_stage: str, error: BaseException, mlflow_url: str, how: str,
+                     reused: set[str] | frozenset[str] = frozenset()) -> str:
+    """A failed run's summary: the stage and its cause with what to do (the paragraph ``mqgen run`` prints), where
+    the traceback is, and the selected stages in order: done (with their figures), failed, not run. Redacted."""
+    from flows.pipeline import StageFailed, what_to_do
+    from infra.secrets import redact_text
+
+    cause = error.cause if isinstance(error, StageFailed) else error
+    name = type(cause).__name__
+    lines = [f"# mqgen pipeline failed at {failed_stage}: preset {cfg.preset}, config {cfg.hash()}", "",
+             f"**stage {failed_stage} failed**: {name}: {str(cause).strip() or name}", "",
+             f"**What to do**: {what_to_do(cause)}"]
+    if isinstance(error, StageFailed):
+        where = [f"`{error.log_file}`"] if error.log_file else []
+        if error.mlflow_run_id:
+            where.append(f"MLflow run {error.mlflow_run_id} (artifact `error/{failed_stage}-traceback.txt`)")
+        if where:
+            lines += ["", "Full traceback: " + " and ".join(where)]
+    lines += ["", "| stage | duration | result |", "|---|---|---|"]
+    for stage in stages:
+        if stage == failed_stage:
+            lines.append(f"| {stage} | | **failed** |")
+        elif stage in refs:
+            lines.append(_stage_line(stage, refs[stage], durations, reused))
+        else:
+            lines.append(f"| {stage} | | not run |")
+    lines += ["", f"MLflow run: [{mlflow_url}]({mlflow_url}){how}"]
+    return redact_text("\n".join(lines))
+
+
+def publish_failure(cfg: PipelineConfig, stages: list[str], refs: dict[str, Any], durations: dict[str, float],
+                    failed_stage: str, error: BaseException, tracker: Any, parent_run_id: str, *,
+                    reused: set[str] | frozenset[str] = frozenset()) -> None:
+    """The Prefect artifacts of a flow run whose stage ``failed_stage`` failed with ``error`` (what
+    :func:`flows.pipeline.stage_failed` returned), under the keys of :func:`publish_artifacts`: the summary of
+    :func:`failure_markdown`, the figures of the stages done before it, the link to the MLflow run. A no-op outside a
+    flow run and for Ctrl-C / SIGTERM; a failure to publish is logged, never raised (the stage's error is the flow's)."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id or not isinstance(error, Exception):
+        return
+    try:
+        from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+        key = _artifact_key(cfg)
+        url, how = _mlflow_link(tracker, parent_run_id)
+        done = {s: refs[s] for s in stages if s in refs and s != failed_stage}
+        create_markdown_artifact(failure_markdown(cfg, stages, done, durations, failed_stage, error, url, how, reused),
+                                 key=key, description=f"mqgen {cfg.preset} {cfg.hash()}: failed at {failed_stage}")
+        create_table_artifact([*_figure_rows(done, durations, reused), {"stage": failed_stage, "failed": True}],
+                              key=f"{key}-figures", description="stage figures of this run, up to the failed stage")
+        create_link_artifact(url, link_text=f"MLflow run {parent_run_id}", key=f"{key}-mlflow",
+                             description="the pipeline's MLflow run (the failed stage's traceback under error/)" + how)
+    except Exception as e:  # noqa: BLE001 - the UI summary is a courtesy; the stage's error is what the run reports
+        log.warning("could not publish the Prefect artifacts of the failure: %s", e)
+
+
+# The figures of a grid's variants (the names of flows.pipeline.summary_figures), in the order of its table.
+GRID_FIGURES = ("fid", "fid_low", "fid_high", "isc_mean", "recon_psnr", "sampling_images_per_s", "tokenizer.val_psnr",
+                "stackformer.val_bits_per_image")
+
+
+def grid_rows(variants: list[Any], refs: list[dict[str, Any]], run_ids: list[str]) -> list[dict[str, Any]]:
+    """One row per grid variant (:class:`infra.config.GridVariant`): its label, axis values, figures and MLflow
+    run."""
+    from flows.pipeline import summary_figures
+
+    rows = []
+    for gv, r, run_id in zip(variants, refs, run_ids):
+        figures = summary_figures(r)
+        axes = {k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v)
+                for k, v in gv.axes.items()}
+        rows.append({"variant": gv.label, **axes, **{k: round(figures[k], 4) for k in GRID_FIGURES if k in figures},
+                     "run": run_id})
+    return rows
+
+
+def grid_markdown(title: str, rows: list[dict[str, Any]], executions: dict[str, int], grid_run_id: str,
+                  mlflow_url: str, how: str) -> str:
+    """A grid's summary: a table of its variants' figures, the stage executions they shared, the MLflow run and how to
+    write the comparison report."""
+    shown = [k for k in GRID_FIGURES if any(k in row for row in rows)]
+    lines = [f"# mqgen grid {title}: {len(rows)} variants", "",
+             "| variant | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for row in rows:
+        cells = [f"{row[k]:.4g}" if isinstance(row.get(k), (int, float)) else "" for k in shown]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    lines += ["", "Stage executions (variants that agree on what a stage reads share one): "
+              + ", ".join(f"{stage} {n}" for stage, n in executions.items()),
+              "", f"Comparison report (figures against the axes, plots): `mqgen compare --grid {grid_run_id} --out DIR`",
+              "", f"MLflow run: [{mlflow_url}]({mlflow_url}){how}"]
+    return "\n".join(lines)
+
+
+def publish_grid(cfg: PipelineConfig, grid_hash: str, title: str, variants: list[Any], refs: list[dict[str, Any]],
+                 run_ids: list[str], executions: dict[str, int], tracker: Any, grid_run_id: str) -> None:
+    """The Prefect artifacts of a finished grid's flow run (a no-op outside one), keyed by the grid's hash: a markdown
+    summary, a table with one row per variant (:func:`grid_rows`) and a link artifact to the grid's MLflow run. A
+    failure to publish is logged, never raised: the variants' outputs are already written."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    try:
+        from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+        key = _slug(f"mqgen-grid-{cfg.preset}-{grid_hash}")
+        url, how = _mlflow_link(tracker, grid_run_id)
+        rows = grid_rows(variants, refs, run_ids)
+        create_markdown_artifact(grid_markdown(title, rows, executions, grid_run_id, url, how), key=key,
+                                 description=f"mqgen grid {title}: the variants' figures")
+        create_table_artifact(rows, key=f"{key}-variants", description="one row per variant: axes and figures")
+        create_link_artifact(url, link_text=f"MLflow grid run {grid_run_id}", key=f"{key}-mlflow",
+                             description="the grid's MLflow run (a child run per variant)" + how)
+    except Exception as e:  # noqa: BLE001 - the UI summary is a courtesy; the grid's results stand
+        log.warning("could not publish the grid's Prefect artifacts: %s", e)
 
 
 FIGURES = ("fid", "fid_low", "fid_high", "isc_mean", "recon_psnr", "sampling_images_per_s", "val_psnr",

@@ -71,3 +71,27 @@ def test_a_full_disk_stops_tokenize_clearly_and_the_rerun_resumes(small_fs, run_
     out = tk.run(cfg, TokenizeInputs(ingest=ingest, train_tokenizer=tokenizer))
     assert out.num_train + out.num_val == ingest.num_train + ingest.num_val
     assert tk.cached(cfg, TokenizeInputs(ingest=ingest, train_tokenizer=tokenizer)) == out
+
+
+@pytest.mark.slow  # a real `mqgen` process
+def test_a_full_disk_stops_ingest_without_retries_and_the_rerun_finishes(small_fs, run_root: Path) -> None:
+    """ENOSPC while ingest writes shards is not a transient fault: no retry of the chunk or the task, exit 3 with
+    the message, and once there is space the same command finishes."""
+    small_fs(run_root / "ingest", "32k")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME",
+                                                           "RAY_ADDRESS")}
+    command = [str(Path(sys.executable).parent / "mqgen"), "run", "--only", "ingest", "--preset", "tiny",
+               f"run.root={run_root}", "data.source=digits", "data.max_images=400", "data.shard_max_count=50",
+               "run.retries=2", "run.retry_delay_s=0"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert f"no space left on {run_root / 'ingest'}" in proc.stderr, proc.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (run_root / "logs").rglob("*.log"))
+    assert "Retrying" not in proc.stderr + logs and "retrying" not in logs.lower(), logs[-3000:]
+    assert not list((run_root / "ingest").glob("*/manifest.json"))  # nothing half-written looks finished
+
+    small_fs(run_root / "ingest", "16m")
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    [manifest] = (run_root / "ingest").glob("*/manifest.json")
+    assert manifest.stat().st_size > 0

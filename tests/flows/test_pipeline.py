@@ -286,6 +286,10 @@ def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_
     assert all(c.info.status == "FINISHED" for c in children)
     fids = [c.data.metrics["fid"] for c in children]
     assert fids[0] != fids[1]
+    rows = _figures_table(client.get_run(result.grid_run_id))  # the grid's Prefect table: a row per variant
+    assert [(r["variant"], r["tokenizer.keep_ratio"], r["run"]) for r in rows] == [
+        (v.label, v.config.tokenizer.model.keep_ratio, run) for v, run in zip(variants, result.variant_run_ids)]
+    assert [r["fid"] for r in rows] == pytest.approx(fids, abs=1e-4)
     ingest_run = client.get_run(result.refs[0]["ingest"]["mlflow_run_id"])
     assert result.refs[1]["ingest"]["mlflow_run_id"] == ingest_run.info.run_id
 
