@@ -5,18 +5,18 @@ code, Prefect, Ray, MLflow and LMDB) with the seams that ``MQGEN_TEST_SEAMS`` (J
 
 * ``{"slow": S}``: train_stackformer sleeps S seconds after every step (its ``on_step`` seam), so a test can
   catch it between two checkpoints;
-* ``{"store_then_cut": N}``: the Ray Train worker stores step N's checkpoint in the run's folder, then the power
-  goes (every process of the run's session SIGKILLed) before ``ray.train.report`` returns: Ray never records it;
+* ``{"store_then_die": N}``: the Ray Train worker stores step N's checkpoint in the run's folder, then SIGKILLs
+  itself before ``ray.train.report`` returns: Ray never records it (the driver lives on and restarts the workers);
 * ``{"tear_at": N}``: the worker's copy of step N's checkpoint into the run's folder is cut short: its ``DONE``
   marker and manifest have arrived, its weights and state not (the worst order a copy can take), then the power
-  goes;
+  goes (every process of the run's session SIGKILLed);
 * ``{"compact": {"split": "train", "when": "before"|"after"}}``: the tokenize stage's process SIGKILLs itself
   inside the compaction of that split's LMDB database, just before (the compacted copy is written beside it) or
   just after the compacted file replaced ``data.mdb`` (the stale ``lock.mdb`` and the copy's folder still there).
 
-Before each kill the seam writes ``{"seam", "step" or "split"}`` to the file ``"marker"`` names, so the test knows
-it fired. The training seams travel to the Ray Train workers inside the stage's ``on_step`` callable; this module is
-pickled by value, so the workers need not import the tests package.
+Before its kill a seam writes what it did (JSON) to ``<marker>.<seam>``, so the test knows it fired; a seam whose
+file exists does not fire again (in a restarted worker). The training seams travel to the Ray Train workers inside
+the stage's ``on_step`` callable; this module is pickled by value, so the workers need not import the tests package.
 """
 
 from __future__ import annotations
@@ -65,8 +65,12 @@ def kill_session(sid: int) -> None:
     os.kill(me, signal.SIGKILL)
 
 
-def _mark(marker: str, **what: Any) -> None:
-    with open(marker, "w") as f:
+def _fired(marker: str, seam: str) -> bool:
+    return os.path.exists(f"{marker}.{seam}")
+
+
+def _mark(marker: str, seam: str, **what: Any) -> None:
+    with open(f"{marker}.{seam}", "w") as f:
         f.write(json.dumps(what))
         f.flush()
         os.fsync(f.fileno())
@@ -76,15 +80,15 @@ class StepSeams:
     """The ``on_step`` callable of train_stackformer: a sleep after every step, and (installed in each process it is
     unpickled in, i.e. every Ray Train worker) the checkpoint-persisting seams."""
 
-    def __init__(self, *, marker: str, slow: float = 0.0, store_then_cut: int | None = None,
+    def __init__(self, *, marker: str, slow: float = 0.0, store_then_die: int | None = None,
                  tear_at: int | None = None):
         self.marker, self.slow = marker, slow
-        self.store_then_cut, self.tear_at = store_then_cut, tear_at
+        self.store_then_die, self.tear_at = store_then_die, tear_at
         self.session = os.getsid(0)  # the driver's session: the run's processes, its Ray workers included
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        if self.store_then_cut is not None or self.tear_at is not None:
+        if self.store_then_die is not None or self.tear_at is not None:
             _plant_in_persist(self)
 
     def __call__(self, event: StepEvent) -> None:
@@ -106,17 +110,17 @@ def _plant_in_persist(seams: StepSeams) -> None:
     def persist(self: Any, checkpoint: Any, checkpoint_dir_name: str) -> Any:
         source = Path(checkpoint.path)
         step = int(json.loads((source / "manifest.json").read_text())["step"])
-        if step == seams.tear_at:
+        if step == seams.tear_at and not _fired(seams.marker, "tear_at"):
             dest = Path(self.build_checkpoint_path_from_name(checkpoint_dir_name))
             dest.mkdir(parents=True, exist_ok=True)
             for name in ("DONE", "manifest.json"):
                 shutil.copyfile(source / name, dest / name)
-            _mark(seams.marker, seam="tear_at", step=step, folder=str(dest))
+            _mark(seams.marker, "tear_at", step=step, folder=str(dest))
             kill_session(seams.session)
         stored = real(self, checkpoint, checkpoint_dir_name)
-        if step == seams.store_then_cut:
-            _mark(seams.marker, seam="store_then_cut", step=step, folder=stored.path)
-            kill_session(seams.session)
+        if step == seams.store_then_die and not _fired(seams.marker, "store_then_die"):
+            _mark(seams.marker, "store_then_die", step=step, folder=stored.path, pid=os.getpid())
+            os.kill(os.getpid(), signal.SIGKILL)
         return stored
 
     persist._mqgen_seam = True  # type: ignore[attr-defined]
@@ -140,25 +144,28 @@ class _CompactionOs:
             return
         if self.when == "after":
             os.replace(src, dst)
-        _mark(self.marker, seam="compact", split=self.split, when=self.when)
+        _mark(self.marker, "compact", split=self.split, when=self.when)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main() -> None:
     """``mqgen`` (its typer app, exit codes included) with the seams ``MQGEN_TEST_SEAMS`` asks for."""
     spec = json.loads(os.environ.get(ENV, "{}"))
-    marker = spec.get("marker", os.devnull)
+    marker = spec.get("marker", "")
+    if {"compact", "store_then_die", "tear_at"} & set(spec) and not marker:
+        raise SystemExit(f"{ENV}: a seam that kills needs a marker path")
     if "compact" in spec:
         import infra.tokens
 
-        infra.tokens.os = _CompactionOs(spec["compact"]["split"], spec["compact"]["when"], marker)  # type: ignore[assignment]
-    if {"slow", "store_then_cut", "tear_at"} & set(spec):
+        seam = _CompactionOs(spec["compact"]["split"], spec["compact"]["when"], marker)
+        infra.tokens.os = seam  # type: ignore[assignment]
+    if {"slow", "store_then_die", "tear_at"} & set(spec):
         from prefect import task
         from prefect.cache_policies import NO_CACHE
 
         import tasks.train_stackformer as ts
 
-        seams = StepSeams(marker=marker, slow=spec.get("slow", 0.0), store_then_cut=spec.get("store_then_cut"),
+        seams = StepSeams(marker=marker, slow=spec.get("slow", 0.0), store_then_die=spec.get("store_then_die"),
                           tear_at=spec.get("tear_at"))
 
         def train_stackformer(cfg: Any, inputs: Any, force: bool = False, parent_run_id: str | None = None) -> Any:
