@@ -51,10 +51,19 @@ def start_local_api() -> None:
 
     if os.environ.get("PREFECT_API_URL"):
         return
+    import signal
+
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_HOME
 
     from infra.storage import file_lock
 
     with file_lock(Path(PREFECT_HOME.value()) / ".mqgen-start.lock", what="Prefect's local database"):
-        SubprocessASGIServer().start()
+        # The server process inherits SIGINT blocked: a terminal's Ctrl-C reaches the whole process group, and a
+        # server gone first would turn the interruption into "connection refused" errors while mqgen records it
+        # (mqgen stops the server itself at exit, with SIGTERM).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            SubprocessASGIServer().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

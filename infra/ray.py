@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import uuid
@@ -168,7 +169,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: 
                                  checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
         )
         try:
-            result = trainer.fit()
+            result = _fit_interruptibly(trainer, name)
         except ray.train.TrainingFailedError as e:
             cause = _worker_cause(e)
             if cause is not None and is_permanent(cause):
@@ -189,6 +190,49 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: 
                              checkpoint_path=final.path, error=None, final=final)
         ckpt = result.checkpoint.path if result.checkpoint is not None else None
         return FitResult(metrics=dict(result.metrics or {}), checkpoint_path=ckpt, error=None)
+
+
+def _fit_interruptibly(trainer: Any, name: str) -> Any:
+    """``trainer.fit()`` where Ctrl-C (SIGINT) stops the run as an interruption, not as an exit.
+
+    Ray Train's own SIGINT handler aborts the controller and may ``sys.exit(0)`` (a ``SystemExit`` no caller
+    expects: `mqgen run` then exited 1 and Prefect marked the run Crashed), or lets ``fit`` return the aborted run
+    as if it had finished; and it stays installed after ``fit``. Here the first SIGINT aborts the run the same
+    graceful way and ``fit`` raises ``KeyboardInterrupt`` (exit 130, the stage run KILLED, the same command
+    resumes from the checkpoints); a second one raises at once. The previous handler is restored afterwards."""
+    import signal
+
+    interrupted: list[int] = []
+
+    def register(controller: Any) -> None:  # replaces TorchTrainer._register_sigint_handler for this trainer
+        def on_sigint(signum: int, frame: Any) -> None:
+            interrupted.append(signum)
+            if len(interrupted) > 1:
+                raise KeyboardInterrupt
+            log.warning("interrupted: stopping training run %s (its checkpoints stay; the same command resumes)",
+                        name)
+            try:
+                ray.get(controller.abort.remote())
+            except Exception as e:  # noqa: BLE001 - the controller is gone already: nothing left to abort
+                log.debug("aborting training run %s: %s", name, e)
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    trainer._register_sigint_handler = register
+    try:
+        result = trainer.fit()
+    except BaseException:  # SystemExit from Ray's handler, or the aborted run's TrainingFailedError: not a restart
+        if interrupted or sys.exc_info()[0] is SystemExit:
+            raise KeyboardInterrupt(f"training run {name} interrupted") from None
+        raise
+    finally:
+        if main and previous is not None:  # (None: a handler set outside Python, which cannot be restored)
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt(f"training run {name} interrupted")
+    return result
 
 
 def _newest_stored_checkpoint(run_dir: str) -> Any:

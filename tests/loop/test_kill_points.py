@@ -361,8 +361,6 @@ def _stage_run_id(root: Path, key: str) -> str:
 # --------------------------------------------------------------------------------------------- Ctrl-C
 
 
-@pytest.mark.xfail(strict=True, reason="Ray Train's SIGINT handler (installed by TorchTrainer.fit) turns Ctrl-C "
-                                       "into sys.exit: mqgen exits 1 without its 'interrupted' line")
 def test_ctrl_c_of_mqgen_run_mid_training_exits_130(tokenized: Path, tmp_path: Path) -> None:
     root = tokenized
     lr = ["stackformer.lr=0.0003"]
