@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -79,7 +80,14 @@ def _init_ray(num_cpus: int | None) -> None:
 
 
 RAYLET_LOGGER = "ray.raylet_messages"
-_OOM_WORDS = ("out of memory", "outofmemory", "oom")
+# Ray's memory monitor ("... killed due to the node running low on memory", OutOfMemoryError). Not a bare "oom":
+# every killed worker's message lists "the OOM killer" among the common causes, and words such as "room" hold it.
+_MEMORY_KILL = re.compile(r"out of memory|outofmemoryerror|running low on memory", re.IGNORECASE)
+
+
+def is_memory_kill(text: str) -> bool:
+    """Whether a raylet message says a worker was killed for memory (an error the user must see)."""
+    return _MEMORY_KILL.search(text) is not None
 
 
 def route_raylet_messages() -> None:
@@ -103,8 +111,7 @@ def route_raylet_messages() -> None:
             return
         for line in data.get("lines") or []:
             text = str(line).strip()
-            oom = any(w in text.lower() for w in _OOM_WORDS)
-            raylog.log(logging.ERROR if oom else logging.WARNING, "%s", text)
+            raylog.log(logging.ERROR if is_memory_kill(text) else logging.WARNING, "%s", text)
 
     routed._mqgen_routed = True  # type: ignore[attr-defined]
     ray_worker.print_to_stdstream = routed

@@ -81,3 +81,16 @@ def test_a_transient_failure_restarts_from_the_latest_checkpoint(tmp_path: Path)
     # 2 workers, first from scratch, then both from the same checkpoint: step 2's, or step 1's when the failure
     # reached the controller before step 2's checkpoint was registered (a race Ray allows under load)
     assert starts[:2] == ["0", "0"] and starts[2] == starts[3] and starts[2] in ("1", "2"), starts
+
+
+def test_only_a_memory_kill_is_shown_as_one() -> None:
+    """Raylet messages reach the console only when a worker was killed for memory; a worker killed otherwise
+    (whose message lists "the OOM killer" among possible causes) stays in the log file."""
+    from infra.ray import is_memory_kill
+
+    assert is_memory_kill("Task was killed due to the node running low on memory. Memory on the node was 23.1GB")
+    assert is_memory_kill("ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory")
+    generic = ("A worker died or was killed while executing a task by an unexpected system error. Some common causes "
+               "include: (1) the process was killed by the OOM killer due to high memory usage, (2) ray stop --force")
+    assert not is_memory_kill(generic)
+    assert not is_memory_kill("no room left in the object store spill directory; spilling to disk")
