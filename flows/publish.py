@@ -45,8 +45,7 @@ def promote_evaluated(cfg: PipelineConfig, refs: dict[str, Any], tracker: Any, p
         log.info("promotion: evaluating the %s v%s on this run's evaluation protocol", cfg.registry.alias,
                  holder.version)
         with registry.load_bundle(f"models:/{holder.name}/{holder.version}", cfg) as (bundle, _):
-            if bundle.generator is None:
-                raise ValueError(f"{holder.name} v{holder.version} holds no generator")
+            _check_fits(holder, bundle, refs["ingest"], gen)
             out = evaluate.run(cfg, EvaluateInputs(ingest=refs["ingest"], train_tokenizer=bundle.tokenizer,
                                                    train_stackformer=bundle.generator,
                                                    train_evaluator=refs.get("train_evaluator")),
@@ -63,6 +62,22 @@ def promote_evaluated(cfg: PipelineConfig, refs: dict[str, Any], tracker: Any, p
             figures["promotion.champion_fid"] = decision.champion.fid
         parent.log_metrics(figures)
     return decision
+
+
+def _check_fits(holder: Any, bundle: Any, ingest: Any, new: Any) -> None:
+    """Refuse (``ValueError``, the gate's "not comparable" reason) to score a champion on data it cannot draw: another
+    image size or channel count (an extractor would resize its samples silently), or another conditioning than the
+    ``new`` model's (captions one reads and the other does not)."""
+    if bundle.generator is None:
+        raise ValueError(f"{holder.name} v{holder.version} holds no generator")
+    mc = bundle.tokenizer.model_config
+    size, channels = mc.get("resolution"), mc.get("in_channels")
+    if (size, channels) != (ingest.image_size, ingest.channels):
+        raise ValueError(f"it draws {size} px, {channels} channel(s) images; this run's data is {ingest.image_size} "
+                         f"px, {ingest.channels} channel(s)")
+    if bool(bundle.generator.text_tokenizer) != bool(new.text_tokenizer):
+        raise ValueError("it reads captions and the new model does not" if bundle.generator.text_tokenizer
+                         else "the new model reads captions and it does not")
 
 
 def _mlflow_link(tracker: Any, run_id: str) -> tuple[str, str]:

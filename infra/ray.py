@@ -227,6 +227,9 @@ def _fit_interruptibly(trainer: Any, name: str) -> Any:
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
+    if not hasattr(trainer, "_register_sigint_handler"):  # (a Ray release without the hook: its own handler runs)
+        log.warning("this Ray release has no TorchTrainer._register_sigint_handler: Ctrl-C during training is "
+                    "handled by Ray, which may stop the process (mqgen is tested with Ray 2.60)")
     trainer._register_sigint_handler = register
     try:
         result = trainer.fit()

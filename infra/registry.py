@@ -322,41 +322,55 @@ def promote(tracker: Any, cfg: PipelineConfig, *, generator: Any, tokenizer_vers
     that fails, the gate says "not comparable" and keeps the champion."""
     client = _client(tracker)
     alias = cfg.registry.alias
-    with _lock(cfg):
-        new = record_evaluation(tracker, version, evaluation, evaluate_run_id)
-        if new is None:
-            return None
-        pid = protocol_id(evaluation)
-        holder = alias_version(tracker, version.name, alias)
-        if holder is not None and holder.version == version.version:
-            d = Decision("already champion", f"v{version.version} holds {alias!r} already", version.name,
-                         version.version, alias, new, holder.version, new)
-        else:
-            champ = _figure(holder.tags, pid) if holder is not None else None
-            rescored = ""
-            if holder is not None and champ is None:
-                champ, why_not = _rescored(tracker, holder, pid, rescore)
-                rescored = f"; the {alias} v{holder.version} was re-evaluated on this protocol first"
-            if holder is not None and champ is None:
-                d = Decision("not comparable", f"the {alias} v{holder.version} has no evaluation on this protocol "
-                             f"({json.dumps(protocol(evaluation), sort_keys=True)}) and {why_not}; evaluate it "
-                             "with the same evaluate settings, or move the alias by hand", version.name,
-                             version.version, alias, new, holder.version)
-            else:
-                what, why, threshold = decide(cfg, new, champ)
-                d = Decision(what, why + rescored, version.name, version.version, alias, new,
-                             holder.version if holder else None, champ, threshold)
-        if d.moved:
-            client.set_registered_model_alias(version.name, alias, version.version)
-            if tokenizer_version is not None:
-                client.set_registered_model_alias(tokenizer_version.name, alias, tokenizer_version.version)
-        if d.decision != "already champion":  # (a re-evaluation keeps the decision that gave it the alias)
-            client.set_model_version_tag(version.name, version.version, TAG_DECISION,
-                                         f"{d.decision}: {d.reason}"[:4000])
-        for k, v in d.tags().items():
-            client.set_tag(evaluate_run_id, k, v[:4000])
+    new = record_evaluation(tracker, version, evaluation, evaluate_run_id)
+    if new is None:
+        return None
+    pid = protocol_id(evaluation)
+    rescored: dict[str, str] = {}  # holder version -> why it has no figure after its re-evaluation ("" = it has)
+    while True:
+        # The champion's re-evaluation (a whole evaluate stage) runs outside the lock; the decision is taken under
+        # it on the holder read there, so a gate that moved the alias meanwhile is never overwritten blindly.
+        with _lock(cfg):
+            holder = alias_version(tracker, version.name, alias)
+            pending = (holder is not None and holder.version != version.version and _figure(holder.tags, pid) is None
+                       and holder.version not in rescored and rescore is not None)
+            if not pending:
+                d = _decision(cfg, version, new, evaluation, holder, pid, rescored, rescore is not None)
+                if d.moved:
+                    client.set_registered_model_alias(version.name, alias, version.version)
+                    if tokenizer_version is not None:
+                        client.set_registered_model_alias(tokenizer_version.name, alias, tokenizer_version.version)
+                if d.decision != "already champion":  # (a re-evaluation keeps the decision that gave it the alias)
+                    client.set_model_version_tag(version.name, version.version, TAG_DECISION,
+                                                 f"{d.decision}: {d.reason}"[:4000])
+                for k, v in d.tags().items():
+                    client.set_tag(evaluate_run_id, k, v[:4000])
+                break
+        _, rescored[holder.version] = _rescored(tracker, holder, pid, rescore)
     log.info("promotion: %s", d.summary())
     return d
+
+
+def _decision(cfg: PipelineConfig, version: Version, new: Figure, evaluation: dict[str, Any], holder: Version | None,
+              pid: str, rescored: dict[str, str], can_rescore: bool) -> Decision:
+    """The gate's decision for ``version`` against ``holder`` (read under the lock)."""
+    alias = cfg.registry.alias
+    if holder is not None and holder.version == version.version:
+        return Decision("already champion", f"v{version.version} holds {alias!r} already", version.name,
+                        version.version, alias, new, holder.version, new)
+    champ = _figure(holder.tags, pid) if holder is not None else None
+    if holder is not None and champ is None:
+        why_not = (rescored.get(holder.version) or "its re-evaluation left no figure" if can_rescore
+                   else "registry.reevaluate_champion=false")
+        return Decision("not comparable", f"the {alias} v{holder.version} has no evaluation on this protocol "
+                        f"({json.dumps(protocol(evaluation), sort_keys=True)}) and {why_not}; evaluate it with the "
+                        "same evaluate settings, or move the alias by hand", version.name, version.version, alias, new,
+                        holder.version)
+    what, why, threshold = decide(cfg, new, champ)
+    if holder is not None and holder.version in rescored:
+        why += f"; the {alias} v{holder.version} was re-evaluated on this protocol first"
+    return Decision(what, why, version.name, version.version, alias, new, holder.version if holder else None, champ,
+                    threshold)
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -95,8 +95,8 @@ INGEST_VERSION = "1"  # bump when the bytes ingest writes for a given config cha
 CAPTION_READING_SOURCES = ("image-folder", "shards")  # sources that read captions beside their images
 # 2: every sample of a captioned dataset has a caption (mixed inputs used to leave some without one, which
 # tokenize refused), oversized sidecars are cut instead of skipped. Recorded in a captioned manifest; an older
-# captioned output of a caption-reading source is rebuilt under the same key (uncaptioned data keeps its output and
-# its key: its computation did not change).
+# captioned output of a caption-reading source with samples lacking a caption is rebuilt under the same key
+# (complete ones, and uncaptioned data, keep their output and key).
 CAPTIONS_VERSION = 2
 PERFORMANCE_FIELDS = ("num_workers",)  # data fields that change speed, never the output
 MAX_EXAMPLES = 20  # skipped/ignored examples kept per reason in the manifest
@@ -175,14 +175,27 @@ def _cached(out: Path, key: str) -> IngestOutput | None:
         raise DamagedOutput(out, str(e)) from None
     if m.get("key") != key:
         raise DamagedOutput(out, f"its manifest holds key {m.get('key')!r}")
-    if (m.get("captioned") and (m.get("config") or {}).get("data", {}).get("source") in CAPTION_READING_SOURCES
-            and int(m.get("captions_version", 1)) < CAPTIONS_VERSION):
-        raise DamagedOutput(out, "its captions were stored by an older mqgen (some samples of mixed inputs had "
-                                 "none, long sidecar captions were skipped): built again")
+    if _captions_incomplete(m):
+        raise DamagedOutput(out, "its captions were stored by an older mqgen, which left some samples of mixed "
+                                 "inputs without one (tokenize would refuse them): built again")
     problems = check_shards(out, m)
     if problems:
         raise DamagedOutput(out, "; ".join(problems[:3]))
     return _output(out, m)
+
+
+def _captions_incomplete(m: dict[str, Any]) -> bool:
+    """Whether a captioned manifest of a caption-reading source, written before :data:`CAPTIONS_VERSION` 2, holds
+    samples without a caption (the older rule decided per input shard). One whose every sample has a caption stays
+    valid, and so keeps its downstream stages."""
+    if not m.get("captioned") or (m.get("config") or {}).get("data", {}).get("source") not in CAPTION_READING_SOURCES:
+        return False
+    try:
+        if int(m.get("captions_version", 1)) >= CAPTIONS_VERSION:
+            return False
+    except (TypeError, ValueError):
+        return True  # an unreadable version: rebuilt rather than trusted
+    return any(split.get("num_captioned", 0) < split.get("num_samples", 0) for split in (m.get("splits") or {}).values())
 
 
 def _output(out: Path, m: dict[str, Any]) -> IngestOutput:

@@ -138,6 +138,20 @@ def test_the_gate_moves_the_alias_only_beyond_the_noise_and_on_the_same_protocol
                            rescore=lambda h: (_evaluation(0.4, 0.1, n=64), e6))
     assert d7b.decision == "not comparable" and "another protocol" in d7b.reason
     assert registry.alias_version(tracker, v1.name, "champion").version == "6"
+    # the re-evaluation runs outside the gate's lock: when another gate moves the alias meanwhile, this one decides
+    # against the new holder, never overwriting it on the old one's figure
+    _, v8, e8 = _register(cfg, tracker, tok, run_root, 8)
+    _, v9, e9 = _register(cfg, tracker, tok, run_root, 9)
+
+    def meanwhile(holder):
+        registry.record_evaluation(tracker, v9, _evaluation(0.1, 0.01, n=512), e9)
+        tracker.client.set_registered_model_alias(v1.name, "champion", v9.version)
+        return _evaluation(9.0, 0.1, n=512), e6  # v6's figure: far worse than v8's
+
+    d8 = registry.promote(tracker, cfg, generator=None, tokenizer_version=None, version=v8,
+                          evaluation=_evaluation(0.5, 0.01, n=512), evaluate_run_id=e8, rescore=meanwhile)
+    assert d8.decision == "kept" and d8.champion_version == "9" and d8.champion.fid == 0.1
+    assert registry.alias_version(tracker, v1.name, "champion").version == "9"
 
 
 def test_a_registered_model_loads_by_alias_verified_and_a_tampered_bundle_is_refused(setting, run_root: Path,
@@ -279,3 +293,28 @@ def test_two_gates_at_once_decide_one_after_the_other(setting, run_root: Path) -
     second = next(o for o in outs if o is not first)
     assert second["champion"] == first["version"], outs  # the second gate saw the first one's alias
     assert registry.alias_version(tracker, v1.name, "champion").version == v2.version  # FID 5 beats 10 by > noise
+
+
+def test_a_champion_is_only_re_evaluated_on_data_it_can_draw() -> None:
+    """The flow's re-evaluation refuses (the gate then says "not comparable" with this reason) a champion of another
+    image size or channel count, or of another conditioning than the new model's."""
+    from types import SimpleNamespace as NS
+
+    from flows.publish import _check_fits
+
+    holder = NS(name="mqgen-stackformer-x", version="3")
+    ingest = NS(image_size=32, channels=1)
+
+    def bundle(resolution=32, channels=1, text=""):
+        return NS(tokenizer=NS(model_config={"resolution": resolution, "in_channels": channels}),
+                  generator=NS(text_tokenizer=text))
+
+    _check_fits(holder, bundle(), ingest, NS(text_tokenizer=""))  # fits: no error
+    with pytest.raises(ValueError, match="64 px, 1 channel.*this run's data is 32 px"):
+        _check_fits(holder, bundle(resolution=64), ingest, NS(text_tokenizer=""))
+    with pytest.raises(ValueError, match="3 channel"):
+        _check_fits(holder, bundle(channels=3), ingest, NS(text_tokenizer=""))
+    with pytest.raises(ValueError, match="it reads captions and the new model does not"):
+        _check_fits(holder, bundle(text="tok.json"), ingest, NS(text_tokenizer=""))
+    with pytest.raises(ValueError, match="holds no generator"):
+        _check_fits(holder, NS(tokenizer=bundle().tokenizer, generator=None), ingest, NS(text_tokenizer=""))

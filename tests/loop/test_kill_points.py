@@ -369,7 +369,7 @@ def test_ctrl_c_of_mqgen_run_mid_training_exits_130(tokenized: Path, tmp_path: P
     run = Run(root, tmp_path / "run.err", "--only", "train_stackformer", *lr, seams={"slow": 0.3})
     try:
         _wait_for_checkpoint(run, ray_dir, above=0)
-        os.kill(run.proc.pid, signal.SIGINT)
+        os.killpg(run.proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
         rc = run.proc.wait(timeout=300)
     finally:
         run.reap()

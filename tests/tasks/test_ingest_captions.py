@@ -194,7 +194,7 @@ def test_a_captioned_output_of_an_older_mqgen_is_rebuilt_under_its_key_and_uncap
         run_root: Path, tmp_path: Path) -> None:
     """Captions handling changed (mixed inputs, cut sidecars): an older captioned output is damaged, never reused
     with samples tokenize refuses; an uncaptioned output of the same source keeps its key and stays a cache hit."""
-    from infra.storage import atomic_write_json
+    from infra.storage import atomic_write_json, sha256_file
     from tasks.ingest import MANIFEST_NAME
 
     root = _folder(tmp_path / "imgs")
@@ -204,7 +204,10 @@ def test_a_captioned_output_of_an_older_mqgen_is_rebuilt_under_its_key_and_uncap
     out = run(cfg)
     manifest = json.loads((Path(out.path) / MANIFEST_NAME).read_text())
     assert manifest["captioned"] and manifest["captions_version"] == 2
-    del manifest["captions_version"]  # as an older mqgen wrote it
+    del manifest["captions_version"]  # as an older mqgen wrote it: every sample has a caption, so still valid
+    atomic_write_json(Path(out.path) / MANIFEST_NAME, manifest)
+    assert run(cfg).manifest_sha256 == sha256_file(Path(out.path) / MANIFEST_NAME)  # a hit
+    manifest["splits"]["train"]["num_captioned"] -= 1  # ...but one that left a sample without a caption
     atomic_write_json(Path(out.path) / MANIFEST_NAME, manifest)
     rebuilt = run(cfg)
     assert rebuilt.key == out.key and rebuilt.manifest_sha256 != out.manifest_sha256
