@@ -212,6 +212,7 @@ def _mtime(path: str | Path) -> int:
     return Path(path).stat().st_mtime_ns
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 @pytest.mark.slow  # two real `mqgen` processes (status, then run with its own Prefect server) on a finished pipeline
 def test_damaged_training_and_evaluation_outputs_through_mqgen_status_and_run(finished: dict[str, Any],
                                                                               ray_cluster: str) -> None:

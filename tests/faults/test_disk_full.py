@@ -73,6 +73,7 @@ def test_a_full_disk_stops_tokenize_clearly_and_the_rerun_resumes(small_fs, run_
     assert tk.cached(cfg, TokenizeInputs(ingest=ingest, train_tokenizer=tokenizer)) == out
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 @pytest.mark.slow  # a real `mqgen` process
 def test_a_full_disk_stops_ingest_without_retries_and_the_rerun_finishes(small_fs, run_root: Path) -> None:
     """ENOSPC while ingest writes shards is not a transient fault: no retry of the chunk or the task, exit 3 with

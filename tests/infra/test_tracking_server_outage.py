@@ -45,6 +45,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=60)
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_metrics_logged_while_the_server_is_down_are_backfilled_once(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while down (the sender retries)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")

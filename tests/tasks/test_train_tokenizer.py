@@ -99,6 +99,7 @@ def test_without_restarts_a_killed_rank_fails_the_stage_and_its_run(ingested, tm
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: Path) -> None:
     from tasks import train_tokenizer
 
