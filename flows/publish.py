@@ -126,10 +126,11 @@ def summary_markdown(cfg: PipelineConfig, refs: dict[str, Any], durations: dict[
     return "\n".join(lines)
 
 
-def publish_artifacts(cfg: PipelineConfig, refs: dict[str, Any], durations: dict[str, float], decision: Any,
-                      tracker: Any, parent_run_id: str, *, reused: set[str] | frozenset[str] = frozenset()) -> None:
-    """The Prefect artifacts of this flow run (a no-op outside one; ``reused``: the stages that were cache hits). A
-    failure to publish is logged, never raised: the pipeline's outputs are already written."""
+def _publish(key: str, what: str, *, markdown: str, description: str, rows: list[dict[str, Any]], table: str,
+             table_description: str, url: str, link_text: str, link_description: str) -> None:
+    """The three Prefect artifacts of this flow run (a no-op outside one): the markdown summary under ``key``, the
+    table under ``key-<table>``, the link to the MLflow run under ``key-mlflow``. A failure to publish is logged,
+    never raised: the UI summary is a courtesy, the run's own result stands."""
     from prefect.runtime import flow_run
 
     if not flow_run.id:
@@ -137,19 +138,26 @@ def publish_artifacts(cfg: PipelineConfig, refs: dict[str, Any], durations: dict
     try:
         from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-        key = _artifact_key(cfg)
-        url, how = _mlflow_link(tracker, parent_run_id)
-        create_markdown_artifact(summary_markdown(cfg, refs, durations, decision, url, how, reused), key=key,
-                                 description=f"mqgen {cfg.preset} {cfg.hash()}: stage figures and the promotion")
-        rows = _figure_rows(refs, durations, reused)
-        if decision is not None:
-            rows.append({"stage": "promotion", "decision": decision.decision, "version": decision.version,
-                         "fid": decision.new.fid, "champion_fid": decision.champion.fid if decision.champion else None})
-        create_table_artifact(rows, key=f"{key}-figures", description="stage figures of this run")
-        create_link_artifact(url, link_text=f"MLflow run {parent_run_id}", key=f"{key}-mlflow",
-                             description="the pipeline's MLflow run" + how)
-    except Exception as e:  # noqa: BLE001 - the UI summary is a courtesy; the run's results stand
-        log.warning("could not publish the Prefect artifacts: %s", e)
+        create_markdown_artifact(markdown, key=key, description=description)
+        create_table_artifact(rows, key=f"{key}-{table}", description=table_description)
+        create_link_artifact(url, link_text=link_text, key=f"{key}-mlflow", description=link_description)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.warning("could not publish the Prefect artifacts of %s: %s", what, e)
+
+
+def publish_artifacts(cfg: PipelineConfig, refs: dict[str, Any], durations: dict[str, float], decision: Any,
+                      tracker: Any, parent_run_id: str, *, reused: set[str] | frozenset[str] = frozenset()) -> None:
+    """The Prefect artifacts of this flow run (a no-op outside one; ``reused``: the stages that were cache hits). A
+    failure to publish is logged, never raised: the pipeline's outputs are already written."""
+    url, how = _mlflow_link(tracker, parent_run_id)
+    rows = _figure_rows(refs, durations, reused)
+    if decision is not None:
+        rows.append({"stage": "promotion", "decision": decision.decision, "version": decision.version,
+                     "fid": decision.new.fid, "champion_fid": decision.champion.fid if decision.champion else None})
+    _publish(_artifact_key(cfg), "the run", markdown=summary_markdown(cfg, refs, durations, decision, url, how, reused),
+             description=f"mqgen {cfg.preset} {cfg.hash()}: stage figures and the promotion", rows=rows,
+             table="figures", table_description="stage figures of this run", url=url,
+             link_text=f"MLflow run {parent_run_id}", link_description="the pipeline's MLflow run" + how)
 
 
 def _figure_rows(refs: dict[str, Any], durations: dict[str, float],
@@ -199,24 +207,17 @@ def publish_failure(cfg: PipelineConfig, stages: list[str], refs: dict[str, Any]
     :func:`flows.pipeline.stage_failed` returned), under the keys of :func:`publish_artifacts`: the summary of
     :func:`failure_markdown`, the figures of the stages done before it, the link to the MLflow run. A no-op outside a
     flow run and for Ctrl-C / SIGTERM; a failure to publish is logged, never raised (the stage's error is the flow's)."""
-    from prefect.runtime import flow_run
-
-    if not flow_run.id or not isinstance(error, Exception):
+    if not isinstance(error, Exception):
         return
-    try:
-        from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-
-        key = _artifact_key(cfg)
-        url, how = _mlflow_link(tracker, parent_run_id)
-        done = {s: refs[s] for s in stages if s in refs and s != failed_stage}
-        create_markdown_artifact(failure_markdown(cfg, stages, done, durations, failed_stage, error, url, how, reused),
-                                 key=key, description=f"mqgen {cfg.preset} {cfg.hash()}: failed at {failed_stage}")
-        create_table_artifact([*_figure_rows(done, durations, reused), {"stage": failed_stage, "failed": True}],
-                              key=f"{key}-figures", description="stage figures of this run, up to the failed stage")
-        create_link_artifact(url, link_text=f"MLflow run {parent_run_id}", key=f"{key}-mlflow",
-                             description="the pipeline's MLflow run (the failed stage's traceback under error/)" + how)
-    except Exception as e:  # noqa: BLE001 - the UI summary is a courtesy; the stage's error is what the run reports
-        log.warning("could not publish the Prefect artifacts of the failure: %s", e)
+    url, how = _mlflow_link(tracker, parent_run_id)
+    done = {s: refs[s] for s in stages if s in refs and s != failed_stage}
+    _publish(_artifact_key(cfg), "the failure",
+             markdown=failure_markdown(cfg, stages, done, durations, failed_stage, error, url, how, reused),
+             description=f"mqgen {cfg.preset} {cfg.hash()}: failed at {failed_stage}",
+             rows=[*_figure_rows(done, durations, reused), {"stage": failed_stage, "failed": True}], table="figures",
+             table_description="stage figures of this run, up to the failed stage", url=url,
+             link_text=f"MLflow run {parent_run_id}",
+             link_description="the pipeline's MLflow run (the failed stage's traceback under error/)" + how)
 
 
 # The figures of a grid's variants (the names of flows.pipeline.summary_figures), in the order of its table.
@@ -261,23 +262,14 @@ def publish_grid(cfg: PipelineConfig, grid_hash: str, title: str, variants: list
     """The Prefect artifacts of a finished grid's flow run (a no-op outside one), keyed by the grid's hash: a markdown
     summary, a table with one row per variant (:func:`grid_rows`) and a link artifact to the grid's MLflow run. A
     failure to publish is logged, never raised: the variants' outputs are already written."""
-    from prefect.runtime import flow_run
-
-    if not flow_run.id:
-        return
-    try:
-        from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-
-        key = _slug(f"mqgen-grid-{cfg.preset}-{grid_hash}")
-        url, how = _mlflow_link(tracker, grid_run_id)
-        rows = grid_rows(variants, refs, run_ids)
-        create_markdown_artifact(grid_markdown(title, rows, executions, grid_run_id, url, how), key=key,
-                                 description=f"mqgen grid {title}: the variants' figures")
-        create_table_artifact(rows, key=f"{key}-variants", description="one row per variant: axes and figures")
-        create_link_artifact(url, link_text=f"MLflow grid run {grid_run_id}", key=f"{key}-mlflow",
-                             description="the grid's MLflow run (a child run per variant)" + how)
-    except Exception as e:  # noqa: BLE001 - the UI summary is a courtesy; the grid's results stand
-        log.warning("could not publish the grid's Prefect artifacts: %s", e)
+    url, how = _mlflow_link(tracker, grid_run_id)
+    rows = grid_rows(variants, refs, run_ids)
+    _publish(_slug(f"mqgen-grid-{cfg.preset}-{grid_hash}"), "the grid",
+             markdown=grid_markdown(title, rows, executions, grid_run_id, url, how),
+             description=f"mqgen grid {title}: the variants' figures", rows=rows, table="variants",
+             table_description="one row per variant: axes and figures", url=url,
+             link_text=f"MLflow grid run {grid_run_id}",
+             link_description="the grid's MLflow run (a child run per variant)" + how)
 
 
 FIGURES = ("fid", "fid_low", "fid_high", "isc_mean", "recon_psnr", "sampling_images_per_s", "val_psnr",
