@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from infra.config import (
     PipelineConfig,
     TextShape,
+    from_dict,
     fullgrid_config,
     identity,
     sampling_params,
@@ -472,7 +473,7 @@ def plan(cfg: PipelineConfig, tokens: TokenizeOutput, tokenizer: TokenizerOutput
 @dataclass(frozen=True, kw_only=True)
 class StackformerLoop:
     """Everything a Ray Train worker of this stage needs, built and checked once by :func:`run` (Ray pickles it
-    to the workers as it is; ``to_dict`` is for the record)."""
+    to the workers as it is; ``to_dict``/``from_dict`` round-trip it through plain JSON data)."""
 
     cfg: PipelineConfig
     plan: TrainPlan
@@ -490,6 +491,12 @@ class StackformerLoop:
                 "key": self.key, "tracking_uri": self.tracking_uri, "mlflow_run_id": self.mlflow_run_id,
                 "metric_step_offset": self.metric_step_offset, "progress_file": self.progress_file,
                 "log_every": self.log_every}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, on_step: Callable[[StepEvent], None] | None = None) -> StackformerLoop:
+        """The loop :meth:`to_dict` wrote (plain JSON data), with the test callback ``on_step`` if any."""
+        return cls(**{**d, "cfg": from_dict(PipelineConfig, d["cfg"]), "plan": TrainPlan(**d["plan"]),
+                      "tokenizer": TokenizerOutput.from_dict(d["tokenizer"]), "on_step": on_step})
 
 
 def train_loop(config: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from infra.config import PipelineConfig, identity, stable_hash, to_dict
+from infra.config import PipelineConfig, from_dict, identity, stable_hash, to_dict
 from infra.orchestration import lazy_stage_task
 from infra.refs import TokenizerInputs, TokenizerOutput
 from infra.storage import atomic_write_json, cached_run, load_weights_ref, stage_dir
@@ -32,7 +32,7 @@ SUCCESS = "_SUCCESS.json"
 @dataclass(frozen=True, kw_only=True)
 class TokenizerLoop:
     """Everything a Ray Train worker of this stage needs, built and validated once by :func:`run` (Ray pickles
-    it to the workers as it is; ``to_dict`` is for the record)."""
+    it to the workers as it is; ``to_dict``/``from_dict`` round-trip it through plain JSON data)."""
 
     cfg: PipelineConfig
     model_config: MQVAEConfig
@@ -52,6 +52,15 @@ class TokenizerLoop:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "on_step"}
         return to_dict({**d, "cfg": self.cfg.to_dict(), "model_config": asdict(self.model_config),
                         "loss_config": asdict(self.loss_config)})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, on_step: Callable[[StepEvent], None] | None = None) -> TokenizerLoop:
+        """The loop :meth:`to_dict` wrote (plain JSON data), with the test callback ``on_step`` if any."""
+        d = dict(d)
+        return cls(**{**d, "cfg": from_dict(PipelineConfig, d["cfg"]), "model_config": MQVAEConfig(**d["model_config"]),
+                      "loss_config": LossConfig(**d["loss_config"]),
+                      "train_shards": tuple((str(p), int(n)) for p, n in d["train_shards"]),
+                      "val_shards": tuple((str(p), int(n)) for p, n in d["val_shards"]), "on_step": on_step})
 
 
 # --------------------------------------------------------------------------------------------- one step
