@@ -327,6 +327,9 @@ def status(
     for row in rows:  # in full: a narrow table cuts the reason short
         if row["state"] == "damaged":
             typer.secho(f"damaged: {row['stage']}: {row['path']}", fg=typer.colors.RED)
+        elif row["why"]:
+            typer.secho(f"why {row['stage']} is not done (key {row['key'] or '?'}): {row['why']}",
+                        fg=typer.colors.YELLOW)
     typer.echo("A stage that is 'not done' resumes from its checkpoints / done keys on the next `mqgen run`; a "
                "'damaged' output is moved aside (kept as .<key>.damaged-<time>) and built again.")
 

@@ -20,10 +20,11 @@ from prefect import flow
 
 from flows.publish import promote_evaluated, publish_artifacts, publish_failure
 from flows.stages import GRAPH, cached_refs, descendants, inputs_for, skip_reason
-from infra.config import STAGES, PipelineConfig, from_dict
+from infra.config import STAGES, PipelineConfig, from_dict, stable_hash
 from infra.console import fmt_bytes, fmt_duration, route_stage_logs_to_prefect, say, stage_log, stage_log_path
 from infra.errors import NoSpaceLeft, exception_chain, is_no_space, no_space_message
 from infra.secrets import keep_private, private_value
+from infra.storage import nearest_key_change
 
 log = logging.getLogger("mqgen")
 
@@ -48,13 +49,15 @@ def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
     """Per stage: ``done`` (verified output for this config), ``skipped`` (nothing to do for this config, e.g.
     no evaluator classifier for unlabelled data), ``damaged`` (an output is there but does not verify: the next
     run sets it aside and builds it again; ``path`` says what is wrong), ``not done`` (its inputs are ready: the
-    next run computes or resumes it) or ``waiting`` (an output it reads is not done)."""
+    next run computes or resumes it) or ``waiting`` (an output it reads is not done). A ``not done`` stage shows
+    the key it will have and, in ``why``, how the nearest earlier output of that stage on the root differs (a
+    changed setting, a new stage version, a retrained upstream), where one recorded its key document."""
     skipped: dict[str, str] = {}
     damaged: dict[str, Any] = {}
     refs = cached_refs(cfg, skipped, damaged)
     rows: list[dict[str, str]] = []
     for stage in STAGES:
-        row = {"stage": stage, "state": "waiting", "key": "", "path": "", "run_id": ""}
+        row = {"stage": stage, "state": "waiting", "key": "", "path": "", "run_id": "", "why": ""}
         if stage in skipped:
             row.update(state="skipped", path=skipped[stage])
         elif stage in damaged:
@@ -64,9 +67,20 @@ def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
             ref = refs[stage]
             row.update(state="done", key=ref.key, path=ref.path, run_id=ref.mlflow_run_id)
         elif all(n in refs for n in GRAPH[stage].needs):
-            row["state"] = "not done"
+            row.update(state="not done", **_key_change(cfg, stage, refs))
         rows.append(row)
     return rows
+
+
+def _key_change(cfg: PipelineConfig, stage: str, refs: dict[str, Any]) -> dict[str, str]:
+    """``key`` (the key a not-done stage will have) and ``why`` (what differs from its nearest earlier output)."""
+    try:
+        doc = GRAPH[stage].module.key_doc(cfg, inputs_for(stage, refs))
+    except (ValueError, FileNotFoundError) as e:  # inputs that do not fit, an extractor missing: run will say
+        return {"why": f"(its key cannot be computed yet: {e})"}
+    key = stable_hash(doc)
+    change = nearest_key_change(cfg.run.root, stage, doc, key)
+    return {"key": key, "why": change.describe() if change is not None else ""}
 
 
 def retry_unless_permanent(own_condition: Any = None) -> Any:

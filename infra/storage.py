@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -418,15 +420,17 @@ def try_file_lock(path: str | Path) -> Iterator[bool]:
 
 
 def cached_run(out_dir: Path, key: str, load: Callable[[], T | None], compute: Callable[[], T], *,
-               force: bool = False) -> T:
+               force: bool = False, key_doc: dict[str, Any] | None = None) -> T:
     """A stage's cache discipline, written once: return the verified output ``load()`` finds, else take
     ``<out_dir.parent>/.<key>.lock`` (a second process on the same key waits here), look again (the holder may
     have finished it), and only then ``compute()``. ``force`` skips both looks. An output ``load()`` finds
-    damaged (:class:`DamagedOutput`) is set aside under the lock and built again."""
+    damaged (:class:`DamagedOutput`) is set aside under the lock and built again. ``key_doc`` (what ``key``
+    hashes) is kept beside the finished output (:func:`record_key_doc`)."""
     if not force:
         with contextlib.suppress(DamagedOutput):  # looked at again under the lock
             hit = load()
             if hit is not None:
+                record_key_doc(out_dir, key_doc)
                 return hit
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(out_dir.parent / f".{key}.lock", what=f"{out_dir.parent.name} {key} (its result is reused)"):
@@ -437,8 +441,83 @@ def cached_run(out_dir: Path, key: str, load: Callable[[], T | None], compute: C
                 rebuild_damaged(e)
             else:
                 if hit is not None:
+                    record_key_doc(out_dir, key_doc)
                     return hit
-        return compute()
+        out = compute()
+    record_key_doc(out_dir, key_doc)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- key documents
+
+KEY_DOC = "_key.json"  # beside a finished output: what its stage key hashes (explains a later key change)
+
+
+def record_key_doc(out_dir: str | Path, doc: dict[str, Any] | None) -> None:
+    """Write ``doc`` to ``<out_dir>/_key.json`` once the output is finished (not needed by any stage: a failure
+    to write it is logged, never raised)."""
+    path = Path(out_dir) / KEY_DOC
+    if doc is None or not path.parent.is_dir() or path.exists():
+        return
+    try:
+        atomic_write_json(path, doc)
+    except OSError as e:
+        import logging
+
+        logging.getLogger("mqgen.storage").warning("could not record the key document %s: %s", path, e)
+
+
+def _leaves(doc: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(doc, dict):
+        out: dict[str, Any] = {}
+        for k, v in doc.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): doc}
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+    return text[:12] + "..." if isinstance(v, str) and len(v) > 20 and v.isalnum() else text
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """How the nearest finished output of a stage on a run root differs from what a config asks for now."""
+
+    key: str  # the earlier output's stage key
+    finished: float  # when its key document was written (seconds since the epoch)
+    changes: tuple[str, ...]  # "stackformer.warmup_steps: 0 -> 533", one per differing field
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.finished))
+        return f"the nearest earlier output {self.key} (finished {when}) differs in " + "; ".join(self.changes)
+
+
+def nearest_key_change(root: str | Path, stage: str, doc: dict[str, Any], key: str) -> KeyChange | None:
+    """Among the finished outputs of ``stage`` under ``root`` with a key document (other than ``key``), the one
+    whose document differs from ``doc`` in the fewest fields (the newest of equals), and how; None when none
+    has a document."""
+    want = _leaves(doc)
+    best: tuple[int, float, KeyChange] | None = None
+    for path in (Path(root) / stage).glob(f"[!.]*/{KEY_DOC}"):
+        if path.parent.name == key:
+            continue
+        try:
+            had = _leaves(read_json(path))
+            mtime = path.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        changes = tuple(f"{name}: {_short(had[name]) if name in had else '(absent)'} -> "
+                        f"{_short(want[name]) if name in want else '(absent)'}"
+                        for name in sorted(set(want) | set(had)) if want.get(name, _MISSING) != had.get(name, _MISSING))
+        rank = (len(changes), -mtime)
+        if best is None or rank < best[:2]:
+            best = (*rank, KeyChange(path.parent.name, mtime, changes))
+    return best[2] if best is not None else None
+
+
+_MISSING = object()
 
 
 def rebuild_damaged(e: DamagedOutput) -> None:

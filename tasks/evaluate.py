@@ -126,14 +126,24 @@ def resolve_extractor(cfg: PipelineConfig, inputs: EvaluateInputs) -> tuple[Extr
 
 
 def stage_key(cfg: PipelineConfig, inputs: Inputs) -> str:
+    return stable_hash(_key_doc(cfg, inputs))
+
+
+def _key_doc(cfg: PipelineConfig, inputs: Inputs) -> dict[str, Any]:
     # fid_bootstrap came with VERSION 2 and is hashed; fields added since count only away from their default
     e = {k: v for k, v in {**identity("evaluate", to_dict(cfg.evaluate)),
                            "fid_bootstrap": cfg.evaluate.fid_bootstrap}.items()
          if k not in ("inception_weights", "inception_download")}
-    return stable_hash({"stage": STAGE, "version": VERSION, "evaluate": e, "seed": cfg.seed,
-                        "model": inputs.model.sha256, "tokenizer": inputs.tokenizer.sha256,
-                        "extractor": inputs.extractor.weights_sha256 if inputs.extractor else "none",
-                        "ingest": inputs.ingest.manifest_sha256})
+    return {"stage": STAGE, "version": VERSION, "evaluate": e, "seed": cfg.seed,
+            "model": inputs.model.sha256, "tokenizer": inputs.tokenizer.sha256,
+            "extractor": inputs.extractor.weights_sha256 if inputs.extractor else "none",
+            "ingest": inputs.ingest.manifest_sha256}
+
+
+def key_doc(cfg: PipelineConfig, inputs: EvaluateInputs) -> dict[str, Any]:
+    """What the stage key of ``cfg`` on ``inputs`` hashes (raises like :func:`run` when the inputs do not fit or
+    the extractor is unavailable)."""
+    return _key_doc(cfg, _resolve(cfg, inputs))
 
 
 def load_output(out_dir: Path) -> EvaluateOutput | None:
@@ -176,10 +186,11 @@ def run(cfg: PipelineConfig, inputs: EvaluateInputs, *, force: bool = False, par
         ) -> EvaluateOutput:
     """Evaluate the trained model of ``cfg`` (or reuse a complete evaluation); see the module docstring."""
     resolved = _resolve(cfg, inputs)  # fails fast: mismatched models, missing evaluator or Inception weights
-    key = stage_key(cfg, resolved)
+    doc = _key_doc(cfg, resolved)
+    key = stable_hash(doc)
     out_dir = stage_dir(cfg.run.root, STAGE, key)
     return cached_run(out_dir, key, lambda: load_output(out_dir),
-                      lambda: _evaluate(cfg, parent_run_id, resolved, key, out_dir, force), force=force)
+                      lambda: _evaluate(cfg, parent_run_id, resolved, key, out_dir, force), force=force, key_doc=doc)
 
 
 __getattr__ = lazy_stage_task(__name__, "evaluate_task", run, name=STAGE)

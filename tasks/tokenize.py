@@ -248,11 +248,20 @@ def _ordered_map(pool: Any, fn: Any, items: Iterator[Any], window: int) -> Itera
 
 def stage_key(tokenizer_sha256: str, ingest_manifest_sha256: str, text: dict[str, Any] | None = None) -> str:
     """``text``: the caption settings (:func:`text_settings`) for captioned data, else None (not hashed)."""
+    return stable_hash(_key_doc(tokenizer_sha256, ingest_manifest_sha256, text))
+
+
+def _key_doc(tokenizer_sha256: str, ingest_manifest_sha256: str, text: dict[str, Any] | None) -> dict[str, Any]:
     d: dict[str, Any] = {"stage": STAGE, "version": VERSION, "tokenizer": tokenizer_sha256,
                          "ingest": ingest_manifest_sha256}
     if text is not None:
         d["text"] = text
-    return stable_hash(d)
+    return d
+
+
+def key_doc(cfg: PipelineConfig, inputs: TokenizeInputs) -> dict[str, Any]:
+    """What the stage key of ``cfg`` on ``inputs`` hashes."""
+    return _key_doc(inputs.train_tokenizer.sha256, inputs.ingest.manifest_sha256, text_settings(cfg, inputs.ingest))
 
 
 def text_settings(cfg: PipelineConfig, ingest: IngestOutput) -> dict[str, Any] | None:
@@ -333,8 +342,7 @@ def load_output(out_dir: Path) -> TokenizeOutput | None:
 
 def cached(cfg: PipelineConfig, inputs: TokenizeInputs) -> TokenizeOutput | None:
     """The complete output for ``inputs`` if it exists (no computation), else None."""
-    out_dir = stage_dir(cfg.run.root, STAGE, stage_key(inputs.train_tokenizer.sha256, inputs.ingest.manifest_sha256,
-                                                       text_settings(cfg, inputs.ingest)))
+    out_dir = stage_dir(cfg.run.root, STAGE, stable_hash(key_doc(cfg, inputs)))
     return at_configured_encoder(load_output(out_dir), cfg.text.pretrained)
 
 
@@ -357,7 +365,8 @@ def run(cfg: PipelineConfig, inputs: TokenizeInputs, *, force: bool = False, par
         raise ValueError(f"run.root={cfg.run.root!r}: tokenize writes LMDB databases, which need a local disk")
     check_inputs(inputs)
     tokenizer, ingest = inputs.train_tokenizer, inputs.ingest
-    key = stage_key(tokenizer.sha256, ingest.manifest_sha256, text_settings(cfg, ingest))
+    doc = key_doc(cfg, inputs)
+    key = stable_hash(doc)
     out_dir = stage_dir(cfg.run.root, STAGE, key)
 
     def compute() -> TokenizeOutput:
@@ -367,7 +376,7 @@ def run(cfg: PipelineConfig, inputs: TokenizeInputs, *, force: bool = False, par
         return _tokenize(cfg, parent_run_id, key, out_dir, tokenizer, ingest, map_size)
 
     return cached_run(out_dir, key, lambda: at_configured_encoder(load_output(out_dir), cfg.text.pretrained), compute,
-                      force=force)
+                      force=force, key_doc=doc)
 
 
 def _tokenize(cfg: PipelineConfig, parent_run_id: str | None, key: str, out_dir: Path, tokenizer: TokenizerOutput,

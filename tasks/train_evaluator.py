@@ -166,11 +166,20 @@ def evaluate_accuracy(net: ClassifierNet, batches: Iterable[tuple[torch.Tensor, 
 
 def stage_key(cfg: PipelineConfig, ingest_manifest_sha256: str, caption_grammar: str | None = None) -> str:
     """``caption_grammar``: the ingest output's (an evaluator with attribute heads, trained robust to softness)."""
+    return stable_hash(_key_doc(cfg, ingest_manifest_sha256, caption_grammar))
+
+
+def key_doc(cfg: PipelineConfig, inputs: EvaluatorInputs) -> dict[str, Any]:
+    """What the stage key of ``cfg`` on ``inputs`` hashes."""
+    return _key_doc(cfg, inputs.ingest.manifest_sha256, inputs.ingest.caption_grammar)
+
+
+def _key_doc(cfg: PipelineConfig, ingest_manifest_sha256: str, caption_grammar: str | None) -> dict[str, Any]:
     d = {"stage": STAGE, "version": VERSION, "ingest": ingest_manifest_sha256, "seed": cfg.seed,
          "classifier": to_dict(cfg.evaluate.classifier)}
     if _grammar(caption_grammar):
         d["robust"] = ROBUST_VERSION
-    return stable_hash(d)
+    return d
 
 
 def _grammar(caption_grammar: str | None) -> str | None:
@@ -207,10 +216,11 @@ def run(cfg: PipelineConfig, inputs: EvaluatorInputs, *, force: bool = False, pa
     why = classifier_unavailable_reason(ingest.num_classes, cfg.data.source)
     if why:
         raise ClassifierUnavailable(why)
-    key = stage_key(cfg, ingest.manifest_sha256, ingest.caption_grammar)
+    doc = key_doc(cfg, inputs)
+    key = stable_hash(doc)
     out_dir = stage_dir(cfg.run.root, STAGE, key)
     return cached_run(out_dir, key, lambda: load_output(out_dir),
-                      lambda: _train(cfg, parent_run_id, ingest, key, out_dir), force=force)
+                      lambda: _train(cfg, parent_run_id, ingest, key, out_dir), force=force, key_doc=doc)
 
 
 def _train(cfg: PipelineConfig, parent_run_id: str | None, ingest: Any, key: str, out_dir: Path) -> EvaluatorOutput:

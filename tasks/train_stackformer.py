@@ -637,12 +637,21 @@ def train_loop(config: dict[str, Any]) -> None:
 def stage_key(cfg: PipelineConfig, tokens: Any) -> str:
     """Hash of the stage, :data:`VERSION`, the stackformer section, the seed and the tokenize output (and the text
     encoder's depth when the tokens carry captions)."""
+    return stable_hash(_key_doc(cfg, tokens))
+
+
+def key_doc(cfg: PipelineConfig, inputs: StackformerInputs) -> dict[str, Any]:
+    """What the stage key of ``cfg`` on ``inputs`` hashes."""
+    return _key_doc(cfg, inputs.tokenize)
+
+
+def _key_doc(cfg: PipelineConfig, tokens: Any) -> dict[str, Any]:
     d = {"stage": STAGE, "version": VERSION,
          "stackformer": identity("stackformer", to_dict(cfg.stackformer)),  # added fields at default: out
          "seed": cfg.seed, "tokenize": tokens.checksum, "tokenize_key": tokens.key}
     if getattr(tokens, "text_len", 0) and cfg.stackformer.conditional and not getattr(tokens, "text_encoder", ""):
         d["text_n_layer"] = cfg.text.n_layer  # the trained encoder's depth (a pretrained one is in the tokens' key)
-    return stable_hash(d)
+    return d
 
 
 def load_output(out_dir: Path) -> StackformerOutput | None:
@@ -664,10 +673,12 @@ def run(cfg: PipelineConfig, inputs: StackformerInputs, *, force: bool = False, 
     worker after every step (a seam for tests: faults, recording the data order).
     """
     p = plan(cfg, inputs.tokenize, inputs.train_tokenizer)  # every data/model check happens before any training
-    key = stage_key(cfg, inputs.tokenize)
+    doc = key_doc(cfg, inputs)
+    key = stable_hash(doc)
     out_dir = stage_dir(cfg.run.root, STAGE, key)
     return cached_run(out_dir, key, lambda: at_configured_encoder(load_output(out_dir), cfg.text.pretrained),
-                      lambda: _train(cfg, inputs, p, key, out_dir, force, parent_run_id, on_step), force=force)
+                      lambda: _train(cfg, inputs, p, key, out_dir, force, parent_run_id, on_step), force=force,
+                      key_doc=doc)
 
 
 def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: str, out_dir: Path, force: bool,

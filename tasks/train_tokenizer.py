@@ -283,10 +283,19 @@ def train_loop(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- stage
 
 
+def _key_doc(cfg: PipelineConfig, ingest_manifest_sha256: str) -> dict[str, Any]:
+    return {"stage": STAGE, "version": VERSION, "tokenizer": identity("tokenizer", cfg.tokenizer.flat()),
+            "image_size": cfg.data.image_size, "channels": cfg.data.channels, "seed": cfg.seed,
+            "ingest": ingest_manifest_sha256}
+
+
 def stage_key(cfg: PipelineConfig, ingest_manifest_sha256: str) -> str:
-    return stable_hash({"stage": STAGE, "version": VERSION, "tokenizer": identity("tokenizer", cfg.tokenizer.flat()),
-                        "image_size": cfg.data.image_size, "channels": cfg.data.channels, "seed": cfg.seed,
-                        "ingest": ingest_manifest_sha256})
+    return stable_hash(_key_doc(cfg, ingest_manifest_sha256))
+
+
+def key_doc(cfg: PipelineConfig, inputs: TokenizerInputs) -> dict[str, Any]:
+    """What the stage key of ``cfg`` on ``inputs`` hashes."""
+    return _key_doc(cfg, inputs.ingest.manifest_sha256)
 
 
 def load_output(out_dir: Path) -> TokenizerOutput | None:
@@ -305,10 +314,12 @@ def run(cfg: PipelineConfig, inputs: TokenizerInputs, *, force: bool = False, pa
 
     ``on_step(event)`` runs in every training worker after every step (a seam for tests: faults, slowdowns).
     """
-    key = stage_key(cfg, inputs.ingest.manifest_sha256)
+    doc = key_doc(cfg, inputs)
+    key = stable_hash(doc)
     out_dir = stage_dir(cfg.run.root, STAGE, key)
     return cached_run(out_dir, key, lambda: load_output(out_dir),
-                      lambda: _train(cfg, inputs, key, out_dir, force, parent_run_id, on_step), force=force)
+                      lambda: _train(cfg, inputs, key, out_dir, force, parent_run_id, on_step), force=force,
+                      key_doc=doc)
 
 
 def _train(cfg: PipelineConfig, inputs: TokenizerInputs, key: str, out_dir: Path, force: bool,

@@ -107,6 +107,11 @@ log = logging.getLogger("mqgen.ingest")
 def stage_key(cfg: PipelineConfig) -> str:
     """Short stable hash of what determines the output: data section (minus performance fields, local
     paths made absolute), seed and :data:`INGEST_VERSION`."""
+    return stable_hash(key_doc(cfg))
+
+
+def key_doc(cfg: PipelineConfig, inputs: IngestInputs | None = None) -> dict[str, Any]:
+    """What the stage key of ``cfg`` hashes."""
     # paths: absolute; a field added later counts only when changed
     data = {k: v for k, v in identity("data", to_dict(cfg.data)).items() if k not in PERFORMANCE_FIELDS}
     version = INGEST_VERSION
@@ -114,7 +119,7 @@ def stage_key(cfg: PipelineConfig) -> str:
         version += "+captions"  # their output gained the .txt captions of their input (see CAPTIONS_VERSION)
     if cfg.data.captions_file is not None:  # a changed caption file is different data under the same path
         data["captions_file_sha256"] = _file_sha256_or_missing(cfg.data.captions_file)
-    return stable_hash({"stage": STAGE, "version": version, "seed": cfg.seed, "data": data})
+    return {"stage": STAGE, "version": version, "seed": cfg.seed, "data": data}
 
 
 def _file_sha256_or_missing(path: str) -> str:
@@ -138,10 +143,11 @@ def run(cfg: PipelineConfig, inputs: IngestInputs | None = None, *, force: bool 
     script whose top level is guarded by ``if __name__ == "__main__":``.
     """
     root = _local_root(cfg.run.root)
-    key = stage_key(cfg)
+    doc = key_doc(cfg)
+    key = stable_hash(doc)
     out = stage_dir(root, STAGE, key)
     return cached_run(out, key, lambda: _cached(out, key), lambda: _ingest(cfg, root, key, out, force, parent_run_id),
-                      force=force)
+                      force=force, key_doc=doc)
 
 
 # Retries (run.retries) and the rule that bad data never retries (infra.errors) come from flows/pipeline.py.

@@ -234,6 +234,38 @@ def test_changing_a_tokenizer_field_reruns_exactly_the_downstream_stages(finishe
                       tags["mqgen.promotion.model"].rsplit("/", 1)[1])
 
 
+def test_status_says_why_a_stage_is_not_done_against_its_nearest_earlier_output(finished, monkeypatch) -> None:
+    """A changed setting (or a stage version bump after an upgrade) gives a new key: `mqgen status` names the key
+    the stage will have and what differs from the nearest finished output of that stage on the root."""
+    import subprocess
+    import sys
+
+    from flows.pipeline import stage_status
+    from infra.storage import KEY_DOC
+    from tasks import train_stackformer
+
+    root, cfg, refs = finished
+    for stage in STAGES:  # every finished output keeps what its key hashes
+        assert (Path(refs[stage].path) / KEY_DOC).is_file(), stage
+    overrides = [f"run.root={root}", "tokenizer.max_steps=12", "tokenizer.eval_every=12",
+                 "tokenizer.checkpoint_every=12", "stackformer.max_steps=16", "stackformer.eval_every=12",
+                 "stackformer.checkpoint_every=12", "evaluate.num_samples=32"]
+    out = subprocess.run([sys.executable, "-c", "from flows.cli import app; app()", "status", "--preset", "tiny",
+                          *overrides], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["stage"]: r for r in stage_status(resolve("tiny", overrides=overrides))}
+    sf = rows["train_stackformer"]
+    assert sf["state"] == "not done" and sf["key"] not in ("", refs["train_stackformer"].key)
+    assert f"the nearest earlier output {refs['train_stackformer'].key}" in sf["why"], sf
+    assert sf["why"].endswith("differs in stackformer.max_steps: 12 -> 16"), sf
+    assert f"why train_stackformer is not done (key {sf['key']})" in " ".join(out.stdout.split())
+    assert rows["evaluate"]["state"] == "waiting" and rows["evaluate"]["why"] == ""
+
+    monkeypatch.setattr(train_stackformer, "VERSION", "2")  # what a deliberate bump looks like after an upgrade
+    [row] = [r for r in stage_status(cfg) if r["stage"] == "train_stackformer"]
+    assert row["state"] == "not done" and row["why"].endswith("differs in version: 1 -> 2"), row
+
+
 def test_a_guided_stackformer_trains_and_evaluates_with_classifier_free_guidance(finished) -> None:
     """``stackformer.cond_dropout`` retrains only the Stackformer (and evaluates it); the guidance scale reaches
     the sampler and the evaluation records it. The unguided model refuses a scale with a clear error."""

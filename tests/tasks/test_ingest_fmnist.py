@@ -15,7 +15,7 @@ import pytest
 
 from infra.refs import IngestOutput
 from infra.shards import MANIFEST_NAME, ShardIntegrityError, ShardSet, iter_samples, read_shard
-from infra.storage import sha256_file
+from infra.storage import KEY_DOC, sha256_file
 from tasks.ingest import run, stage_key
 from tasks.ingest.sources import read_idx
 from tests.fixtures.ingest_data import FMNIST_DIR, config
@@ -65,7 +65,7 @@ def test_output_reference_and_manifest_counts(ingested: dict[str, Any]) -> None:
             p = Path(out.path) / sh["name"]
             assert p.stat().st_size == sh["num_bytes"] and sha256_file(p) == sh["sha256"]
     assert sorted(p.name for p in Path(out.path).iterdir()) == sorted(
-        [MANIFEST_NAME, "samples.png"] + [sh["name"] for s in m["splits"].values() for sh in s["shards"]])
+        [MANIFEST_NAME, "samples.png", KEY_DOC] + [sh["name"] for s in m["splits"].values() for sh in s["shards"]])
     assert not list(Path(out.path).parent.glob("*.partial")) and not list(Path(out.path).rglob("*.partial"))
 
 
