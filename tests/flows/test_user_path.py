@@ -142,3 +142,39 @@ def test_mqgen_run_with_the_default_relative_root_then_cached_from_another_direc
     assert not (c / "bad.png").exists()
     missing = _cli(c, "sample", "--preset", "tiny", "--model", "nosuchalias", "run.root=../a/runs")
     assert missing.returncode == 1 and "not in the registry" in missing.stderr, _describe(missing)
+
+
+@pytest.mark.long
+def test_two_different_configs_run_at_once_on_one_fresh_root(tmp_path: Path) -> None:
+    """Two users (or a scheduled run and a manual one with another setting) start at the same moment on one fresh
+    root: each trains its own models (two Ray Train runs at once), the stages the configs share run once, both
+    finish with their own evaluation, and the registry holds both versions with one champion."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+    first_p = _start(a)
+    other_p = _start(b, "run.root=../a/runs", "tokenizer.keep_ratio=0.75")
+    first, other = _wait(first_p, 1200), _wait(other_p, 1200)
+    assert first.returncode == 0, f"the first config failed:\n{_describe(first)}"
+    assert other.returncode == 0, f"the other config, started at the same moment, failed:\n{_describe(other)}"
+    runs = _stage_runs(a / "runs" / "mlflow.db")
+    assert all(status == "FINISHED" for _, _, status in runs), runs
+    assert len(runs) == len({(stage, key) for stage, key, _ in runs}), f"a stage ran twice: {sorted(runs)}"
+    per_stage = {s: sorted(k for stage, k, _ in runs if stage == s) for s, _, _ in runs}
+    assert {s: len(k) for s, k in per_stage.items()} == {
+        "ingest": 1, "train_evaluator": 1, "train_tokenizer": 2, "tokenize": 2, "train_stackformer": 2,
+        "evaluate": 2}, per_stage
+    assert len(list((a / "runs" / "evaluate").glob("*/evaluation.json"))) == 2
+
+    from infra.tracking import Tracker
+
+    client = Tracker(a / "runs", "mqgen").client
+    versions = client.search_model_versions("name = 'mqgen-stackformer-tiny'")
+    assert len(versions) == 2, [(v.version, v.run_id) for v in versions]
+    champion = client.get_model_version_by_alias("mqgen-stackformer-tiny", "champion")
+    assert champion.version in {v.version for v in versions}
+    decisions = [client.get_run(v.run_id).data.tags for v in versions]
+    assert all("mqgen.weights_sha256" in v.tags for v in versions), [v.tags for v in versions]
+    evaluated = [v for v in client.search_model_versions("name = 'mqgen-stackformer-tiny'")
+                 if any(k.endswith(".fid") for k in v.tags)]
+    assert len(evaluated) == 2, (decisions, [v.tags for v in versions])
