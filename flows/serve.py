@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.config import PipelineConfig
+from infra.orchestration import die_with_parent
 
 DEFAULT_PORT = 4200
 FLOW_NAME = "mqgen-pipeline"
@@ -114,7 +115,8 @@ def local_server(api_url: str, home: Path, timeout_s: float = 300.0) -> Iterator
            "--analytics-off"]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PREFECT_HOME": str(home)}, start_new_session=True)
+                                env={**os.environ, "PREFECT_HOME": str(home)}, start_new_session=True,
+                                preexec_fn=die_with_parent)  # noqa: PLW1509 - one prctl call: SIGTERM if we are killed
     try:
         deadline = time.monotonic() + timeout_s
         while not _healthy(api_url):

@@ -14,7 +14,8 @@ Prefect cache policy: whether a stage is done is decided by its own verified out
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -61,9 +62,54 @@ def start_local_api() -> None:
     with file_lock(Path(PREFECT_HOME.value()) / ".mqgen-start.lock", what="Prefect's local database"):
         # The server process inherits SIGINT blocked: a terminal's Ctrl-C reaches the whole process group, and a
         # server gone first would turn the interruption into "connection refused" errors while mqgen records it
-        # (mqgen stops the server itself at exit, with SIGTERM).
+        # (mqgen stops the server itself at exit, with SIGTERM). It also gets SIGTERM when mqgen dies without
+        # stopping it (SIGKILL, the OOM killer): no server is left behind holding the port and the database.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            SubprocessASGIServer().start()
+            with children_die_with_this_thread():
+                SubprocessASGIServer().start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def die_with_parent() -> None:
+    """A ``preexec_fn``: the child gets SIGTERM when the thread that started it ends, however it ends (SIGKILL
+    included). Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere nothing changes."""
+    if _PRCTL is not None:
+        _PRCTL(1, 15)  # PR_SET_PDEATHSIG = 1, SIGTERM = 15 (kept across exec)
+
+
+def _libc_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
+@contextmanager
+def children_die_with_this_thread() -> Iterator[None]:
+    """Every ``subprocess.Popen`` started meanwhile by a library (Prefect's temporary API server) without a
+    ``preexec_fn`` of its own gets :func:`die_with_parent`. Call it from a thread that lives as long as the
+    children should (the main thread)."""
+    import subprocess
+
+    real = subprocess.Popen
+
+    class Popen(real):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if kwargs.get("preexec_fn") is None:
+                kwargs["preexec_fn"] = die_with_parent
+            super().__init__(*args, **kwargs)
+
+    subprocess.Popen = Popen  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        subprocess.Popen = real  # type: ignore[misc]
