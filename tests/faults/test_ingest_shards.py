@@ -208,3 +208,32 @@ def test_verify_catches_a_changed_shard_and_a_missing_manifest_is_refused(run_ro
         ShardSet.load(out.path)
     again = run(config(run_root, "data.source=digits", "data.max_images=30"), {})  # damaged: rebuilt
     ShardSet.from_output(again, verify=True)
+
+
+def test_case_and_unicode_colliding_names_never_overwrite_each_other(run_root: Path, tmp_path: Path) -> None:
+    """Catalogue 7.4: ``A.png``/``a.png`` and an NFC/NFD pair spelling the same word. In a shard, names outside
+    ``[A-Za-z0-9_./-]`` are rejected (counted) before they become keys, and the case pair stays two samples; in an
+    image folder every file is its own sample (the output keys are ingest's own), so nothing is overwritten."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "caf\u00e9"), unicodedata.normalize("NFD", "caf\u00e9")
+    assert nfc != nfd
+    png = [encode(gradient((16, 16), seed=i), "PNG") for i in range(4)]
+    shard = write_tar(tmp_path / "x.tar", [("A.png", png[0]), ("A.cls", b"1"), ("a.png", png[1]), ("a.cls", b"2"),
+                                           (f"{nfc}.png", png[2]), (f"{nfc}.cls", b"3"),
+                                           (f"{nfd}.png", png[3]), (f"{nfd}.cls", b"4")])
+    goods, skips, _ = _chunk_items(shard)
+    assert sorted(g.label for g in goods) == [1, 2] and len({g.key for g in goods}) == 2
+    assert skips == Counter({"unsafe_name": 2})
+
+    src = tmp_path / "flat"
+    for i, name in enumerate(["A", "a", nfc, nfd]):
+        write(src / f"{name}.png", encode(gradient((40, 24), seed=10 + i), "PNG"))
+    if len(list(src.iterdir())) < 4:
+        pytest.skip(f"the file system under {src} folds case or normalises Unicode: the four files are fewer")
+    out = run(config(run_root, "data.source=image-folder", f"data.path={src}", "data.val_fraction=0.25"), {})
+    assert out.num_train + out.num_val == 4
+    shards = ShardSet.from_output(out)
+    images = [bytes(s.image.numpy().tobytes()) for split in ("train", "val") for s in shards.iter_samples(split)]
+    keys = [s.key for split in ("train", "val") for s in shards.iter_samples(split)]
+    assert len(set(images)) == 4 and len(set(keys)) == 4
