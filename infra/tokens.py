@@ -416,6 +416,7 @@ class TokenWriter:
         self._env: lmdb.Environment | None = lmdb.open(
             str(self.path), map_size=max(int(map_size), 32 << 10), subdir=True, readonly=False, sync=True,
             metasync=True, writemap=False, map_async=False, max_dbs=0, lock=True)
+        self.stale_readers_cleared = 0
         with self.env.begin() as txn:
             raw = txn.get(META_KEY)
         if raw is None:
@@ -489,7 +490,18 @@ class TokenWriter:
                 raise RuntimeError(f"{where}: LMDB stored {consumed} of {len(keys)} records")
             txn.put(done_key(shard), done_value)
 
+        self._clear_dead_readers()
         self._write(put)
+
+    def _clear_dead_readers(self) -> None:
+        """A reader killed inside a read transaction while the writer runs (a progress monitor, a DataLoader
+        worker) leaves its slot in the lock table, and LMDB keeps every page that reader could see, so the file
+        grows with each commit. Clear the slots of dead processes before each commit (LMDB resets the table
+        itself only when the first process opens the database)."""
+        cleared = self.env.reader_check()
+        if cleared:
+            self.stale_readers_cleared += cleared
+            log.info("%s: cleared %d reader slot(s) of dead processes", self.path, cleared)
 
     def _items(self, keys: list[bytes], values: list[bytes]) -> Iterable[tuple[bytes, bytes]]:
         return zip(keys, values)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -330,3 +331,87 @@ def test_network_file_systems_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="on a nfs file system"):
         check_local_filesystem(tmp_path / "with space" / "x", mounts_file=str(mounts))
     check_local_filesystem(tmp_path)  # the real mount table: the test's tmp dir is local
+
+
+# --------------------------------------------------------------------------------------------- readers
+
+WATCHER = textwrap.dedent("""
+    import collections, json, sys, time
+    from infra.tokens import open_readonly
+
+    env = open_readonly(sys.argv[1], lock=True)
+    print("READY", flush=True)
+    seen = []
+    while True:
+        with env.begin() as txn:  # one snapshot per look
+            counts = collections.Counter()
+            cursor = txn.cursor()
+            if cursor.set_range(b"0"):
+                for key in cursor.iternext(keys=True, values=False):
+                    counts[int(key[:6])] += 1
+        seen.append(dict(counts))
+        if len(counts) == 6 or len(seen) > 20000:  # the first six shards (the seventh is written later)
+            break
+        time.sleep(0.002)
+    print(json.dumps(seen), flush=True)
+""")
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from infra.tokens import open_readonly
+
+    env = open_readonly(sys.argv[1], lock=True)
+    txn = env.begin()  # a read transaction held until the process is killed
+    txn.get(b"!meta")
+    print("HOLDING", flush=True)
+    time.sleep(300)
+""")
+
+
+def _script(script: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_concurrent_reader_sees_whole_shards_and_a_killed_readers_slot_is_cleared(tmp_path: Path) -> None:
+    """Catalogue 1.5: a reader process looking while the writer commits sees each shard whole or not at all,
+    and never loses one it saw; a reader SIGKILLed inside a read transaction leaves a stale slot that the next
+    writer clears (``reader_check``), so the dead reader does not pin old pages and grow the file."""
+    meta = _meta([(s, 300) for s in range(7)])
+    db = tmp_path / "db"
+    with TokenWriter(db, meta):  # the database exists (meta only) before anyone looks
+        pass
+    watcher = _script(WATCHER, str(db))
+    try:
+        assert watcher.stdout.readline().strip() == "READY", watcher.stderr.read()  # type: ignore[union-attr]
+        with TokenWriter(db, meta) as w:
+            for s in range(6):
+                w.write_shard(s, *_tokens(meta, 300, s))
+                time.sleep(0.05)
+        out, err = watcher.communicate(timeout=120)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0, err[-3000:]
+    seen = [{int(k): v for k, v in look.items()} for look in json.loads(out.strip().splitlines()[-1])]
+    assert len({tuple(sorted(look)) for look in seen}) >= 3, "the reader never looked between two commits"
+    for before, after in itertools.pairwise(seen):
+        assert set(before) <= set(after), (before, after)  # a shard once seen stays
+    assert all(count == 300 for look in seen for count in look.values()), "a reader saw part of a shard"
+
+    with TokenWriter(db, meta) as w:  # a long-running writer; a monitor dies holding a read transaction
+        holder = _script(HOLDER, str(db))
+        try:
+            assert holder.stdout.readline().strip() == "HOLDING", holder.stderr.read()  # type: ignore[union-attr]
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait(timeout=30)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+        assert w.stale_readers_cleared == 0
+        w.write_shard(6, *_tokens(meta, 300, 6))
+        assert w.stale_readers_cleared == 1
+        final, scan = w.finalize()
+    assert final.complete and scan.num_records == 2100
