@@ -266,6 +266,41 @@ def test_status_says_why_a_stage_is_not_done_against_its_nearest_earlier_output(
     assert row["state"] == "not done" and row["why"].endswith("differs in version: 1 -> 2"), row
 
 
+@pytest.mark.long
+def test_the_plain_vqgan_baseline_runs_through_every_stage_and_samples_by_preset(finished, tmp_path) -> None:
+    """The paper's baseline (a VQGAN tokenizer without masker and de-masker + the autoregressive model over the
+    full grid) is trained, tokenized, evaluated and sampled through the same stages as MQ-VAE."""
+    import math
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from flows.pipeline import run_pipeline
+
+    root, _, refs = finished
+    extra = ("tokenizer.architecture=vqgan", "tokenizer.keep_ratio=1.0", "stackformer.model=fullgrid")
+    base = run_pipeline(_cfg(root, *extra))
+    assert base["ingest"] == refs["ingest"] and base["train_evaluator"] == refs["train_evaluator"]  # shared
+    tok = base["train_tokenizer"]
+    assert tok.mqvae_config.architecture == "vqgan" and tok.seq_len == tok.grid_size ** 2
+    with safe_open(tok.weights, "pt") as f:
+        modules = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118 - safe_open has keys(), no iteration
+    assert not modules & {"masker", "demasker"}, modules
+    assert base["train_stackformer"].tokens_per_image == tok.grid_size ** 2
+    metrics = base["evaluate"].metrics
+    assert math.isfinite(metrics["fid"]) and metrics["tokens_per_image"] == tok.grid_size ** 2
+
+    overrides = [f"run.root={root}", "tokenizer.max_steps=12", "tokenizer.eval_every=12",
+                 "tokenizer.checkpoint_every=12", "stackformer.max_steps=12", "stackformer.eval_every=12",
+                 "stackformer.checkpoint_every=12", "evaluate.num_samples=32", *extra]
+    out = subprocess.run([sys.executable, "-c", "from flows.cli import app; app()", "sample", "--preset", "tiny",
+                          "--n", "4", "--out", str(tmp_path / "vqgan.png"), *overrides], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "vqgan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_guided_stackformer_trains_and_evaluates_with_classifier_free_guidance(finished) -> None:
     """``stackformer.cond_dropout`` retrains only the Stackformer (and evaluates it); the guidance scale reaches
     the sampler and the evaluation records it. The unguided model refuses a scale with a clear error."""
