@@ -163,9 +163,34 @@ def read_marker(marker: str | Path, cls: type, field: str | None = None) -> Any:
         return None
     try:
         doc = read_json(marker)
-        return cls.from_dict(doc[field] if field else doc)
+        return cls.from_dict(rebased(doc[field] if field else doc, marker.parent))
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise DamagedOutput(marker.parent, f"{marker.name} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def rebased(ref: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """A stored reference read from ``out_dir`` (``<root>/<stage>/<key>``) as if written there: when its ``path``
+    names the same stage and key under another root (the run root was moved or copied), every path inside that
+    old root is moved to this one, so a moved root is found complete and a copied one never reads the original's
+    files. Paths outside the old root (the user's data, a pretrained encoder) are left as they are."""
+    stored = ref.get("path") if isinstance(ref, dict) else None
+    if not isinstance(stored, str) or stored == str(out_dir):
+        return ref
+    old = Path(stored)
+    if (old.name, old.parent.name) != (out_dir.name, out_dir.parent.name):
+        return ref  # not this output's own directory: nothing to rebase on
+    old_root, new_root = str(old.parent.parent), str(out_dir.parent.parent)
+
+    def move(value: Any) -> Any:
+        if isinstance(value, str) and (value == old_root or value.startswith(old_root + os.sep)):
+            return new_root + value[len(old_root):]
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return move(ref)
 
 
 def load_weights_ref(marker: str | Path, cls: type) -> Any:

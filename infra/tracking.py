@@ -197,6 +197,44 @@ def tracking_uri_for(root: str | Path) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+# Columns of MLflow's SQL store that hold artifact URIs (MLflow 3); a store without one skips it.
+ARTIFACT_URI_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                        ("logged_models", "artifact_location"), ("model_versions", "source"),
+                        ("model_versions", "storage_location"))
+
+
+def relocate_artifacts(db: Path, artifact_location: str, root: Path) -> bool:
+    """Point a run root's own MLflow store at the artifacts beside it after the root was moved or copied.
+
+    MLflow records absolute artifact URIs (``file:///old/root/mlartifacts/...``) in the experiment, every run,
+    logged model and model version; in a moved root they would name a folder that is gone (or, in a copy, the
+    original's). When the experiment's location is another root's ``mlartifacts`` and this root has its own,
+    those URIs are rewritten in one transaction (the caller holds the store's lock). Returns True if it did."""
+    import logging
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    here = (root / "mlartifacts").as_uri()
+    if not artifact_location.startswith("file://") or artifact_location == here:
+        return False
+    old_dir = Path(unquote(urlparse(artifact_location).path))
+    if old_dir.name != "mlartifacts" or not (root / "mlartifacts").is_dir() or old_dir == root / "mlartifacts":
+        return False
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        for table, column in ARTIFACT_URI_COLUMNS:
+            if table in tables:
+                # names from the fixed list above; values bound
+                con.execute(f"update {table} set {column} = ? || substr({column}, ?) "
+                            f"where {column} = ? or substr({column}, 1, ?) = ?",
+                            (here, len(artifact_location) + 1, artifact_location, len(artifact_location) + 1,
+                             artifact_location + "/"))
+    logging.getLogger("mqgen.tracking").warning(
+        "this run root was moved or copied from %s: its MLflow store now points at the artifacts in %s",
+        old_dir.parent, root / "mlartifacts")
+    return True
+
+
 class Tracker:
     """Entry point: one experiment on one backend."""
 
@@ -214,6 +252,9 @@ class Tracker:
             with file_lock(db.parent / f".{db.name}.lock", what="the MLflow database"):
                 self.client = MlflowClient(tracking_uri=self.uri)
                 exp = self.client.get_experiment_by_name(experiment)
+                if exp is not None and self.root is not None and relocate_artifacts(db, exp.artifact_location,
+                                                                                  Path(root).resolve()):
+                    exp = self.client.get_experiment_by_name(experiment)
         else:
             self.client = MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(experiment)

@@ -266,6 +266,48 @@ def test_status_says_why_a_stage_is_not_done_against_its_nearest_earlier_output(
     assert row["state"] == "not done" and row["why"].endswith("differs in version: 1 -> 2"), row
 
 
+def test_a_moved_run_root_is_found_complete_and_reads_only_its_own_files(finished, tmp_path) -> None:
+    """A user moves (or copies) a finished run root to another disk and runs the same command there: every stage
+    is a cache hit whose references point into the new root (never the old one), and the MLflow store's artifact
+    locations follow, so the registry's champion still loads by alias."""
+    import shutil
+    import sqlite3
+    import subprocess
+    import sys
+
+    from flows.stages import cached_refs
+
+    root, _, refs = finished
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(root, moved, symlinks=True)
+    overrides = [f"run.root={moved}", "tokenizer.max_steps=12", "tokenizer.eval_every=12",
+                 "tokenizer.checkpoint_every=12", "stackformer.max_steps=12", "stackformer.eval_every=12",
+                 "stackformer.checkpoint_every=12", "evaluate.num_samples=32"]
+    found = cached_refs(resolve("tiny", overrides=overrides))
+    assert sorted(found) == sorted(STAGES)
+    for stage, ref in found.items():
+        assert ref.key == refs[stage].key, stage
+        strings = [v for v in json.dumps(ref.to_dict()).split('"') if v.startswith("/")]
+        assert strings and all(v.startswith(str(moved)) for v in strings if str(root) in v or str(moved) in v), \
+            (stage, strings)
+        assert not any(v.startswith(str(root) + "/") for v in strings), (stage, strings)
+
+    cli = [sys.executable, "-c", "from flows.cli import app; app()"]
+    rerun = subprocess.run([*cli, "run", "--preset", "tiny", *overrides], capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "are done for config" in rerun.stderr, rerun.stderr[-3000:]
+    sample = subprocess.run([*cli, "sample", "--preset", "tiny", "--model", "champion", "--n", "4", "--out",
+                             str(tmp_path / "s.png"), *overrides], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    with sqlite3.connect(moved / "mlflow.db") as con:
+        uris = [u for (u,) in con.execute("select artifact_uri from runs union all select source from model_versions")]
+    assert uris and all(u.startswith((moved / "mlartifacts").as_uri()) for u in uris), uris[:3]
+    with sqlite3.connect(root / "mlflow.db") as con:  # the original store is untouched
+        assert all(u.startswith((root / "mlartifacts").as_uri()) for (u,) in con.execute("select artifact_uri from runs"))
+
+
 @pytest.mark.long
 def test_the_plain_vqgan_baseline_runs_through_every_stage_and_samples_by_preset(finished, tmp_path) -> None:
     """The paper's baseline (a VQGAN tokenizer without masker and de-masker + the autoregressive model over the
