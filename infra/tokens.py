@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import Dataset
 
 from infra.errors import PermanentError, is_no_space, looks_full
-from infra.storage import fsync_dir, remove_tree
+from infra.storage import atomic_copy, fsync_dir, remove_tree
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11+; annotations only (postponed evaluation)
@@ -371,12 +371,15 @@ def _read_meta(txn: lmdb.Transaction, where: str) -> TokenMeta:
     return TokenMeta.from_json(raw, where)
 
 
-def check_local_filesystem(path: str | Path, mounts_file: str = "/proc/mounts") -> None:
-    """Refuse a path on a network file system, where LMDB's locks and memory map are not coherent."""
+MOUNTS_FILE = "/proc/mounts"
+
+
+def network_filesystem(path: str | Path, mounts_file: str | None = None) -> tuple[str, str] | None:
+    """``(file system type, mount point)`` when ``path`` is on a network file system, else None."""
     try:
-        lines = Path(mounts_file).read_text().splitlines()
+        lines = Path(mounts_file or MOUNTS_FILE).read_text().splitlines()
     except OSError:
-        return  # not Linux: nothing to check against
+        return None  # not Linux: nothing to check against
     p = Path(path).resolve()  # symlinks resolved; the path itself need not exist yet
     best, best_type = "", ""
     for line in lines:
@@ -386,10 +389,26 @@ def check_local_filesystem(path: str | Path, mounts_file: str = "/proc/mounts") 
         mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])  # "\040" = space
         if (str(p) == mount or str(p).startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
             best, best_type = mount, parts[2]
-    if best_type in REMOTE_FS_TYPES:
-        raise ValueError(f"{path} is on a {best_type} file system (mount point {best}); LMDB needs a local disk "
-                         "(its locks and memory map are not coherent over the network): set run.root to a "
-                         "local path")
+    return (best_type, best) if best_type in REMOTE_FS_TYPES else None
+
+
+def check_local_filesystem(path: str | Path, mounts_file: str | None = None, fix: str = "set run.root to a local path"
+                           ) -> None:
+    """Refuse a path on a network file system, where LMDB's locks and memory map are not coherent."""
+    remote = network_filesystem(path, mounts_file)
+    if remote is not None:
+        raise ValueError(f"{path} is on a {remote[0]} file system (mount point {remote[1]}); LMDB needs a local disk "
+                         f"(its locks and memory map are not coherent over the network): {fix}")
+
+
+def staging_dir(path: str | Path) -> Path:
+    """Where the writer of a database bound for a network file system works: a local folder under ``TMPDIR``,
+    the same for the same target, so that a rerun on the same node resumes it."""
+    import tempfile
+
+    target = Path(path).resolve()
+    tag = hashlib.sha256(str(target).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "mqgen-lmdb" / f"{tag}-{target.name}"
 
 
 # --------------------------------------------------------------------------------------------- writer
@@ -409,12 +428,23 @@ class TokenWriter:
         self.meta = meta
         self.map_grows = 0
         self._counts = dict(meta.shards)
-        check_local_filesystem(self.path.parent)
         self.path.mkdir(parents=True, exist_ok=True)
         remove_tree(self._compact_dir)  # left by a run killed while compacting
+        # On a network file system (a cluster's shared run root) LMDB must not be written in place: the writer
+        # works in a local staging folder and finalize() moves the finished, compacted file to the target, where
+        # readers open it read-only without locks.
+        self.remote = network_filesystem(self.path.parent)
+        self._work = self.path if self.remote is None else staging_dir(self.path)
+        if self.remote is not None:
+            check_local_filesystem(self._work.parent, fix="set TMPDIR to a local disk for the token databases")
+            self._work.mkdir(parents=True, exist_ok=True)
+            if (self.path / "data.mdb").is_file() and not (self._work / "data.mdb").is_file():
+                atomic_copy(self.path / "data.mdb", self._work / "data.mdb")  # finished here before: resume it
+            log.info("%s is on a %s file system: writing it in %s and moving it there when finished", self.path,
+                     self.remote[0], self._work)
         # sync=True + writemap=False: every commit is durable and a crash can never corrupt committed data.
         self._env: lmdb.Environment | None = lmdb.open(
-            str(self.path), map_size=max(int(map_size), 32 << 10), subdir=True, readonly=False, sync=True,
+            str(self._work), map_size=max(int(map_size), 32 << 10), subdir=True, readonly=False, sync=True,
             metasync=True, writemap=False, map_async=False, max_dbs=0, lock=True)
         self.stale_readers_cleared = 0
         with self.env.begin() as txn:
@@ -532,8 +562,8 @@ class TokenWriter:
         try:
             self._compact()
         except (OSError, lmdb.Error) as e:
-            if not (is_no_space(e) or looks_full(str(self.path), e) is not None):
-                raise
+            if self.remote is not None or not (is_no_space(e) or looks_full(str(self.path), e) is not None):
+                raise  # a staged database must reach its target
             # the database is complete as it is; compaction only saves space, and needs a full copy's worth
             remove_tree(self._compact_dir)
             self.close()
@@ -558,6 +588,8 @@ class TokenWriter:
         (self.path / "lock.mdb").unlink(missing_ok=True)  # reader table of the old file; recreated on open
         fsync_dir(self.path)
         remove_tree(tmp)
+        if self._work != self.path:
+            remove_tree(self._work)  # the staged copy: the target now holds the finished database
 
     def _write(self, fn: Callable[[lmdb.Transaction], None]) -> None:
         """Run ``fn`` in one write transaction; on a full map abort, double the map and run it again. A full file
@@ -591,10 +623,13 @@ def _delete_prefix(cursor: lmdb.Cursor, prefix: bytes) -> None:
 
 
 def open_readonly(path: str | Path, lock: bool = False) -> lmdb.Environment:
-    """Open a token database for reading. ``lock=False`` only for databases nobody writes any more."""
+    """Open a token database for reading. ``lock=False`` only for databases nobody writes any more; on a network
+    file system always (a database there is only ever a finished file moved in whole, see :class:`TokenWriter`)."""
     p = Path(path)
     if not (p / "data.mdb").is_file():
         raise FileNotFoundError(f"no token database at {p} (expected {p / 'data.mdb'}); run the tokenize stage")
+    if lock and network_filesystem(p) is not None:
+        lock = False
     return lmdb.open(str(p), readonly=True, lock=lock, readahead=False, meminit=False, subdir=True, max_dbs=0)
 
 

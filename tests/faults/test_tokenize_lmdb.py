@@ -333,6 +333,53 @@ def test_network_file_systems_are_refused(tmp_path: Path) -> None:
     check_local_filesystem(tmp_path)  # the real mount table: the test's tmp dir is local
 
 
+def test_a_database_bound_for_a_network_file_system_is_written_locally_and_moved_there_finished(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster's shared run root (NFS, Lustre, a FUSE mount): the writer works in a local staging folder under
+    TMPDIR (resumable on the same node), and the finished, compacted file is moved to the target, where readers
+    open it without locks. No LMDB lock file is ever created on the network file system."""
+    import tempfile
+
+    from infra import tokens
+
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    shared.mkdir()
+    local.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\nserver:/export {shared} nfs4 rw 0 0\n")
+    monkeypatch.setattr(tokens, "MOUNTS_FILE", str(mounts))
+    monkeypatch.setenv("TMPDIR", str(local))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    meta = _meta([(s, 50) for s in range(3)])
+    db = shared / "tokenize" / "k" / "train.lmdb"
+    shards = {s: _tokens(meta, 50, s) for s in range(3)}
+    with FailingWriter(db, meta) as w:  # killed (here: an error) after one shard
+        assert w.remote is not None and w.remote[0] == "nfs4"
+        w.write_shard(0, *shards[0])
+        w.fail_after = 7
+        with pytest.raises(RuntimeError, match="after 7 puts"):
+            w.write_shard(1, *shards[1])
+    assert not (db / "data.mdb").exists() and not (db / "lock.mdb").exists()  # nothing of it on the share yet
+    staged = tokens.staging_dir(db)
+    assert staged.is_relative_to(local) and (staged / "data.mdb").is_file()
+    with TokenWriter(db, meta) as w:  # the rerun on the same node resumes the staged database
+        assert set(w.done_shards()) == {0}
+        for s in (1, 2):
+            w.write_shard(s, *shards[s])
+        final, scan = w.finalize()
+    assert final.complete and scan.num_records == 150
+    assert sorted(p.name for p in db.iterdir()) == ["data.mdb"] and not staged.exists()
+    meta_back, _ = verify(db)  # read without a lock on the share
+    assert meta_back == final and not (db / "lock.mdb").exists()
+    ds = TokenDataset(db, expect_seq_len=6)
+    assert ds[120]["codes"].tolist() == shards[2][0][20].tolist()
+    ds.close()
+    monkeypatch.setenv("TMPDIR", str(shared))  # staging on the share too: refused with what to set
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with pytest.raises(ValueError, match="set TMPDIR to a local disk"):
+        TokenWriter(shared / "other.lmdb", meta)
+
+
 # --------------------------------------------------------------------------------------------- readers
 
 WATCHER = textwrap.dedent("""
