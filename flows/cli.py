@@ -328,7 +328,7 @@ def status(
         if row["state"] == "damaged":
             typer.secho(f"damaged: {row['stage']}: {row['path']}", fg=typer.colors.RED)
         elif row["why"]:
-            typer.secho(f"why {row['stage']} is not done (key {row['key'] or '?'}): {row['why']}",
+            typer.secho(redact_text(f"why {row['stage']} is not done (key {row['key'] or '?'}): {row['why']}"),
                         fg=typer.colors.YELLOW)
     typer.echo("A stage that is 'not done' resumes from its checkpoints / done keys on the next `mqgen run`; a "
                "'damaged' output is moved aside (kept as .<key>.damaged-<time>) and built again.")

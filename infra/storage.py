@@ -481,11 +481,13 @@ KEY_DOC = "_key.json"  # beside a finished output: what its stage key hashes (ex
 def record_key_doc(out_dir: str | Path, doc: dict[str, Any] | None) -> None:
     """Write ``doc`` to ``<out_dir>/_key.json`` once the output is finished (not needed by any stage: a failure
     to write it is logged, never raised)."""
+    from infra.secrets import redact
+
     path = Path(out_dir) / KEY_DOC
     if doc is None or not path.parent.is_dir() or path.exists():
         return
     try:
-        atomic_write_json(path, doc)
+        atomic_write_json(path, redact(doc))  # a signed URL's signature or a password never lands on disk
     except OSError as e:
         import logging
 
@@ -522,8 +524,10 @@ class KeyChange:
 def nearest_key_change(root: str | Path, stage: str, doc: dict[str, Any], key: str) -> KeyChange | None:
     """Among the finished outputs of ``stage`` under ``root`` with a key document (other than ``key``), the one
     whose document differs from ``doc`` in the fewest fields (the newest of equals), and how; None when none
-    has a document."""
-    want = _leaves(doc)
+    has a document. Credentials in URLs are compared (and shown) redacted, as the documents are stored."""
+    from infra.secrets import redact
+
+    want = _leaves(redact(doc))
     best: tuple[int, float, KeyChange] | None = None
     for path in (Path(root) / stage).glob(f"[!.]*/{KEY_DOC}"):
         if path.parent.name == key:

@@ -113,7 +113,8 @@ def stage_key(cfg: PipelineConfig) -> str:
 def key_doc(cfg: PipelineConfig, inputs: IngestInputs | None = None) -> dict[str, Any]:
     """What the stage key of ``cfg`` hashes."""
     # paths: absolute; a field added later counts only when changed
-    data = {k: v for k, v in identity("data", to_dict(cfg.data)).items() if k not in PERFORMANCE_FIELDS}
+    # paths without their credentials: a nightly run with freshly signed URLs is the same data (and reuses it)
+    data = redact({k: v for k, v in identity("data", to_dict(cfg.data)).items() if k not in PERFORMANCE_FIELDS})
     version = INGEST_VERSION
     if cfg.data.source in CAPTION_READING_SOURCES:
         version += "+captions"  # their output gained the .txt captions of their input (see CAPTIONS_VERSION)

@@ -99,3 +99,15 @@ def test_a_presigned_shard_url_is_read_and_recorded_nowhere(tmp_path: Path) -> N
     assert leaks == [], f"credentials written to {leaks}"
     assert SIG not in proc.stderr + proc.stdout and CRED not in proc.stderr + proc.stdout
     assert any(p.name == "prefect.db" for p in root.rglob("*"))  # Prefect's records were among the files read
+    assert "REDACTED" in next((root / "ingest").glob("*/_key.json")).read_text()
+
+    # the next night's URL, signed afresh: the same data, so the same ingest key (done), and nothing leaks
+    fresh = url.replace(SIG, "FRESHSIGNATURE9876")
+    status = subprocess.run([str(Path(sys.executable).parent / "mqgen"), "status", "--preset", "tiny",
+                             "data.source=shards", f"data.path={fresh}", f"run.root={root}", "data.val_fraction=0.25",
+                             "data.min_shards=1", "data.max_bad_fraction=0.1"], env={**env, "COLUMNS": "250"},
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert status.returncode == 0, status.stderr[-3000:]
+    [row] = [line for line in status.stdout.splitlines() if " ingest " in line]
+    assert " done " in row, status.stdout
+    assert "FRESHSIGNATURE9876" not in status.stdout + status.stderr and SIG not in status.stdout + status.stderr
