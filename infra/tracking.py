@@ -11,6 +11,7 @@ Backend: ``MLFLOW_TRACKING_URI`` when set (any tracking server), else a local SQ
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -100,7 +101,16 @@ def owner_lease(root: str | Path) -> str | None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
         _LEASES[key] = (os.getpid(), str(path))
+        atexit.register(_drop_lease, os.getpid(), str(path))
     return _LEASES[key][1]
+
+
+def _drop_lease(pid: int, path: str) -> None:
+    """At a normal exit (every run this process opened is closed by then): its lease file goes, so that
+    ``.owners/`` does not grow with every command ever run. A killed process leaves it to the next sweep."""
+    if os.getpid() == pid:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _lease_alive(path: str) -> bool | None:
@@ -119,14 +129,19 @@ def _lease_alive(path: str) -> bool | None:
         return True
     finally:
         os.close(fd)  # closing drops a lock this call took
-    with contextlib.suppress(OSError):
-        os.unlink(path)  # its owner is gone: the lease is spent
-    return False
+    return False  # its owner is gone: the lease is spent (the sweep removes it once every run is seen)
 
 
-def _owner_alive(owner: str, lease: str | None = None) -> bool:
+def _owner_alive(owner: str, lease: str | None = None, verdicts: dict[str, bool | None] | None = None) -> bool:
+    """``verdicts`` (lease -> alive) carries one sweep's answers: an owner holds several runs (a pipeline run and
+    its stage run, a grid's), and each must get the same answer."""
     if lease:
-        alive = _lease_alive(lease)
+        if verdicts is not None and lease in verdicts:
+            alive = verdicts[lease]
+        else:
+            alive = _lease_alive(lease)
+            if verdicts is not None:
+                verdicts[lease] = alive
         if alive is not None:
             return alive
     host, _, pid = owner.rpartition(":")
@@ -294,13 +309,18 @@ class Tracker:
         was a process of this host that is gone. Returns their ids and tags. A stage run found here is
         re-attached (RUNNING again) by the next attempt of its stage key."""
         dead: dict[str, dict[str, str]] = {}
+        verdicts: dict[str, bool | None] = {}
         for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                            max_results=1000):
             owner = run.data.tags.get(TAG_PID)
-            if owner and not _owner_alive(owner, run.data.tags.get(TAG_LEASE)):
+            if owner and not _owner_alive(owner, run.data.tags.get(TAG_LEASE), verdicts):
                 self.client.set_tag(run.info.run_id, "mqgen.ended_by", "owner process gone")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 dead[run.info.run_id] = dict(run.data.tags)
+        for lease, alive in verdicts.items():
+            if alive is False:
+                with contextlib.suppress(OSError):
+                    os.unlink(lease)  # spent: every run it guarded is closed
         return dead
 
     def pipeline_run(self, config_hash: str, params: Mapping[str, Any] | None = None,

@@ -19,8 +19,13 @@ if sys.argv[3] != "-":
     socket.gethostname = lambda: sys.argv[3]  # the host name the container had before it restarted
 from infra.tracking import Tracker
 t = Tracker(sys.argv[1])
-run = t.stage_run("train_tokenizer", "k1") if sys.argv[2] == "stage" else t.pipeline_run("cfg")
-print(run.run_id, flush=True)
+if sys.argv[2] == "both":  # a pipeline run and its stage run, as mqgen holds them mid-stage
+    parent = t.pipeline_run("cfg")
+    run = t.stage_run("train_tokenizer", "k1", parent_run_id=parent.run_id)
+    print(parent.run_id, run.run_id, flush=True)
+else:
+    run = t.stage_run("train_tokenizer", "k1") if sys.argv[2] == "stage" else t.pipeline_run("cfg")
+    print(run.run_id, flush=True)
 time.sleep(600)
 """
 
@@ -60,3 +65,25 @@ def test_a_run_of_a_restarted_container_is_closed(run_root: Path) -> None:
     assert tags["mqgen.pid"].startswith("container-before-restart:")  # not this host: only the lease can tell
     assert list(t.mark_dead_runs_killed()) == [run_id] and _status(t, run_id) == "KILLED"
     assert not Path(tags["mqgen.lease"]).exists()  # a spent lease is removed
+
+
+def test_every_run_of_a_restarted_containers_process_is_closed(run_root: Path) -> None:
+    """Mid-stage, one mqgen process holds two runs (the pipeline run and its stage run) under one lease: after a
+    container restart both end KILLED, and only then is the spent lease removed."""
+    proc, ids = _owner(run_root, "both", host="container-before-restart")
+    parent_id, stage_id = ids.split()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    t = Tracker(run_root)
+    lease = Path(t.client.get_run(stage_id).data.tags["mqgen.lease"])
+    assert lease == Path(t.client.get_run(parent_id).data.tags["mqgen.lease"]) and lease.exists()
+    assert sorted(t.mark_dead_runs_killed()) == sorted([parent_id, stage_id])
+    assert _status(t, parent_id) == _status(t, stage_id) == "KILLED"
+    assert not lease.exists()
+
+
+def test_a_process_that_exits_normally_leaves_no_lease_behind(run_root: Path) -> None:
+    script = "import sys; from infra.tracking import Tracker; Tracker(sys.argv[1]).pipeline_run('cfg').finish()"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    subprocess.run([sys.executable, "-c", script, str(run_root)], cwd=REPO, env=env, check=True, timeout=120)
+    assert list((run_root / ".owners").glob("*.lease")) == []
