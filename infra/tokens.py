@@ -630,7 +630,18 @@ def open_readonly(path: str | Path, lock: bool = False) -> lmdb.Environment:
         raise FileNotFoundError(f"no token database at {p} (expected {p / 'data.mdb'}); run the tokenize stage")
     if lock and network_filesystem(p) is not None:
         lock = False
-    return lmdb.open(str(p), readonly=True, lock=lock, readahead=False, meminit=False, subdir=True, max_dbs=0)
+    try:
+        env = lmdb.open(str(p), readonly=True, lock=lock, readahead=False, meminit=False, subdir=True, max_dbs=0)
+    except lmdb.Error as e:  # not an LMDB file any more (overwritten, a half-copied root)
+        raise TokenFormatError(f"{p}: not a readable LMDB database ({type(e).__name__}: {e})") from None
+    # A file cut short (an interrupted copy of a run root) still opens, but reading a page past its end through
+    # the memory map kills the process with SIGBUS: compare the pages its metadata claims with the file's size.
+    need = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    have = (p / "data.mdb").stat().st_size
+    if have < need:
+        env.close()
+        raise TokenFormatError(f"{p}: data.mdb is truncated ({have} bytes, its pages need {need})")
+    return env
 
 
 def read_meta(path: str | Path) -> TokenMeta:

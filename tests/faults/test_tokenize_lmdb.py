@@ -380,6 +380,30 @@ def test_a_database_bound_for_a_network_file_system_is_written_locally_and_moved
         TokenWriter(shared / "other.lmdb", meta)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_a_cut_or_overwritten_database_file_is_a_clear_error_not_a_crash(tmp_path: Path, damage: str) -> None:
+    """An interrupted copy of a run root leaves data.mdb cut short; reading past its end through LMDB's memory
+    map would kill the reader with SIGBUS (``mqgen status`` dying without a word). Opening it says what is
+    wrong instead, as a :class:`TokenFormatError` (the stage then sets the output aside and rebuilds it)."""
+    meta = _meta([(s, 400) for s in range(4)])
+    db = tmp_path / "db"
+    with TokenWriter(db, meta) as w:
+        for s in range(4):
+            w.write_shard(s, *_tokens(meta, 400, s))
+        w.finalize()
+    data = db / "data.mdb"
+    raw = data.read_bytes()
+    data.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else bytes(len(raw)))
+    script = "import sys; from infra.tokens import verify; verify(sys.argv[1])"
+    out = subprocess.run([sys.executable, "-c", script, str(db)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 1, f"exit {out.returncode} (-7 is SIGBUS): {out.stderr[-2000:]}"
+    assert "TokenFormatError" in out.stderr
+    assert ("is truncated" if damage == "truncated" else "not a readable LMDB database") in out.stderr
+    with pytest.raises(TokenFormatError):
+        TokenDataset(db)
+
+
 # --------------------------------------------------------------------------------------------- readers
 
 WATCHER = textwrap.dedent("""
