@@ -183,8 +183,10 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: 
                 cause.add_note(f"Ray Train run {name!r} (storage {storage}); worker tracebacks:\n{e}")
                 raise cause from None
             if attempt >= max_failures:
-                raise TrainingFailed(f"training run {name!r} failed after {attempt} restart(s) "
-                                     f"(ray.max_failures={max_failures}): {_first_line(cause or e)}\n{e}") from e
+                failed = TrainingFailed(f"training run {name!r} failed after {attempt} restart(s) "
+                                        f"(ray.max_failures={max_failures}): {_first_line(cause or e)}")
+                failed.add_note(f"worker tracebacks:\n{e}")  # in the log file's traceback, not the console line
+                raise failed from e
             attempt += 1
             log.warning("training run %s failed (%s); restarting from its latest checkpoint (%d/%d)", name,
                         _first_line(cause or e), attempt, max_failures)

@@ -89,8 +89,11 @@ def test_without_restarts_a_killed_rank_fails_the_stage_and_its_run(ingested, tm
 
     root, ing = ingested
     cfg = _cfg(root, "ray.max_failures=0", "seed=7", "tokenizer.max_steps=8")
-    with pytest.raises(TrainingFailed):
+    with pytest.raises(TrainingFailed) as failed:
         train_tokenizer.run(cfg, TokenizerInputs(ingest=ing), on_step=KillOnce(2, tmp_path / "killed", rank=1))
+    # one line for the console (the CLI prints str()); the workers' tracebacks ride along for the log file
+    assert "\n" not in str(failed.value) and "ray.max_failures=0" in str(failed.value), str(failed.value)
+    assert any(n.startswith("worker tracebacks:") for n in getattr(failed.value, "__notes__", [])), failed.value
     out = Path(root) / "train_tokenizer" / train_tokenizer.stage_key(cfg, ing.manifest_sha256)
     assert not (out / train_tokenizer.SUCCESS).exists()
     client = Tracker(root, "mqgen").client
