@@ -20,7 +20,7 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -366,18 +366,21 @@ class Tracker:
 
 
 class _MetricSender:
-    """Sends metric batches to a tracking *server* from a background thread, so that training never waits on
-    MLflow: while the server is unreachable the points wait here (at most :attr:`MAX_PENDING`, the oldest
-    dropped beyond and counted) and are back-filled when it answers again. The gap is logged and recorded on the
-    run as tags (``mqgen.mlflow_gap_s``, ``mqgen.mlflow_backfilled``, ``mqgen.mlflow_lost``)."""
+    """Sends metric batches, tags and artifacts to a tracking *server* from a background thread, so that training
+    never waits on MLflow: while the server is unreachable they wait here (at most :attr:`MAX_PENDING` points and
+    :attr:`MAX_CALLS` other records, the oldest dropped beyond and counted) and are back-filled when it answers
+    again. The gap is logged and recorded on the run as tags (``mqgen.mlflow_gap_s``, ``mqgen.mlflow_backfilled``,
+    ``mqgen.mlflow_lost``)."""
 
     RETRY_S = 2.0
     MAX_PENDING = 500_000
+    MAX_CALLS = 10_000
     CHUNK = 1000  # MLflow's log_batch limit for metrics
 
     def __init__(self, client: Any, run_id: str):
         self.client, self.run_id = client, run_id
         self.pending: list[Any] = []
+        self.calls: list[Callable[[], None]] = []  # tags, artifacts, dataset inputs: sent in order
         self.cond = threading.Condition()
         self.sending = 0
         self.down_since: float | None = None
@@ -396,6 +399,14 @@ class _MetricSender:
                 self.lost += overflow
             self.cond.notify_all()
 
+    def call(self, fn: Callable[[], None]) -> None:
+        with self.cond:
+            self.calls.append(fn)
+            if len(self.calls) > self.MAX_CALLS:
+                del self.calls[0]
+                self.lost += 1
+            self.cond.notify_all()
+
     def _loop(self) -> None:
         import logging
         import time
@@ -403,11 +414,15 @@ class _MetricSender:
         log = logging.getLogger("mqgen.tracking")
         while True:
             with self.cond:
-                self.cond.wait_for(lambda: bool(self.pending))
-                batch = self.pending[:self.CHUNK]
-                self.sending = len(batch)
+                self.cond.wait_for(lambda: bool(self.pending or self.calls))
+                fn = self.calls[0] if self.calls else None
+                batch = [] if fn is not None else self.pending[:self.CHUNK]
+                self.sending = len(batch) or 1
             try:
-                self.client.log_batch(self.run_id, metrics=batch)
+                if fn is not None:
+                    fn()
+                else:
+                    self.client.log_batch(self.run_id, metrics=batch)
             except Exception as e:  # noqa: BLE001 - unreachable (or refusing): keep the points, try again
                 with self.cond:
                     self.sending = 0
@@ -418,11 +433,13 @@ class _MetricSender:
                 time.sleep(self.RETRY_S)
                 continue
             with self.cond:
+                if fn is not None:
+                    self.calls.pop(0)
                 del self.pending[:len(batch)]
                 self.sending = 0
                 if self.down_since is not None:
-                    self.backfilled += len(batch)
-                    if not self.pending:
+                    self.backfilled += len(batch) or 1
+                    if not self.pending and not self.calls:
                         gap = time.monotonic() - self.down_since
                         self.gap_s += gap
                         self.down_since = None
@@ -433,7 +450,8 @@ class _MetricSender:
     def flush(self, timeout: float) -> bool:
         """Wait until every point is sent (True) or ``timeout`` seconds passed (False)."""
         with self.cond:
-            return self.cond.wait_for(lambda: not self.pending and not self.sending, timeout=timeout)
+            return self.cond.wait_for(lambda: not self.pending and not self.calls and not self.sending,
+                                      timeout=timeout)
 
 
 class StageRun:
@@ -463,12 +481,14 @@ class StageRun:
         sent = s.flush(self.FLUSH_TIMEOUT_S)
         if not sent:
             logging.getLogger("mqgen.tracking").warning(
-                "MLflow run %s: %d metric points could not be sent (the server did not answer for %.0f s)",
-                self.run_id, len(s.pending), self.FLUSH_TIMEOUT_S)
+                "MLflow run %s: %d metric points and %d tags/artifacts could not be sent (the server did not answer "
+                "for %.0f s)", self.run_id, len(s.pending), len(s.calls), self.FLUSH_TIMEOUT_S)
         if s.gap_s or s.backfilled or s.lost or not sent:
+            tags = {"mqgen.mlflow_gap_s": round(s.gap_s, 1), "mqgen.mlflow_backfilled": s.backfilled,
+                    "mqgen.mlflow_lost": s.lost + (0 if sent else len(s.pending) + len(s.calls))}
             with contextlib.suppress(Exception):
-                self.set_tags({"mqgen.mlflow_gap_s": round(s.gap_s, 1), "mqgen.mlflow_backfilled": s.backfilled,
-                               "mqgen.mlflow_lost": s.lost + (0 if sent else len(s.pending))})
+                for k, v in tags.items():
+                    self.client.set_tag(self.run_id, k, str(v))
 
     def __enter__(self) -> Self:
         return self
@@ -479,7 +499,25 @@ class StageRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as e:
+            if not self._remote:
+                raise
+            import logging  # the work is done; the next pipeline start closes the run (KILLED, owner gone)
+
+            logging.getLogger("mqgen.tracking").warning("MLflow run %s could not be marked %s (%s: %s)", self.run_id,
+                                                        status, type(e).__name__, str(e)[:200])
+
+    def _send(self, fn: Callable[[], None]) -> None:
+        """``fn()`` now (local store), or through the background sender (a tracking server: never blocks, rides
+        out an outage)."""
+        if not self._remote:
+            fn()
+            return
+        if self._sender is None:
+            self._sender = _MetricSender(self.client, self.run_id)
+        self._sender.call(fn)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params; a param already logged with the same value is skipped (resume-safe)."""
@@ -532,8 +570,13 @@ class StageRun:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, redact_text(str(v)))
+        clean = {k: redact_text(str(v)) for k, v in tags.items()}
+
+        def send() -> None:
+            for k, v in clean.items():
+                self.client.set_tag(self.run_id, k, v)
+
+        self._send(send)
 
     def log_dataset(self, name: str, digest: str, location: str | Path, context: str, **extra: Any) -> None:
         """Record a dataset this run read (the UI's Datasets column): its name, a content digest, where it is, and
@@ -545,11 +588,16 @@ class StageRun:
         ds = Dataset(name=name, digest=digest[:36], source_type="local" if "://" not in src else src.split("://")[0],
                      source=json.dumps({"uri": redact_text(src)}), profile=json.dumps(extra, default=str) if extra
                      else None)
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT,
-                                                                                         context)])])
+        inputs = [DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+        self._send(lambda: self.client.log_inputs(self.run_id, datasets=inputs))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        if self._remote:  # sent later: a copy of the bytes now (the file may change or go meanwhile)
+            p = Path(path)
+            if p.is_file():
+                self._log_bytes(p.read_bytes(), f"{artifact_path}/{p.name}" if artifact_path else p.name)
+                return
+        self._send(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_text(self, text: str, name: str) -> None:
         self._log_bytes(redact_text(text).encode(), name)
@@ -570,10 +618,14 @@ class StageRun:
 
     def _log_bytes(self, data: bytes, name: str) -> None:
         parent, base = os.path.split(name)
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / base
-            p.write_bytes(data)
-            self.client.log_artifact(self.run_id, str(p), parent or None)
+
+        def send() -> None:
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / base
+                p.write_bytes(data)
+                self.client.log_artifact(self.run_id, str(p), parent or None)
+
+        self._send(send)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

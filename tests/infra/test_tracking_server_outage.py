@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,8 @@ def _start(db: Path, port: int, tmp: Path) -> subprocess.Popen[bytes]:
             return proc
         except OSError:
             time.sleep(0.5)
-    proc.kill()
+    os.killpg(proc.pid, 9)  # with its job runner and consumers
+    proc.wait()
     pytest.fail("mlflow server did not start")
 
 
@@ -47,8 +49,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_metrics_logged_while_the_server_is_down_are_backfilled_once(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while down (the sender retries)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     port, db = _free_port(), tmp_path / "server.db"
     server = _start(db, port, tmp_path)
     uri = f"http://127.0.0.1:{port}"
@@ -60,10 +60,16 @@ def test_metrics_logged_while_the_server_is_down_are_backfilled_once(tmp_path: P
         for step in range(10):
             run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
         run.flush()
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while down (the sender retries)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         _stop(server)
         t0 = time.monotonic()
         for step in range(10, 30):  # the server is gone: training goes on
             run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+            if step % 10 == 0:  # what a training loop logs at an evaluation step
+                run.log_image(np.full((8, 8), step, np.uint8), f"samples/step{step:05d}.png")
+                run.set_tags({"mqgen.resumed_from_step": step})
+                run.log_dict({"step": step}, f"eval/step{step}.json")
         assert time.monotonic() - t0 < 2.0  # logging never waited for the server
         time.sleep(3)  # at least one failed send
         server = _start(db, port, tmp_path)
@@ -74,5 +80,10 @@ def test_metrics_logged_while_the_server_is_down_are_backfilled_once(tmp_path: P
         assert info.info.status == "FINISHED"
         assert int(info.data.tags["mqgen.mlflow_backfilled"]) >= 20 and float(info.data.tags["mqgen.mlflow_gap_s"]) > 0
         assert info.data.tags["mqgen.mlflow_lost"] == "0"
+        assert info.data.tags["mqgen.resumed_from_step"] == "20"  # the tags, in order
+        images = {a.path for a in tracker.client.list_artifacts(run.run_id, "samples")}
+        assert images == {"samples/step00010.png", "samples/step00020.png"}
+        assert {a.path for a in tracker.client.list_artifacts(run.run_id, "eval")} == {"eval/step10.json",
+                                                                                      "eval/step20.json"}
     finally:
         _stop(server)
