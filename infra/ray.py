@@ -370,10 +370,15 @@ class Worker:
         the way; None on the other ranks."""
         if not self.is_main:
             return None
-        from infra.tracking import Tracker
+        from infra.tracking import StageRun, Tracker
 
-        run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc.tracking_uri).stage_run(
-            stage, lc.key, run_id=lc.mlflow_run_id)
+        if lc.tracking_uri.startswith(("http://", "https://")):  # a server: attach without asking it anything, so
+            from mlflow.tracking import MlflowClient  # a worker (re)started during an outage still trains
+
+            run = StageRun(MlflowClient(tracking_uri=lc.tracking_uri), lc.mlflow_run_id)
+        else:
+            run = Tracker(cfg.run.root, cfg.run.experiment, tracking_uri=lc.tracking_uri).stage_run(
+                stage, lc.key, run_id=lc.mlflow_run_id)
         run.step_offset = lc.metric_step_offset
         if restored is not None:
             run.set_tags({"mqgen.resumed_from_step": restored.step})
