@@ -36,15 +36,33 @@ step() {
     fi
 }
 
+SUDO=()
+if [ "$(id -u)" != 0 ]; then SUDO=(sudo); fi
+apt_updated=""
+
 if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
-    SUDO=()
-    if [ "$(id -u)" != 0 ]; then SUDO=(sudo); fi
     step "apt-get update" "${SUDO[@]}" apt-get update
+    apt_updated=1
     step "installing Debian package dataset-fashion-mnist (embedded default data)" \
         "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist
 fi
 
 if [ ! -x .venv/bin/python ]; then
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "[setup] mqgen needs Python 3.11 or newer; $PYTHON is $("$PYTHON" -V 2>&1 || echo missing)." \
+             "Install one and run again with PYTHON=python3.11 (or newer) make demo" >&2
+        exit 1
+    fi
+    if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then  # Debian splits venv out of python3
+        venv_pkg="python$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
+        if ! command -v apt-get >/dev/null; then
+            echo "[setup] $PYTHON cannot create virtual environments (no ensurepip); install its venv module" >&2
+            exit 1
+        fi
+        [ -n "$apt_updated" ] || step "apt-get update" "${SUDO[@]}" apt-get update
+        step "installing Debian package $venv_pkg (python -m venv)" \
+            "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "$venv_pkg"
+    fi
     step "creating .venv" "$PYTHON" -m venv .venv
 fi
 # Reinstall only when pyproject.toml changed since the last complete install.
