@@ -76,7 +76,7 @@ def looks_full(path: str, error: BaseException) -> NoSpaceLeft | None:
 
 def is_no_space(exc: BaseException) -> bool:
     """Whether ``exc`` (or an exception it was raised from) is a full file system: an ``OSError`` with ENOSPC
-    or EDQUOT, or an LMDB error saying so (LMDB reports errno only in its message)."""
+    or EDQUOT, or an LMDB or SQLite error saying so (they report it only in their message)."""
     import errno
 
     for e in exception_chain(exc):
@@ -85,6 +85,10 @@ def is_no_space(exc: BaseException) -> bool:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if type(e).__module__ == "lmdb" and ("No space left" in str(e) or "Disk quota" in str(e)):
+            return True
+        # SQLite (MLflow's and Prefect's stores under the run root) says SQLITE_FULL in words only; MLflow and
+        # SQLAlchemy wrap it, keeping the text
+        if "database or disk is full" in str(e):
             return True
     return False
 

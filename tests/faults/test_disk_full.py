@@ -96,3 +96,25 @@ def test_a_full_disk_stops_ingest_without_retries_and_the_rerun_finishes(small_f
     assert again.returncode == 0, again.stderr[-3000:]
     [manifest] = (run_root / "ingest").glob("*/manifest.json")
     assert manifest.stat().st_size > 0
+
+
+def test_a_full_disk_under_the_mlflow_store_is_known_as_one(small_fs, tmp_path: Path) -> None:
+    """The run root's SQLite store (MLflow's, Prefect's) says SQLITE_FULL only in words, wrapped by SQLAlchemy and
+    MLflow: it is recognised as a full disk (exit 3, no retry), not an unknown error retried as transient."""
+    from infra.errors import is_no_space
+    from infra.tracking import Tracker
+
+    root = small_fs(tmp_path / "root", "8m")
+    run = Tracker(root).pipeline_run("cfg")
+    ballast = root / "ballast"
+    with open(ballast, "wb") as f:  # fill what is left
+        try:
+            while True:
+                f.write(bytes(1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    with pytest.raises(Exception) as full:  # whatever MLflow wraps it in
+        for i in range(10_000):
+            run.log_params({f"p{i}": "x" * 5000})
+    assert is_no_space(full.value), repr(full.value)
