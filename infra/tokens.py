@@ -788,6 +788,11 @@ class TokenDataset(Dataset):
         except TokenFormatError as e:
             raise TokenFormatError(f"{e} (batch keys {keys[0].decode()}..{keys[-1].decode()}; the database was "
                                    "altered after it was written: delete it and rerun the tokenize stage)") from None
+        labels = recs["label"]
+        if ((labels < -1) | ((labels != -1) & (labels >= self.meta.num_classes))).any():
+            raise TokenFormatError(f"{self.path}: labels outside [-1, {self.meta.num_classes}) in keys "
+                                   f"{keys[0].decode()}..{keys[-1].decode()} (the database was altered after it "
+                                   "was written): delete it and rerun the tokenize stage")
         codes, positions = recs["codes"].astype(np.int64), recs["positions"].astype(np.int64)
         items = [{"codes": torch.from_numpy(codes[i]), "positions": torch.from_numpy(positions[i]),
                   "label": torch.tensor(int(recs["label"][i]), dtype=torch.long)} for i in range(len(recs))]

@@ -149,6 +149,25 @@ def test_a_code_altered_after_verification_never_reaches_the_model(tokenize_run:
         ds.__getitems__(list(range(len(ds))))
 
 
+def test_a_label_altered_after_verification_never_reaches_the_model(tokenize_run: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    """A label past the class count would index the class embedding out of range (or pick another class)."""
+    out = tokenize_run["out"]
+    seq_len = out.metadata["train"]["seq_len"]
+    db = tmp_path / "train.lmdb"
+    shutil.copytree(out.train_db, db, ignore=shutil.ignore_patterns("lock.mdb"))
+    env = lmdb.open(str(db), subdir=True)
+    with env.begin(write=True) as txn:
+        value = bytearray(txn.get(record_key(0, 1)))
+        at = 4 * seq_len  # the <i4 label follows the codes and positions (<u2 each)
+        value[at:at + 4] = (1000).to_bytes(4, "little", signed=True)
+        txn.put(record_key(0, 1), bytes(value))
+    env.close()
+    ds = TokenDataset(db)
+    with pytest.raises(TokenFormatError, match=r"labels outside \[-1, "):
+        ds.__getitems__(list(range(len(ds))))
+
+
 @pytest.mark.parametrize("cell, value, match", [
     (-1, 64, r"position outside \[0, 64\)"),  # the 8x8 grid has cells 0..63
     (1, None, "positions that are not strictly increasing"),  # the first position again: a cell read twice
