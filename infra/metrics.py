@@ -356,8 +356,6 @@ def inception_extractor(weights: str | None, download: bool = False) -> Extracto
     layout; torch-fidelity's own ``weights_only=False`` load reads the same private copy, which only a plain
     state dict can have passed. A zeroed ``fc`` means pool features only (no IS).
     """
-    from infra.storage import load_state_file, sha256_file
-
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -377,6 +375,21 @@ def inception_extractor(weights: str | None, download: bool = False) -> Extracto
                 raise InceptionWeightsMissing(inception_missing_message(
                     f"evaluate.inception_download=true could not fetch {INCEPTION_URL} ({type(e).__name__}: {e})"
                 )) from e
+    # One checked private copy per source file state and process: `mqgen status`, a grid and the promotion gate
+    # resolve the extractor many times (each copy is ~95 MB and hashed).
+    st = path.stat()
+    cache_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if cache_key not in _INCEPTION_CHECKED:
+        _INCEPTION_CHECKED[cache_key] = _checked_inception(path)
+    return _INCEPTION_CHECKED[cache_key]
+
+
+_INCEPTION_CHECKED: dict[tuple[str, int, int], Extractor] = {}
+
+
+def _checked_inception(path: Path) -> Extractor:
+    from infra.storage import load_state_file, sha256_file
+
     # torch-fidelity loads the file it is given with weights_only=False: give it a private copy (in a 0700
     # directory of this process), checked here, that nobody else can replace between the check and that load
     path = private_copy(path)

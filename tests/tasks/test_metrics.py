@@ -252,8 +252,11 @@ def test_inception_weights_are_loaded_safely_and_checked_before_torch_fidelity_s
     private = Path(ext.weights_path)  # what torch-fidelity will load: a private copy, not the shared file
     assert private != pool_only and private.read_bytes() == pool_only.read_bytes()
     assert private.parent.stat().st_mode & 0o077 == 0 and ext.weights_sha256 == sha256_file(private)
+    assert mx.inception_extractor(str(pool_only)) is ext  # checked once per process: no second 95 MB copy
     pool_only.write_bytes(evil.read_bytes())  # replaced after the check: the copy it will load is unchanged
     assert ext.weights_sha256 == sha256_file(private)
+    with pytest.raises(UnsafeCheckpointError):  # and the replaced file is checked again before any use
+        mx.inception_extractor(str(pool_only))
     assert "Inception Score is unavailable" in ext.description
     with_logits = tmp_path / "logits.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "fc.weight": torch.ones(1008, 2048)}, with_logits)
