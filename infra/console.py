@@ -376,6 +376,9 @@ def setup_logging(root: str, command: str, *, verbose: bool = False) -> Path | N
     global _LOG_DIR
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     global _CONFIGURED
+    # A log file on a full disk must not print "--- Logging error ---" with a traceback for every record on top of
+    # the one clear "no space left" message (the failure itself is reported by the stage).
+    logging.raiseExceptions = False
     rootlog = logging.getLogger()
     _drop_console_handlers(rootlog)
     _CONFIGURED = True
