@@ -27,10 +27,23 @@ def lazy_stage_task(module: str, attr: str, fn: Callable[..., Any], *, name: str
     def __getattr__(key: str) -> Any:
         if key != attr:
             raise AttributeError(f"module {module!r} has no attribute {key!r}")
+        import functools
+
         from prefect import task
         from prefect.cache_policies import NO_CACHE
 
-        built = task(fn, name=name, retries=retries, retry_delay_seconds=retry_delay_seconds,
+        from infra.secrets import redact_exception
+
+        @functools.wraps(fn)
+        def redacted_failures(*args: Any, **kwargs: Any) -> Any:
+            """The stage, with credentials taken out of its exception before Prefect records it."""
+            try:
+                return fn(*args, **kwargs)
+            except BaseException as e:
+                redact_exception(e)
+                raise
+
+        built = task(redacted_failures, name=name, retries=retries, retry_delay_seconds=retry_delay_seconds,
                      retry_condition_fn=retry_condition_fn, persist_result=True, result_serializer="json",
                      cache_policy=NO_CACHE)
         setattr(sys.modules[module], attr, built)

@@ -89,3 +89,30 @@ def private_value(param: Any) -> Any:
                                   "environment (e.g. AWS_* variables or an fsspec config) instead of the URL"
                                   ) from None
     return param
+
+
+def redact_exception(exc: BaseException) -> BaseException:
+    """Redact ``exc`` and every exception it was raised from, in place (type, traceback and chain kept): its
+    message arguments, notes and file names. Called before an orchestrator records a failure (Prefect keeps the
+    message in the task's state, its API logs and the persisted result)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        try:
+            e.args = tuple(redact_text(a) if isinstance(a, str) else a for a in e.args)
+            if getattr(e, "__notes__", None):
+                e.__notes__ = [redact_text(n) if isinstance(n, str) else n for n in e.__notes__]
+            if isinstance(e, OSError):
+                for name in ("filename", "filename2"):
+                    value = getattr(e, name, None)
+                    if isinstance(value, str):
+                        setattr(e, name, redact_text(value))
+        except (AttributeError, TypeError):  # an exception type that refuses new attributes: leave it
+            pass
+        stack += [e.__cause__, e.__context__]
+    return exc

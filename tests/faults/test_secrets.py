@@ -48,6 +48,9 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = Path(self.directory) / self.path.split("?", 1)[0].lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
         data = path.read_bytes()
         rng = self.headers.get("Range")
         if rng and rng.startswith("bytes="):
@@ -111,3 +114,33 @@ def test_a_presigned_shard_url_is_read_and_recorded_nowhere(tmp_path: Path) -> N
     [row] = [line for line in status.stdout.splitlines() if " ingest " in line]
     assert " done " in row, status.stdout
     assert "FRESHSIGNATURE9876" not in status.stdout + status.stderr and SIG not in status.stdout + status.stderr
+
+
+@pytest.mark.slow  # a real `mqgen` process with its own Prefect server and MLflow database
+def test_a_failing_presigned_url_is_reported_without_its_secret(tmp_path: Path) -> None:
+    """The stage fails on a signed URL that is gone (404): the message the user reads, the logs, MLflow and
+    Prefect's records of the failed task (its state, its API logs, the persisted exception) never hold the
+    signature."""
+    served = tmp_path / "served"
+    served.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             lambda *a: _RangeHandler(*a, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = (f"http://127.0.0.1:{server.server_address[1]}/gone.tar?X-Amz-Credential={CRED}&X-Amz-Expires=600"
+           f"&X-Amz-Signature={SIG}")
+    root = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME")}
+    try:
+        proc = subprocess.run([str(Path(sys.executable).parent / "mqgen"), "run", "--only", "ingest", "--preset",
+                               "tiny", "--debug", "data.source=shards", f"data.path={url}", f"run.root={root}",
+                               "data.min_shards=1", "run.retries=0"],
+                              env=env, capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "gone.tar" in proc.stderr and "X-Amz-Signature=REDACTED" in proc.stderr, proc.stderr[-3000:]
+    assert SIG not in proc.stderr + proc.stdout and CRED not in proc.stderr + proc.stdout
+    leaks = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+             and any(s.encode() in p.read_bytes() for s in (SIG, CRED))]
+    assert leaks == [], f"credentials written to {leaks}"
+    assert any(p.name == "prefect.db" for p in root.rglob("*"))

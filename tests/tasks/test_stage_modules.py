@@ -42,7 +42,7 @@ def test_each_stage_has_a_json_result_task_wrapping_its_run(stage: str) -> None:
     module = importlib.import_module(f"tasks.{stage}")
     task = getattr(module, f"{stage}_task")
     assert task is getattr(module, f"{stage}_task")  # built once, then a plain module attribute
-    assert task.fn is module.run and task.name == stage
+    assert task.fn.__wrapped__ is module.run and task.name == stage  # wrapped: its failures are redacted
     assert task.persist_result is True and task.result_serializer == "json" and task.cache_policy is NO_CACHE
     with pytest.raises(AttributeError):
         module.no_such_task
