@@ -116,7 +116,7 @@ def test_a_presigned_shard_url_is_read_and_recorded_nowhere(tmp_path: Path) -> N
     assert "FRESHSIGNATURE9876" not in status.stdout + status.stderr and SIG not in status.stdout + status.stderr
 
 
-@pytest.mark.slow  # a real `mqgen` process with its own Prefect server and MLflow database
+@pytest.mark.long  # a real `mqgen` process; run by .ci/run after the README's test command
 def test_a_failing_presigned_url_is_reported_without_its_secret(tmp_path: Path) -> None:
     """The stage fails on a signed URL that is gone (404): the message the user reads, the logs, MLflow and
     Prefect's records of the failed task (its state, its API logs, the persisted exception) never hold the

@@ -266,6 +266,7 @@ def test_status_says_why_a_stage_is_not_done_against_its_nearest_earlier_output(
     assert row["state"] == "not done" and row["why"].endswith("differs in version: 1 -> 2"), row
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_a_moved_run_root_is_found_complete_and_reads_only_its_own_files(finished, tmp_path) -> None:
     """A user moves (or copies) a finished run root to another disk and runs the same command there: every stage
     is a cache hit whose references point into the new root (never the old one), and the MLflow store's artifact

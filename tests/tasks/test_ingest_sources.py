@@ -209,7 +209,7 @@ def test_prefect_task_retries_transient_failures_but_not_bad_data(run_root: Path
     from tasks.ingest import IngestError
 
     task = stage_task("ingest", config(run_root, "run.retries=2"))
-    assert task.name == "ingest" and task.retries == 2 and task.fn is run
+    assert task.name == "ingest" and task.retries == 2 and task.fn.__wrapped__ is run
     retry = task.retry_condition_fn
     assert retry(task, None, Failed(data=RuntimeError("worker process died")))
     assert not retry(task, None, Failed(data=IngestError("3 of 4 inputs are bad")))
