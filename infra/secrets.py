@@ -96,8 +96,7 @@ def redact_exception(exc: BaseException) -> BaseException:
     message arguments, notes and file names. Called before an orchestrator records a failure (Prefect keeps the
     message in the task's state, its API logs and the persisted result)."""
     seen: set[int] = set()
-    e: BaseException | None = exc
-    stack = [exc]
+    stack: list[BaseException | None] = [exc]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:

@@ -476,6 +476,7 @@ def cached_run(out_dir: Path, key: str, load: Callable[[], T | None], compute: C
 # --------------------------------------------------------------------------------------------- key documents
 
 KEY_DOC = "_key.json"  # beside a finished output: what its stage key hashes (explains a later key change)
+_MISSING = object()
 
 
 def record_key_doc(out_dir: str | Path, doc: dict[str, Any] | None) -> None:
@@ -492,15 +493,6 @@ def record_key_doc(out_dir: str | Path, doc: dict[str, Any] | None) -> None:
         import logging
 
         logging.getLogger("mqgen.storage").warning("could not record the key document %s: %s", path, e)
-
-
-def _leaves(doc: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(doc, dict):
-        out: dict[str, Any] = {}
-        for k, v in doc.items():
-            out.update(_leaves(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): doc}
 
 
 def _short(v: Any) -> str:
@@ -526,14 +518,15 @@ def nearest_key_change(root: str | Path, stage: str, doc: dict[str, Any], key: s
     whose document differs from ``doc`` in the fewest fields (the newest of equals), and how; None when none
     has a document. Credentials in URLs are compared (and shown) redacted, as the documents are stored."""
     from infra.secrets import redact
+    from infra.tracking import flatten  # dotted keys, lists as JSON: as MLflow params show them
 
-    want = _leaves(redact(doc))
+    want = flatten(redact(doc))
     best: tuple[int, float, KeyChange] | None = None
     for path in (Path(root) / stage).glob(f"[!.]*/{KEY_DOC}"):
         if path.parent.name == key:
             continue
         try:
-            had = _leaves(read_json(path))
+            had = flatten(read_json(path))
             mtime = path.stat().st_mtime
         except (OSError, ValueError):
             continue
@@ -544,9 +537,6 @@ def nearest_key_change(root: str | Path, stage: str, doc: dict[str, Any], key: s
         if best is None or rank < best[:2]:
             best = (*rank, KeyChange(path.parent.name, mtime, changes))
     return best[2] if best is not None else None
-
-
-_MISSING = object()
 
 
 def rebuild_damaged(e: DamagedOutput) -> None:

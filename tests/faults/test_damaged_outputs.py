@@ -134,39 +134,39 @@ def test_records_deleted_by_hand_are_found_and_the_databases_rebuilt(tokenize_ru
     assert len(_set_aside(Path(out.path).parent, out.key)) == 2
 
 
-def test_a_code_altered_after_verification_never_reaches_the_model(tokenize_run: dict[str, Any],
-                                                                   tmp_path: Path) -> None:
-    out = tokenize_run["out"]
-    db = tmp_path / "train.lmdb"
-    shutil.copytree(out.train_db, db, ignore=shutil.ignore_patterns("lock.mdb"))
-    env = lmdb.open(str(db), subdir=True)
-    with env.begin(write=True) as txn:
-        value = bytearray(txn.get(record_key(0, 2)))
-        value[0:2] = (60000).to_bytes(2, "little")  # the first code (codes come first), far outside the codebook
-        txn.put(record_key(0, 2), bytes(value))
-    env.close()
-    ds = TokenDataset(db)
-    with pytest.raises(TokenFormatError, match=r"code outside \[0, "):
-        ds.__getitems__(list(range(len(ds))))
-
-
-def test_a_label_altered_after_verification_never_reaches_the_model(tokenize_run: dict[str, Any],
-                                                                    tmp_path: Path) -> None:
-    """A label past the class count would index the class embedding out of range (or pick another class)."""
-    out = tokenize_run["out"]
+def _read_altered(out: Any, tmp_path: Path, index: int, patch: Any, match: str) -> None:
+    """Copy the shared train database, rewrite record ``(0, index)`` with ``patch(bytearray, seq_len)`` (after its
+    verification, as a hand edit would), and check that reading every batch refuses it with ``match``."""
     seq_len = out.metadata["train"]["seq_len"]
     db = tmp_path / "train.lmdb"
     shutil.copytree(out.train_db, db, ignore=shutil.ignore_patterns("lock.mdb"))
     env = lmdb.open(str(db), subdir=True)
     with env.begin(write=True) as txn:
-        value = bytearray(txn.get(record_key(0, 1)))
-        at = 4 * seq_len  # the <i4 label follows the codes and positions (<u2 each)
-        value[at:at + 4] = (1000).to_bytes(4, "little", signed=True)
-        txn.put(record_key(0, 1), bytes(value))
+        record = bytearray(txn.get(record_key(0, index)))
+        patch(record, seq_len)
+        txn.put(record_key(0, index), bytes(record))
     env.close()
     ds = TokenDataset(db)
-    with pytest.raises(TokenFormatError, match=r"labels outside \[-1, "):
+    with pytest.raises(TokenFormatError, match=match):
         ds.__getitems__(list(range(len(ds))))
+
+
+def test_a_code_altered_after_verification_never_reaches_the_model(tokenize_run: dict[str, Any],
+                                                                   tmp_path: Path) -> None:
+    def patch(record: bytearray, seq_len: int) -> None:
+        record[0:2] = (60000).to_bytes(2, "little")  # the first code (codes come first), far outside the codebook
+
+    _read_altered(tokenize_run["out"], tmp_path, 2, patch, r"code outside \[0, ")
+
+
+def test_a_label_altered_after_verification_never_reaches_the_model(tokenize_run: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    """A label past the class count would index the class embedding out of range (or pick another class)."""
+    def patch(record: bytearray, seq_len: int) -> None:
+        at = 4 * seq_len  # the <i4 label follows the codes and positions (<u2 each)
+        record[at:at + 4] = (1000).to_bytes(4, "little", signed=True)
+
+    _read_altered(tokenize_run["out"], tmp_path, 1, patch, r"labels outside \[-1, ")
 
 
 @pytest.mark.parametrize("cell, value, match", [
@@ -176,22 +176,13 @@ def test_a_label_altered_after_verification_never_reaches_the_model(tokenize_run
 def test_a_position_altered_after_verification_never_reaches_the_model(tokenize_run: dict[str, Any], tmp_path: Path,
                                                                        cell: int, value: int | None, match: str
                                                                        ) -> None:
-    out = tokenize_run["out"]
-    seq_len = out.metadata["train"]["seq_len"]
-    db = tmp_path / "train.lmdb"
-    shutil.copytree(out.train_db, db, ignore=shutil.ignore_patterns("lock.mdb"))
-    env = lmdb.open(str(db), subdir=True)
-    with env.begin(write=True) as txn:
-        record = bytearray(txn.get(record_key(0, 3)))
+    def patch(record: bytearray, seq_len: int) -> None:
         positions = 2 * seq_len  # positions follow the codes, both <u2
         at = positions + 2 * (cell % seq_len)
         new = value if value is not None else int.from_bytes(record[positions:positions + 2], "little")
         record[at:at + 2] = new.to_bytes(2, "little")
-        txn.put(record_key(0, 3), bytes(record))
-    env.close()
-    ds = TokenDataset(db)
-    with pytest.raises(TokenFormatError, match=match):
-        ds.__getitems__(list(range(len(ds))))
+
+    _read_altered(tokenize_run["out"], tmp_path, 3, patch, match)
 
 
 # --------------------------------------------------------------------------------------------- the command line

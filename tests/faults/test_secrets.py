@@ -75,31 +75,45 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME")}
+
+
+def _ingest_signed(served: Path, name: str, root: Path, *args: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """``mqgen run --only ingest`` on ``served/name`` behind a presigned-style URL (a local HTTP server)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             lambda *a: _RangeHandler(*a, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = (f"http://127.0.0.1:{server.server_address[1]}/{name}?X-Amz-Credential={CRED}&X-Amz-Expires=600"
+           f"&X-Amz-Signature={SIG}")
+    try:
+        proc = subprocess.run([str(Path(sys.executable).parent / "mqgen"), "run", "--only", "ingest", "--preset",
+                               "tiny", *args, "data.source=shards", f"data.path={url}", f"run.root={root}",
+                               "data.min_shards=1"],
+                              env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        server.shutdown()
+    return url, proc
+
+
+def _leaks(root: Path) -> list[str]:
+    """The files under ``root`` holding the signature or the credential."""
+    return [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+            and any(s.encode() in p.read_bytes() for s in (SIG, CRED))]
+
+
 @pytest.mark.slow  # a real `mqgen` process with its own Prefect server and MLflow database
 def test_a_presigned_shard_url_is_read_and_recorded_nowhere(tmp_path: Path) -> None:
     served = tmp_path / "served"
     members = sample_members(40) + [("broken00001.png", b"not a png"), ("broken00001.cls", b"1")]
     write_tar(served / "shard.tar", members)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             lambda *a: _RangeHandler(*a, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = (f"http://127.0.0.1:{server.server_address[1]}/shard.tar?X-Amz-Credential={CRED}&X-Amz-Expires=600"
-           f"&X-Amz-Signature={SIG}")
     root = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME")}
-    try:
-        proc = subprocess.run([str(Path(sys.executable).parent / "mqgen"), "run", "--only", "ingest", "--preset",
-                               "tiny", "-v", "data.source=shards", f"data.path={url}", f"run.root={root}",
-                               "data.val_fraction=0.25", "data.min_shards=1", "data.max_bad_fraction=0.1"],
-                              env=env, capture_output=True, text=True, timeout=600, check=False)
-    finally:
-        server.shutdown()
+    url, proc = _ingest_signed(served, "shard.tar", root, "-v", "data.val_fraction=0.25", "data.max_bad_fraction=0.1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     [manifest] = list((root / "ingest").glob("*/manifest.json"))
     assert "X-Amz-Signature=REDACTED" in manifest.read_text()  # the source is recorded, without its secret
-    leaks = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
-             and any(s.encode() in p.read_bytes() for s in (SIG, CRED))]
-    assert leaks == [], f"credentials written to {leaks}"
+    assert _leaks(root) == [], f"credentials written to {_leaks(root)}"
+    env = _env()
     assert SIG not in proc.stderr + proc.stdout and CRED not in proc.stderr + proc.stdout
     assert any(p.name == "prefect.db" for p in root.rglob("*"))  # Prefect's records were among the files read
     assert "REDACTED" in next((root / "ingest").glob("*/_key.json")).read_text()
@@ -123,24 +137,10 @@ def test_a_failing_presigned_url_is_reported_without_its_secret(tmp_path: Path) 
     signature."""
     served = tmp_path / "served"
     served.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             lambda *a: _RangeHandler(*a, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = (f"http://127.0.0.1:{server.server_address[1]}/gone.tar?X-Amz-Credential={CRED}&X-Amz-Expires=600"
-           f"&X-Amz-Signature={SIG}")
     root = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME")}
-    try:
-        proc = subprocess.run([str(Path(sys.executable).parent / "mqgen"), "run", "--only", "ingest", "--preset",
-                               "tiny", "--debug", "data.source=shards", f"data.path={url}", f"run.root={root}",
-                               "data.min_shards=1", "run.retries=0"],
-                              env=env, capture_output=True, text=True, timeout=600, check=False)
-    finally:
-        server.shutdown()
+    _, proc = _ingest_signed(served, "gone.tar", root, "--debug", "run.retries=0")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "gone.tar" in proc.stderr and "X-Amz-Signature=REDACTED" in proc.stderr, proc.stderr[-3000:]
     assert SIG not in proc.stderr + proc.stdout and CRED not in proc.stderr + proc.stdout
-    leaks = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
-             and any(s.encode() in p.read_bytes() for s in (SIG, CRED))]
-    assert leaks == [], f"credentials written to {leaks}"
+    assert _leaks(root) == [], f"credentials written to {_leaks(root)}"
     assert any(p.name == "prefect.db" for p in root.rglob("*"))

@@ -176,24 +176,32 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-def test_kill9_inside_a_shard_transaction_leaves_nothing_of_it(tmp_path: Path) -> None:
-    script = KILLED_WRITER
-    db = tmp_path / "db"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(db)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+def _script(script: str, *args: str, stderr: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _sigkill_at(script: str, marker: str, *args: str) -> None:
+    """Run ``script``, SIGKILL it once it prints a line starting with ``marker``."""
+    proc = _script(script, *args, stderr=subprocess.STDOUT)
     try:
         lines = []
         for line in proc.stdout:  # type: ignore[union-attr]
             lines.append(line)
-            if line.startswith("MID-TRANSACTION"):
+            if line.startswith(marker):
                 break
-        assert lines and lines[-1].startswith("MID-TRANSACTION"), "".join(lines)[-3000:]
+        assert lines and lines[-1].startswith(marker), "".join(lines)[-3000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_kill9_inside_a_shard_transaction_leaves_nothing_of_it(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    _sigkill_at(KILLED_WRITER, "MID-TRANSACTION", str(db))
     assert read_progress(db) == {0: 20}
     assert [k[:6] for k in _keys(db)] == [b"000000"] * 20
     meta, scan = verify(db, require_complete=False)
@@ -439,11 +447,6 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def _script(script: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
 def test_a_concurrent_reader_sees_whole_shards_and_a_killed_readers_slot_is_cleared(tmp_path: Path) -> None:
     """Catalogue 1.5: a reader process looking while the writer commits sees each shard whole or not at all,
     and never loses one it saw; a reader SIGKILLed inside a read transaction leaves a stale slot that the next
@@ -472,15 +475,7 @@ def test_a_concurrent_reader_sees_whole_shards_and_a_killed_readers_slot_is_clea
     assert all(count == 300 for look in seen for count in look.values()), "a reader saw part of a shard"
 
     with TokenWriter(db, meta) as w:  # a long-running writer; a monitor dies holding a read transaction
-        holder = _script(HOLDER, str(db))
-        try:
-            assert holder.stdout.readline().strip() == "HOLDING", holder.stderr.read()  # type: ignore[union-attr]
-            os.kill(holder.pid, signal.SIGKILL)
-            holder.wait(timeout=30)
-        finally:
-            if holder.poll() is None:
-                holder.kill()
-                holder.wait()
+        _sigkill_at(HOLDER, "HOLDING", str(db))
         assert w.stale_readers_cleared == 0
         w.write_shard(6, *_tokens(meta, 300, 6))
         assert w.stale_readers_cleared == 1
