@@ -94,9 +94,10 @@ def _fail(e: BaseException, debug: bool) -> None:
 
     from flows.pipeline import StageFailed, what_to_do
     from infra.console import log_path
+    from infra.errors import original_error
 
     stage = e.stage if isinstance(e, StageFailed) else None
-    cause = e.cause if isinstance(e, StageFailed) else e
+    cause = e.cause if isinstance(e, StageFailed) else original_error(e)
     where = f"stage {stage}" if stage else "mqgen"
     name = type(cause).__name__
     message = str(cause).strip() or name
@@ -218,6 +219,8 @@ def grid(
     part: list[str] | None = typer.Option(None, "--part", help="Only this grid of an experiment file "
                                              "(repeatable): run a long experiment in parts, then the whole file, "
                                              "which reuses every finished stage."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop every variant at the first failure (by "
+                                   "default a failed variant stops alone and the others finish; exit 1)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
@@ -241,18 +244,33 @@ def grid(
     _prepare_environment(variants[0].config)
     _start_logging(variants[0].config, "grid", verbose)
     typer.echo(f"grid: {len(variants)} variants: " + "; ".join(v.label for v in variants), err=True)
-    from flows.grid import run_grid
+    from flows.grid import GridIncomplete, grid_result, run_grid
     from infra.orchestration import start_local_api
 
+    incomplete = None
     try:
         start_local_api()
-        result = run_grid(variants, name=name)
+        result = run_grid(variants, name=name, fail_fast=fail_fast)
+    except GridIncomplete as e:  # the finished variants' outcome is kept: summary and report, then exit 1
+        incomplete, result = e, grid_result(e.result)
     except Exception as e:  # noqa: BLE001 - one readable paragraph, the traceback in the log
         _fail(e, debug)
-    typer.echo(json.dumps({"grid_run_id": result.grid_run_id, "variants": dict(zip(result.labels,
-                          result.variant_run_ids)), "executions": result.executions}, indent=2))
+    summary = {"grid_run_id": result.grid_run_id, "variants": dict(zip(result.labels, result.variant_run_ids)),
+               "executions": result.executions}
+    typer.echo(json.dumps({**summary, **({"failed": result.failed} if result.failed else {})}, indent=2))
     if report is not None:
         _compare(variants[0].config, result.grid_run_id, [], report, claims=claims)
+    if incomplete is not None:
+        from infra.console import log_path
+
+        lines = [f"error: {len(result.failed)} of {len(result.labels)} grid variants failed; the others finished"
+                 + (" and are in the report" if report is not None else "") + ":",
+                 *(f"  {label}: {why}" for label, why in result.failed.items()),
+                 ("  what to do: fix the cause, then run the same command again: the finished variants and every "
+                  "finished stage are reused"),
+                 f"  full tracebacks: {log_path()} and each failed variant's stage run in MLflow (artifact error/)"]
+        typer.secho(redact_text("\n".join(lines)), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 def _compare(cfg: PipelineConfig, grid_run_id: str | None, run_ids: list[str], out: Path,

@@ -93,6 +93,28 @@ class GridResult:
     labels: list[str]
     refs: list[dict[str, Any]]
     executions: dict[str, int] = field(default_factory=dict)  # stage -> number of executions (groups)
+    failed: dict[str, str] = field(default_factory=dict)  # variant label -> "stage: the error's first line"
+
+
+class GridIncomplete(Exception):
+    """Some variants of a grid failed; the others finished and their outputs, runs and report are kept.
+    ``result`` holds the grid's outcome (:class:`GridResult` fields; ``failed`` names each failed variant's
+    stage and error)."""
+
+    def __init__(self, message: str, result: dict[str, Any]):
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Prefect may pickle the flow's exception
+        return (type(self), (str(self), self.result))
+
+
+def aborts_grid(exc: BaseException) -> bool:
+    """An error that stops the whole grid rather than one variant: an interruption (Ctrl-C, SIGTERM) or a full
+    disk, which every other variant writing to the same run root would hit as well."""
+    from infra.errors import is_no_space
+
+    return not isinstance(exc, Exception) or is_no_space(exc)
 
 
 def group_key(stage: str, cfg: PipelineConfig) -> str:
@@ -168,8 +190,14 @@ def grid_axes(variants: list[GridVariant]) -> dict[str, list[Any]]:
 
 
 @flow(name="mqgen-grid", log_prints=True, validate_parameters=False)
-def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
-    """Parameters: each variant as ``{"axes": {...}, "overrides": [...], "config": {...}}``."""
+def grid_flow(variants: list[dict[str, Any]], name: str = "", fail_fast: bool = False) -> dict[str, Any]:
+    """Parameters: each variant as ``{"axes": {...}, "overrides": [...], "config": {...}}``.
+
+    A stage execution that fails (after its retries) fails the variants that share it; they run no later stage
+    and their MLflow runs end FAILED, tagged with the stage and the error, while the other variants go on. The
+    grid then publishes what finished and raises :class:`GridIncomplete`, so the flow run ends Failed.
+    ``fail_fast`` stops every variant at the first failure instead (as an interruption or a full disk always
+    does: :func:`aborts_grid`)."""
     from infra.tracking import Tracker, sigterm_raises
 
     gvs = [GridVariant(axes=v["axes"], overrides=list(v["overrides"]), config=from_dict(PipelineConfig, v["config"]))
@@ -195,6 +223,7 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
             for gv, c in zip(gvs, cfgs)]
     refs: list[dict[str, Any]] = [{} for _ in gvs]
     executions: dict[str, int] = {}
+    failed: dict[int, str] = {}  # variant index -> "stage: error"
     stage_task = task(_dispatch, name="grid-stage", task_run_name="{stage}-{label}", cache_policy=NO_CACHE,
                       persist_result=False, retries=cfgs[0].run.retries,
                       retry_delay_seconds=cfgs[0].run.retry_delay_s, retry_condition_fn=retry_unless_permanent())
@@ -203,7 +232,8 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
             for stage in GRID_STAGES:
                 groups: dict[str, list[int]] = {}
                 for i, c in enumerate(cfgs):
-                    groups.setdefault(group_key(stage, c), []).append(i)
+                    if i not in failed:
+                        groups.setdefault(group_key(stage, c), []).append(i)
                 futures: list[tuple[list[int], Future[Any]]] = []
                 concurrent = 1 if stage in ONE_AT_A_TIME else len(groups)
                 threads = max(1, (os.cpu_count() or 1) // max(1, concurrent))
@@ -218,7 +248,13 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
                     futures.append((members, future))
                 watch_stage(stage, [f for _, f in futures], cfgs[0].run.root)
                 for members, fut in futures:
-                    ref = fut.result()
+                    try:
+                        ref = fut.result()
+                    except BaseException as e:
+                        if fail_fast or aborts_grid(e):
+                            raise
+                        _variants_failed(stage, e, members, gvs, runs, failed)
+                        continue
                     for i in members:
                         refs[i][stage] = ref  # None: skipped for this config
                         if ref is not None:
@@ -228,8 +264,8 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
                 grid_run.log_metrics({f"executions.{stage}": len(groups)})
             for run, r in zip(runs, refs):
                 run.log_metrics(summary_figures(r))
-            for run in runs:
-                run.finish("FINISHED")
+            for i, run in enumerate(runs):
+                run.finish("FAILED" if i in failed else "FINISHED")
         except BaseException as e:
             from infra.tracking import exit_status
 
@@ -239,21 +275,63 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "") -> dict[str, Any]:
             for run in runs:
                 run.finish(exit_status(e))
             raise
+        if failed:
+            grid_run.set_tags({"mqgen.failed_variants": json.dumps({gvs[i].label: why for i, why in failed.items()})})
     publish_grid(cfgs[0], grid_hash, name or f"grid-{grid_hash}", gvs, refs, [r.run_id for r in runs], executions,
-                 tracker, grid_run.run_id)
-    return {"grid_run_id": grid_run.run_id, "variant_run_ids": [r.run_id for r in runs],
-            "labels": [gv.label for gv in gvs], "executions": executions,
-            "refs": [{k: v.to_dict() for k, v in r.items() if v is not None} for r in refs]}
+                 tracker, grid_run.run_id, failed={gvs[i].label: why for i, why in failed.items()})
+    result = {"grid_run_id": grid_run.run_id, "variant_run_ids": [r.run_id for r in runs],
+              "labels": [gv.label for gv in gvs], "executions": executions,
+              "refs": [{k: v.to_dict() for k, v in r.items() if v is not None} for r in refs],
+              "failed": {gvs[i].label: why for i, why in sorted(failed.items())}}
+    if failed:
+        grid_run.finish("FAILED")
+        raise GridIncomplete(f"{len(failed)} of {len(gvs)} grid variants failed (the others finished): "
+                             + "; ".join(f"{gvs[i].label} at {why}" for i, why in sorted(failed.items())), result)
+    return result
 
 
-def run_grid(variants: list[GridVariant], name: str = "") -> GridResult:
-    """Run the grid as a Prefect flow (ephemeral API unless ``PREFECT_API_URL`` is set)."""
+def _variants_failed(stage: str, error: BaseException, members: list[int], gvs: list[GridVariant], runs: list[Any],
+                     failed: dict[int, str]) -> None:
+    """Record that ``stage`` failed for the variants ``members`` (one shared execution): the full traceback goes to
+    the log file and to each of their MLflow runs (``error/<stage>-traceback.txt``), the runs are tagged with the
+    stage and the error's first line, and the console says the others go on."""
+    import logging
+    import traceback
+
+    from infra.console import say
+    from infra.errors import original_error
+    from infra.secrets import redact_text
+
+    text = redact_text("".join(traceback.format_exception(error)))  # a Ray task error: the remote traceback too
+    error = original_error(error)
+    first = redact_text(f"{type(error).__name__}: {str(error).strip()}".splitlines()[0])[:500]
+    labels = ", ".join(gvs[i].label for i in members)
+    logging.getLogger("mqgen.grid").error("stage %s failed for %s:\n%s", stage, labels, text,
+                                          extra={"file_only": True})
+    for i in members:
+        failed[i] = f"{stage}: {first}"
+        runs[i].set_tags({"mqgen.failed_stage": stage, "mqgen.error": first})
+        runs[i].log_text(text, f"error/{stage}-traceback.txt")
+    say(f"  {stage} failed for {labels} ({first}); "
+        f"{'the other variants go on' if len(failed) < len(gvs) else 'no variant is left'}")
+
+
+def run_grid(variants: list[GridVariant], name: str = "", fail_fast: bool = False) -> GridResult:
+    """Run the grid as a Prefect flow (ephemeral API unless ``PREFECT_API_URL`` is set). Raises
+    :class:`GridIncomplete` (with the outcome) when some variants failed and the others finished."""
     if not variants:
         raise ConfigError("the grid has no variants")
     payload = [{"axes": v.axes, "overrides": v.overrides, "config": v.config.to_dict()} for v in variants]
-    out = grid_flow(keep_private(payload), name=name)  # Prefect records it redacted when it holds credentials
+    # Prefect records the payload redacted when it holds credentials
+    out = grid_flow(keep_private(payload), name=name, fail_fast=fail_fast)
+    return grid_result(out)
+
+
+def grid_result(out: dict[str, Any]) -> GridResult:
+    """The :class:`GridResult` of the grid flow's return value (or of :attr:`GridIncomplete.result`)."""
     return GridResult(grid_run_id=out["grid_run_id"], variant_run_ids=out["variant_run_ids"], labels=out["labels"],
-                      refs=out["refs"], executions=out["executions"])
+                      refs=out["refs"], executions=out["executions"], failed=dict(out.get("failed") or {}))
 
 
-__all__ = ["GRID_STAGES", "STAGE_READS", "GridResult", "grid_flow", "group_key", "run_grid"]
+__all__ = ["GRID_STAGES", "STAGE_READS", "GridIncomplete", "GridResult", "grid_flow", "grid_result", "group_key",
+           "run_grid"]

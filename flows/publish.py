@@ -225,9 +225,10 @@ GRID_FIGURES = ("fid", "fid_low", "fid_high", "isc_mean", "recon_psnr", "samplin
                 "stackformer.val_bits_per_image")
 
 
-def grid_rows(variants: list[Any], refs: list[dict[str, Any]], run_ids: list[str]) -> list[dict[str, Any]]:
+def grid_rows(variants: list[Any], refs: list[dict[str, Any]], run_ids: list[str],
+              failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per grid variant (:class:`infra.config.GridVariant`): its label, axis values, figures and MLflow
-    run."""
+    run; with ``failed`` (label -> "stage: error"), a ``failed`` column for the variants that did not finish."""
     from flows.pipeline import summary_figures
 
     rows = []
@@ -235,8 +236,9 @@ def grid_rows(variants: list[Any], refs: list[dict[str, Any]], run_ids: list[str
         figures = summary_figures(r)
         axes = {k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v)
                 for k, v in gv.axes.items()}
+        why = {"failed": (failed or {}).get(gv.label, "")} if failed else {}
         rows.append({"variant": gv.label, **axes, **{k: round(figures[k], 4) for k in GRID_FIGURES if k in figures},
-                     "run": run_id})
+                     **why, "run": run_id})
     return rows
 
 
@@ -250,6 +252,10 @@ def grid_markdown(title: str, rows: list[dict[str, Any]], executions: dict[str, 
     for row in rows:
         cells = [f"{row[k]:.4g}" if isinstance(row.get(k), (int, float)) else "" for k in shown]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    failures = [f"- **{row['variant']}** failed at {row['failed']}" for row in rows if row.get("failed")]
+    if failures:
+        lines += ["", f"{len(failures)} variant(s) failed; their runs are FAILED in MLflow, the others finished:",
+                  *failures]
     lines += ["", "Stage executions (variants that agree on what a stage reads share one): "
               + ", ".join(f"{stage} {n}" for stage, n in executions.items()),
               "", f"Comparison report (figures against the axes, plots): `mqgen compare --grid {grid_run_id} --out DIR`",
@@ -258,12 +264,14 @@ def grid_markdown(title: str, rows: list[dict[str, Any]], executions: dict[str, 
 
 
 def publish_grid(cfg: PipelineConfig, grid_hash: str, title: str, variants: list[Any], refs: list[dict[str, Any]],
-                 run_ids: list[str], executions: dict[str, int], tracker: Any, grid_run_id: str) -> None:
+                 run_ids: list[str], executions: dict[str, int], tracker: Any, grid_run_id: str,
+                 failed: dict[str, str] | None = None) -> None:
     """The Prefect artifacts of a finished grid's flow run (a no-op outside one), keyed by the grid's hash: a markdown
-    summary, a table with one row per variant (:func:`grid_rows`) and a link artifact to the grid's MLflow run. A
-    failure to publish is logged, never raised: the variants' outputs are already written."""
+    summary, a table with one row per variant (:func:`grid_rows`; a failed variant's row says where it failed) and
+    a link artifact to the grid's MLflow run. A failure to publish is logged, never raised: the variants' outputs
+    are already written."""
     url, how = _mlflow_link(tracker, grid_run_id)
-    rows = grid_rows(variants, refs, run_ids)
+    rows = grid_rows(variants, refs, run_ids, failed)
     _publish(_slug(f"mqgen-grid-{cfg.preset}-{grid_hash}"), "the grid",
              markdown=grid_markdown(title, rows, executions, grid_run_id, url, how),
              description=f"mqgen grid {title}: the variants' figures", rows=rows, table="variants",

@@ -117,6 +117,23 @@ def latest_valid(directories: list[str | Path]) -> tuple[LoadedCheckpoint | None
     return None, skipped
 
 
+def restore_point(directories: list[str | Path]) -> tuple[LoadedCheckpoint | None, list[str]]:
+    """:func:`latest_valid` for resuming a run: None (start at step 0) only when no checkpoint was ever committed
+    (none, or only interrupted writes without ``DONE``). When every committed one fails verification (bit rot,
+    a file deleted or altered), the run's progress would be thrown away without a word: that raises
+    :class:`UnsafeCheckpointError` naming each checkpoint and why, so the user restores a good copy or deletes
+    the run's folder to start over on purpose."""
+    loaded, skipped = latest_valid(directories)
+    committed = [str(d) for d in directories if (Path(d) / DONE).is_file()]
+    if loaded is None and committed:
+        folder = Path(committed[0]).parent
+        raise UnsafeCheckpointError(
+            f"every committed checkpoint of the run in {folder} fails verification, so resuming would silently "
+            f"restart training from step 0: {'; '.join(skipped)}. Restore a good copy of a checkpoint there, or "
+            f"delete {folder} to start the run over")
+    return loaded, skipped
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -47,6 +47,13 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
+def original_error(exc: BaseException) -> BaseException:
+    """The exception a remote task raised, for one re-raised by Ray (``RayTaskError(X)``, whose message carries the
+    remote traceback): its ``cause``; ``exc`` itself otherwise."""
+    cause = getattr(exc, "cause", None)
+    return cause if type(exc).__name__.startswith("RayTaskError") and isinstance(cause, BaseException) else exc
+
+
 def _free_space(path: str) -> tuple[str, int | None]:
     """The mount point holding ``path`` (or its nearest existing parent) and the bytes free there."""
     import os

@@ -477,14 +477,14 @@ class Worker:
 
         Ray's record of its checkpoints lags behind the reports: after a rank is SIGKILLed it offers an older
         checkpoint than the newest one stored, or none at all, and the run would redo steps it had finished."""
-        from infra.checkpoint import latest_valid
+        from infra.checkpoint import restore_point
 
         if _RUN_DIR is None or "://" in _RUN_DIR or not Path(_RUN_DIR).is_dir():
             return None
         dirs = sorted(Path(_RUN_DIR).glob("checkpoint_*"))
         if not dirs:
             return None
-        loaded, skipped = latest_valid(dirs)
+        loaded, skipped = restore_point(dirs)
         self.skipped_checkpoints.extend(skipped)
         return loaded
 

@@ -80,3 +80,16 @@ def test_manifest_cannot_point_outside_the_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UnsafeCheckpointError, match="unexpected file"):
         read_checkpoint(tmp_path / "ck")
+
+
+def test_resuming_starts_over_only_when_no_checkpoint_was_ever_committed(tmp_path: Path) -> None:
+    from infra.checkpoint import restore_point
+
+    for s in (10, 20):
+        _write(tmp_path / f"c{s}", s)
+    (tmp_path / "c20" / DONE).unlink()  # an interrupted write: never committed
+    assert restore_point([tmp_path / "c20"]) == (None, [f"{tmp_path / 'c20'}: incomplete (no {DONE} or manifest)"])
+    (tmp_path / "c10" / "model.safetensors").write_bytes(b"rotted")  # the one committed checkpoint, damaged
+    with pytest.raises(UnsafeCheckpointError, match="step 0") as refused:
+        restore_point([tmp_path / "c10", tmp_path / "c20"])
+    assert "c10" in str(refused.value) and "sha256" in str(refused.value)

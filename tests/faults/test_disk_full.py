@@ -45,6 +45,7 @@ def small_fs(tmp_path: Path) -> Any:
         subprocess.run(["umount", "-l", str(p)], check=False)
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 @pytest.mark.slow  # a real `mqgen` process
 def test_a_full_disk_stops_tokenize_clearly_and_the_rerun_resumes(small_fs, run_root: Path) -> None:
     cfg = fx.tiny_config(run_root, 64, 8)

@@ -88,6 +88,7 @@ def _runs(root: Path, kind: str) -> list:
                               order_by=["attributes.start_time ASC"])
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_sigterm_ends_runs_killed_and_after_sigkill_the_rerun_resumes_from_the_checkpoint(
         prefect_api: str, tmp_path: Path, mlflow_db_template: Path) -> None:
     import shutil

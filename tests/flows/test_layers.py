@@ -82,3 +82,13 @@ def test_the_model_config_is_built_once_per_resolution_and_travels_as_is(monkeyp
     assert m.keep_ratio == 0.75 and m.num_kept == 48 and (m.in_channels, m.resolution) == (1, 16)
     shipped = pickle.loads(pickle.dumps(cfg))  # what a Ray worker receives: not rebuilt, not re-validated
     assert shipped.tokenizer.model == m and len(built) == 1
+
+
+@pytest.mark.parametrize("package", ["models", "tasks", "flows", "infra"])
+def test_only_infra_ray_talks_to_ray(package: str) -> None:
+    """Ray is infra's business: the stages and flows reach it through ``infra/ray.py`` (init, fit, map_tasks,
+    run_remote), so a cluster address, resources and failure handling are decided in one place."""
+    bad = [f"{path.relative_to(REPO)}:{line}" for path in sorted((REPO / package).rglob("*.py"))
+           if path != REPO / "infra" / "ray.py"
+           for line, name in _imports(path) if name == "ray" or name.startswith("ray.")]
+    assert not bad, f"imports of ray outside infra/ray.py: {bad}"

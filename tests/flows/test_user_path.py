@@ -6,6 +6,7 @@ rerun."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -142,6 +143,44 @@ def test_mqgen_run_with_the_default_relative_root_then_cached_from_another_direc
     assert not (c / "bad.png").exists()
     missing = _cli(c, "sample", "--preset", "tiny", "--model", "nosuchalias", "run.root=../a/runs")
     assert missing.returncode == 1 and "not in the registry" in missing.stderr, _describe(missing)
+
+    # 4. a grid in which one variant fails: the other finishes, the report shows both, the exit says which failed.
+    # The second variant's tokenizer run was killed earlier and both its checkpoints rotted since: resuming would
+    # silently start over from step 0, so that stage refuses (at once, not retried)
+    _grid_with_a_failing_variant(b, a / "runs")
+
+
+def _grid_with_a_failing_variant(cwd: Path, root: Path) -> None:
+    import sqlite3
+
+    import torch
+
+    from flows.pipeline import stage_status
+    from infra.checkpoint import write_checkpoint
+    from infra.config import resolve
+
+    lr = resolve("tiny").tokenizer.lr
+    failing = resolve("tiny", overrides=[f"run.root={root}", f"tokenizer.lr={lr / 2}"])
+    [row] = [r for r in stage_status(failing) if r["stage"] == "train_tokenizer"]
+    assert row["state"] == "not done" and row["key"], row
+    for step in (8, 16):
+        ckpt = root / "ray" / f"train_tokenizer-{row['key']}-a0" / f"checkpoint_2026-12-07_00-00-{step:02d}.000000"
+        write_checkpoint(ckpt, step, {"model": {"w": torch.zeros(8)}}, {"step": step})
+        (ckpt / "model.safetensors").write_bytes(b"rotted")
+    out = _cli(cwd, "grid", "--preset", "tiny", f"tokenizer.lr=[{lr},{lr / 2}]", "--report", "grid-report",
+               "run.root=../a/runs", timeout=600)
+    assert out.returncode == 1, _describe(out)
+    assert "1 of 2 grid variants failed" in out.stderr and "Traceback" not in out.stderr, _describe(out)
+    assert re.search(rf"tokenizer\.lr={lr / 2}: train_tokenizer: UnsafeCheckpointError: .*step 0", out.stderr), \
+        _describe(out)
+    summary = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
+    assert list(summary["failed"]) == [f"tokenizer.lr={lr / 2}"] and summary["executions"]["evaluate"] == 1
+    with sqlite3.connect(root / "mlflow.db") as db:
+        status = dict(db.execute("select r.name, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                                 "where t.key = 'mqgen.grid_run_id'").fetchall())
+    assert status == {f"variant-tokenizer.lr={lr}": "FINISHED", f"variant-tokenizer.lr={lr / 2}": "FAILED"}, status
+    report = (cwd / "grid-report" / "report.md").read_text()
+    assert "FAILED" in report and "FINISHED" in report, report
 
 
 @pytest.mark.long

@@ -74,6 +74,7 @@ def test_a_config_error_is_not_retried(tmp_path: Path) -> None:
     assert len([n for n in _attempts(tmp_path) if n[0].isdigit()]) == 2
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_a_transient_failure_restarts_from_the_latest_checkpoint(tmp_path: Path) -> None:
     result = _fit(_flaky, tmp_path)
     assert result.metrics["step"] == 4

@@ -178,3 +178,29 @@ def test_killed_stage_resumes_from_latest_valid_checkpoint(ingested, tmp_path: P
     again = train_tokenizer.run(cfg, TokenizerInputs(ingest=ing))
     assert again.step == 24 and again.sha256 == ref.sha256
     assert "val_psnr" in again.metrics and again.metrics["step"] == 24
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_is_refused_not_restarted_from_step_0(ingested) -> None:
+    from infra.checkpoint import write_checkpoint
+    from infra.storage import UnsafeCheckpointError
+    from tasks import train_tokenizer
+
+    root, ing = ingested
+    cfg = _cfg(root, "seed=11")  # its own stage key
+    key = train_tokenizer.stage_key(cfg, ing.manifest_sha256)
+    ray_dir = root / "ray" / f"train_tokenizer-{key}-a0"
+    damaged = []
+    for step in (8, 16):  # what a killed run left, then bit rot in both of its committed checkpoints
+        d = ray_dir / f"checkpoint_2026-12-07_00-00-{step:02d}.000000"
+        write_checkpoint(d, step, {"model": {"w": torch.zeros(16)}}, {"step": step})
+        blob = bytearray((d / "model.safetensors").read_bytes())
+        blob[-3] ^= 0xFF
+        (d / "model.safetensors").write_bytes(bytes(blob))
+        damaged.append(d)
+    with pytest.raises(UnsafeCheckpointError, match="restart training from step 0") as refused:
+        train_tokenizer.run(cfg, TokenizerInputs(ingest=ing))
+    message = str(refused.value)
+    assert all(d.name in message for d in damaged) and "sha256" in message and "delete" in message, message
+    # nothing was trained over them or deleted, and the stage has no output
+    assert all((d / "model.safetensors").is_file() for d in damaged)
+    assert not (root / "train_tokenizer" / key / train_tokenizer.SUCCESS).exists()
