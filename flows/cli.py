@@ -268,7 +268,7 @@ def grid(
                  *(f"  {label}: {why}" for label, why in result.failed.items()),
                  ("  what to do: fix the cause, then run the same command again: the finished variants and every "
                   "finished stage are reused"),
-                 f"  full tracebacks: {log_path()} and each failed variant's stage run in MLflow (artifact error/)"]
+                 f"  full tracebacks: {log_path()} and each failed variant's MLflow run (artifact error/)"]
         typer.secho(redact_text("\n".join(lines)), fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
 

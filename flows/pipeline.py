@@ -307,6 +307,8 @@ ADVICE = {
     "MetricsUnavailable": "see the message above: the figure needs something this run lacks",
     "InceptionWeightsMissing": "see the message above for where the Inception weights are looked for",
     "NoSpaceLeft": "free disk space as the message above says, then run the same command again (exit code 3)",
+    "TrackingUnavailable": "start the tracking server (or fix or unset MLFLOW_TRACKING_URI), then run the same "
+                           "command again: finished stages are reused",
 }
 
 

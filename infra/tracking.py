@@ -199,6 +199,59 @@ def standard_tags() -> dict[str, str]:
     return tags
 
 
+WAIT_ENV = "MQGEN_TRACKING_WAIT_S"  # how long a process waits for a tracking server that does not answer
+DEFAULT_WAIT_S = 180.0
+
+
+class TrackingUnavailable(ConnectionError):
+    """The tracking server at ``MLFLOW_TRACKING_URI`` did not answer within ``MQGEN_TRACKING_WAIT_S``."""
+
+
+def wait_for_server(uri: str, wait_s: float | None = None, poll_s: float = 2.0) -> None:
+    """Return as soon as the tracking server at ``uri`` (http/https) answers any HTTP request; while it does not
+    (restarting, not up yet), say so on the console every 30 s; after ``wait_s`` (default ``MQGEN_TRACKING_WAIT_S``,
+    180 s) raise :class:`TrackingUnavailable` naming the server, the reason and what to do. Without this a
+    process would sit silently through MLflow's own request retries (about 4 minutes) and then fail with a
+    stack of urllib3 messages."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from infra.console import fmt_duration, say
+
+    if wait_s is None:
+        try:
+            wait_s = float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S))
+        except ValueError:
+            raise ValueError(f"{WAIT_ENV}={os.environ[WAIT_ENV]!r} is not a number of seconds") from None
+    shown = redact_text(uri)
+    t0 = time.monotonic()
+    next_say = t0
+    while True:
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()  # http(s) only: the caller checks
+            reason = None
+        except urllib.error.HTTPError:
+            reason = None  # it answered (a server without /health, or one that wants credentials for it)
+        except (OSError, ValueError) as e:
+            reason = str(getattr(e, "reason", None) or e)
+        if reason is None:
+            if time.monotonic() - t0 > poll_s:
+                say(f"MLflow tracking server {shown} answers again after {fmt_duration(time.monotonic() - t0)}")
+            return
+        waited = time.monotonic() - t0
+        if waited >= wait_s:
+            raise TrackingUnavailable(
+                f"the MLflow tracking server {shown} (MLFLOW_TRACKING_URI) did not answer for {fmt_duration(waited)} "
+                f"({reason}). Start it or fix MLFLOW_TRACKING_URI (unset, runs are tracked in <run.root>/mlflow.db), "
+                f"then run the same command again; {WAIT_ENV} sets how long to wait")
+        if time.monotonic() >= next_say:
+            say(f"waiting for the MLflow tracking server {shown} ({reason}); giving up in "
+                f"{fmt_duration(wait_s - waited)} ({WAIT_ENV})")
+            next_say = time.monotonic() + 30
+        time.sleep(min(poll_s, max(0.0, wait_s - waited)))
+
+
 def tracking_uri_for(root: str | Path) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
@@ -250,6 +303,26 @@ def relocate_artifacts(db: Path, artifact_location: str, root: Path) -> bool:
     return True
 
 
+_WARNED_NETWORK_DBS: set[str] = set()
+
+
+def _warn_sqlite_on_network_fs(db: Path) -> None:
+    """Say once per process when the MLflow SQLite store lies on a network file system: SQLite's locks are not
+    reliable there, so processes on several nodes writing it (a grid on a cluster, a scheduled run beside a manual
+    one on another host) can corrupt it. A single node is fine; a tracking server is the fix."""
+    from infra.tokens import network_filesystem
+
+    remote = network_filesystem(db.parent)
+    if remote is None or str(db) in _WARNED_NETWORK_DBS:
+        return
+    _WARNED_NETWORK_DBS.add(str(db))
+    from infra.console import say
+
+    say(f"warning: the MLflow store {db} is a SQLite file on a {remote[0]} file system (mount point {remote[1]}); "
+        "SQLite's locks are not safe there for processes on several nodes: for a cluster, set MLFLOW_TRACKING_URI "
+        "to a tracking server (`mlflow server`)")
+
+
 class Tracker:
     """Entry point: one experiment on one backend."""
 
@@ -264,6 +337,7 @@ class Tracker:
             from infra.storage import file_lock
 
             db = Path(self.uri[len("sqlite:///"):])
+            _warn_sqlite_on_network_fs(db)
             with file_lock(db.parent / f".{db.name}.lock", what="the MLflow database"):
                 self.client = MlflowClient(tracking_uri=self.uri)
                 exp = self.client.get_experiment_by_name(experiment)
@@ -271,6 +345,8 @@ class Tracker:
                                                                                   Path(root).resolve()):
                     exp = self.client.get_experiment_by_name(experiment)
         else:
+            if self.uri.startswith(("http://", "https://")):
+                wait_for_server(self.uri)
             self.client = MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(experiment)
         if exp is None:

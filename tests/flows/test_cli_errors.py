@@ -53,3 +53,22 @@ def test_a_config_error_exits_2_before_anything_starts(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "tokenizer.keep_ratio" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_tracking_server_that_does_not_answer_is_waited_for_then_named(tmp_path: Path, prefect_api: str) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: a server that is down (or a mistyped URI)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "RAY_ADDRESS")}
+    env.update(PREFECT_API_URL=prefect_api, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}", MQGEN_TRACKING_WAIT_S="4")
+    out = subprocess.run([str(MQGEN), "run", "--preset", "tiny", "--only", "ingest"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    err = out.stderr
+    assert out.returncode == 1, err[-3000:]
+    assert f"waiting for the MLflow tracking server http://127.0.0.1:{port}" in err, err[-3000:]
+    assert re.search(rf"TrackingUnavailable: the MLflow tracking server http://127\.0\.0\.1:{port} .*did not answer "
+                     r"for \d", err), err[-3000:]
+    assert "MQGEN_TRACKING_WAIT_S" in err and "Traceback" not in err and "urllib3" not in err, err[-3000:]
+    assert not (tmp_path / "runs" / "ingest").exists()  # nothing ran without its tracking

@@ -87,3 +87,22 @@ def test_a_process_that_exits_normally_leaves_no_lease_behind(run_root: Path) ->
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     subprocess.run([sys.executable, "-c", script, str(run_root)], cwd=REPO, env=env, check=True, timeout=120)
     assert list((run_root / ".owners").glob("*.lease")) == []
+
+
+def test_a_sqlite_store_on_a_network_file_system_is_warned_about_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A run root on a cluster's NFS share with the default SQLite store: it works on one node, and the user is
+    told once that several nodes need a tracking server (mount table simulated; the store is real)."""
+    from infra import tokens
+
+    shared = tmp_path / "shared"
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\nserver:/export {shared} nfs4 rw 0 0\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tokens, "MOUNTS_FILE", str(mounts))
+    Tracker(tmp_path / "local", "mqgen")
+    assert "warning" not in capsys.readouterr().err  # a local root: nothing to say
+    Tracker(shared / "runs", "mqgen")
+    Tracker(shared / "runs", "mqgen")
+    err = capsys.readouterr().err
+    assert err.count("warning: the MLflow store") == 1, err
+    assert "nfs4 file system" in err and str(shared / "runs" / "mlflow.db") in err and "MLFLOW_TRACKING_URI" in err

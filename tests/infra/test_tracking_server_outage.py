@@ -87,3 +87,30 @@ def test_metrics_logged_while_the_server_is_down_are_backfilled_once(tmp_path: P
                                                                                       "eval/step20.json"}
     finally:
         _stop(server)
+
+
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
+def test_a_server_that_comes_up_while_a_run_starts_is_waited_for_and_used(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    from infra.tracking import Tracker
+
+    port, db = _free_port(), tmp_path / "server.db"
+    monkeypatch.setenv("MQGEN_TRACKING_WAIT_S", "120")
+    opened: dict[str, Tracker] = {}
+    starting = threading.Thread(target=lambda: opened.update(
+        tracker=Tracker(tmp_path / "root", tracking_uri=f"http://127.0.0.1:{port}")))
+    starting.start()  # a nightly run that starts while the server is restarting
+    time.sleep(3)
+    assert starting.is_alive() and not opened  # waiting, not failed
+    server = _start(db, port, tmp_path)
+    try:
+        starting.join(60)
+        assert "tracker" in opened, "the run did not go on once the server answered"
+        run = opened["tracker"].stage_run("ingest", "k1")
+        run.log_metrics({"num_train": 3.0})
+        run.finish("FINISHED")
+        info = opened["tracker"].client.get_run(run.run_id)
+        assert info.info.status == "FINISHED" and info.data.metrics["num_train"] == 3.0
+    finally:
+        _stop(server)
