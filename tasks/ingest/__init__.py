@@ -46,7 +46,7 @@ from PIL import Image
 from infra.config import PipelineConfig, identity, stable_hash, to_dict
 from infra.orchestration import lazy_stage_task
 from infra.refs import IngestInputs, IngestOutput
-from infra.secrets import redact
+from infra.secrets import redact, redact_text
 from infra.shards import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -268,6 +268,7 @@ def _ingest(cfg: PipelineConfig, root: Path, key: str, out: Path, force: bool,
                               f"{stats.num_skipped} skipped ({_fmt_counts(stats.skipped)})")
         manifest = _finalize(cfg, key, plan, runner.jobs_in_order, results, stats, build, sr.run_id, seconds,
                              runner.workers_used)
+        stats.warn_if_lossy(key, d.max_bad_fraction)
         sr.log_metrics(metrics, step=step)
         sr.log_artifact(build / MANIFEST_NAME)
         sr.log_artifact(build / SAMPLES_GRID_NAME)
@@ -628,7 +629,22 @@ class _Stats:
              "images_per_s": n / seconds if seconds > 0 else 0.0, "workers": workers,
              "chunk_cpu_s": self.chunk_cpu_s, "pool_cpu_s": self.pool_cpu_s}
         m.update({f"skipped.{k}": v for k, v in self.skipped.items()})
+        m["num_damaged_inputs"] = len(self.damaged)
         return m
+
+    def warn_if_lossy(self, key: str, limit: float) -> None:
+        """A warning (console and log) when this ingest kept going past bad inputs: the skipped ones by reason, and
+        each input shard that ended early, whose samples after the damage are lost without being counted one by
+        one (a cut tar cannot say how many it held)."""
+        if self.damaged:
+            shown = "; ".join(f"{redact_text(d['url'])} ({d['status']}: {d['detail']})" for d in self.damaged[:3])
+            more = f" and {len(self.damaged) - 3} more" if len(self.damaged) > 3 else ""
+            log.warning("ingest %s: %d input shard(s) ended early; their samples after the damage are lost: %s%s "
+                        "(manifest.json, damaged_inputs). Replace the shards and rerun with --from ingest to get "
+                        "them back", key, len(self.damaged), shown, more)
+        if self.num_skipped:
+            log.warning("ingest %s: skipped %d of %d inputs (%.2f%%, data.max_bad_fraction=%s): %s", key,
+                        self.num_skipped, self.num_inputs, 100 * self.bad_fraction, limit, _fmt_counts(self.skipped))
 
     def bad_fraction_message(self, limit: float, plan: Plan, stopped_early: bool) -> str:
         examples = "; ".join(f"{r}: {', '.join(ex[:2])}" for r, ex in sorted(self.skipped_examples.items()))

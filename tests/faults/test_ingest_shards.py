@@ -237,3 +237,35 @@ def test_case_and_unicode_colliding_names_never_overwrite_each_other(run_root: P
     images = [bytes(s.image.numpy().tobytes()) for split in ("train", "val") for s in shards.iter_samples(split)]
     keys = [s.key for split in ("train", "val") for s in shards.iter_samples(split)]
     assert len(set(images)) == 4 and len(set(keys)) == 4
+
+
+def test_an_ingest_that_read_a_cut_shard_says_so_and_records_it(run_root: Path, tmp_path: Path, caplog) -> None:
+    """Through the stage: a cut input shard among whole ones keeps its complete samples, counts the cut one
+    against data.max_bad_fraction, warns (on the console: mqgen's warnings reach it) naming the shard, and is
+    recorded in the manifest and as an MLflow metric."""
+    import json
+    import logging
+
+    from infra.tracking import Tracker
+
+    src = tmp_path / "src"
+    write_tar(src / "a.tar", sample_members(10, prefix="a"))
+    write_tar(src / "b.tar", sample_members(10, prefix="b"))
+    full = write_tar(tmp_path / "c.tar", sample_members(10, prefix="c"))
+    cut = member_offsets(full)[2 * 6][1] + 512 + 40  # inside sample 6's image
+    write(src / "c.tar", full.read_bytes()[:cut])
+    with caplog.at_level(logging.WARNING, logger="mqgen"):
+        out = run(config(run_root, "data.source=shards", f"data.path={src}", "data.val_fraction=0.0",
+                         "data.max_bad_fraction=0.1"), {})
+    assert out.num_train + out.num_val == 26  # 10 + 10 + the 6 complete samples before the cut
+    manifest = json.loads((Path(out.path) / "manifest.json").read_text())
+    [damaged] = manifest["damaged_inputs"]
+    assert damaged["url"].endswith("c.tar") and damaged["status"] == "truncated"
+    assert manifest["skipped"]["by_reason"] == {"truncated_shard": 1}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("1 input shard(s) ended early" in w and "c.tar" in w for w in warnings), warnings
+    metrics = Tracker(run_root, "mqgen").client.get_run(out.mlflow_run_id).data.metrics
+    assert metrics["num_damaged_inputs"] == 1 and metrics["skipped.truncated_shard"] == 1
+    # the default limit (1%) refuses the same shards: 1 bad input of 27 is too many
+    with pytest.raises(Exception, match="truncated_shard=1"):
+        run(config(run_root, "data.source=shards", f"data.path={src}", "data.val_fraction=0.0", "seed=1"), {})
