@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 MQGEN = Path(sys.executable).parent / "mqgen"
 KILLS = int(os.environ.get("MQGEN_KILL_LOOP_KILLS", "6"))
+STAGES = ("ingest", "train_tokenizer", "tokenize", "train_stackformer", "train_evaluator", "evaluate")
 SEED = int(os.environ.get("MQGEN_KILL_LOOP_SEED", "0"))
 
 
@@ -40,6 +44,29 @@ def _kill_everything(proc: subprocess.Popen[bytes]) -> None:
     subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, check=False)
 
 
+class _Console:
+    """The run's console lines, read as they come (a thread drains its stderr, which also keeps the pipe from
+    filling up)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]):
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    def stage(self) -> str:
+        """The stage the run is in: its last ``[i/n] <stage>`` start line (``start`` before the first one)."""
+        started = [m.group(1) for line in list(self.lines) if (m := re.match(r"\[\d+/\d+\] (\w+)", line))]
+        return started[-1] if started else "start"
+
+    def reached(self, stage: str) -> bool:
+        return any(re.match(rf"\[\d+/\d+\] {stage}\b", line) for line in list(self.lines))
+
+
 def _sid(pid: int) -> int | None:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
@@ -64,24 +91,35 @@ def test_killed_again_and_again_the_pipeline_still_finishes_with_the_same_result
                          capture_output=True, timeout=1200, check=False)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
+    # Each attempt is killed inside a chosen stage, the stages in pipeline order and then again from the start: the
+    # kill lands a seeded 0.5-6 s after the stage's start line (a stage reused from the cache is passed at once,
+    # and the kill lands in the next one). Kills at random times from the start (5-35 s) all landed in
+    # train_tokenizer, each attempt spending its time starting up and resuming: the later stages were never hit.
     rng = random.Random(SEED)
     kills = 0
-    for _ in range(KILLS):
+    hit: list[str] = []  # the stage each kill landed in
+    for i in range(KILLS):
+        target = STAGES[i % len(STAGES)]
         proc = _start(looped)
-        # kill times within a tiny run's length (about 95 s from scratch on a 2-core CPU): with a wider range a
-        # resumed attempt can finish before its kill time and fewer kills land (5-60 s once gave only one)
-        delay = rng.uniform(5, 35)
+        console = _Console(proc)
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and not console.reached(target) and time.monotonic() < deadline:
+            time.sleep(0.2)
         try:
-            proc.wait(timeout=delay)
+            proc.wait(timeout=rng.uniform(0.5, 6.0))
         except subprocess.TimeoutExpired:
             _kill_everything(proc)
             kills += 1
+            hit.append(console.stage())
             continue
         break  # it finished before its kill time
     final = subprocess.run([str(MQGEN), "run", "--preset", "tiny", f"run.root={looped}"], env=_env(),
                            capture_output=True, timeout=1200, check=False)
     assert final.returncode == 0, final.stderr[-3000:]
     assert kills >= 2, f"only {kills} kills landed: the loop tested little"
+    # the kills landed in both trainings (at the tiny scale ingest, tokenize and the evaluator take about a second:
+    # their kills land in the stage after them; a first run gave tokenizer x2, Stackformer x2, evaluate)
+    assert {"train_tokenizer", "train_stackformer"} <= set(hit), hit
 
     status = subprocess.run([str(MQGEN), "status", "--preset", "tiny", f"run.root={looped}"], env=_env(),
                             capture_output=True, text=True, timeout=300, check=False)
