@@ -14,7 +14,7 @@ the manifest, or whose state file holds anything but tensors and plain container
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,21 +117,30 @@ def latest_valid(directories: list[str | Path]) -> tuple[LoadedCheckpoint | None
     return None, skipped
 
 
-def restore_point(directories: list[str | Path]) -> tuple[LoadedCheckpoint | None, list[str]]:
-    """:func:`latest_valid` for resuming a run: None (start at step 0) only when no checkpoint was ever committed
-    (none, or only interrupted writes without ``DONE``). When every committed one fails verification (bit rot,
-    a file deleted or altered), the run's progress would be thrown away without a word: that raises
-    :class:`UnsafeCheckpointError` naming each checkpoint and why, so the user restores a good copy or deletes
-    the run's folder to start over on purpose."""
+def restore_point(directories: list[str | Path], recorded: Collection[str] = ()
+                  ) -> tuple[LoadedCheckpoint | None, list[str]]:
+    """:func:`latest_valid` for resuming a run, which must never throw its progress away without a word.
+
+    None (start at step 0) when no checkpoint verifies and none of them was known to be stored whole: the newest
+    one may be a copy cut short (a kill or a full disk while Ray copied it into storage, in any file order, so
+    even its ``DONE`` may be there), and interrupted writes are not checkpoints. A checkpoint was stored whole when
+    a newer one follows it (Ray copies one at a time) or when Ray recorded it (``recorded``: directory names). When
+    such a one fails verification (bit rot, a file deleted or altered by hand) and nothing newer verifies, this
+    raises :class:`UnsafeCheckpointError` naming every checkpoint and why, so the user restores a good copy or
+    deletes the run's folder to start over on purpose."""
     loaded, skipped = latest_valid(directories)
-    committed = [str(d) for d in directories if (Path(d) / DONE).is_file()]
-    if loaded is None and committed:
-        folder = Path(committed[0]).parent
+    if loaded is not None:
+        return loaded, skipped
+    ordered = sorted((Path(d) for d in directories), key=lambda d: d.name)  # Ray's names: the time they were made
+    committed = [d for d in ordered if (d / DONE).is_file()]
+    whole = committed[:-1] + [d for d in committed[-1:] if d.name in set(recorded)]
+    if whole:
+        folder = whole[0].parent
         raise UnsafeCheckpointError(
-            f"every committed checkpoint of the run in {folder} fails verification, so resuming would silently "
-            f"restart training from step 0: {'; '.join(skipped)}. Restore a good copy of a checkpoint there, or "
-            f"delete {folder} to start the run over")
-    return loaded, skipped
+            f"every checkpoint of the run in {folder} fails verification, {len(whole)} of them stored whole "
+            f"earlier, so resuming would silently restart training from step 0: {'; '.join(skipped)}. Restore a "
+            f"good copy of a checkpoint there, or delete {folder} to start the run over")
+    return None, skipped
 
 
 def rng_state() -> dict[str, Any]:

@@ -484,7 +484,9 @@ class Worker:
         dirs = sorted(Path(_RUN_DIR).glob("checkpoint_*"))
         if not dirs:
             return None
-        loaded, skipped = restore_point(dirs)
+        latest = ray.train.get_checkpoint()  # Ray's record: that one was stored whole
+        recorded = {os.path.basename(latest.path.rstrip("/"))} if latest is not None else set()
+        loaded, skipped = restore_point(dirs, recorded)
         self.skipped_checkpoints.extend(skipped)
         return loaded
 

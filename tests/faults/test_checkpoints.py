@@ -82,14 +82,23 @@ def test_manifest_cannot_point_outside_the_checkpoint(tmp_path: Path) -> None:
         read_checkpoint(tmp_path / "ck")
 
 
-def test_resuming_starts_over_only_when_no_checkpoint_was_ever_committed(tmp_path: Path) -> None:
+def test_resuming_starts_over_only_when_no_checkpoint_is_known_to_have_been_stored_whole(tmp_path: Path) -> None:
     from infra.checkpoint import restore_point
 
-    for s in (10, 20):
+    for s in (10, 20, 30):
         _write(tmp_path / f"c{s}", s)
-    (tmp_path / "c20" / DONE).unlink()  # an interrupted write: never committed
-    assert restore_point([tmp_path / "c20"]) == (None, [f"{tmp_path / 'c20'}: incomplete (no {DONE} or manifest)"])
-    (tmp_path / "c10" / "model.safetensors").write_bytes(b"rotted")  # the one committed checkpoint, damaged
+    (tmp_path / "c30" / DONE).unlink()  # an interrupted write: never a checkpoint
+    assert restore_point([tmp_path / "c30"]) == (None, [f"{tmp_path / 'c30'}: incomplete (no {DONE} or manifest)"])
+    # the newest checkpoint cut short while Ray copied it (a kill, a full disk; DONE may already be there) and
+    # nothing before it: there was no progress to lose, the run starts over
+    (tmp_path / "c20" / "model.safetensors").write_bytes(b"cut")
+    loaded, skipped = restore_point([tmp_path / "c20", tmp_path / "c30"])
+    assert loaded is None and any("sha256" in r for r in skipped)
+    # ... unless Ray recorded it: its copy was whole, so the damage came later (bit rot, a hand edit)
+    with pytest.raises(UnsafeCheckpointError, match="step 0"):
+        restore_point([tmp_path / "c20", tmp_path / "c30"], recorded={"c20"})
+    # a damaged checkpoint with a newer one after it was stored whole too; when nothing newer verifies: refused
+    (tmp_path / "c10" / "model.safetensors").write_bytes(b"rotted")
     with pytest.raises(UnsafeCheckpointError, match="step 0") as refused:
-        restore_point([tmp_path / "c10", tmp_path / "c20"])
-    assert "c10" in str(refused.value) and "sha256" in str(refused.value)
+        restore_point([tmp_path / "c10", tmp_path / "c20", tmp_path / "c30"])
+    assert "c10" in str(refused.value) and "c20" in str(refused.value) and "1 of them stored whole" in str(refused.value)

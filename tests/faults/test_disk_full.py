@@ -119,3 +119,34 @@ def test_a_full_disk_under_the_mlflow_store_is_known_as_one(small_fs, tmp_path: 
         for i in range(10_000):
             run.log_params({f"p{i}": "x" * 5000})
     assert is_no_space(full.value), repr(full.value)
+
+
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
+@pytest.mark.slow  # a real `mqgen` process and Ray Train workers
+def test_a_full_disk_under_the_training_checkpoints_stops_the_stage_clearly(small_fs, run_root: Path) -> None:
+    """The checkpoints' file system (``<run.root>/ray``, where Ray Train stores them) fills up during training:
+    exit 3 naming it, no Prefect retry and no Ray restart, nothing finished touched; with space again the same
+    command trains to the end."""
+    cfg = fx.tiny_config(run_root, 64, 8)
+    fx.make_ingest(cfg)
+    before = {p: sha256_file(p) for p in run_root.rglob("*") if p.is_file() and p.suffix in (".tar", ".json")}
+    small_fs(run_root / "ray", "96k")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME",
+                                                           "RAY_ADDRESS")}
+    cmd = [str(Path(sys.executable).parent / "mqgen"), "run", "--only", "train_tokenizer", "--preset", "tiny",
+           f"run.root={run_root}", "data.source=digits", "data.max_images=64", "data.shard_max_count=8",
+           "data.min_shards=1", "run.retries=2", "run.retry_delay_s=0", "ray.max_failures=2",
+           "tokenizer.max_steps=8", "tokenizer.checkpoint_every=4", "tokenizer.eval_every=4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "NoSpaceLeft: no space left on" in proc.stderr and "run the same command again" in proc.stderr, \
+        proc.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (run_root / "logs").rglob("*.log"))
+    assert "restarting from its latest checkpoint" not in logs and "Retrying" not in proc.stderr + logs
+    assert {p: sha256_file(p) for p in before} == before
+    assert not list((run_root / "train_tokenizer").glob("*/_SUCCESS.json"))
+
+    small_fs(run_root / "ray", "256m")  # space freed
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert list((run_root / "train_tokenizer").glob("*/_SUCCESS.json"))
