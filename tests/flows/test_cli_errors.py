@@ -72,3 +72,53 @@ def test_a_tracking_server_that_does_not_answer_is_waited_for_then_named(tmp_pat
                      r"for \d", err), err[-3000:]
     assert "MQGEN_TRACKING_WAIT_S" in err and "Traceback" not in err and "urllib3" not in err, err[-3000:]
     assert not (tmp_path / "runs" / "ingest").exists()  # nothing ran without its tracking
+
+
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
+def test_a_worker_lost_with_no_restarts_left_fails_the_run_its_task_and_its_runs(tmp_path: Path,
+                                                                                  prefect_api: str) -> None:
+    """A Ray Train worker SIGKILLed from outside (the OOM killer, a lost node) while ``ray.max_failures=0``: the
+    command exits 1 with one paragraph saying that no restart was left, no stage output is written, the stage's
+    MLflow run ends FAILED, and its Prefect task run and flow run end Failed."""
+    import contextlib
+    import signal
+    import sqlite3
+    import time
+
+    from tests.fixtures.processes import cmdline, session_members
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_HOME", "RAY_ADDRESS")}
+    env["PREFECT_API_URL"] = prefect_api
+    proc = subprocess.Popen([str(MQGEN), "run", "--preset", "tiny", "ray.max_failures=0", "run.retries=0",
+                             "tokenizer.max_steps=2000"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        workers = [p for p in session_members(proc.pid) if cmdline(p).startswith(b"ray::RayTrainWorker")]
+        if workers:
+            time.sleep(3)  # a few steps in
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(workers[0], signal.SIGKILL)
+                killed = workers[0]
+        time.sleep(0.5)
+    if killed is None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # no worker to kill: do not wait for 2000 steps
+    _, err = proc.communicate(timeout=300)
+    assert killed is not None, f"no training worker was found to kill:\n{err[-3000:]}"
+    assert proc.returncode == 1, err[-3000:]
+    assert "error: stage train_tokenizer failed: TrainingFailed:" in err and "ray.max_failures=0" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not list((tmp_path / "runs" / "train_tokenizer").glob("*/_SUCCESS.json"))
+    with sqlite3.connect(tmp_path / "runs" / "mlflow.db") as db:
+        [(status,)] = db.execute("select r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                                 "where t.key = 'mqgen.stage' and t.value = 'train_tokenizer'").fetchall()
+    assert status == "FAILED"
+    from prefect import get_client
+
+    with get_client(sync_client=True) as pc:
+        tasks = [t for t in pc.read_task_runs() if t.name.startswith("train_tokenizer")]
+        flows = {t.flow_run_id for t in tasks}
+        assert tasks and all(t.state.is_failed() for t in tasks), [(t.name, t.state.type) for t in tasks]
+        assert all(pc.read_flow_run(f).state.is_failed() for f in flows)
+

@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.fixtures.processes import session_members
+
 MQGEN = Path(sys.executable).parent / "mqgen"
 KILLS = int(os.environ.get("MQGEN_KILL_LOOP_KILLS", "6"))
 STAGES = ("ingest", "train_tokenizer", "tokenize", "train_stackformer", "train_evaluator", "evaluate")
@@ -33,9 +35,7 @@ def _start(root: Path) -> subprocess.Popen[bytes]:
 
 def _kill_everything(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the run and every process of its session (Ray's, Prefect's server): a power cut for this run."""
-    pgid = proc.pid
-    with_session = [int(p) for p in os.listdir("/proc") if p.isdigit() and _sid(int(p)) == pgid]
-    for pid in with_session:
+    for pid in session_members(proc.pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -65,13 +65,6 @@ class _Console:
 
     def reached(self, stage: str) -> bool:
         return any(re.match(rf"\[\d+/\d+\] {stage}\b", line) for line in list(self.lines))
-
-
-def _sid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _outputs(root: Path) -> dict[str, dict[str, str]]:
