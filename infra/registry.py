@@ -212,8 +212,25 @@ def record_evaluation(tracker: Any, version: Version, evaluation: dict[str, Any]
     for k, v in {"fid": fig.fid, "se": fig.se, "low": fig.low, "high": fig.high, "run_id": run_id,
                  "protocol": json.dumps(protocol(evaluation), sort_keys=True)}.items():
         if v is not None:
-            client.set_model_version_tag(version.name, version.version, f"{EVAL_PREFIX}{pid}.{k}", str(v))
+            _set_version_tag(client, version, f"{EVAL_PREFIX}{pid}.{k}", str(v))
     return fig
+
+
+def _set_version_tag(client: Any, version: Version, key: str, value: str, attempts: int = 4) -> None:
+    """Set a tag on a model version, also when another process sets the same key at the same moment (two runs of
+    one config finishing together): MLflow's SQL store inserts a new tag after looking for it, so one of two such
+    inserts fails on the key's UNIQUE constraint; once the row exists, setting it again is an update."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            client.set_model_version_tag(version.name, version.version, key, value)
+            return
+        except Exception as e:
+            if attempt == attempts - 1 or not any(w in str(e) for w in ("UNIQUE constraint", "IntegrityError",
+                                                                          "duplicate key")):
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def _figure(tags: dict[str, str], pid: str) -> Figure | None:

@@ -318,3 +318,41 @@ def test_a_champion_is_only_re_evaluated_on_data_it_can_draw() -> None:
         _check_fits(holder, bundle(text="tok.json"), ingest, NS(text_tokenizer=""))
     with pytest.raises(ValueError, match="holds no generator"):
         _check_fits(holder, NS(tokenizer=bundle().tokenizer, generator=None), ingest, NS(text_tokenizer=""))
+
+
+def test_one_evaluation_recorded_by_several_processes_at_once_is_stored_once(setting, run_root: Path) -> None:
+    """Two runs of one config finishing together (a manual run beside a scheduled one) record the same evaluation
+    on the same version at the same moment: MLflow's SQL store inserts a new tag after looking for it, so the
+    second insert of a key can hit its UNIQUE constraint. Both must succeed, with the tags once."""
+    import multiprocessing
+
+    from infra import registry
+
+    cfg, tracker, tok = setting
+    _, version, run_id = _register(cfg, tracker, tok, run_root, 3)
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_record, args=(str(run_root), version.name, version.version, run_id, start, results))
+             for _ in range(6)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    assert outcomes == ["ok"] * 6, outcomes
+    got = tracker.client.get_model_version(version.name, version.version).tags
+    assert sum(k.startswith(registry.EVAL_PREFIX) and k.endswith(".fid") for k in got) == 1
+
+
+def _record(root: str, name: str, number: str, run_id: str, start, results) -> None:
+    from infra import registry
+    from infra.tracking import Tracker
+
+    tracker = Tracker(root, "mqgen")
+    version = registry.Version(name=name, version=number, run_id=run_id, tags={})
+    start.wait()  # every process ready: they record at the same moment
+    try:
+        registry.record_evaluation(tracker, version, _evaluation(10.0, 0.5), run_id)
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(e).__name__}: {str(e).splitlines()[0]}")
