@@ -275,18 +275,19 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "", fail_fast: bool = 
             for run in runs:
                 run.finish(exit_status(e))
             raise
+        failed_by_label = {gvs[i].label: why for i, why in sorted(failed.items())}
         if failed:
-            grid_run.set_tags({"mqgen.failed_variants": json.dumps({gvs[i].label: why for i, why in failed.items()})})
+            grid_run.set_tags({"mqgen.failed_variants": json.dumps(failed_by_label)})
     publish_grid(cfgs[0], grid_hash, name or f"grid-{grid_hash}", gvs, refs, [r.run_id for r in runs], executions,
-                 tracker, grid_run.run_id, failed={gvs[i].label: why for i, why in failed.items()})
+                 tracker, grid_run.run_id, failed=failed_by_label)
     result = {"grid_run_id": grid_run.run_id, "variant_run_ids": [r.run_id for r in runs],
               "labels": [gv.label for gv in gvs], "executions": executions,
               "refs": [{k: v.to_dict() for k, v in r.items() if v is not None} for r in refs],
-              "failed": {gvs[i].label: why for i, why in sorted(failed.items())}}
+              "failed": failed_by_label}
     if failed:
         grid_run.finish("FAILED")
         raise GridIncomplete(f"{len(failed)} of {len(gvs)} grid variants failed (the others finished): "
-                             + "; ".join(f"{gvs[i].label} at {why}" for i, why in sorted(failed.items())), result)
+                             + "; ".join(f"{label} at {why}" for label, why in failed_by_label.items()), result)
     return result
 
 

@@ -236,7 +236,7 @@ def grid_rows(variants: list[Any], refs: list[dict[str, Any]], run_ids: list[str
         figures = summary_figures(r)
         axes = {k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v)
                 for k, v in gv.axes.items()}
-        why = {"failed": (failed or {}).get(gv.label, "")} if failed else {}
+        why = {"failed": failed.get(gv.label, "")} if failed else {}
         rows.append({"variant": gv.label, **axes, **{k: round(figures[k], 4) for k in GRID_FIGURES if k in figures},
                      **why, "run": run_id})
     return rows
