@@ -686,7 +686,7 @@ def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: st
     from infra import ray as rayx
     from infra.console import watch_progress
     from infra.registry import register_trained
-    from infra.tracking import Tracker, exit_status, open_training_attempt
+    from infra.tracking import Tracker, open_training_attempt
     from infra.training import export_final_weights
 
     tokens, tokenizer = inputs.tokenize, inputs.train_tokenizer
@@ -708,7 +708,7 @@ def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: st
                            mlflow_run_id=srun.run_id, metric_step_offset=step_offset,
                            log_every=max(1, min(50, s.max_steps // 20)),
                            progress_file=str(out_dir / "progress.json"), on_step=on_step)
-    try:
+    with srun:  # the run ends FAILED on an error (KILLED on Ctrl-C / SIGTERM), FINISHED otherwise
         with watch_progress(out_dir / "progress.json", STAGE):
             result = rayx.fit(train_loop, {"loop": loop}, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
                               num_workers=p.world_size, use_gpu=cfg.ray.use_gpu,
@@ -719,32 +719,28 @@ def _train(cfg: PipelineConfig, inputs: StackformerInputs, p: TrainPlan, key: st
         model_doc = {"model": p.model, "model_config": p.model_config}
         weights, digest, step = export_final_weights(result.checkpoint_path, out_dir, stage=STAGE, key=key,
                                                      model_doc=model_doc, header={"model": p.model}, loaded=result.final)
-    except BaseException as e:  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
-        srun.finish(exit_status(e))
-        raise
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    metrics["num_params"] = float(num_params)
-    text_tok, text_sha = "", ""
-    if p.text_len:  # the caption tokenizer travels with the model that reads its ids
-        text_tok = str(out_dir / Path(tokens.text_tokenizer).name)
-        atomic_copy(tokens.text_tokenizer, text_tok)
-        text_sha = tokens.text_tokenizer_sha256
-        srun.log_artifact(Path(text_tok), "model")
-    ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
-                            model=p.model, model_config=p.model_config, metrics=metrics, mlflow_run_id=srun.run_id,
-                            tokenizer_sha256=p.tokenizer_sha256, num_classes=p.num_classes,
-                            text_tokenizer=text_tok, text_tokenizer_sha256=text_sha,
-                            text_encoder=p.text_encoder, text_encoder_digest=p.text_encoder_digest)
-    srun.log_dict(cfg.to_dict(), "config.json")
-    srun.log_dataset(f"tokens-{tokens.key}", tokens.checksum, tokens.path, "training", num_train=tokens.num_train,
-                     num_val=tokens.num_val, tokens_per_image=p.seq_len)
-    mc = tokenizer.mqvae_config
-    register_trained(tracker, cfg, srun, kind="stackformer", tokenizer=tokenizer, generator=ref, data={
-        "source": cfg.data.source, "image_size": mc.resolution, "channels": mc.in_channels,
-        "num_classes": p.num_classes})
-    srun.set_tags({"mqgen.weights_sha256": ref.sha256})
-    atomic_write_json(out_dir / SUCCESS, ref.to_dict())
-    srun.finish("FINISHED")
+        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        metrics["num_params"] = float(num_params)
+        text_tok, text_sha = "", ""
+        if p.text_len:  # the caption tokenizer travels with the model that reads its ids
+            text_tok = str(out_dir / Path(tokens.text_tokenizer).name)
+            atomic_copy(tokens.text_tokenizer, text_tok)
+            text_sha = tokens.text_tokenizer_sha256
+            srun.log_artifact(Path(text_tok), "model")
+        ref = StackformerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
+                                model=p.model, model_config=p.model_config, metrics=metrics, mlflow_run_id=srun.run_id,
+                                tokenizer_sha256=p.tokenizer_sha256, num_classes=p.num_classes,
+                                text_tokenizer=text_tok, text_tokenizer_sha256=text_sha,
+                                text_encoder=p.text_encoder, text_encoder_digest=p.text_encoder_digest)
+        srun.log_dict(cfg.to_dict(), "config.json")
+        srun.log_dataset(f"tokens-{tokens.key}", tokens.checksum, tokens.path, "training", num_train=tokens.num_train,
+                         num_val=tokens.num_val, tokens_per_image=p.seq_len)
+        mc = tokenizer.mqvae_config
+        register_trained(tracker, cfg, srun, kind="stackformer", tokenizer=tokenizer, generator=ref, data={
+            "source": cfg.data.source, "image_size": mc.resolution, "channels": mc.in_channels,
+            "num_classes": p.num_classes})
+        srun.set_tags({"mqgen.weights_sha256": ref.sha256})
+        atomic_write_json(out_dir / SUCCESS, ref.to_dict())
     return ref
 
 

@@ -328,7 +328,7 @@ def _train(cfg: PipelineConfig, inputs: TokenizerInputs, key: str, out_dir: Path
     from infra.console import watch_progress
     from infra.registry import register_trained
     from infra.shards import ShardSet
-    from infra.tracking import Tracker, exit_status, open_training_attempt
+    from infra.tracking import Tracker, open_training_attempt
     from infra.training import export_final_weights
 
     ingest = inputs.ingest
@@ -349,7 +349,7 @@ def _train(cfg: PipelineConfig, inputs: TokenizerInputs, key: str, out_dir: Path
         val_shards=tuple((s.path, s.num_samples) for s in shards.shards("val")),
         log_every=max(1, min(50, cfg.tokenizer.max_steps // 20)), progress_file=str(out_dir / "progress.json"),
         on_step=on_step)
-    try:
+    with srun:  # the run ends FAILED on an error (KILLED on Ctrl-C / SIGTERM), FINISHED otherwise
         with watch_progress(out_dir / "progress.json", STAGE):
             result = rayx.fit(train_loop, {"loop": loop}, name=ray_name, storage_path=str(Path(cfg.run.root) / "ray"),
                               num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
@@ -360,23 +360,19 @@ def _train(cfg: PipelineConfig, inputs: TokenizerInputs, key: str, out_dir: Path
         model_doc = _model_config_dict(model_cfg)
         weights, digest, step = export_final_weights(result.checkpoint_path, out_dir, stage=STAGE, key=key,
                                                      model_doc=model_doc, loaded=result.final)
-    except BaseException as e:  # KILLED on Ctrl-C / SIGTERM, FAILED otherwise
-        srun.finish(exit_status(e))
-        raise
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    with torch.device("meta"):  # shapes only
-        metrics["num_params"] = float(sum(t.numel() for t in MQVAE(model_cfg).parameters()))
-    ref = TokenizerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
-                          model_config=model_doc, metrics=metrics, mlflow_run_id=srun.run_id)
-    srun.log_dict(cfg.to_dict(), "config.json")
-    srun.log_dataset(f"ingest-{ingest.key}", ingest.manifest_sha256, Path(ingest.path) / "manifest.json", "training",
-                     data_source=cfg.data.source, num_train=ingest.num_train, num_val=ingest.num_val)
-    register_trained(tracker, cfg, srun, kind="tokenizer", tokenizer=ref, data={
-        "source": cfg.data.source, "image_size": ingest.image_size, "channels": ingest.channels,
-        "num_classes": ingest.num_classes, "classes": shards.classes})
-    srun.set_tags({"mqgen.weights_sha256": ref.sha256})
-    atomic_write_json(out_dir / SUCCESS, ref.to_dict())
-    srun.finish("FINISHED")
+        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        with torch.device("meta"):  # shapes only
+            metrics["num_params"] = float(sum(t.numel() for t in MQVAE(model_cfg).parameters()))
+        ref = TokenizerOutput(path=str(out_dir), key=key, weights=str(weights), sha256=digest, step=step,
+                              model_config=model_doc, metrics=metrics, mlflow_run_id=srun.run_id)
+        srun.log_dict(cfg.to_dict(), "config.json")
+        srun.log_dataset(f"ingest-{ingest.key}", ingest.manifest_sha256, Path(ingest.path) / "manifest.json", "training",
+                         data_source=cfg.data.source, num_train=ingest.num_train, num_val=ingest.num_val)
+        register_trained(tracker, cfg, srun, kind="tokenizer", tokenizer=ref, data={
+            "source": cfg.data.source, "image_size": ingest.image_size, "channels": ingest.channels,
+            "num_classes": ingest.num_classes, "classes": shards.classes})
+        srun.set_tags({"mqgen.weights_sha256": ref.sha256})
+        atomic_write_json(out_dir / SUCCESS, ref.to_dict())
     return ref
 
 

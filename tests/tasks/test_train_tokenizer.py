@@ -204,3 +204,32 @@ def test_a_run_whose_every_checkpoint_is_damaged_is_refused_not_restarted_from_s
     # nothing was trained over them or deleted, and the stage has no output
     assert all((d / "model.safetensors").is_file() for d in damaged)
     assert not (root / "train_tokenizer" / key / train_tokenizer.SUCCESS).exists()
+
+
+def test_a_failure_after_training_ends_the_run_failed_and_the_rerun_resumes_at_the_last_step(
+        ingested, monkeypatch: pytest.MonkeyPatch) -> None:
+    import infra.registry
+    from tasks import train_tokenizer
+
+    root, ing = ingested
+    cfg = _cfg(root, "seed=13", "tokenizer.max_steps=8")
+    key = train_tokenizer.stage_key(cfg, ing.manifest_sha256)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the model registry refused the version")
+
+    monkeypatch.setattr(infra.registry, "register", refuse)
+    with pytest.raises(RuntimeError, match="registry refused"):
+        train_tokenizer.run(cfg, TokenizerInputs(ingest=ing))
+    assert not (root / "train_tokenizer" / key / train_tokenizer.SUCCESS).exists()
+    client = Tracker(root, "mqgen").client
+    experiment = client.get_experiment_by_name("mqgen").experiment_id
+    [failed] = client.search_runs([experiment], filter_string=f"tags.`mqgen.stage_key` = '{key}'")
+    assert failed.info.status == "FAILED", failed.info.status  # not left RUNNING for the next sweep to guess at
+
+    monkeypatch.undo()
+    ref = train_tokenizer.run(cfg, TokenizerInputs(ingest=ing))
+    assert ref.step == 8 and Path(ref.weights).is_file()
+    resumed = client.get_run(ref.mlflow_run_id)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags.get("mqgen.resumed_from_step") == "8", resumed.data.tags  # nothing trained twice
