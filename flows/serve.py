@@ -108,35 +108,51 @@ def local_server(api_url: str, home: Path, timeout_s: float = 300.0) -> Iterator
     pause its schedule."""
     from urllib.parse import urlparse
 
+    from infra.storage import file_lock
+
     port = urlparse(api_url).port
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "server.log"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
            "--analytics-off"]
-    with open(log_path, "ab") as log:
+    # the lock `mqgen run` takes around its own server's start (infra.orchestration.start_local_api): a run and
+    # a serve started together on a fresh root would both create and migrate <run.root>/.prefect/prefect.db
+    with file_lock(home / ".mqgen-start.lock", what="Prefect's local database"), open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, "PREFECT_HOME": str(home)}, start_new_session=True,
                                 preexec_fn=die_with_parent)  # noqa: PLW1509 - one prctl call: SIGTERM if we are killed
+        try:
+            _wait_healthy(proc, api_url, log_path, timeout_s)
+        except BaseException:
+            _stop(proc)
+            raise
     try:
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(api_url):
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise ServerError(f"`prefect server start` exited with code {proc.returncode}; "
-                                  f"its log ({log_path}) ends with:\n{tail}")
-            if time.monotonic() > deadline:
-                raise ServerError(f"the Prefect server on {api_url} was not healthy after {timeout_s:.0f} s; "
-                                  f"see {log_path}")
-            time.sleep(0.5)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc)
+
+
+def _wait_healthy(proc: subprocess.Popen, api_url: str, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(api_url):
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise ServerError(f"`prefect server start` exited with code {proc.returncode}; "
+                              f"its log ({log_path}) ends with:\n{tail}")
+        if time.monotonic() > deadline:
+            raise ServerError(f"the Prefect server on {api_url} was not healthy after {timeout_s:.0f} s; "
+                              f"see {log_path}")
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def build_deployment(cfg: PipelineConfig, cron: str, *, timezone: str | None = None, name: str | None = None,

@@ -33,6 +33,17 @@ def _start_serve(root: Path, log: Path, env: dict[str, str], *args: str) -> subp
                                 stdin=subprocess.DEVNULL)
 
 
+def _hold_start_lock(home: Path) -> subprocess.Popen:
+    """Another process holding the Prefect start lock of ``home`` until its stdin closes."""
+    home.mkdir(parents=True, exist_ok=True)
+    code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "os.write(fd, b'pid ' + str(os.getpid()).encode()); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(home / ".mqgen-start.lock")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def _wait_for_deployment(proc: subprocess.Popen, log: Path, name: str, timeout_s: float = 120.0) -> Any:
     """The deployment once the runner has polled for it (status READY), read with Prefect's client."""
     import httpx
@@ -117,8 +128,17 @@ def test_serve_without_an_api_url_starts_and_stops_its_own_local_server(tmp_path
     port = free_port(0)
     api = f"http://127.0.0.1:{port}/api"
     log = tmp_path / "serve.log"
+    # a `mqgen run` on the same fresh root is starting its own server: serve waits for it before creating and
+    # migrating the shared database
+    holder = _hold_start_lock(root / ".prefect")
     proc = _start_serve(root, log, _env(), "--port", str(port))
     try:
+        time.sleep(6)
+        assert proc.poll() is None, log.read_text(errors="replace")
+        assert not (root / ".prefect" / "server.log").exists(), "the server started while another start held the lock"
+        assert "waiting for Prefect's local database" in log.read_text(errors="replace")
+        holder.stdin.close()
+        holder.wait(timeout=30)
         with temporary_settings({PREFECT_API_URL: api}):
             _check_deployment(_wait_for_deployment(proc, log, name, timeout_s=240), cfg)
         assert (root / ".prefect" / "prefect.db").is_file()  # the server's database lives under the run root
