@@ -171,6 +171,7 @@ def run(
     _prepare_environment(cfg)  # before Prefect is imported: it reads its settings once, at import
     from flows.pipeline import cached_refs, collect_garbage, run_pipeline, select_stages, touch_outputs
     from infra.orchestration import start_local_api
+    from infra.registry import pending as registry_pending
 
     try:
         stages = select_stages(only, from_stage)
@@ -179,7 +180,8 @@ def run(
         raise typer.Exit(2) from None
     try:
         done = {} if from_stage else cached_refs(cfg)
-        if all(s in done for s in stages):  # nothing to compute: no Prefect server, no Ray, no MLflow run
+        if all(s in done for s in stages) and not registry_pending(done):  # nothing to compute: no Prefect
+            # server, no Ray, no MLflow run (registrations a tracking outage deferred need the pipeline's run)
             typer.secho(f"all {len(stages)} stage(s) are done for config {cfg.hash()} (outputs verified); nothing "
                         "to run (--from STAGE forces a rerun)", err=True)
             refs = {s: done[s] for s in stages if done[s] is not None}

@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.publish import promote_evaluated, publish_artifacts, publish_failure
+from flows.publish import publish_artifacts, publish_failure, registry_step
 from flows.stages import GRAPH, cached_refs, descendants, inputs_for, skip_reason
 from infra.config import STAGES, PipelineConfig, from_dict, stable_hash
 from infra.console import fmt_bytes, fmt_duration, route_stage_logs_to_prefect, say, stage_log, stage_log_path
@@ -237,7 +237,7 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
             say(f"  done in {fmt_duration(durations[stage])}: {describe_output(stage, ref)}")
             parent.set_tags({f"mqgen.{stage}.key": ref.key, f"mqgen.{stage}.run_id": ref.mlflow_run_id})
         parent.log_metrics(summary_figures(refs))
-        decision = promote_evaluated(cfg, refs, tracker, parent) if "evaluate" in stages else None
+        decision = registry_step(cfg, refs, tracker, parent, promote="evaluate" in stages)
         if decision is not None:
             say(f"promotion: {decision.summary()}")
         publish_artifacts(cfg, {s: refs.get(s) for s in stages if s in refs}, durations, decision, tracker,

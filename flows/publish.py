@@ -20,6 +20,33 @@ from infra.config import PipelineConfig
 log = logging.getLogger("mqgen")
 
 
+def registry_step(cfg: PipelineConfig, refs: dict[str, Any], tracker: Any, parent: Any, *, promote: bool) -> Any:
+    """The registry's part of a pipeline run: the registrations an earlier run deferred, then (``promote``) the
+    promotion gate. A tracking server that does not answer fails neither: the work is left to the next run
+    (markers in the outputs, :func:`infra.registry.pending`) and the gap recorded on the pipeline run."""
+    from infra import registry
+    from infra.console import say
+    from infra.storage import atomic_write_json
+
+    ev = refs.get("evaluate")
+    marker = Path(ev.path) / registry.PROMOTION_PENDING if ev is not None and "://" not in str(ev.path) else None
+    try:
+        registry.register_pending(tracker, cfg, refs)
+        decision = promote_evaluated(cfg, refs, tracker, parent) if promote or (marker and marker.is_file()) else None
+    except Exception as e:
+        if not registry.server_down(tracker):
+            raise
+        say(f"registry: the MLflow tracking server does not answer ({type(e).__name__}); the next `mqgen run` of "
+            "this config registers the models and decides the promotion")
+        parent.set_tags({"mqgen.promotion": "deferred (tracking server down)"})
+        if marker is not None and promote:
+            atomic_write_json(marker, {"evaluate_run_id": ev.mlflow_run_id, "error": f"{type(e).__name__}: {e}"[:300]})
+        return None
+    if marker is not None and marker.is_file():
+        marker.unlink()
+    return decision
+
+
 def promote_evaluated(cfg: PipelineConfig, refs: dict[str, Any], tracker: Any, parent: Any) -> Any:
     """Run the promotion gate for the evaluation in ``refs``; the decision is recorded on the pipeline run too.
     None when there is nothing to decide (registry off, no evaluation, no FID, an unregistered model)."""

@@ -30,6 +30,7 @@ from typing import Any
 from infra.bundle import Bundle, BundleError, read_bundle, write_bundle
 from infra.config import PipelineConfig, stable_hash
 from infra.errors import PermanentError
+from infra.secrets import redact_text
 
 log = logging.getLogger("mqgen.registry")
 
@@ -149,19 +150,84 @@ def register(tracker: Any, cfg: PipelineConfig, *, kind: str, run_id: str, token
     return Version(name, str(mv.version), run_id, tags)
 
 
+PENDING = "registration_pending.json"  # in a training stage's output: registered by a later run (server was down)
+PROMOTION_PENDING = "promotion_pending.json"  # in the evaluate output: the gate runs again on the next run
+
+
 def register_trained(tracker: Any, cfg: PipelineConfig, srun: Any, *, kind: str, tokenizer: Any, generator: Any = None,
                      data: dict[str, Any] | None = None) -> Version | None:
     """The end of a training stage: its model registered (:func:`register`) and the version named on the stage
-    run; with the registry off, the weights and config logged as plain run artifacts instead."""
+    run; with the registry off, the weights and config logged as plain run artifacts instead.
+
+    A tracking server that does not answer does not fail the stage (its training is done and saved): the
+    registration is deferred to the next ``mqgen run`` of the config (:func:`register_pending`), which finds
+    :data:`PENDING` in the stage's output, and the gap is recorded on the run (tag ``mqgen.registration``)."""
     main = generator if generator is not None else tokenizer
-    version = register(tracker, cfg, kind=kind, run_id=srun.run_id, tokenizer=tokenizer, generator=generator,
-                       data=data)
+    try:
+        version = register(tracker, cfg, kind=kind, run_id=srun.run_id, tokenizer=tokenizer, generator=generator,
+                           data=data)
+    except Exception as e:
+        if not server_down(tracker):
+            raise
+        from infra.storage import atomic_write_json
+
+        atomic_write_json(Path(main.path) / PENDING, {"kind": kind, "run_id": srun.run_id, "sha256": main.sha256,
+                                                      "data": data, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        log.warning("the MLflow tracking server %s does not answer (%s): the %s is saved in %s and is registered by "
+                    "the next `mqgen run` of this config", redact_text(tracker.uri), type(e).__name__, kind, main.path)
+        srun.set_tags({"mqgen.registration": "pending (tracking server down)"})
+        return None
     if version is None:
         srun.log_artifact(main.weights, "model")
         srun.log_artifact(Path(main.weights).with_name("model_config.json"), "model")
     else:
         srun.set_tags({"mqgen.registered_model": f"{version.name}/{version.version}"})
     return version
+
+
+def server_down(tracker: Any) -> bool:
+    """Whether ``tracker`` talks to a tracking server (http/https) that does not answer now."""
+    from infra.tracking import server_answers
+
+    uri = str(getattr(tracker, "uri", ""))
+    return uri.startswith(("http://", "https://")) and not server_answers(uri)
+
+
+def pending(refs: dict[str, Any]) -> list[Path]:
+    """The markers of registry work a run left to the next one (:data:`PENDING`, :data:`PROMOTION_PENDING`)."""
+    found = []
+    for stage, name in (("train_tokenizer", PENDING), ("train_stackformer", PENDING), ("evaluate", PROMOTION_PENDING)):
+        path = getattr(refs.get(stage), "path", None)
+        if path and "://" not in str(path) and (Path(path) / name).is_file():
+            found.append(Path(path) / name)
+    return found
+
+
+def register_pending(tracker: Any, cfg: PipelineConfig, refs: dict[str, Any]) -> list[Version]:
+    """Register the models whose training stage found the tracking server down (see :func:`register_trained`);
+    each marker goes once its version exists."""
+    done = []
+    client = _client(tracker)
+    for stage in ("train_tokenizer", "train_stackformer"):
+        ref = refs.get(stage)
+        marker = Path(getattr(ref, "path", "") or ".") / PENDING
+        if ref is None or not marker.is_file():
+            continue
+        doc = json.loads(marker.read_text())
+        if doc.get("sha256") != ref.sha256:  # the stage was retrained since: its own run registered it
+            marker.unlink()
+            continue
+        generator = ref if doc["kind"] == "stackformer" else None
+        version = register(tracker, cfg, kind=doc["kind"], run_id=doc["run_id"], tokenizer=refs["train_tokenizer"],
+                           generator=generator, data=doc.get("data"))
+        if version is not None:
+            for k, v in {"mqgen.registered_model": f"{version.name}/{version.version}",
+                         "mqgen.registration": "registered by a later run"}.items():
+                client.set_tag(doc["run_id"], k, v)
+            log.info("registered %s version %s, deferred from run %s", version.name, version.version, doc["run_id"])
+            done.append(version)
+        marker.unlink()
+    return done
 
 
 def find_version(tracker: Any, cfg: PipelineConfig, kind: str, run_id: str, sha256: str) -> Version | None:

@@ -214,8 +214,6 @@ def wait_for_server(uri: str, wait_s: float | None = None, poll_s: float = 2.0) 
     process would sit silently through MLflow's own request retries (about 4 minutes) and then fail with a
     stack of urllib3 messages."""
     import time
-    import urllib.error
-    import urllib.request
 
     from infra.console import fmt_duration, say
 
@@ -228,13 +226,7 @@ def wait_for_server(uri: str, wait_s: float | None = None, poll_s: float = 2.0) 
     t0 = time.monotonic()
     next_say = t0
     while True:
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()  # http(s) only: the caller checks
-            reason = None
-        except urllib.error.HTTPError:
-            reason = None  # it answered (a server without /health, or one that wants credentials for it)
-        except (OSError, ValueError) as e:
-            reason = str(getattr(e, "reason", None) or e)
+        reason = _unanswered(uri)
         if reason is None:
             if time.monotonic() - t0 > poll_s:
                 say(f"MLflow tracking server {shown} answers again after {fmt_duration(time.monotonic() - t0)}")
@@ -250,6 +242,24 @@ def wait_for_server(uri: str, wait_s: float | None = None, poll_s: float = 2.0) 
                 f"{fmt_duration(wait_s - waited)} ({WAIT_ENV})")
             next_say = time.monotonic() + 30
         time.sleep(min(poll_s, max(0.0, wait_s - waited)))
+
+
+def _unanswered(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why the tracking server at ``uri`` (http/https) does not answer now; None when it answers any request."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None  # it answered (a server without /health, or one that wants credentials for it)
+    except (OSError, ValueError) as e:
+        return str(getattr(e, "reason", None) or e)
+    return None
+
+
+def server_answers(uri: str) -> bool:
+    return _unanswered(uri) is None
 
 
 def tracking_uri_for(root: str | Path) -> str:

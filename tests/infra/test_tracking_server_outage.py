@@ -4,6 +4,7 @@ against a real ``mlflow server`` that is stopped and started again on the same p
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -112,5 +113,65 @@ def test_a_server_that_comes_up_while_a_run_starts_is_waited_for_and_used(tmp_pa
         run.finish("FINISHED")
         info = opened["tracker"].client.get_run(run.run_id)
         assert info.info.status == "FINISHED" and info.data.metrics["num_train"] == 3.0
+    finally:
+        _stop(server)
+
+
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
+def test_a_server_gone_when_training_ends_defers_the_registration_and_the_stage_finishes(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    """The catalogue's case: the server goes down during a training stage. Training is done and saved, so the
+    stage finishes; its model is registered by the next run once the server answers, and the gap is recorded."""
+    import infra.training
+    from flows.publish import registry_step
+    from infra import registry
+    from infra.config import resolve
+    from infra.refs import TokenizerInputs
+    from infra.tracking import StageRun, Tracker
+    from tasks import ingest, train_tokenizer
+
+    port, db = _free_port(), tmp_path / "server.db"
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(StageRun, "FLUSH_TIMEOUT_S", 3.0)  # how long the stage's end waits for its queued tags
+    server = _start(db, port, tmp_path)
+    try:
+        cfg = resolve("tiny", overrides=[f"run.root={tmp_path / 'root'}", "tokenizer.max_steps=6",
+                                         "tokenizer.eval_every=6", "tokenizer.checkpoint_every=6"])
+        assert cfg.registry.enabled
+        ing = ingest.run(cfg)
+        tracker = Tracker(cfg.run.root, cfg.run.experiment)
+        parent = tracker.pipeline_run(cfg.hash())
+        real_export = infra.training.export_final_weights
+
+        def export_then_outage(*args, **kwargs):  # the server dies once the weights are trained
+            out = real_export(*args, **kwargs)
+            monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while down
+            monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+            _stop(server)
+            return out
+
+        monkeypatch.setattr(infra.training, "export_final_weights", export_then_outage)
+        ref = train_tokenizer.run(cfg, TokenizerInputs(ingest=ing))  # no exception: the stage finished
+        assert server.poll() is not None, "the outage was not injected"
+        out = Path(ref.path)
+        assert (out / train_tokenizer.SUCCESS).is_file() and Path(ref.weights).is_file()
+        assert registry.pending({"train_tokenizer": ref}) == [out / registry.PENDING]
+        assert json.loads((out / registry.PENDING).read_text())["sha256"] == ref.sha256
+
+        # the pipeline's registry step, still without a server: deferred again, not failed
+        assert registry_step(cfg, {"train_tokenizer": ref}, tracker, parent, promote=False) is None
+        assert (out / registry.PENDING).is_file()
+
+        server = _start(db, port, tmp_path)  # back: the next run registers the model
+        assert registry_step(cfg, {"train_tokenizer": ref}, tracker, parent, promote=False) is None
+        assert registry.pending({"train_tokenizer": ref}) == []
+        client = Tracker(cfg.run.root, cfg.run.experiment).client
+        [mv] = client.search_model_versions(f"name = '{cfg.registry.model_name('tokenizer', cfg.preset)}'")
+        assert mv.run_id == ref.mlflow_run_id and mv.tags[registry.TAG_SHA] == ref.sha256
+        tags = client.get_run(ref.mlflow_run_id).data.tags
+        assert tags["mqgen.registered_model"] == f"{mv.name}/{mv.version}"
+        assert tags["mqgen.registration"] == "registered by a later run"
+        assert client.get_metric_history(ref.mlflow_run_id, "train_l1")  # what training logged before the outage
     finally:
         _stop(server)
