@@ -103,6 +103,7 @@ def _leaks(root: Path) -> list[str]:
 
 
 @pytest.mark.slow  # a real `mqgen` process with its own Prefect server and MLflow database
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_a_presigned_shard_url_is_read_and_recorded_nowhere(tmp_path: Path) -> None:
     served = tmp_path / "served"
     members = sample_members(40) + [("broken00001.png", b"not a png"), ("broken00001.cls", b"1")]

@@ -179,6 +179,7 @@ def _check_registry_and_lineage(root: Path, refs: dict, parent) -> None:
     assert by_key["figures"].type == "table" and parent.info.run_id in by_key["mlflow"].data  # (a link)
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_changing_a_tokenizer_field_reruns_exactly_the_downstream_stages(finished) -> None:
     from flows.pipeline import run_pipeline
     from flows.stages import descendants
@@ -439,6 +440,7 @@ def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_
     assert {"compare/report.html", "compare/report.md", "compare/plots"} <= logged
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_gc_keeps_the_given_config_and_recent_runs_and_removes_the_rest(finished) -> None:
     """Last in this module: it removes outputs the tests above made. With the default 7 days every output is in
     use by a recent run and only the spent Ray Train runs go; with ``--keep-days 0`` (through the CLI, as a user

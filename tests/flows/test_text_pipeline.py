@@ -130,6 +130,7 @@ def test_mqgen_sample_with_a_prompt_from_the_registry_champion(text_run, tmp_pat
     assert by_config.read_bytes() == out.read_bytes()
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_a_frozen_pretrained_encoder_from_a_local_folder_end_to_end(text_run, tmp_path) -> None:
     """`text.pretrained=DIR` (a tiny random CLIP text model saved by the real libraries): the tokenize stage stores
     the folder tokenizer's ids, the Stackformer reads the frozen encoder's states, the evaluation scores captions,

@@ -320,6 +320,7 @@ def test_a_champion_is_only_re_evaluated_on_data_it_can_draw() -> None:
         _check_fits(holder, NS(tokenizer=bundle().tokenizer, generator=None), ingest, NS(text_tokenizer=""))
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_one_evaluation_recorded_by_several_processes_at_once_is_stored_once(setting, run_root: Path) -> None:
     """Two runs of one config finishing together (a manual run beside a scheduled one) record the same evaluation
     on the same version at the same moment: MLflow's SQL store inserts a new tag after looking for it, so the
