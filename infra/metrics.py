@@ -335,12 +335,14 @@ def inception_missing_message(reason: str) -> str:
 
 
 def private_copy(path: Path) -> Path:
-    """A copy of ``path`` in a fresh directory only this user can enter, removed when the process exits."""
+    """A copy of ``path`` in a fresh directory only this user can enter, removed when the process exits (or, if
+    it is killed, by the next process that makes one)."""
     import atexit
     import shutil
-    import tempfile
 
-    directory = Path(tempfile.mkdtemp(prefix="mqgen-weights-"))  # mode 0700
+    from infra.storage import process_temp_dir
+
+    directory = process_temp_dir("mqgen-weights-")  # mode 0700
     atexit.register(shutil.rmtree, directory, True)
     copy = directory / path.name
     shutil.copyfile(path, copy)

@@ -41,7 +41,7 @@ import torch
 
 from infra.checkpoint import MANIFEST, LoadedCheckpoint, read_checkpoint
 from infra.errors import PermanentError, is_permanent
-from infra.storage import UnsafeCheckpointError, pid_alive
+from infra.storage import UnsafeCheckpointError, process_temp_dir
 
 if TYPE_CHECKING:
     from infra.tracking import StageRun
@@ -540,12 +540,7 @@ def scratch_dir() -> str:
     """A fresh local temporary directory for staging one checkpoint before :meth:`Worker.report` (which
     removes it). Directories that a dead process of this host left behind (killed between writing and
     reporting) are removed first."""
-    tmp = Path(tempfile.gettempdir())
-    for old in tmp.glob(f"{SCRATCH_PREFIX}*-*"):
-        pid = old.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+    return str(process_temp_dir(SCRATCH_PREFIX))
 
 
 # --------------------------------------------------------------------------------------------- tasks

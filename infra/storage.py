@@ -359,6 +359,21 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_temp_dir(prefix: str) -> Path:
+    """A fresh directory ``<temp dir>/<prefix><pid>-<random>`` (mode 0700, from ``mkdtemp``) for this process's
+    scratch files. The directories of this prefix that a dead process of this host left behind (killed before
+    it could clean up) are removed first, so a crash loop never fills the temp dir."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.gettempdir())
+    for old in tmp.glob(f"{prefix}*-*"):
+        pid = old.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+
+
 def lock_holder_text() -> str:
     """Who takes a lock, as written into the lock file: host, pid, start time and the command line."""
     import socket

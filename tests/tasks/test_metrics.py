@@ -367,3 +367,33 @@ def test_attribute_evaluators_train_on_softened_copies_and_only_their_key_says_s
     cfg = resolve("tiny-text")
     assert stage_key(cfg, "m" * 64, "shapes") != stage_key(cfg, "m" * 64) == stage_key(cfg, "m" * 64, None)
     assert stage_key(cfg, "m" * 64, "not-a-grammar") == stage_key(cfg, "m" * 64)
+
+
+def test_the_private_weights_copy_of_a_killed_process_is_removed_by_the_next_one(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """torch-fidelity reads the Inception weights from a private copy (about 95 MB) that atexit removes; a
+    process killed with SIGKILL never runs atexit, so the next process that makes a copy removes the dead one's."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"w" * 1024)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code = ("import sys, time; from pathlib import Path; from infra.metrics import private_copy; "
+            "print(private_copy(Path(sys.argv[1])), flush=True); time.sleep(120)")
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", code, str(weights)], cwd=repo, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": str(repo)})
+    left = Path(proc.stdout.readline().strip())
+    proc.kill()
+    proc.wait()
+    assert left.is_file() and left.parent.parent == scratch  # what SIGKILL leaves behind
+
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    mine = mx.private_copy(weights)
+    assert mine.read_bytes() == weights.read_bytes()
+    assert not left.parent.exists()
+    assert [p.name for p in scratch.iterdir()] == [mine.parent.name]
