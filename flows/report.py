@@ -36,7 +36,7 @@ PLOTS: tuple[tuple[str, str, str], ...] = (
 # earlier report is replaced only when it holds nothing else.
 REPORT_ENTRIES = frozenset({"report.html", "report.md", "plots", "results.md", "pictures"})
 OPTIONAL_PLOTS = ("caption_alignment", "caption_alignment_heldout")  # text models only: no note when absent
-TABLE_METRICS = ("fid", "isc_mean", "kid_mean", "sample_class_accuracy", "caption_alignment",
+TABLE_METRICS = ("fid", "isc_mean", "kid_mean", "sample_class_accuracy", "evaluator_val_accuracy", "caption_alignment",
                  "caption_alignment_seen", "caption_alignment_heldout", "recon_caption_alignment",
                  "reference_caption_alignment", "recon_psnr", "recon_l1",
                  "sampling_images_per_s", "generation_images_per_s", "stackformer.val_bits_per_image",

@@ -1,7 +1,8 @@
 """The paper's claims tested on a grid's runs: variants grouped over seeds, mean and spread, and a verdict per
 claim, written as ``results.md`` with plots (error bars over seeds). Every number comes from the MLflow runs
-(:func:`flows.report.collect`); nothing is typed by hand. The verdict rules (:data:`RULES`) are fixed here,
-before any result is read, and printed in the document.
+(:func:`flows.report.collect`); nothing is typed by hand. The verdict rules (:data:`RULES`) are printed in the
+document with the history of their changes: the overlap rule was fixed before any result was read; the paired view
+and the restriction of each comparison to the seeds both groups ran were added later, and say so.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ and the document that states them (synthetic runs: the rules, not MLflow, are un
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 from flows.report import Comparison, RunRow
 from flows.results import claims, default_base, group_rows, results_markdown
@@ -62,14 +63,36 @@ def test_a_reversed_difference_is_not_confirmed_and_overlap_is_inconclusive() ->
     assert {v.verdict for v in missing} == {"not testable"}
 
 
-def test_the_results_document_and_its_error_bar_plots_are_written(tmp_path) -> None:
-    from flows.results import write_results
+def test_the_results_document_and_its_error_bar_plots_are_written(tmp_path, monkeypatch) -> None:
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.figure import Figure
 
-    path = write_results(_runs(fid_learned=5.0, fid_random=7.0, noise=0.05), tmp_path)
+    from flows.results import group_rows, write_results
+
+    drawn: dict[str, list[ErrorbarContainer]] = {}
+    real_savefig = Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):  # the plot as drawn, before it becomes pixels
+        drawn[Path(path).name] = [c for ax in fig.axes for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    runs = _runs(fid_learned=5.0, fid_random=7.0, noise=0.05)
+    path = write_results(runs, tmp_path)
     text = path.read_text()
     assert text.startswith("# Results: claims") and "## Verdicts" in text and "stackformer.max_steps=600" in text
     for rel in ("plots/claims_fid_vs_keep_ratio.png", "plots/claims_sampling_images_per_s_vs_keep_ratio.png"):
         assert f"]({rel})" in text and (tmp_path / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the FID plot: one error-bar line per scorer, each bar the group's spread over seeds either side of its mean
+    bars = drawn["claims_fid_vs_keep_ratio.png"]
+    assert {c.get_label() for c in bars} >= {"learned scorer, stackformer", "random scorer, stackformer"}
+    learned = next(c for c in bars if c.get_label() == "learned scorer, stackformer")
+    assert learned.has_yerr
+    group = next(g for g in group_rows(runs) if g.get("tokenizer.scorer") == "learned"
+                 and g.get("tokenizer.keep_ratio") == "0.75" and g.get("stackformer.model") in (None, "stackformer"))
+    segments = learned.lines[2][0].get_segments()  # one vertical segment per keep ratio
+    heights = sorted(round(float(seg[1][1] - seg[0][1]), 6) for seg in segments)
+    assert round(2 * group.spread("fid"), 6) in heights and all(h > 0 for h in heights)
 
 
 def test_results_show_each_variants_pictures_from_its_evaluate_run_and_the_cost_table(tmp_path) -> None:
