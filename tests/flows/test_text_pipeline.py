@@ -5,12 +5,14 @@ trained for guidance, its caption tokenizer shipped beside its weights, the eval
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from infra import shapes
 from infra.config import resolve
 
 pytestmark = pytest.mark.slow
@@ -75,6 +77,19 @@ def test_the_evaluation_scores_caption_alignment_and_guidance_reaches_it(text_ru
                  "reference_caption_alignment", "recon_caption_alignment"):
         assert 0.0 <= m[name] <= 1.0, name
     assert m["fid"] > 0 and report["prompts"][0] and len(report["prompts"]) == 32
+    # prompts holding a colour-shape pair held out of training are scored apart from the seen ones; the overall
+    # figure is the two weighted by their counts
+    scenes = [shapes.parse_caption(p) for p in report["prompts"]]
+    held = sum(1 for sc in scenes if sc is not None and shapes.is_heldout(sc))
+    seen = sum(1 for sc in scenes if sc is not None) - held
+    assert seen > 0 and 0.0 <= m["caption_alignment_seen"] <= 1.0
+    if held:
+        assert 0.0 <= m["caption_alignment_heldout"] <= 1.0
+        mixed = (seen * m["caption_alignment_seen"] + held * m["caption_alignment_heldout"]) / (seen + held)
+        assert math.isclose(m["caption_alignment"], mixed, abs_tol=1e-9)
+    else:  # none drawn: named as unavailable, not a made-up number
+        assert "caption_alignment_heldout" not in m and "caption_alignment_heldout" in report["unavailable"]
+        assert math.isclose(m["caption_alignment"], m["caption_alignment_seen"], abs_tol=1e-9)
     assert (Path(refs["evaluate"].path) / report["pictures"]["captioned_samples"]).is_file()
     assert "per_class_grid" in report["pictures_missing"]
     ev = refs["train_evaluator"]
