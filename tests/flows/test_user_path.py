@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -114,9 +115,21 @@ def test_mqgen_run_with_the_default_relative_root_then_cached_from_another_direc
     # 3. the finished model by name, never by path: the registry's champion sampled, exported, sampled again
     # from the exported folder (the same images for the same seed), and a tampered export refused
     root = "run.root=../a/runs"
-    models = _cli(b, "models", "--preset", "tiny", root)
-    assert models.returncode == 0 and "champion" in models.stdout and "mqgen-stackformer-tiny" in models.stdout, \
-        _describe(models)
+    promoted = re.search(r"promotion: mqgen-stackformer-tiny v1: FID (\d+\.\d+) \((\d+\.?\d*)\.\.(\d+\.?\d*)\): first",
+                         first.stdout + first.stderr + same.stdout + same.stderr)  # whichever gated first
+    assert promoted, f"no run printed the first promotion decision:\n{_describe(first)}\n{_describe(same)}"
+    fid, low, high = (float(g) for g in promoted.groups())
+    assert low <= fid <= high and low < high, promoted.group(0)  # the figure and its bootstrap interval
+    models = subprocess.run([str(MQGEN), "models", "--preset", "tiny", root], check=False, cwd=b, timeout=300,
+                            env={**_env(), "COLUMNS": "200"}, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert models.returncode == 0 and "mqgen-stackformer-tiny" in models.stdout, _describe(models)
+    row = next((line for line in models.stdout.splitlines() if re.match(r"\W*1\W+champion\W", line)), None)
+    assert row is not None, f"no row for v1 holding champion:\n{_describe(models)}"
+    shown = re.search(r"champion\W+(\d+\.?\d*)\W+(\d+\.?\d*) \.\. (\d+\.?\d*)\W.*first", row)
+    assert shown, row
+    # the same figures (the run prints the interval to 3 significant digits, the table to 4)
+    assert all(math.isclose(float(g), v, rel_tol=6e-3) for g, v in zip(shown.groups(), (fid, low, high), strict=True)), \
+        (row, promoted[0])
     grid = _cli(b, "sample", "--preset", "tiny", "--model", "champion", "--n", "8", "--class", "3", "--out",
                 "grid.png", root)
     assert grid.returncode == 0, _describe(grid)
