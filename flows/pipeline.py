@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.publish import publish_artifacts, publish_failure, registry_step
+from flows.publish import publish_artifacts, publish_failure, record_lineage, registry_step
 from flows.stages import GRAPH, cached_refs, descendants, inputs_for, skip_reason
 from infra.config import STAGES, PipelineConfig, from_dict, stable_hash
 from infra.console import fmt_bytes, fmt_duration, route_stage_logs_to_prefect, say, stage_log, stage_log_path
@@ -238,6 +238,7 @@ def pipeline_flow(config: dict[str, Any], only: str | None = None, from_stage: s
             parent.set_tags({f"mqgen.{stage}.key": ref.key, f"mqgen.{stage}.run_id": ref.mlflow_run_id})
         parent.log_metrics(summary_figures(refs))
         decision = registry_step(cfg, refs, tracker, parent, promote="evaluate" in stages)
+        record_lineage({s: refs[s] for s in stages if refs.get(s) is not None}, tracker, parent)
         if decision is not None:
             say(f"promotion: {decision.summary()}")
         publish_artifacts(cfg, {s: refs.get(s) for s in stages if s in refs}, durations, decision, tracker,

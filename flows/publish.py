@@ -47,6 +47,31 @@ def registry_step(cfg: PipelineConfig, refs: dict[str, Any], tracker: Any, paren
     return decision
 
 
+def record_lineage(refs: dict[str, Any], tracker: Any, parent: Any) -> None:
+    """The datasets the run's stages read and the models they logged, listed on the pipeline run too: its row in
+    the MLflow runs table (the one a user sees first) shows them in the Datasets and Models columns. Read from the
+    stage runs (cached stages included: their outputs are what this run used); a run that cannot be read is
+    skipped with a warning."""
+    datasets, seen, models = [], set(), {}
+    for stage, ref in refs.items():
+        run_id = getattr(ref, "mlflow_run_id", None)
+        if not run_id:
+            continue
+        try:
+            run = tracker.client.get_run(run_id)
+        except Exception as e:  # noqa: BLE001 - lineage is a view; the stage outputs are the record
+            log.warning("lineage: the %s run %s could not be read (%s)", stage, run_id, type(e).__name__)
+            continue
+        for d in run.inputs.dataset_inputs if run.inputs else []:
+            if (d.dataset.name, d.dataset.digest) not in seen:  # the first stage that read it names its context
+                seen.add((d.dataset.name, d.dataset.digest))
+                datasets.append(d)
+        for o in run.outputs.model_outputs if run.outputs else []:
+            models[o.model_id] = o.step
+    parent.log_inputs(datasets)
+    parent.log_model_outputs(models)
+
+
 def promote_evaluated(cfg: PipelineConfig, refs: dict[str, Any], tracker: Any, parent: Any) -> Any:
     """Run the promotion gate for the evaluation in ``refs``; the decision is recorded on the pipeline run too.
     None when there is nothing to decide (registry off, no evaluation, no FID, an unregistered model)."""

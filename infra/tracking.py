@@ -674,8 +674,20 @@ class StageRun:
         ds = Dataset(name=name, digest=digest[:36], source_type="local" if "://" not in src else src.split("://")[0],
                      source=json.dumps({"uri": redact_text(src)}), profile=json.dumps(extra, default=str) if extra
                      else None)
-        inputs = [DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
-        self._send(lambda: self.client.log_inputs(self.run_id, datasets=inputs))
+        self.log_inputs([DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+    def log_inputs(self, inputs: list[Any]) -> None:
+        """Record MLflow ``DatasetInput`` entries (as read from another run's ``inputs.dataset_inputs``)."""
+        if inputs:
+            self._send(lambda: self.client.log_inputs(self.run_id, datasets=list(inputs)))
+
+    def log_model_outputs(self, steps_by_model_id: Mapping[str, int]) -> None:
+        """List logged models as outputs of this run (the runs table's Models column)."""
+        from mlflow.entities import LoggedModelOutput
+
+        outputs = [LoggedModelOutput(model_id, int(step)) for model_id, step in steps_by_model_id.items()]
+        if outputs:
+            self._send(lambda: self.client.log_outputs(self.run_id, outputs))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._remote:  # sent later: a copy of the bytes now (the file may change or go meanwhile)

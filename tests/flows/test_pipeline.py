@@ -162,6 +162,14 @@ def _check_registry_and_lineage(root: Path, refs: dict, parent) -> None:
     assert inputs["train_tokenizer"] == {ingest: "training"} and inputs["tokenize"] == {ingest: "input"}
     assert inputs["train_stackformer"] == {f"tokens-{refs['tokenize'].key}": "training"}
     assert inputs["evaluate"][ingest] == "evaluation" and "reference" in inputs["evaluate"].values()
+    # the pipeline run lists them too (its row in the runs table): every dataset once, and both models
+    pipeline_run = client.get_run(parent.info.run_id)
+    on_parent = {d.dataset.name: {t.key: t.value for t in d.tags}["mlflow.data.context"]
+                 for d in pipeline_run.inputs.dataset_inputs}
+    assert on_parent == {**inputs["evaluate"], **inputs["train_stackformer"], ingest: "training"}, on_parent
+    assert len(pipeline_run.inputs.dataset_inputs) == len(on_parent)
+    assert {o.model_id for o in pipeline_run.outputs.model_outputs} == {
+        o.model_id for v in (gen, tok) for o in client.get_run(v.run_id).outputs.model_outputs}
     run_tags = client.get_run(refs["evaluate"].mlflow_run_id).data.tags
     assert run_tags["mlflow.source.type"] == "LOCAL" and run_tags["mlflow.source.name"]
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
