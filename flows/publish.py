@@ -52,6 +52,11 @@ def record_lineage(refs: dict[str, Any], tracker: Any, parent: Any) -> None:
     the MLflow runs table (the one a user sees first) shows them in the Datasets and Models columns. Read from the
     stage runs (cached stages included: their outputs are what this run used); a run that cannot be read is
     skipped with a warning."""
+    from infra.registry import server_down
+
+    if server_down(tracker):  # each read would sit through MLflow's request retries
+        log.warning("lineage: the tracking server does not answer; the pipeline run lists no datasets or models")
+        return
     datasets, seen, models = [], set(), {}
     for stage, ref in refs.items():
         run_id = getattr(ref, "mlflow_run_id", None)
