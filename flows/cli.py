@@ -347,6 +347,8 @@ def status(
     for row in rows:  # in full: a narrow table cuts the reason short
         if row["state"] == "damaged":
             typer.secho(f"damaged: {row['stage']}: {row['path']}", fg=typer.colors.RED)
+        elif row["why"] and row["state"] == "done":
+            typer.secho(f"{row['stage']} is done; {row['why']}", fg=typer.colors.YELLOW)
         elif row["why"]:
             typer.secho(redact_text(f"why {row['stage']} is not done (key {row['key'] or '?'}): {row['why']}"),
                         fg=typer.colors.YELLOW)

@@ -54,7 +54,10 @@ def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
     changed setting, a new stage version, a retrained upstream), where one recorded its key document."""
     skipped: dict[str, str] = {}
     damaged: dict[str, Any] = {}
+    from infra.registry import pending
+
     refs = cached_refs(cfg, skipped, damaged)
+    left = {marker.parent for marker in pending(refs)}  # registry work a tracking outage left to the next run
     rows: list[dict[str, str]] = []
     for stage in STAGES:
         row = {"stage": stage, "state": "waiting", "key": "", "path": "", "run_id": "", "why": ""}
@@ -66,6 +69,9 @@ def stage_status(cfg: PipelineConfig) -> list[dict[str, str]]:
         elif stage in refs:
             ref = refs[stage]
             row.update(state="done", key=ref.key, path=ref.path, run_id=ref.mlflow_run_id)
+            if Path(ref.path) in left:
+                row["why"] = ("the tracking server was down when it finished: the next `mqgen run` "
+                              + ("decides the promotion" if stage == "evaluate" else "registers its model"))
         elif all(n in refs for n in GRAPH[stage].needs):
             row.update(state="not done", **_key_change(cfg, stage, refs))
         rows.append(row)
