@@ -187,7 +187,6 @@ def _check_registry_and_lineage(root: Path, refs: dict, parent) -> None:
     assert by_key["figures"].type == "table" and parent.info.run_id in by_key["mlflow"].data  # (a link)
 
 
-@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_changing_a_tokenizer_field_reruns_exactly_the_downstream_stages(finished) -> None:
     from flows.pipeline import run_pipeline
     from flows.stages import descendants
@@ -394,8 +393,9 @@ def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_
     assert result.executions["ingest"] == 1  # shared by both variants
     assert result.executions["train_evaluator"] == 1
     assert result.executions["train_tokenizer"] == 2 and result.executions["evaluate"] == 2
-    # the grid reused the finished pipelines' trained models (no new training run) and evaluated anew
-    assert sorted(p.name for p in (root / "ray").iterdir()) == trained_before
+    # the grid reused the finished pipeline's trained models (no new training run for them) and evaluated anew
+    new_runs = sorted({p.name for p in (root / "ray").iterdir()} - set(trained_before))
+    assert not [n for n in new_runs if refs["train_tokenizer"].key in n or refs["train_stackformer"].key in n], new_runs
     assert result.refs[0]["train_stackformer"]["key"] == refs["train_stackformer"].key
     assert result.refs[0]["evaluate"]["key"] != refs["evaluate"].key
     client = Tracker(root, "mqgen").client

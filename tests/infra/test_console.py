@@ -113,6 +113,7 @@ def test_unknown_totals_show_a_count_and_a_rate_without_flooding_a_log() -> None
     assert len(lines) == 1 and lines[0].startswith("  ingest  256 images") and "images/s" in lines[0]
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_raylet_warnings_go_to_the_log_file_not_the_console(tmp_path: Path) -> None:
     """Ray's driver prints what the raylet pushes (here its worker-pool warning, provoked by a dozen zero-CPU actors on
     a one-CPU Ray) to stdout whatever log_to_driver says; mqgen's console keeps it out and its log file keeps it."""

@@ -30,6 +30,7 @@ def _loop(lc: dict) -> None:
         w.report({"step": step}, checkpoint_dir=d)
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 @pytest.mark.slow
 def test_nothing_is_left_in_the_temp_dir_after_training(tmp_path: Path) -> None:
     tmp = tmp_path / "tmp"

@@ -45,6 +45,7 @@ def _history(root: Path, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
+@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_two_workers_recover_from_a_sigkilled_rank_and_stay_in_sync(ingested, tmp_path: Path) -> None:
     from tasks import train_tokenizer
 
