@@ -474,7 +474,7 @@ def _model_source(cfg: PipelineConfig, model: str | None) -> Any:
                                     "generator_sha256": gen.sha256}}
             yield Bundle(path=Path(gen.path), kind="generator", tokenizer=tok, generator=gen, index=index), None, \
                 evaluation
-        except (registry.ModelNotFound, BundleError) as e:
+        except (registry.ModelNotFound, registry.ArtifactAltered, BundleError) as e:
             typer.secho(redact_text(f"error: {e}"), fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
 

@@ -525,11 +525,30 @@ def _text_pin(generator: Any) -> str:
     return f"{generator.text_tokenizer_sha256} {generator.text_encoder_digest or '-'}"
 
 
+class ArtifactAltered(PermanentError, ValueError):
+    """An MLflow artifact whose bytes differ from the sha256 recorded when it was logged."""
+
+
 def evaluation_of(tracker: Any, version: Version) -> dict[str, Any] | None:
-    """The latest ``evaluation.json`` recorded on ``version`` (downloaded from its evaluate run)."""
+    """The latest ``evaluation.json`` recorded on ``version`` (downloaded from its evaluate run), checked against
+    the sha256 the evaluate stage recorded on that run (tag ``mqgen.sha256.evaluation.json``; runs from before
+    the tag are read unchecked). Raises :class:`ArtifactAltered` when the stored file was changed since."""
+    import hashlib
+
+    client = _client(tracker)
     run_ids = [v for k, v in version.tags.items() if k.startswith(EVAL_PREFIX) and k.endswith(".run_id")]
     for run_id in run_ids[::-1]:
-        with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:
-            path = _client(tracker).download_artifacts(run_id, "evaluation.json", tmp)
-            return json.loads(Path(path).read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                data = Path(client.download_artifacts(run_id, "evaluation.json", tmp)).read_bytes()
+                recorded = client.get_run(run_id).data.tags.get("mqgen.sha256.evaluation.json")
+            except Exception as e:  # noqa: BLE001 - gone or unreadable: an earlier evaluation may still be there
+                log.info("evaluation.json of run %s not read (%s)", run_id, type(e).__name__)
+                continue
+        if recorded and hashlib.sha256(data).hexdigest() != recorded:
+            raise ArtifactAltered(
+                f"evaluation.json of MLflow run {run_id} ({version.name} v{version.version}) does not match the "
+                f"sha256 recorded when it was logged ({recorded[:12]}...): the artifact store's copy was changed. "
+                f"Evaluate the model again (`mqgen run`) or restore the file from the run's evaluate output")
+        return json.loads(data)
     return None

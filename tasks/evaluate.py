@@ -76,6 +76,7 @@ from models.metrics import code_stats
 STAGE = "evaluate"
 VERSION = "2"  # bump when the code changes what a given config produces
 SUCCESS = "_SUCCESS.json"
+ARTIFACT_SHA256_TAG = "mqgen.sha256."  # + the artifact's path: its sha256, as logged
 EVALUATION = "evaluation.json"
 FORMAT = "mqgen.evaluation/1"
 SAMPLES = "samples.safetensors"
@@ -786,6 +787,7 @@ def _evaluate(cfg: PipelineConfig, parent_run_id: str | None, inputs: Inputs, ke
         srun.log_artifact(out_dir / SAMPLES_MANIFEST)
         files = {name: sha256_file(out_dir / name) for name in (EVALUATION, SAMPLES, SAMPLES_MANIFEST,
                                                                  *pics.values())}
+        srun.set_tags({f"{ARTIFACT_SHA256_TAG}{EVALUATION}": files[EVALUATION]})  # checked where it is downloaded
         ref = EvaluateOutput(path=str(out_dir), key=key, evaluation_json=str(out_dir / EVALUATION), metrics=figures,
                              mlflow_run_id=srun.run_id, extractor=ext_name, num_samples=n)
         atomic_write_json(marker, {"output": ref.to_dict(), "files": files})

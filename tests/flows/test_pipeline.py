@@ -172,6 +172,9 @@ def _check_registry_and_lineage(root: Path, refs: dict, parent) -> None:
         o.model_id for v in (gen, tok) for o in client.get_run(v.run_id).outputs.model_outputs}
     run_tags = client.get_run(refs["evaluate"].mlflow_run_id).data.tags
     assert run_tags["mlflow.source.type"] == "LOCAL" and run_tags["mlflow.source.name"]
+    from infra.storage import sha256_file
+
+    assert run_tags["mqgen.sha256.evaluation.json"] == sha256_file(refs["evaluate"].evaluation_json)
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     from prefect import get_client

@@ -357,3 +357,31 @@ def _record(root: str, name: str, number: str, run_id: str, start, results) -> N
         results.put("ok")
     except Exception as e:  # noqa: BLE001 - reported to the test
         results.put(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def test_an_evaluation_changed_in_the_artifact_store_is_refused_where_it_is_read(setting, run_root: Path,
+                                                                                tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    from infra import registry
+    from tasks.evaluate import ARTIFACT_SHA256_TAG, EVALUATION
+
+    cfg, tracker, tokenizer = setting
+    _, version, _ = _register(cfg, tracker, tokenizer, tmp_path, seed=3)
+    run = tracker.stage_run("evaluate", "eval-art")  # what the evaluate stage logs and tags
+    local = tmp_path / "out" / EVALUATION
+    local.parent.mkdir()
+    local.write_text(json.dumps(_evaluation(7.5, 0.1)))
+    run.log_artifact(local)
+    run.set_tags({f"{ARTIFACT_SHA256_TAG}{EVALUATION}": hashlib.sha256(local.read_bytes()).hexdigest()})
+    run.finish()
+    registry.record_evaluation(tracker, version, _evaluation(7.5, 0.1), run.run_id)
+    mv = tracker.client.get_model_version(version.name, version.version)
+    current = registry.Version(version.name, version.version, version.run_id, dict(mv.tags))
+    assert registry.evaluation_of(tracker, current)["metrics"]["fid"] == 7.5
+
+    [stored] = [p for p in run_root.rglob(EVALUATION) if run.run_id in str(p)]  # the store's own copy
+    stored.write_text(stored.read_text().replace("7.5", "1.5"))  # a better FID, typed into the store
+    with pytest.raises(registry.ArtifactAltered, match=f"evaluation.json of MLflow run {run.run_id}"):
+        registry.evaluation_of(tracker, current)
