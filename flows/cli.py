@@ -186,6 +186,9 @@ def run(
                         "to run (--from STAGE forces a rerun)", err=True)
             refs = {s: done[s] for s in stages if done[s] is not None}
             seconds = None
+            from infra.tracking import close_runs_of_dead_owners
+
+            close_runs_of_dead_owners(cfg.run.root, cfg.run.experiment)  # a killed run's MLflow runs end KILLED
             touch_outputs(refs)  # used now: `mqgen gc` counts an output changed lately as in use
             if gc_keep_days is not None:
                 collect_garbage(cfg, gc_keep_days)

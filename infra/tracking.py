@@ -132,6 +132,19 @@ def _lease_alive(path: str) -> bool | None:
     return False  # its owner is gone: the lease is spent (the sweep removes it once every run is seen)
 
 
+def close_runs_of_dead_owners(root: str | Path, experiment: str) -> int:
+    """What a pipeline start does first (:meth:`Tracker.mark_dead_runs_killed`), for a command that starts none
+    (``mqgen run`` with every stage done): runs whose process was killed end KILLED. Cheap when nobody died: only
+    the lease files under ``<root>/.owners`` are tried, and MLflow is opened only when one is free. Returns how
+    many runs were closed."""
+    owners = Path(root) / ".owners"
+    if "://" in str(root) or not owners.is_dir():
+        return 0
+    if not any(_lease_alive(str(p)) is False for p in owners.glob("*.lease")):
+        return 0
+    return len(Tracker(root, experiment).mark_dead_runs_killed())
+
+
 def _owner_alive(owner: str, lease: str | None = None, verdicts: dict[str, bool | None] | None = None) -> bool:
     """``verdicts`` (lease -> alive) carries one sweep's answers: an owner holds several runs (a pipeline run and
     its stage run, a grid's), and each must get the same answer."""

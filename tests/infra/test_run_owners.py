@@ -56,6 +56,28 @@ def test_a_killed_owners_stage_run_is_closed_and_a_live_ones_is_not(run_root: Pa
         proc.kill()
 
 
+def test_a_command_that_starts_no_pipeline_still_closes_a_killed_runs_mlflow_runs(run_root: Path) -> None:
+    """``mqgen run`` with every stage done starts no pipeline run (so no sweep at its start): a run killed after its
+    last stage (while publishing its results) would stay RUNNING for good. The cached command sweeps too, opening
+    MLflow only when a lease is free."""
+    from infra.tracking import close_runs_of_dead_owners
+
+    proc, ids = _owner(run_root, "both")
+    parent_id, stage_id = ids.split()
+    try:
+        assert close_runs_of_dead_owners(run_root, "mqgen") == 0  # its owner is alive
+        t = Tracker(run_root)
+        assert _status(t, parent_id) == _status(t, stage_id) == "RUNNING"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert close_runs_of_dead_owners(run_root, "mqgen") == 2
+        assert _status(t, parent_id) == _status(t, stage_id) == "KILLED"
+        assert not list((run_root / ".owners").glob("*.lease"))  # the spent lease went with them
+        assert close_runs_of_dead_owners(run_root, "mqgen") == 0
+    finally:
+        proc.kill()
+
+
 def test_a_run_of_a_restarted_container_is_closed(run_root: Path) -> None:
     proc, run_id = _owner(run_root, "pipeline", host="container-before-restart")
     proc.send_signal(signal.SIGKILL)
