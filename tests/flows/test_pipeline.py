@@ -451,7 +451,6 @@ def test_a_2x1_grid_shares_upstream_stages_and_yields_two_child_runs_with_their_
     assert {"compare/report.html", "compare/report.md", "compare/plots"} <= logged
 
 
-@pytest.mark.long  # run by .ci/run after the README's test command (see pyproject.toml)
 def test_gc_keeps_the_given_config_and_recent_runs_and_removes_the_rest(finished) -> None:
     """Last in this module: it removes outputs the tests above made. With the default 7 days every output is in
     use by a recent run and only the spent Ray Train runs go; with ``--keep-days 0`` (through the CLI, as a user
