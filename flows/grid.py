@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,17 +60,17 @@ assert set(STAGE_READS) == set(GRID_STAGES)
 ONE_AT_A_TIME = frozenset({"evaluate"})
 
 
-def watch_stage(stage: str, futures: list[Any], root: str, interval_s: float = 60.0) -> None:
+def watch_stage(stage: str, futures: list[Any], root: str, interval_s: float = 60.0,
+                submitted: float | None = None) -> None:
     """Wait for a stage's executions, saying every ``interval_s`` how many are done and where the running ones
-    are (the progress records their training workers write, ``<root>/<stage>/<key>/progress.json``): a grid runs
-    for hours with its stages in Ray tasks whose own progress lines the console does not show."""
-    import time
-
+    are (the progress records their training workers write, ``<root>/<stage>/<key>/progress.json``, written
+    since ``submitted``, the wall time before the executions were submitted): a grid runs for hours with its
+    stages in Ray tasks whose own progress lines the console does not show."""
     from prefect.futures import wait as wait_futures
 
     from infra.console import ProgressFile, fmt_duration, progress_text, say
 
-    started, t0 = time.time(), time.monotonic()
+    started, t0 = (time.time() if submitted is None else submitted), time.monotonic()
     while True:
         state = wait_futures(futures, timeout=interval_s)
         if not state.not_done:
@@ -235,6 +236,7 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "", fail_fast: bool = 
                     if i not in failed:
                         groups.setdefault(group_key(stage, c), []).append(i)
                 futures: list[tuple[list[int], Future[Any]]] = []
+                submitted = time.time()  # progress records older than this are an earlier run's
                 concurrent = 1 if stage in ONE_AT_A_TIME else len(groups)
                 threads = max(1, (os.cpu_count() or 1) // max(1, concurrent))
                 for members in groups.values():
@@ -246,7 +248,7 @@ def grid_flow(variants: list[dict[str, Any]], name: str = "", fail_fast: bool = 
                     if stage in ONE_AT_A_TIME:
                         future.wait()
                     futures.append((members, future))
-                watch_stage(stage, [f for _, f in futures], cfgs[0].run.root)
+                watch_stage(stage, [f for _, f in futures], cfgs[0].run.root, submitted=submitted)
                 for members, fut in futures:
                     try:
                         ref = fut.result()
