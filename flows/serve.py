@@ -124,12 +124,12 @@ def local_server(api_url: str, home: Path, timeout_s: float = 300.0) -> Iterator
         try:
             _wait_healthy(proc, api_url, log_path, timeout_s)
         except BaseException:
-            _stop(proc)
+            stop(proc)
             raise
     try:
         yield proc
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _wait_healthy(proc: subprocess.Popen, api_url: str, log_path: Path, timeout_s: float) -> None:
@@ -145,11 +145,12 @@ def _wait_healthy(proc: subprocess.Popen, api_url: str, log_path: Path, timeout_
         time.sleep(0.5)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM ``proc``, then SIGKILL it if it has not exited after ``timeout_s``."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -138,9 +138,6 @@ def test_a_served_one_minute_schedule_runs_the_pipeline_then_hits_the_cache_and_
             assert len(versions) == 2  # the failed run's model was registered, never evaluated, never promoted
             assert not any(k.startswith("mqgen.promotion") for v in versions if str(v.version) == "2" for k in v.tags)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        from flows.serve import stop
+
+        stop(proc, timeout_s=60)
